@@ -1,0 +1,702 @@
+"""DAR: Dual-regularized Advantage Regression (Algorithm 1 of "Unifying Stable Optimization and Reference
+Regularization in RLHF", ICLR 2026), as one online loop around one weighted-SFT loss.
+
+    python dar.py                                    # built-in toy task on a CPU, a few minutes
+    torchrun --nproc_per_node 2 dar.py               # the same, 2 processes (gloo on CPU)
+    torchrun --nproc_per_node 8 dar.py --task helpful --model Qwen/Qwen2-7B-SFT   # H100s (NCCL, bf16)
+    torchrun --nnodes 2 --nproc_per_node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 dar.py ...
+    python dar.py --algo sft                         # supervised fine-tuning: the same loss, weights = 1
+    python dar.py --resume                           # continue the run in --out-dir from its last checkpoint
+
+What each online batch t does (Section 4.3, Algorithm 1):
+    1. sample prompts x and K responses y_1..y_K ~ pi_t(.|x) each                      (rollout.py)
+    2. score them: r(x, y_i)                                                          (judge.py)
+    3. Monte-Carlo advantage A_i = r_i - mean_K r, then batch normalisation
+    4. log pi_t(y|x) and log pi_0(y|x), once, before any update
+    5. weights w_i = min((pi_0/pi_t)^alpha * exp(A_norm/beta), w_clip)                 (Eq. 4)
+    6. a few optimizer steps on the weighted-SFT loss -mean_i w_i log pi_theta(y_i|x)  (Eq. 4)
+    7. pi_{t+1} <- pi_theta: the next batch is sampled from the updated policy
+"""
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+import rollout
+import tasks
+from judge import JUDGES, make_judge
+
+ALGOS = ("dar", "sft")
+
+
+def arg(default, help):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class Config:
+    # what to train
+    task: str = arg("toy", "prompt set and judge; 'toy' is built in (tasks.py)")
+    algo: str = arg("dar", f"training algorithm: {', '.join(ALGOS)}")
+    model: str = arg("", "initial policy pi_0, a Hugging Face model directory; '' = the toy task's own")
+    judge: str = arg("toy_gold", "reward r(x, y) used for training (judge.py)")
+    eval_judge: str = arg("toy_gold", "reward used for the final evaluation against pi_0")
+    # DAR (Section 4.3 and Appendix B.2; paper values)
+    alpha: float = arg(0.1, "trade-off between KL(pi||pi_0) (alpha) and KL(pi||pi_t) (1 - alpha), Eq. 3")
+    beta: float = arg(0.05, "overall regularisation strength: w_adv = exp(A_norm / beta), Eq. 4")
+    w_clip: float = arg(20.0, "clip threshold on the product w_reg * w_adv")
+    normalize_adv: bool = arg(True, "batch normalisation of the Monte-Carlo advantage (Algorithm 1)")
+    # online sampling (Appendix B.1)
+    k: int = arg(4, "responses sampled per prompt, the Monte-Carlo sample size K")
+    temperature: float = arg(0.9, "sampling temperature for online data and evaluation")
+    max_new_tokens: int = arg(16, "longest response, in tokens (paper: 64 TL;DR, 256 HH, 1000 HelpSteer2)")
+    # batch sizes, counted in responses over all ranks (Appendix B.1: 512 / 128)
+    steps: int = arg(60, "online batches T (for --algo sft: optimizer steps)")
+    online_batch: int = arg(256, "responses per online batch = prompts x K (paper: 512)")
+    minibatch: int = arg(64, "responses per optimizer step; online_batch / minibatch steps per batch (paper: 128)")
+    micro_batch: int = arg(64, "responses per forward/backward on one rank; gradients accumulate to a minibatch")
+    epochs: int = arg(1, "passes over each online batch")
+    # optimisation (Appendix B.1: Adafactor without relative step, 15 warm-up steps, constant LR)
+    lr: float = arg(3e-4, "learning rate after warm-up (paper, 7B: 5e-7 to 1e-6)")
+    warmup_steps: int = arg(15, "optimizer steps of linear warm-up")
+    weight_decay: float = arg(0.0, "Adafactor weight decay")
+    max_grad_norm: float = arg(1.0, "gradient norm clip; 0 = no clipping")
+    # the toy task's pi_0: SFT of the freshly built model on the sloppy demonstrations
+    sft_steps: int = arg(1500, "SFT optimizer steps that make the toy pi_0")
+    sft_lr: float = arg(3e-3, "SFT learning rate for the toy pi_0")
+    cache_dir: str = arg("~/.cache/dar", "where the built toy model and its SFT pi_0 are kept and reused")
+    # bookkeeping
+    seed: int = arg(0, "seed for python, numpy and torch; rank r uses seed + 1000 r")
+    out_dir: str = arg("", "run directory (metrics.jsonl, checkpoints, final/); '' = runs/TASK-ALGO-sSEED")
+    resume: bool = arg(False, "continue from the last checkpoint in --out-dir")
+    save_every: int = arg(20, "checkpoint every N online batches (and at the end)")
+    keep_checkpoints: int = arg(2, "how many recent checkpoints to keep")
+    print_every: int = arg(1, "print a one-line summary every N steps (the toy pi_0's SFT prints every 100)")
+    sample_every: int = arg(20, "print a table of sample prompt / response / reward every N batches")
+    eval_prompts: int = arg(256, "held-out prompts for the final comparison with pi_0")
+    dtype: str = arg("auto", "auto (bf16 on GPUs that have it, else float32), float32 or bfloat16")
+    backend: str = arg("", "torch.distributed backend; '' = nccl on GPU, gloo on CPU")
+
+
+# Fields a resumed run may change; any other difference from the checkpoint's config is an error.
+RESUMABLE_CHANGES = {"resume", "steps", "save_every", "keep_checkpoints", "sample_every", "eval_prompts"}
+
+
+def parse_config(argv=None):
+    import argparse
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in (bool, "bool"):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata["help"])
+        else:
+            typ = {"int": int, "float": float, "str": str}.get(f.type, f.type)
+            p.add_argument(flag, type=typ, default=f.default, help=f.metadata["help"])
+    cfg = Config(**vars(p.parse_args(argv)))
+    if not cfg.out_dir:
+        cfg.out_dir = f"runs/{cfg.task}-{cfg.algo}-s{cfg.seed}"
+    return cfg
+
+
+def check_config(cfg, world):
+    """Reject bad settings with a message that names the flag, before any model is loaded."""
+    def bad(msg):
+        raise SystemExit(f"error: {msg}")
+    if cfg.algo not in ALGOS:
+        bad(f"unknown --algo {cfg.algo!r}; valid algorithms: {', '.join(ALGOS)}")
+    if cfg.task not in tasks.TASKS:
+        bad(f"unknown --task {cfg.task!r}; valid tasks: {', '.join(tasks.TASKS)}")
+    for flag, name in (("--judge", cfg.judge), ("--eval-judge", cfg.eval_judge)):
+        if name not in JUDGES:
+            bad(f"unknown {flag} {name!r}; valid judges: {', '.join(JUDGES)}")
+    if not 0.0 <= cfg.alpha <= 1.0:
+        bad(f"--alpha must lie in [0, 1] (it weighs KL to pi_0 against KL to pi_t), got {cfg.alpha}")
+    if not cfg.beta > 0:
+        bad(f"--beta must be > 0 (w_adv = exp(A/beta)), got {cfg.beta}")
+    if not cfg.w_clip > 0:
+        bad(f"--w-clip must be > 0, got {cfg.w_clip}")
+    if cfg.k < 2:
+        bad(f"--k must be >= 2: the Monte-Carlo baseline needs several responses per prompt, got {cfg.k}")
+    if not cfg.temperature > 0:
+        bad(f"--temperature must be > 0, got {cfg.temperature}")
+    for name in ("steps", "online_batch", "minibatch", "micro_batch", "epochs", "max_new_tokens", "warmup_steps"):
+        if getattr(cfg, name) < 1:
+            bad(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
+    if cfg.algo == "dar" and cfg.online_batch % (cfg.k * world):
+        bad(f"--online-batch {cfg.online_batch} must be a multiple of K x ranks = {cfg.k} x {world}")
+    if cfg.online_batch % cfg.minibatch:
+        bad(f"--online-batch {cfg.online_batch} must be a multiple of --minibatch {cfg.minibatch}")
+    if cfg.minibatch % world or (cfg.minibatch // world) % min(cfg.micro_batch, cfg.minibatch // world):
+        bad(f"--minibatch {cfg.minibatch} must split evenly into {world} ranks x micro-batches of "
+            f"--micro-batch {cfg.micro_batch}")
+    if cfg.model and not os.path.isfile(os.path.join(cfg.model, "config.json")):
+        bad(f"--model {cfg.model!r} is not a model directory (no config.json there); give the path of a "
+            "Hugging Face model directory, or omit --model on the toy task to build one")
+    if cfg.dtype not in ("auto", "float32", "bfloat16"):
+        bad(f"--dtype must be auto, float32 or bfloat16, got {cfg.dtype!r}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# The DAR loss (Eq. 4) and its pieces. Per-sequence tensors, shape [N]; usable on their own.
+# ---------------------------------------------------------------------------------------------------
+def group_advantages(rewards, k):
+    """Monte-Carlo advantage of Algorithm 1: A(x, y_i) = r(x, y_i) - (1/K) sum_j r(x, y_j).
+
+    rewards: [B*K], the K responses of a prompt adjacent; NaN marks an invalid judgment. Invalid samples
+    are left out of their group's mean and get A = NaN (the loss gives them zero weight). When all K
+    rewards of a prompt tie, every A is 0: that group carries no preference signal.
+    """
+    r = rewards.view(-1, k)                                                   # [B, K]
+    valid = ~torch.isnan(r)
+    mean = torch.where(valid, r, 0.0).sum(1, keepdim=True) / valid.sum(1, keepdim=True).clamp(min=1)
+    return torch.where(valid, r - mean, math.nan).view(-1)                    # [B*K]
+
+
+def advantage_stats(adv):
+    """(mu_A, sigma_A) over the valid entries of adv (Algorithm 1's batch-based mean and std)."""
+    a = adv[~torch.isnan(adv)].double()
+    if a.numel() < 2:
+        return 0.0, 1.0
+    return a.mean().item(), a.std(correction=0).item()
+
+
+def dar_weights(adv, logp_t, logp_0, alpha, beta, w_clip, normalize=True, adv_mean=None, adv_std=None):
+    """w_i = min(w_reg * w_adv, w_clip) of Eq. 4, computed in log space; no gradient flows through it.
+
+    adv: A(x, y_i) [N] (NaN = invalid, weight 0); logp_t, logp_0: log pi_t(y_i|x), log pi_0(y_i|x) [N],
+    sums over response tokens. With normalize, A_norm = (A - mu_A) / sigma_A, where (mu_A, sigma_A) are
+    adv_mean/adv_std if given (the loop passes statistics of the whole online batch, all ranks) or else
+    those of adv itself. w_clip=None switches clipping off (the exact Eq. 4). Returns (w, parts).
+    """
+    adv, logp_t, logp_0 = adv.detach().double(), logp_t.detach().double(), logp_0.detach().double()
+    valid = ~torch.isnan(adv)
+    if normalize:
+        mu, sigma = advantage_stats(adv) if adv_mean is None else (adv_mean, adv_std)
+        adv = (adv - mu) / (sigma + 1e-8)                                     # A_norm  [N]
+    log_w_reg = alpha * (logp_0 - logp_t)                 # log (pi_0 / pi_t)^alpha       [N]
+    log_w_adv = adv / beta                                # log exp(A_norm / beta)        [N]
+    log_w = log_w_reg + log_w_adv
+    if w_clip is not None:
+        log_w = log_w.clamp(max=math.log(w_clip))         # min(w_reg * w_adv, w_clip)    [N]
+    w = torch.where(valid, log_w.exp(), 0.0)
+    return w.float(), dict(log_w_reg=log_w_reg, log_w_adv=log_w_adv, clipped=valid & (log_w_reg + log_w_adv
+                                                                                         > log_w))
+
+
+def weighted_sft_loss(logp, w, num_seqs=None, length_norm=1.0):
+    """-(1/n) sum_i w_i log pi_theta(y_i|x_i) / length_norm: the weighted SFT objective of Eq. 4.
+
+    logp: log pi_theta(y_i|x_i) [N] (token sums, with gradient); w: [N] constant weights. num_seqs (n)
+    defaults to N; the loop passes the minibatch size so that micro-batch losses add up to the
+    minibatch mean. length_norm is a constant (the loop uses max_new_tokens): it rescales the gradient
+    like a token mean would, without changing which policy minimises the loss.
+    """
+    n = len(logp) if num_seqs is None else num_seqs
+    return -(w.detach() * logp).sum() / (n * length_norm)
+
+
+def dar_loss(logp, logp_t, logp_0, adv, alpha=0.1, beta=0.05, w_clip=20.0, normalize=True,
+             adv_mean=None, adv_std=None, num_seqs=None, length_norm=1.0):
+    """L_DAR(theta) = -E_{y~pi_t}[ min((pi_0/pi_t)^alpha exp(A/beta), w_clip) log pi_theta(y|x) ]  (Eq. 4)
+
+    The maximiser of Eq. 3, pi* = pi_0^alpha pi_t^(1-alpha) exp(A/beta) / Z (Theorem 4.2), is projected
+    onto the model family by argmin_theta KL(pi* || pi_theta); with samples from pi_t that is the weighted
+    SFT above (Appendix A.3). Its gradient is -mean_i w_i grad log pi_theta(y_i|x) (Algorithm 1).
+    All inputs are per-sequence [N]; see dar_weights and weighted_sft_loss. Returns (loss, w).
+    """
+    w, _ = dar_weights(adv, logp_t, logp_0, alpha, beta, w_clip, normalize, adv_mean, adv_std)
+    return weighted_sft_loss(logp, w.to(logp.device), num_seqs, length_norm), w
+
+
+def k3(logp, logp_ref, mask):
+    """Schulman's k3 estimate of KL(pi || pi_ref) per sequence, from tokens sampled from pi: [N].
+
+    Per token, with r = pi_ref/pi: (r - 1) - log r >= 0, unbiased for that token's KL; summed over the
+    response (chain rule) it estimates the sequence-level KL.
+    """
+    d = (logp_ref - logp).float()
+    return torch.where(mask.bool(), d.exp() - 1 - d, 0.0).sum(1)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Processes, seeds, models
+# ---------------------------------------------------------------------------------------------------
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def master(self):
+        return self.rank == 0
+
+
+def setup_distributed(cfg):
+    """Read RANK / WORLD_SIZE / LOCAL_RANK from torchrun; one process without them."""
+    cuda = torch.cuda.is_available()
+    if "RANK" not in os.environ:
+        return Dist(device=torch.device("cuda", 0) if cuda else torch.device("cpu"))
+    import datetime
+    import torch.distributed as tdist
+    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    device = torch.device("cuda", local) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    tdist.init_process_group(cfg.backend or ("nccl" if cuda else "gloo"), timeout=datetime.timedelta(minutes=30))
+    return Dist(rank, world, local, device)
+
+
+def barrier(ctx):
+    if ctx.world > 1:
+        torch.distributed.barrier()
+
+
+def gather(ctx, t):
+    """Concatenate a 1-D tensor from every rank (same length everywhere), rank order: [world * n]."""
+    if ctx.world == 1:
+        return t
+    parts = [torch.empty_like(t) for _ in range(ctx.world)]
+    torch.distributed.all_gather(parts, t.contiguous())
+    return torch.cat(parts)
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def model_dtype(cfg, device):
+    if cfg.dtype != "auto":
+        return getattr(torch, cfg.dtype)
+    return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+
+
+def load_model(path, cfg, device):
+    from transformers import AutoModelForCausalLM
+    import importlib.util
+    flash = device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=model_dtype(cfg, device),
+                                                 attn_implementation="flash_attention_2" if flash else "sdpa")
+    return model.to(device)
+
+
+def load_tokenizer(path):
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(path)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def toy_paths(cfg):
+    """(random-init toy model, its SFT pi_0) directories in the cache, keyed by what makes them."""
+    cache = os.path.expanduser(cfg.cache_dir)
+    key = f"{tasks.TOY_MODEL['hidden_size']}x{tasks.TOY_MODEL['num_hidden_layers']}"
+    return os.path.join(cache, f"toy-base-{key}"), os.path.join(cache, f"toy-sft-{key}-{cfg.sft_steps}-{cfg.sft_lr:g}")
+
+
+def ensure_toy_models(cfg, ctx):
+    """Build the toy model and SFT it into pi_0 once (rank 0, single process); every rank then reuses it."""
+    base, sft = toy_paths(cfg)
+    if ctx.master:
+        if not os.path.isfile(os.path.join(base, "config.json")):
+            print(f"building the toy Qwen2 model at {base}", flush=True)
+            os.makedirs(os.path.dirname(base), exist_ok=True)
+            tasks.build_toy_model(base, seed=0)
+        if cfg.algo != "sft" and not os.path.isfile(os.path.join(sft, "final", "config.json")):
+            print(f"making the toy pi_0: {cfg.sft_steps} SFT steps on sloppy demonstrations -> {sft}", flush=True)
+            sft_cfg = dataclasses.replace(cfg, algo="sft", model=base, steps=cfg.sft_steps, lr=cfg.sft_lr,
+                                          out_dir=sft, resume=os.path.isdir(sft), seed=0, save_every=500,
+                                          print_every=100)
+            train(sft_cfg, Dist(device=ctx.device))
+    barrier(ctx)
+    return base, os.path.join(sft, "final")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Checkpoints: written to a temporary directory, then renamed; `latest` names the newest complete one
+# ---------------------------------------------------------------------------------------------------
+def rng_state():
+    py = random.getstate()
+    np_state = np.random.get_state(legacy=False)
+    np_state["state"]["key"] = np_state["state"]["key"].tolist()  # plain lists load with weights_only=True
+    return dict(python=py, numpy=np_state, torch=torch.get_rng_state(),
+                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
+
+
+def set_rng_state(s):
+    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in s["python"]))
+    n = dict(s["numpy"])
+    n["state"] = dict(n["state"], key=np.array(n["state"]["key"], dtype=np.uint32))
+    np.random.set_state(n)
+    torch.set_rng_state(s["torch"])
+    if s["cuda"]:
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def save_checkpoint(cfg, ctx, step, policy, tok, opt, sched):
+    states = [None] * ctx.world
+    if ctx.world > 1:
+        torch.distributed.all_gather_object(states, rng_state())
+    else:
+        states = [rng_state()]
+    if ctx.master:
+        name = f"ckpt-{step:06d}"
+        tmp, final = os.path.join(cfg.out_dir, name + ".tmp"), os.path.join(cfg.out_dir, name)
+        shutil.rmtree(tmp, ignore_errors=True)
+        policy.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        torch.save(dict(step=step, optimizer=opt.state_dict(), scheduler=sched.state_dict(), rng=states,
+                        config=dataclasses.asdict(cfg)), os.path.join(tmp, "state.pt"))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        write_atomic(os.path.join(cfg.out_dir, "latest"), name)
+        ckpts = sorted(d for d in os.listdir(cfg.out_dir) if d.startswith("ckpt-") and not d.endswith(".tmp"))
+        for old in ckpts[:-cfg.keep_checkpoints]:
+            shutil.rmtree(os.path.join(cfg.out_dir, old), ignore_errors=True)
+    barrier(ctx)
+
+
+def write_atomic(path, text):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def latest_checkpoint(cfg):
+    pointer = os.path.join(cfg.out_dir, "latest")
+    if not os.path.isfile(pointer):
+        return None
+    return os.path.join(cfg.out_dir, open(pointer).read().strip())
+
+
+def check_resumable(cfg, saved):
+    diff = [k for k, v in saved.items() if k not in RESUMABLE_CHANGES and getattr(cfg, k, v) != v]
+    if diff:
+        raise SystemExit("error: --resume with settings that differ from the checkpoint's: " +
+                         ", ".join(f"--{k.replace('_', '-')} {getattr(cfg, k)!r} (was {saved[k]!r})" for k in diff) +
+                         f"; resume with the original flags, or start a new run with another --out-dir")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Logging: stable, namespaced keys; one JSON line per online batch (README lists every key)
+# ---------------------------------------------------------------------------------------------------
+class Logger:
+    def __init__(self, cfg, ctx, start_step):
+        self.ctx, self.path = ctx, os.path.join(cfg.out_dir, "metrics.jsonl")
+        if ctx.master:
+            os.makedirs(cfg.out_dir, exist_ok=True)
+            kept = []
+            if start_step > 0 and os.path.exists(self.path):  # drop lines past the resumed checkpoint
+                kept = [l for l in open(self.path) if l.strip() and json.loads(l)["step"] <= start_step]
+            with open(self.path, "w") as f:
+                f.writelines(kept)
+            with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
+                json.dump(dataclasses.asdict(cfg), f, indent=1)
+
+    def log(self, metrics):
+        if self.ctx.master:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(metrics) + "\n")
+
+
+def print_samples(batch, rewards, n=4):
+    from tqdm import tqdm
+    rows = [f"  {'prompt':<22} | {'response':<24} | reward"]
+    for i in range(0, len(batch), max(1, len(batch) // n))[:n]:
+        resp = batch.responses[i] + ("" if batch.ended[i] else " [no EOS]")
+        rows.append(f"  {batch.prompts[i][:22]:<22} | {resp[:24]!r:<24} | {rewards[i]:.2f}")
+    tqdm.write("\n".join(rows))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------------
+def prompt_indices(step, per_step, n, seed):
+    """Indices of the prompts of online batch `step`: a fresh permutation of all n prompts every epoch.
+
+    Stateless (a function of step and seed), so a resumed run draws exactly the prompts it would have.
+    """
+    out = []
+    for pos in range(step * per_step, (step + 1) * per_step):
+        epoch, i = divmod(pos, n)
+        perm = np.random.default_rng([seed, epoch]).permutation(n)
+        out.append(int(perm[i]))
+    return out
+
+
+def optimizer_and_schedule(cfg, model):
+    from transformers.optimization import Adafactor
+    opt = Adafactor(model.parameters(), lr=cfg.lr, scale_parameter=False, relative_step=False,
+                    warmup_init=False, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / cfg.warmup_steps))
+    return opt, sched
+
+
+def optimizer_step(cfg, model, opt, sched):
+    """Clip, step, and report the gradient norm; a non-finite gradient skips the step (returns its norm)."""
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or float("inf"))
+    if torch.isfinite(norm):
+        opt.step()
+        sched.step()
+    opt.zero_grad(set_to_none=True)
+    return norm.item()
+
+
+def train(cfg, ctx):
+    """Run cfg.algo for cfg.steps; returns the trained policy (unwrapped). Resumes when cfg.resume."""
+    from tqdm import tqdm
+
+    seed_everything(cfg.seed + 1000 * ctx.rank)
+    task = tasks.load_task(cfg.task)
+    judge = make_judge(cfg.judge) if cfg.algo != "sft" else None
+    init = cfg.model
+    if not init:
+        base, sft = ensure_toy_models(cfg, ctx)
+        init = base if cfg.algo == "sft" else sft
+    tok = load_tokenizer(init)
+    start, ckpt = 0, latest_checkpoint(cfg) if cfg.resume else None
+    if cfg.resume and ckpt is None and ctx.master:
+        print(f"--resume: no checkpoint in {cfg.out_dir}, starting from scratch", flush=True)
+    policy = load_model(ckpt or init, cfg, ctx.device)
+    policy.config.use_cache = False
+    opt, sched = optimizer_and_schedule(cfg, policy)
+    if ckpt:
+        state = torch.load(os.path.join(ckpt, "state.pt"), weights_only=True, map_location="cpu")
+        check_resumable(cfg, state["config"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        start = state["step"]
+        if len(state["rng"]) == ctx.world:
+            set_rng_state(state["rng"][ctx.rank])
+    ddp = policy
+    if ctx.world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+        ddp = DistributedDataParallel(policy, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+    ref = None
+    if cfg.algo == "dar":  # pi_0: a frozen copy of the initial policy
+        ref = load_model(init, cfg, ctx.device).eval().requires_grad_(False)
+    log = Logger(cfg, ctx, start)
+    if ctx.master and start == 0:
+        print("config: " + json.dumps(dataclasses.asdict(cfg)), flush=True)
+    step_fn = dar_step if cfg.algo == "dar" else sft_step
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not ctx.master,
+               desc=cfg.algo, dynamic_ncols=True)
+    for step in bar:
+        t0 = time.time()
+        metrics = step_fn(step, cfg, ctx, task, policy, ddp, ref, tok, judge, opt, sched)
+        metrics.update({"step": step + 1, "perf/seconds_per_batch": time.time() - t0})
+        if not math.isfinite(metrics["train/loss"]):
+            save_checkpoint(cfg, ctx, step, policy, tok, opt, sched)
+            raise SystemExit(f"error: non-finite loss at step {step + 1}; stopped (checkpoint of the "
+                             f"previous state in {cfg.out_dir})")
+        log.log(metrics)
+        if ctx.master and ((step + 1) % cfg.print_every == 0 or step + 1 == cfg.steps):
+            bar.write(summary_line(metrics))
+        if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
+            save_checkpoint(cfg, ctx, step + 1, policy, tok, opt, sched)
+    bar.close()
+    check_ranks_agree(ctx, policy)
+    if ctx.master:
+        final = os.path.join(cfg.out_dir, "final")
+        shutil.rmtree(final + ".tmp", ignore_errors=True)
+        policy.save_pretrained(final + ".tmp")
+        tok.save_pretrained(final + ".tmp")
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(final + ".tmp", final)
+    barrier(ctx)
+    return policy, ref, tok, task
+
+
+def check_ranks_agree(ctx, model):
+    """DDP keeps every rank's replica identical; check it at the end of a run (one number per tensor)."""
+    if ctx.world == 1:
+        return
+    sums = torch.stack([p.detach().double().sum() for p in model.parameters()]).to(ctx.device)
+    per_rank = gather(ctx, sums).view(ctx.world, -1)
+    diff = (per_rank - per_rank[0]).abs().max().item()
+    if diff > 0:
+        raise SystemExit(f"error: parameters differ across ranks (max checksum difference {diff:g})")
+    if ctx.master:
+        print(f"parameters identical on all {ctx.world} ranks", flush=True)
+
+
+def summary_line(m):
+    keys = [("step", "step", "d"), ("train/reward_mean", "reward", ".3f"), ("train/nll_per_token", "nll", ".4f"),
+            ("weights/w_mean", "w", ".2f"), ("weights/clip_frac", "clip", ".2f"), ("train/kl_pi0", "kl0", ".3f"),
+            ("train/response_len", "len", ".1f"), ("train/missing_eos", "noeos", ".2f"),
+            ("train/grad_norm", "gnorm", ".2f"), ("perf/seconds_per_batch", "s", ".2f")]
+    return "  ".join(f"{short} {m[k]:{fmt}}" for k, short, fmt in keys if k in m)
+
+
+def dar_step(step, cfg, ctx, task, policy, ddp, ref, tok, judge, opt, sched):
+    """One online batch of Algorithm 1. Returns its metrics."""
+    per_rank_prompts = cfg.online_batch // cfg.k // ctx.world
+    timer = {}
+
+    # 1. sample prompts x (this rank's share) and K responses each from pi_t          [N = per_rank_prompts * K]
+    t = time.time()
+    idx = prompt_indices(step, cfg.online_batch // cfg.k, len(task.train_prompts), cfg.seed)
+    idx = idx[ctx.rank * per_rank_prompts:(ctx.rank + 1) * per_rank_prompts]
+    batch = rollout.generate(policy, tok, [task.train_prompts[i] for i in idx], cfg.k,
+                             cfg.max_new_tokens, cfg.temperature)
+    timer["sample"] = time.time() - t
+
+    # 2. rewards r(x, y_i) from the judge; NaN = invalid judgment                       [N]
+    t = time.time()
+    judged = judge(batch.prompts, batch.responses, batch.ended.tolist())
+    rewards = torch.tensor(judged.rewards, dtype=torch.float64)
+    timer["judge"] = time.time() - t
+
+    # 3. advantages: A_i = r_i - mean_K r (per prompt, on this rank), then batch statistics mu_A, sigma_A over
+    #    the whole online batch (all ranks), so the result does not depend on the number of ranks  [N]
+    adv = group_advantages(rewards, cfg.k)
+    adv_mean, adv_std = advantage_stats(gather(ctx, adv.to(ctx.device)).cpu())
+
+    # 4. log pi_t(y|x) and log pi_0(y|x), once per online batch: pi_t is the policy that sampled the batch
+    t = time.time()
+    logp_t_tok, logp_0_tok = score(policy, batch, cfg, ctx), score(ref, batch, cfg, ctx)  # [N, R]
+    logp_t, logp_0 = logp_t_tok.sum(1).cpu(), logp_0_tok.sum(1).cpu()                       # [N]
+    timer["logp"] = time.time() - t
+
+    # 5. weights w_i = min((pi_0/pi_t)^alpha * exp(A_norm/beta), w_clip)  (Eq. 4)        [N]
+    w, parts = dar_weights(adv, logp_t, logp_0, cfg.alpha, cfg.beta, cfg.w_clip, cfg.normalize_adv,
+                           adv_mean, adv_std)
+
+    # 6. weighted-SFT updates: online_batch / minibatch optimizer steps per epoch, each on a random minibatch
+    t = time.time()
+    n_local = len(batch)
+    per_update = cfg.minibatch // ctx.world
+    losses, norms, kl_t = [], [], []
+    for _ in range(cfg.epochs):
+        order = torch.randperm(n_local)
+        for u in range(n_local // per_update):
+            rows = order[u * per_update:(u + 1) * per_update]
+            loss_sum = 0.0
+            micro = [rows[i:i + cfg.micro_batch] for i in range(0, len(rows), cfg.micro_batch)]
+            for j, mb in enumerate(micro):
+                sync = j == len(micro) - 1
+                with contextlib.nullcontext() if sync or ctx.world == 1 else ddp.no_sync():
+                    logp = rollout.token_logps(ddp, batch.select(mb).to(ctx.device)).sum(1)            # [n]
+                    loss, _ = dar_loss(logp, logp_t[mb], logp_0[mb], adv[mb], cfg.alpha, cfg.beta, cfg.w_clip,
+                                       cfg.normalize_adv, adv_mean, adv_std, num_seqs=per_update,
+                                       length_norm=cfg.max_new_tokens)
+                    loss.backward()
+                loss_sum += loss.item()
+                kl_t.append((logp_t[mb] - logp.detach().cpu()).mean().item())
+            losses.append(loss_sum)
+            norms.append(optimizer_step(cfg, ddp, opt, sched))
+    timer["update"] = time.time() - t
+
+    # 7. pi_{t+1} <- pi_theta: the next online batch samples from the updated policy (nothing to copy with the
+    #    transformers backend; a vLLM backend receives the new weights here)
+
+    # metrics over the whole online batch (all ranks)
+    g = lambda x: gather(ctx, x.to(ctx.device, torch.float64)).cpu()
+    R, A, W = g(rewards), g(adv), g(w)
+    valid = ~torch.isnan(A)
+    lw_reg, lw_adv, clipped = g(parts["log_w_reg"]), g(parts["log_w_adv"]), g(parts["clipped"].double())
+    lengths, ended = g(batch.response_mask.sum(1)), g(batch.ended)
+    kl0 = g(k3(logp_t_tok, logp_0_tok, batch.response_mask.to(logp_t_tok.device)).cpu())
+    invalid = g(torch.tensor([float(judged.invalid)]))
+    scalars = g(torch.tensor([np.mean(losses), np.mean(norms), np.mean(kl_t)]))
+    if ctx.master and (step + 1) % cfg.sample_every == 0:
+        print_samples(batch, judged.rewards)
+    n_tokens = lengths.sum().item()
+    return {
+        "train/reward_mean": R[valid].mean().item(), "train/reward_std": R[valid].std(correction=0).item(),
+        "train/invalid_judgments": int(invalid.sum().item()),
+        "train/adv_mean": adv_mean, "train/adv_std": adv_std,
+        "train/adv_tied_frac": (A[valid] == 0).double().mean().item(),
+        "weights/w_reg_mean": lw_reg[valid].exp().mean().item(),
+        "weights/log_w_reg_min": lw_reg[valid].min().item(), "weights/log_w_reg_max": lw_reg[valid].max().item(),
+        "weights/w_adv_median": lw_adv[valid].exp().median().item(),
+        "weights/w_mean": W[valid].mean().item(), "weights/w_max": W[valid].max().item(),
+        "weights/clip_frac": clipped[valid].mean().item(),
+        "weights/zero_frac": (W[valid] < 1e-3).double().mean().item(),
+        "train/loss": scalars.view(-1, 3)[:, 0].mean().item(),
+        "train/grad_norm": scalars.view(-1, 3)[:, 1].mean().item(),
+        "train/kl_pi0": kl0.mean().item(), "train/kl_pi_t": scalars.view(-1, 3)[:, 2].mean().item(),
+        "train/response_len": lengths.mean().item(), "train/missing_eos": 1 - ended.mean().item(),
+        "train/lr": sched.get_last_lr()[0],
+        "perf/tokens_per_s": n_tokens / max(timer["sample"], 1e-9),
+        **{f"perf/{k}_s": v for k, v in timer.items()},
+    }
+
+
+@torch.no_grad()
+def score(model, batch, cfg, ctx):
+    """Token log-probs of a whole online batch under a frozen view of `model`, in micro-batches: [N, R]."""
+    was_training = model.training
+    model.eval()
+    out = torch.zeros(batch.response_mask.shape, dtype=torch.float32, device=ctx.device)
+    for i in range(0, len(batch), cfg.micro_batch):
+        rows = torch.arange(i, min(i + cfg.micro_batch, len(batch)))
+        part = batch.select(rows).to(ctx.device)
+        out[i:i + len(rows), :part.response_mask.shape[1]] = rollout.token_logps(model, part).float()
+    model.train(was_training)
+    return out
+
+
+def sft_step(step, cfg, ctx, task, policy, ddp, ref, tok, judge, opt, sched):
+    """Supervised fine-tuning on the task's demonstrations: the weighted-SFT loss with every w_i = 1."""
+    per_rank = cfg.minibatch // ctx.world
+    idx = prompt_indices(step, cfg.minibatch, len(task.sft_data), cfg.seed)[ctx.rank * per_rank:(ctx.rank + 1) * per_rank]
+    pairs = [task.sft_data[i] for i in idx]
+    batch = rollout.from_texts(tok, [p for p, _ in pairs], [r for _, r in pairs])
+    loss_sum, nll, n_tok = 0.0, 0.0, 0
+    micro = [torch.arange(i, min(i + cfg.micro_batch, per_rank)) for i in range(0, per_rank, cfg.micro_batch)]
+    for j, mb in enumerate(micro):
+        part = batch.select(mb).to(ctx.device)
+        with contextlib.nullcontext() if j == len(micro) - 1 or ctx.world == 1 else ddp.no_sync():
+            logp_tok = rollout.token_logps(ddp, part)                                      # [n, R]
+            loss = weighted_sft_loss(logp_tok.sum(1), torch.ones(len(mb), device=ctx.device),
+                                     num_seqs=per_rank, length_norm=cfg.max_new_tokens)
+            loss.backward()
+        loss_sum += loss.item()
+        nll -= logp_tok.detach().sum().item()
+        n_tok += int(part.response_mask.sum())
+    norm = optimizer_step(cfg, ddp, opt, sched)
+    s = gather(ctx, torch.tensor([loss_sum, nll, n_tok, norm], dtype=torch.float64, device=ctx.device)).view(-1, 4)
+    return {"train/loss": s[:, 0].mean().item(), "train/nll_per_token": (s[:, 1].sum() / s[:, 2].sum()).item(),
+            "train/grad_norm": s[:, 3].mean().item(), "train/lr": sched.get_last_lr()[0]}
+
+
+def main(argv=None):
+    import transformers
+    transformers.utils.logging.disable_progress_bar()  # one tqdm bar: ours
+    cfg = parse_config(argv)
+    ctx = setup_distributed(cfg)
+    check_config(cfg, ctx.world)
+    try:
+        policy, ref, tok, task = train(cfg, ctx)
+        if cfg.algo == "dar" and ctx.master:
+            from eval import compare_with_reference, print_report
+            report = compare_with_reference(policy, ref, tok, task.eval_prompts[:cfg.eval_prompts], cfg)
+            with open(os.path.join(cfg.out_dir, "eval.json"), "w") as f:
+                json.dump(report, f, indent=1)
+            print_report(report)
+        barrier(ctx)
+    finally:
+        if ctx.world > 1:
+            torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,131 @@
+"""Rollout: sample K responses per prompt from the current policy pi_t, and score sequences under a policy.
+
+Layout of a batch of N = B*K sequences (responses to one prompt are adjacent: rows i*K .. i*K+K-1):
+
+    input_ids       [N, P + R]  left-padded prompt (P columns) then response (R columns), right-padded
+    attention_mask  [N, P + R]  1 on real tokens: the prompt, and the response up to and including EOS
+    response_mask   [N, R]      1 on response tokens, EOS included (EOS is part of y: stopping is a choice)
+    ended           [N]         True if the response emitted EOS, False if max_new_tokens cut it off
+
+`generate` is the one entry point the training loop calls; the backend (transformers `generate` here,
+vLLM in a later issue) is an argument, and every backend returns this same structure.
+"""
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Rollout:
+    prompts: list                 # [N] user messages, each repeated K times
+    responses: list               # [N] decoded response text, without EOS and padding
+    input_ids: torch.Tensor       # [N, P+R]
+    attention_mask: torch.Tensor  # [N, P+R]
+    response_mask: torch.Tensor   # [N, R]
+    ended: torch.Tensor           # [N] bool
+    prompt_len: int               # P
+
+    def __len__(self):
+        return len(self.prompts)
+
+    def to(self, device):
+        return Rollout(self.prompts, self.responses, self.input_ids.to(device), self.attention_mask.to(device),
+                       self.response_mask.to(device), self.ended.to(device), self.prompt_len)
+
+    def select(self, idx):
+        """The sub-batch of rows idx (a 1-D LongTensor), with all-padding response columns trimmed."""
+        keep = int(self.response_mask[idx].sum(1).max())  # longest response in the sub-batch
+        cut = self.prompt_len + keep
+        rows = idx.tolist()
+        return Rollout([self.prompts[i] for i in rows], [self.responses[i] for i in rows],
+                       self.input_ids[idx, :cut], self.attention_mask[idx, :cut],
+                       self.response_mask[idx, :keep], self.ended[idx], self.prompt_len)
+
+
+def render_prompts(tokenizer, prompts):
+    """User messages -> model input text, through the tokenizer's chat template when it has one."""
+    if tokenizer.chat_template is None:
+        return list(prompts)
+    return [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                          add_generation_prompt=True) for p in prompts]
+
+
+def eos_ids(model, tokenizer):
+    """Every token id that ends a response: the tokenizer's EOS and the model's generation EOS(s)."""
+    ids = model.generation_config.eos_token_id
+    ids = set(ids if isinstance(ids, (list, tuple)) else [ids] if ids is not None else [])
+    ids.add(tokenizer.eos_token_id)
+    return sorted(ids)
+
+
+def finish_responses(tokenizer, prompt_ids, prompt_mask, gen_ids, stop_ids, prompts):
+    """From raw generated ids [N, R] (anything after the first EOS is junk) to a Rollout."""
+    is_stop = torch.isin(gen_ids, torch.tensor(stop_ids, device=gen_ids.device))
+    ended = is_stop.any(1)
+    # first EOS position per row (R when there is none); response = tokens up to and including it
+    first = torch.where(ended, is_stop.int().argmax(1), torch.full_like(ended, gen_ids.shape[1], dtype=torch.long))
+    cols = torch.arange(gen_ids.shape[1], device=gen_ids.device)
+    response_mask = (cols[None, :] <= first[:, None]).long()
+    gen_ids = torch.where(response_mask.bool(), gen_ids, tokenizer.pad_token_id)
+    texts = tokenizer.batch_decode([row[:n] for row, n in zip(gen_ids.tolist(), first.tolist())],
+                                   skip_special_tokens=False)
+    return Rollout(list(prompts), texts, torch.cat([prompt_ids, gen_ids], 1),
+                   torch.cat([prompt_mask, response_mask], 1), response_mask, ended, prompt_ids.shape[1])
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts, k, max_new_tokens, temperature, backend="hf"):
+    """K samples per prompt from the model's distribution at `temperature` (no top-k/top-p truncation).
+
+    model: an unwrapped causal LM (not the DDP wrapper); prompts: B user messages. Returns a Rollout
+    with N = B*K rows. Randomness comes from torch's global RNG, which the caller seeds.
+    """
+    if backend != "hf":
+        raise SystemExit(f"error: unknown rollout backend {backend!r}; valid: hf")
+    device = next(model.parameters()).device
+    tokenizer.padding_side = "left"  # generation continues from the right edge of every row
+    enc = tokenizer(render_prompts(tokenizer, prompts), return_tensors="pt", padding=True,
+                    add_special_tokens=False).to(device)
+    stop_ids = eos_ids(model, tokenizer)
+    was_training = model.training
+    model.eval()
+    out = model.generate(**enc, do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
+                         max_new_tokens=max_new_tokens, num_return_sequences=k,
+                         eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id)
+    model.train(was_training)
+    P = enc["input_ids"].shape[1]
+    prompt_ids = enc["input_ids"].repeat_interleave(k, 0)
+    prompt_mask = enc["attention_mask"].repeat_interleave(k, 0)
+    expanded = [p for p in prompts for _ in range(k)]
+    return finish_responses(tokenizer, prompt_ids, prompt_mask, out[:, P:], stop_ids, expanded)
+
+
+def from_texts(tokenizer, prompts, responses, device="cpu"):
+    """A Rollout of given (prompt, response) texts, EOS appended: demonstrations for SFT, or any
+    fixed sequences to score."""
+    tokenizer.padding_side = "left"
+    enc = tokenizer(render_prompts(tokenizer, prompts), return_tensors="pt", padding=True,
+                    add_special_tokens=False)
+    resp = [tokenizer(r, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for r in responses]
+    gen = torch.full((len(resp), max(map(len, resp))), tokenizer.pad_token_id, dtype=torch.long)
+    for i, r in enumerate(resp):
+        gen[i, :len(r)] = torch.tensor(r)
+    batch = finish_responses(tokenizer, enc["input_ids"], enc["attention_mask"], gen,
+                             [tokenizer.eos_token_id], prompts)
+    return batch.to(device)
+
+
+def token_logps(model, batch):
+    """log pi(y_j | x, y_<j) for every response token of `batch` (a Rollout): [N, R], 0 where masked.
+
+    Position ids count real tokens only, so a left-padded row sees the same positions as it did during
+    generation. Only the last R+1 positions go through the LM head (`logits_to_keep`): the prompt's
+    logits are never needed.
+    """
+    ids, mask, R = batch.input_ids, batch.attention_mask, batch.response_mask.shape[1]
+    position_ids = (mask.cumsum(1) - 1).clamp(min=0)
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids,
+                   logits_to_keep=R + 1, use_cache=False).logits[:, :-1]  # [N, R, V]: predicts y_1..y_R
+    targets = ids[:, -R:]
+    logp = logits.float().log_softmax(-1).gather(-1, targets[..., None]).squeeze(-1)
+    return torch.where(batch.response_mask.bool(), logp, 0.0)

@@ -1,0 +1,154 @@
+"""Training end to end: one step moves the policy, SFT fits its data, dar.py runs (also under torchrun),
+a killed run resumes to the same metrics, and bad input stops with a clear message."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import dar
+import rollout
+import tasks
+from conftest import ROOT, SFT_STEPS, TINY, run_dar
+
+
+def tiny_cfg(toy_cache, out, *extra):
+    return dar.parse_config(TINY + ["--cache-dir", toy_cache, "--out-dir", str(out), "--print-every", "1000",
+                                    *extra])
+
+
+def params(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_one_dar_step_changes_the_parameters(toy_cache, tmp_path):
+    cfg = tiny_cfg(toy_cache, tmp_path / "run", "--steps", "1")
+    _, sft = dar.toy_paths(cfg)
+    before = params(dar.load_model(os.path.join(sft, "final"), cfg, torch.device("cpu")))
+    policy, ref, _, _ = dar.train(cfg, dar.Dist())
+    after = params(policy)
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    assert all(torch.equal(before[k], v) for k, v in params(ref).items())  # pi_0 stays frozen
+
+
+def test_sft_reduces_nll_on_its_data(toy_cache, tmp_path):
+    cfg = tiny_cfg(toy_cache, tmp_path / "sft", "--algo", "sft", "--steps", "15", "--minibatch", "32")
+    base, _ = dar.toy_paths(cfg)
+    task = tasks.load_task("toy")
+    pairs = task.sft_data[:64]
+    tok = dar.load_tokenizer(base)
+    batch = rollout.from_texts(tok, [p for p, _ in pairs], [r for _, r in pairs])
+
+    def nll(model):
+        with torch.no_grad():
+            return -rollout.token_logps(model.eval(), batch).sum().item() / batch.response_mask.sum().item()
+
+    before = nll(dar.load_model(base, cfg, torch.device("cpu")))
+    policy, _, _, _ = dar.train(cfg, dar.Dist())
+    assert nll(policy) < before - 0.5, "15 SFT steps at lr 1e-3 should cut the per-token NLL of random init"
+
+
+REQUIRED_KEYS = {"step", "train/reward_mean", "train/reward_std", "train/adv_mean", "train/adv_std",
+                 "weights/w_reg_mean", "weights/w_adv_median", "weights/w_mean", "weights/clip_frac",
+                 "train/loss", "train/grad_norm", "train/kl_pi0", "train/kl_pi_t", "train/response_len",
+                 "train/missing_eos", "perf/tokens_per_s", "perf/seconds_per_batch", "train/invalid_judgments"}
+
+
+def read_metrics(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_dar_runs_end_to_end_in_a_subprocess(toy_cache, tmp_path):
+    out = tmp_path / "run"
+    p = run_dar(TINY + ["--cache-dir", toy_cache, "--out-dir", str(out), "--steps", "3"], cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    rows = read_metrics(out)
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert REQUIRED_KEYS <= set(rows[0]), REQUIRED_KEYS - set(rows[0])
+    assert all(0 <= r["weights/clip_frac"] <= 1 and r["weights/w_mean"] > 0 for r in rows)
+    report = json.load(open(out / "eval.json"))
+    assert 0 <= report["win_rate"] <= 1 and report["n_prompts"] == 16
+    assert "win rate of the policy over pi_0" in p.stdout
+    assert os.path.isfile(out / "final" / "model.safetensors")
+
+
+def test_torchrun_two_ranks_keep_identical_parameters(toy_cache, tmp_path):
+    out = tmp_path / "ddp"
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517"]
+    p = run_dar(TINY + ["--cache-dir", toy_cache, "--out-dir", str(out), "--steps", "2"], cwd=tmp_path,
+                launcher=launcher)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "parameters identical on all 2 ranks" in p.stdout
+    rows = read_metrics(out)
+    assert [r["step"] for r in rows] == [1, 2]  # rank 0 alone writes the log
+
+
+def comparable(rows):
+    return [{k: v for k, v in r.items() if not k.startswith("perf/")} for r in rows]
+
+
+def test_killed_run_resumes_to_the_same_metrics(toy_cache, tmp_path):
+    steps = ["--steps", "6", "--save-every", "1"]
+    base = TINY + ["--cache-dir", toy_cache] + steps
+    ref = run_dar(base + ["--out-dir", str(tmp_path / "a")], cwd=tmp_path)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+
+    out = tmp_path / "b"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "dar.py")] + base + ["--out-dir", str(out)],
+                            cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not os.path.exists(out / "latest") and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = open(out / "latest").read().strip()
+    assert killed_at != "ckpt-000006", "the run finished before it could be killed: nothing was tested"
+
+    resumed = run_dar(base + ["--out-dir", str(out), "--resume"], cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a, b = comparable(read_metrics(tmp_path / "a")), comparable(read_metrics(out))
+    assert [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]
+    for ra, rb in zip(a, b):
+        assert ra.keys() == rb.keys()
+        for k in ra:
+            assert rb[k] == pytest.approx(ra[k], rel=1e-5, abs=1e-6), (ra["step"], k)
+    fa = torch.load(tmp_path / "a" / "ckpt-000006" / "state.pt", weights_only=True)
+    fb = torch.load(out / "ckpt-000006" / "state.pt", weights_only=True)
+    assert fa["step"] == fb["step"] == 6
+
+
+def test_resume_refuses_changed_settings(toy_cache, tmp_path):
+    out = tmp_path / "r"
+    p = run_dar(TINY + ["--cache-dir", toy_cache, "--out-dir", str(out), "--steps", "1"], cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    p = run_dar(TINY + ["--cache-dir", toy_cache, "--out-dir", str(out), "--steps", "2", "--resume",
+                        "--alpha", "0.5"], cwd=tmp_path)
+    assert p.returncode != 0 and "--alpha 0.5 (was 0.1)" in p.stderr and "Traceback" not in p.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--task", "nope"], "unknown --task 'nope'; valid tasks: toy"),
+    (["--algo", "nope"], "unknown --algo 'nope'; valid algorithms: dar, sft"),
+    (["--judge", "nope"], "unknown --judge 'nope'; valid judges: toy_gold, toy_proxy"),
+    (["--alpha", "1.5"], "--alpha must lie in [0, 1]"),
+    (["--beta", "0"], "--beta must be > 0"),
+    (["--k", "1"], "--k must be >= 2"),
+    (["--online-batch", "30"], "--online-batch 30 must be a multiple of K x ranks = 4 x 1"),
+    (["--model", "/no/such/dir"], "--model '/no/such/dir' is not a model directory"),
+])
+def test_bad_input_is_a_clear_error(args, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        dar.main(args + ["--out-dir", "/nonexistent/never-written"])
+    assert message in str(e.value)
+
+
+def test_bad_flag_prints_a_message_not_a_traceback(tmp_path):
+    p = run_dar(["--alpha", "2"], cwd=tmp_path)
+    assert p.returncode != 0
+    assert "--alpha must lie in [0, 1]" in p.stderr and "Traceback" not in p.stderr
