@@ -24,7 +24,6 @@ import math
 import os
 import random
 import shutil
-import sys
 import time
 from dataclasses import dataclass, field
 
@@ -318,9 +317,10 @@ def ensure_toy_models(cfg, ctx):
             tasks.build_toy_model(base, seed=0)
         if cfg.algo != "sft" and not os.path.isfile(os.path.join(sft, "final", "config.json")):
             print(f"making the toy pi_0: {cfg.sft_steps} SFT steps on sloppy demonstrations -> {sft}", flush=True)
-            sft_cfg = dataclasses.replace(cfg, algo="sft", model=base, steps=cfg.sft_steps, lr=cfg.sft_lr,
-                                          out_dir=sft, resume=os.path.isdir(sft), seed=0, save_every=500,
-                                          print_every=100)
+            # pi_0 depends on the SFT settings alone (the cache key), never on this run's other flags
+            sft_cfg = Config(algo="sft", model=base, steps=cfg.sft_steps, lr=cfg.sft_lr, sft_steps=cfg.sft_steps,
+                             sft_lr=cfg.sft_lr, cache_dir=cfg.cache_dir, dtype=cfg.dtype, out_dir=sft,
+                             resume=os.path.isdir(sft), save_every=500, print_every=100)
             train(sft_cfg, Dist(device=ctx.device))
     barrier(ctx)
     return base, os.path.join(sft, "final")
@@ -433,11 +433,12 @@ def prompt_indices(step, per_step, n, seed):
 
     Stateless (a function of step and seed), so a resumed run draws exactly the prompts it would have.
     """
-    out = []
+    perms, out = {}, []
     for pos in range(step * per_step, (step + 1) * per_step):
         epoch, i = divmod(pos, n)
-        perm = np.random.default_rng([seed, epoch]).permutation(n)
-        out.append(int(perm[i]))
+        if epoch not in perms:
+            perms[epoch] = np.random.default_rng([seed, epoch]).permutation(n)
+        out.append(int(perms[epoch][i]))
     return out
 
 
@@ -463,13 +464,13 @@ def train(cfg, ctx):
     """Run cfg.algo for cfg.steps; returns the trained policy (unwrapped). Resumes when cfg.resume."""
     from tqdm import tqdm
 
-    seed_everything(cfg.seed + 1000 * ctx.rank)
-    task = tasks.load_task(cfg.task)
-    judge = make_judge(cfg.judge) if cfg.algo != "sft" else None
     init = cfg.model
     if not init:
         base, sft = ensure_toy_models(cfg, ctx)
         init = base if cfg.algo == "sft" else sft
+    seed_everything(cfg.seed + 1000 * ctx.rank)  # after the (maybe) in-process SFT that made pi_0
+    task = tasks.load_task(cfg.task)
+    judge = make_judge(cfg.judge) if cfg.algo != "sft" else None
     tok = load_tokenizer(init)
     start, ckpt = 0, latest_checkpoint(cfg) if cfg.resume else None
     if cfg.resume and ckpt is None and ctx.master:

@@ -152,3 +152,54 @@ def test_bad_flag_prints_a_message_not_a_traceback(tmp_path):
     p = run_dar(["--alpha", "2"], cwd=tmp_path)
     assert p.returncode != 0
     assert "--alpha must lie in [0, 1]" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_pi_t_logps_are_computed_once_before_the_updates_and_reused(toy_cache, tmp_path, monkeypatch):
+    """Every update of an online batch uses log pi_t of the policy that sampled the batch."""
+    cfg = tiny_cfg(toy_cache, tmp_path / "once", "--steps", "1")  # 32 responses, 2 updates of 16
+    calls, seen = [], []
+    real_score, real_loss = dar.score, dar.dar_loss
+
+    def score(model, batch, *a):
+        out = real_score(model, batch, *a)
+        calls.append((model, batch, out.sum(1).cpu()))
+        return out
+
+    def loss(logp, logp_t, *a, **kw):
+        seen.append(logp_t.clone())
+        return real_loss(logp, logp_t, *a, **kw)
+
+    monkeypatch.setattr(dar, "score", score)
+    monkeypatch.setattr(dar, "dar_loss", loss)
+    policy, ref, _, _ = dar.train(cfg, dar.Dist())
+    assert len(calls) == 2 and calls[0][0] is policy and calls[1][0] is ref  # pi_t and pi_0, once each
+    assert len(seen) == 4  # 2 optimizer steps x 2 micro-batches of 8
+    logp_t_before_updates = calls[0][2]
+    used = torch.cat(seen)
+    # each of the 32 rows used exactly once per epoch, with the value computed before the first update
+    assert torch.equal(used.sort().values, logp_t_before_updates.sort().values)
+    # the policy has moved on since: log-probs recomputed now would be other numbers
+    assert not torch.allclose(real_score(policy, calls[0][1], cfg, dar.Dist()).sum(1), logp_t_before_updates)
+
+
+def test_warmup_then_constant_learning_rate():
+    cfg = dar.parse_config(["--lr", "1e-3", "--warmup-steps", "15"])
+    model = torch.nn.Linear(2, 1)
+    opt, sched = dar.optimizer_and_schedule(cfg, model)
+    lrs = []
+    for _ in range(20):
+        lrs.append(sched.get_last_lr()[0])
+        model(torch.ones(1, 2)).sum().backward()
+        opt.step()
+        sched.step()
+    assert lrs[0] == pytest.approx(1e-3 / 15) and lrs[14] == pytest.approx(1e-3)
+    assert lrs[15:] == pytest.approx([1e-3] * 5)
+    assert all(a < b for a, b in zip(lrs[:14], lrs[1:15]))
+
+
+def test_prompt_order_is_a_fresh_permutation_each_epoch_and_stateless():
+    n, per = 10, 4
+    stream = sum((dar.prompt_indices(t, per, n, seed=3) for t in range(5)), [])  # 20 draws = 2 epochs
+    assert sorted(stream[:10]) == list(range(10)) and sorted(stream[10:]) == list(range(10))
+    assert stream[:10] != stream[10:]
+    assert dar.prompt_indices(3, per, n, seed=3) == stream[12:16]
