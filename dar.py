@@ -355,19 +355,26 @@ def save_checkpoint(cfg, ctx, step, policy, tok, opt, sched):
         states = [rng_state()]
     if ctx.master:
         name = f"ckpt-{step:06d}"
-        tmp, final = os.path.join(cfg.out_dir, name + ".tmp"), os.path.join(cfg.out_dir, name)
-        shutil.rmtree(tmp, ignore_errors=True)
-        policy.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        torch.save(dict(step=step, optimizer=opt.state_dict(), scheduler=sched.state_dict(), rng=states,
-                        config=dataclasses.asdict(cfg)), os.path.join(tmp, "state.pt"))
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
+        state = dict(step=step, optimizer=opt.state_dict(), scheduler=sched.state_dict(), rng=states,
+                     config=dataclasses.asdict(cfg))
+        save_model_dir(os.path.join(cfg.out_dir, name), policy, tok, state)
         write_atomic(os.path.join(cfg.out_dir, "latest"), name)
         ckpts = sorted(d for d in os.listdir(cfg.out_dir) if d.startswith("ckpt-") and not d.endswith(".tmp"))
         for old in ckpts[:-cfg.keep_checkpoints]:
             shutil.rmtree(os.path.join(cfg.out_dir, old), ignore_errors=True)
     barrier(ctx)
+
+
+def save_model_dir(path, model, tok, state=None):
+    """A Hugging Face model directory (plus state.pt), written beside `path` and renamed into place."""
+    tmp = path + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    if state is not None:
+        torch.save(state, os.path.join(tmp, "state.pt"))
+    shutil.rmtree(path, ignore_errors=True)
+    os.replace(tmp, path)
 
 
 def write_atomic(path, text):
@@ -504,9 +511,8 @@ def train(cfg, ctx):
         metrics = step_fn(step, cfg, ctx, task, policy, ddp, ref, tok, judge, opt, sched)
         metrics.update({"step": step + 1, "perf/seconds_per_batch": time.time() - t0})
         if not math.isfinite(metrics["train/loss"]):
-            save_checkpoint(cfg, ctx, step, policy, tok, opt, sched)
-            raise SystemExit(f"error: non-finite loss at step {step + 1}; stopped (checkpoint of the "
-                             f"previous state in {cfg.out_dir})")
+            raise SystemExit(f"error: non-finite loss at online batch {step + 1}; stopped. The last good "
+                             f"checkpoint is {latest_checkpoint(cfg)}: lower --lr or check the rewards, then --resume")
         log.log(metrics)
         if ctx.master and ((step + 1) % cfg.print_every == 0 or step + 1 == cfg.steps):
             bar.write(summary_line(metrics))
@@ -515,12 +521,7 @@ def train(cfg, ctx):
     bar.close()
     check_ranks_agree(ctx, policy)
     if ctx.master:
-        final = os.path.join(cfg.out_dir, "final")
-        shutil.rmtree(final + ".tmp", ignore_errors=True)
-        policy.save_pretrained(final + ".tmp")
-        tok.save_pretrained(final + ".tmp")
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(final + ".tmp", final)
+        save_model_dir(os.path.join(cfg.out_dir, "final"), policy, tok)
     barrier(ctx)
     return policy, ref, tok, task
 

@@ -49,7 +49,7 @@ def compare_with_reference(policy, ref, tok, prompts, cfg, seed=1234):
             report[f"{name}/reward"], report[f"{name}/reward_ci"] = mean_ci(j.rewards)
             report[f"{name}/missing_eos"] = 1 - batch.ended.double().mean().item()
             report[f"{name}/length"] = batch.response_mask.sum(1).double().mean().item()
-            report[f"{name}/exact"] = (torch.tensor(j.rewards) == 10).double().mean().item()
+            report[f"{name}/top_score"] = (torch.tensor(j.rewards) == 10).double().mean().item()  # 10/10: exact
         report["win_rate"], report["win_rate_ci"] = win_rate(rewards["policy"], rewards["pi_0"])
         torch.manual_seed(seed + 1)
         own = rollout.generate(policy, tok, prompts, 1, cfg.max_new_tokens, temperature=1.0)
@@ -62,9 +62,9 @@ def compare_with_reference(policy, ref, tok, prompts, cfg, seed=1234):
 
 def print_report(r):
     print(f"\nEvaluation on {r['n_prompts']} held-out prompts (judge: {r['judge']}; rewards 0-10)")
-    print(f"  {'':8} {'reward':>16} {'exact':>7} {'no EOS':>7} {'length':>7}")
+    print(f"  {'':8} {'reward':>16} {'10/10':>7} {'no EOS':>7} {'length':>7}")
     for name in ("pi_0", "policy"):
         print(f"  {name:8} {r[name + '/reward']:8.2f} ± {r[name + '/reward_ci']:<5.2f} "
-              f"{r[name + '/exact']:7.1%} {r[name + '/missing_eos']:7.1%} {r[name + '/length']:7.1f}")
+              f"{r[name + '/top_score']:7.1%} {r[name + '/missing_eos']:7.1%} {r[name + '/length']:7.1f}")
     print(f"  win rate of the policy over pi_0 (ties count 1/2): {r['win_rate']:.1%} ± {r['win_rate_ci']:.1%}")
     print(f"  KL(policy || pi_0), k3 estimate: {r['kl_pi0']:.3f} ± {r['kl_pi0_ci']:.3f} nats")

@@ -79,7 +79,7 @@ def test_dar_runs_end_to_end_in_a_subprocess(toy_cache, tmp_path):
 
 def test_torchrun_two_ranks_keep_identical_parameters(toy_cache, tmp_path):
     out = tmp_path / "ddp"
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517"]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     p = run_dar(TINY + ["--cache-dir", toy_cache, "--out-dir", str(out), "--steps", "2"], cwd=tmp_path,
                 launcher=launcher)
     assert p.returncode == 0, p.stderr[-3000:]
