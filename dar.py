@@ -184,12 +184,10 @@ def dar_weights(adv, logp_t, logp_0, alpha, beta, w_clip, normalize=True, adv_me
         adv = (adv - mu) / (sigma + 1e-8)                                     # A_norm  [N]
     log_w_reg = alpha * (logp_0 - logp_t)                 # log (pi_0 / pi_t)^alpha       [N]
     log_w_adv = adv / beta                                # log exp(A_norm / beta)        [N]
-    log_w = log_w_reg + log_w_adv
-    if w_clip is not None:
-        log_w = log_w.clamp(max=math.log(w_clip))         # min(w_reg * w_adv, w_clip)    [N]
-    w = torch.where(valid, log_w.exp(), 0.0)
-    return w.float(), dict(log_w_reg=log_w_reg, log_w_adv=log_w_adv, clipped=valid & (log_w_reg + log_w_adv
-                                                                                         > log_w))
+    log_w = log_w_reg + log_w_adv                         # log (w_reg * w_adv)           [N]
+    log_clip = math.inf if w_clip is None else math.log(w_clip)
+    w = torch.where(valid, log_w.clamp(max=log_clip).exp(), 0.0)  # min(w_reg * w_adv, w_clip)  [N]
+    return w.float(), dict(log_w_reg=log_w_reg, log_w_adv=log_w_adv, clipped=valid & (log_w > log_clip))
 
 
 def weighted_sft_loss(logp, w, num_seqs=None, length_norm=1.0):
