@@ -571,7 +571,7 @@ def dar_step(step, cfg, ctx, task, policy, ddp, ref, tok, judge, opt, sched):
 
     # 4. log pi_t(y|x) and log pi_0(y|x), once per online batch: pi_t is the policy that sampled the batch
     t = time.time()
-    logp_t_tok, logp_0_tok = score(policy, batch, cfg, ctx), score(ref, batch, cfg, ctx)  # [N, R]
+    logp_t_tok, logp_0_tok = score(policy, batch, cfg.micro_batch), score(ref, batch, cfg.micro_batch)  # [N, R]
     logp_t, logp_0 = logp_t_tok.sum(1).cpu(), logp_0_tok.sum(1).cpu()                       # [N]
     timer["logp"] = time.time() - t
 
@@ -641,14 +641,15 @@ def dar_step(step, cfg, ctx, task, policy, ddp, ref, tok, judge, opt, sched):
 
 
 @torch.no_grad()
-def score(model, batch, cfg, ctx):
-    """Token log-probs of a whole online batch under a frozen view of `model`, in micro-batches: [N, R]."""
+def score(model, batch, micro_batch):
+    """Token log-probs of a whole batch under a frozen view of `model`, in micro-batches: [N, R]."""
     was_training = model.training
     model.eval()
-    out = torch.zeros(batch.response_mask.shape, dtype=torch.float32, device=ctx.device)
-    for i in range(0, len(batch), cfg.micro_batch):
-        rows = torch.arange(i, min(i + cfg.micro_batch, len(batch)))
-        part = batch.select(rows).to(ctx.device)
+    device = next(model.parameters()).device
+    out = torch.zeros(batch.response_mask.shape, dtype=torch.float32, device=device)
+    for i in range(0, len(batch), micro_batch):
+        rows = torch.arange(i, min(i + micro_batch, len(batch)))
+        part = batch.select(rows).to(device)
         out[i:i + len(rows), :part.response_mask.shape[1]] = rollout.token_logps(model, part).float()
     model.train(was_training)
     return out

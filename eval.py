@@ -36,7 +36,7 @@ def compare_with_reference(policy, ref, tok, prompts, cfg, seed=1234):
 
     Runs in its own RNG stream (fork_rng), so an evaluation never changes what training samples next.
     """
-    from dar import k3
+    from dar import k3, score
     judge = make_judge(cfg.eval_judge)
     report = {"n_prompts": len(prompts), "judge": cfg.eval_judge}
     rewards = {}
@@ -53,9 +53,7 @@ def compare_with_reference(policy, ref, tok, prompts, cfg, seed=1234):
         report["win_rate"], report["win_rate_ci"] = win_rate(rewards["policy"], rewards["pi_0"])
         torch.manual_seed(seed + 1)
         own = rollout.generate(policy, tok, prompts, 1, cfg.max_new_tokens, temperature=1.0)
-        mask = own.response_mask
-        kl = k3(rollout.token_logps(policy.eval(), own), rollout.token_logps(ref, own), mask)
-        policy.train()
+        kl = k3(score(policy, own, cfg.micro_batch), score(ref, own, cfg.micro_batch), own.response_mask)
         report["kl_pi0"], report["kl_pi0_ci"] = mean_ci(kl)
     return report
 
