@@ -6,6 +6,7 @@ Regularization in RLHF", ICLR 2026), as one online loop around one weighted-SFT 
     torchrun --nproc_per_node 8 dar.py --task helpful --model Qwen/Qwen2-7B-SFT   # H100s (NCCL, bf16)
     torchrun --nnodes 2 --nproc_per_node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 dar.py ...
     python dar.py --algo sft                         # supervised fine-tuning: the same loss, weights = 1
+    python dar.py --algo grpo                        # any baseline of the paper (baselines.py), same loop
     python dar.py --resume                           # continue the run in --out-dir from its last checkpoint
 
 What each online batch t does (Section 4.3, Algorithm 1):
@@ -34,7 +35,25 @@ import rollout
 import tasks
 from judge import JUDGES, make_judge
 
-ALGOS = ("dar", "sft")
+ALGOS = ("dar", "sft",                                           # this file
+         "ppo", "dual_ppo", "dual_ppo_clip", "dual_mix_ppo",      # baselines.py: RL with a value model
+         "dao", "dao_ppo", "rloo", "grpo", "iter_sft",            # RL from K samples per prompt, no critic
+         "online_dpo", "ipo", "slic",                             # online direct alignment, pairs from K samples
+         "dpo", "simpo", "is_dpo")                                # offline direct alignment on a preference set
+
+# The paper's hyperparameters per algorithm (Appendix B.2-B.3, Table 5), over the Config defaults (DAR's);
+# a flag given on the command line wins over both. beta is each method's regularisation strength. Learning
+# rates stay the toy task's (the paper's are for 7B models: 5e-7 online DAP, 1e-6 RLHF, 3e-6 Dual-PPO).
+ALGO_DEFAULTS = {
+    "ppo": dict(beta=0.03, epochs=4, clip_eps=0.2),
+    "dual_ppo": dict(alpha=0.3, beta=0.02, epochs=1, clip_eps=math.inf),
+    "dual_ppo_clip": dict(alpha=0.9, beta=0.01, epochs=1, clip_eps=0.2),
+    "dual_mix_ppo": dict(alpha=0.3, beta=0.02, epochs=1, clip_eps=math.inf),
+    "rloo": dict(beta=0.03),
+    "grpo": dict(beta=0.04, clip_eps=0.2),
+    "online_dpo": dict(beta=0.1, k=2), "ipo": dict(beta=1.0, k=2), "slic": dict(beta=0.002, k=2),
+    "dpo": dict(beta=0.1), "simpo": dict(beta=2.0), "is_dpo": dict(beta=0.1),
+}
 
 
 def arg(default, help):
@@ -51,9 +70,20 @@ class Config:
     eval_judge: str = arg("toy_gold", "reward used for the final evaluation against pi_0")
     # DAR (Section 4.3 and Appendix B.2; paper values)
     alpha: float = arg(0.1, "trade-off between KL(pi||pi_0) (alpha) and KL(pi||pi_t) (1 - alpha), Eq. 3")
-    beta: float = arg(0.05, "overall regularisation strength: w_adv = exp(A_norm / beta), Eq. 4")
+    beta: float = arg(0.05, "regularisation strength: DAR/DAO w_adv = exp(A_norm / beta) (Eq. 4); KL coefficient "
+                            "of ppo/rloo/grpo; beta of dpo/ipo/slic/simpo/is_dpo (per-algorithm defaults: --help)")
     w_clip: float = arg(20.0, "clip threshold on the product w_reg * w_adv")
     normalize_adv: bool = arg(True, "batch normalisation of the Monte-Carlo advantage (Algorithm 1)")
+    # baselines (baselines.py, Appendix B.3)
+    clip_eps: float = arg(0.2, "policy-ratio clip range of ppo, dual_ppo_clip, grpo; inf = no clipping")
+    vf_coef: float = arg(10.0, "PPO value-loss coefficient (paper: 10)")
+    value_clip: float = arg(0.2, "PPO value clipping range around the rollout's values")
+    gae_lambda: float = arg(0.95, "PPO GAE lambda")
+    gamma: float = arg(1.0, "PPO discount per token")
+    missing_eos_penalty: float = arg(1.0, "PPO family: subtracted from the reward of a response without EOS")
+    value_model: str = arg("", "PPO value model: a Hugging Face directory; '' = pi_0's network, fresh scalar head")
+    simpo_gamma: float = arg(1.6, "SimPO target reward margin gamma")
+    is_clip: float = arg(1.0, "IS-DPO: upper clip of the importance ratio pi_theta/pi_0 of a pair")
     # online sampling (Appendix B.1)
     k: int = arg(4, "responses sampled per prompt, the Monte-Carlo sample size K")
     temperature: float = arg(0.9, "sampling temperature for online data and evaluation")
@@ -91,17 +121,20 @@ RESUMABLE_CHANGES = {"resume", "steps", "save_every", "keep_checkpoints", "sampl
 
 
 def parse_config(argv=None):
+    """Flags given on the command line, else the algorithm's paper defaults (ALGO_DEFAULTS), else Config's."""
     import argparse
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    epilog = "per-algorithm defaults: " + "; ".join(
+        f"{a}: " + ", ".join(f"{k}={v}" for k, v in d.items()) for a, d in ALGO_DEFAULTS.items())
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=epilog)
     for f in dataclasses.fields(Config):
-        flag = "--" + f.name.replace("_", "-")
+        flag, help = "--" + f.name.replace("_", "-"), f"{f.metadata['help']} (default: {f.default})"
         if f.type in (bool, "bool"):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata["help"])
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help)
         else:
             typ = {"int": int, "float": float, "str": str}.get(f.type, f.type)
-            p.add_argument(flag, type=typ, default=f.default, help=f.metadata["help"])
-    cfg = Config(**vars(p.parse_args(argv)))
+            p.add_argument(flag, type=typ, default=argparse.SUPPRESS, help=help)
+    given = vars(p.parse_args(argv))
+    cfg = Config(**{**ALGO_DEFAULTS.get(given.get("algo", Config.algo), {}), **given})
     if not cfg.out_dir:
         cfg.out_dir = f"runs/{cfg.task}-{cfg.algo}-s{cfg.seed}"
     return cfg
@@ -120,10 +153,9 @@ def check_config(cfg, world):
             bad(f"unknown {flag} {name!r}; valid judges: {', '.join(JUDGES)}")
     if not 0.0 <= cfg.alpha <= 1.0:
         bad(f"--alpha must lie in [0, 1] (it weighs KL to pi_0 against KL to pi_t), got {cfg.alpha}")
-    if not cfg.beta > 0:
-        bad(f"--beta must be > 0 (w_adv = exp(A/beta)), got {cfg.beta}")
-    if not cfg.w_clip > 0:
-        bad(f"--w-clip must be > 0, got {cfg.w_clip}")
+    for name in ("beta", "w_clip", "clip_eps", "is_clip"):
+        if not getattr(cfg, name) > 0:
+            bad(f"--{name.replace('_', '-')} must be > 0, got {getattr(cfg, name)}")
     if cfg.k < 2:
         bad(f"--k must be >= 2: the Monte-Carlo baseline needs several responses per prompt, got {cfg.k}")
     if not cfg.temperature > 0:
@@ -131,22 +163,32 @@ def check_config(cfg, world):
     for name in ("steps", "online_batch", "minibatch", "micro_batch", "epochs", "max_new_tokens", "warmup_steps"):
         if getattr(cfg, name) < 1:
             bad(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
-    if cfg.algo == "dar" and cfg.online_batch % (cfg.k * world):
+    if cfg.online_batch % (cfg.k * world):
         bad(f"--online-batch {cfg.online_batch} must be a multiple of K x ranks = {cfg.k} x {world}")
     if cfg.online_batch % cfg.minibatch:
         bad(f"--online-batch {cfg.online_batch} must be a multiple of --minibatch {cfg.minibatch}")
-    if cfg.minibatch % world or (cfg.minibatch // world) % min(cfg.micro_batch, cfg.minibatch // world):
-        bad(f"--minibatch {cfg.minibatch} must split evenly into {world} ranks x micro-batches of "
-            f"--micro-batch {cfg.micro_batch}")
+    # online pair methods update on whole prompts (K responses each), offline pair methods on pairs
+    unit = cfg.k if cfg.algo in ("online_dpo", "ipo", "slic") else 2 if cfg.algo in ("dpo", "simpo", "is_dpo") else 1
+    if cfg.minibatch % (world * unit):
+        bad(f"--minibatch {cfg.minibatch} must split evenly into {world} ranks" +
+            (f" in whole groups of {unit} responses" if unit > 1 else ""))
     if cfg.model and not os.path.isfile(os.path.join(cfg.model, "config.json")):
         bad(f"--model {cfg.model!r} is not a model directory (no config.json there); give the path of a "
             "Hugging Face model directory, or omit --model on the toy task to build one")
+    if cfg.value_model and not os.path.isfile(os.path.join(cfg.value_model, "config.json")):
+        bad(f"--value-model {cfg.value_model!r} is not a model directory (no config.json there)")
     if cfg.dtype not in ("auto", "float32", "bfloat16"):
         bad(f"--dtype must be auto, float32 or bfloat16, got {cfg.dtype!r}")
 
 
+OFFLINE = ("sft", "dpo", "simpo", "is_dpo")             # train on a fixed data set: no sampling, no judge
+VALUE_MODEL = ("ppo", "dual_ppo", "dual_ppo_clip", "dual_mix_ppo")   # need a learned value V(x, y_<i)
+
+
 # ---------------------------------------------------------------------------------------------------
 # The DAR loss (Eq. 4) and its pieces. Per-sequence tensors, shape [N]; usable on their own.
+# Every loss in this project (here and in baselines.py) returns one term per sequence (or per pair):
+# the objective is their mean over the online batch, and the loop divides a minibatch's sum by its size.
 # ---------------------------------------------------------------------------------------------------
 def group_advantages(rewards, k):
     """Monte-Carlo advantage of Algorithm 1: A(x, y_i) = r(x, y_i) - (1/K) sum_j r(x, y_j).
@@ -190,29 +232,27 @@ def dar_weights(adv, logp_t, logp_0, alpha, beta, w_clip, normalize=True, adv_me
     return w.float(), dict(log_w_reg=log_w_reg, log_w_adv=log_w_adv, clipped=valid & (log_w > log_clip))
 
 
-def weighted_sft_loss(logp, w, num_seqs=None, length_norm=1.0):
-    """-(1/n) sum_i w_i log pi_theta(y_i|x_i) / length_norm: the weighted SFT objective of Eq. 4.
+def weighted_sft_loss(logp, w, length_norm=1.0):
+    """-w_i log pi_theta(y_i|x_i) / length_norm per sequence [N]: the weighted SFT objective of Eq. 4.
 
-    logp: log pi_theta(y_i|x_i) [N] (token sums, with gradient); w: [N] constant weights. num_seqs (n)
-    defaults to N; the loop passes the minibatch size so that micro-batch losses add up to the
-    minibatch mean. length_norm is a constant (the loop uses max_new_tokens): it rescales the gradient
-    like a token mean would, without changing which policy minimises the loss.
+    logp: log pi_theta(y_i|x_i) [N] (token sums, with gradient); w: [N] constant weights. length_norm is a
+    constant (the loop uses max_new_tokens): it rescales the gradient like a token mean would, without
+    changing which policy minimises the loss.
     """
-    n = len(logp) if num_seqs is None else num_seqs
-    return -(w.detach() * logp).sum() / (n * length_norm)
+    return -w.detach() * logp / length_norm
 
 
 def dar_loss(logp, logp_t, logp_0, adv, alpha=0.1, beta=0.05, w_clip=20.0, normalize=True,
-             adv_mean=None, adv_std=None, num_seqs=None, length_norm=1.0):
+             adv_mean=None, adv_std=None, length_norm=1.0):
     """L_DAR(theta) = -E_{y~pi_t}[ min((pi_0/pi_t)^alpha exp(A/beta), w_clip) log pi_theta(y|x) ]  (Eq. 4)
 
     The maximiser of Eq. 3, pi* = pi_0^alpha pi_t^(1-alpha) exp(A/beta) / Z (Theorem 4.2), is projected
     onto the model family by argmin_theta KL(pi* || pi_theta); with samples from pi_t that is the weighted
     SFT above (Appendix A.3). Its gradient is -mean_i w_i grad log pi_theta(y_i|x) (Algorithm 1).
-    All inputs are per-sequence [N]; see dar_weights and weighted_sft_loss. Returns (loss, w).
+    All inputs are per-sequence [N]; see dar_weights and weighted_sft_loss. Returns (per-sequence loss [N], w).
     """
     w, _ = dar_weights(adv, logp_t, logp_0, alpha, beta, w_clip, normalize, adv_mean, adv_std)
-    return weighted_sft_loss(logp, w.to(logp.device), num_seqs, length_norm), w
+    return weighted_sft_loss(logp, w.to(logp.device), length_norm), w
 
 
 def k3(logp, logp_ref, mask):
@@ -290,6 +330,28 @@ def load_model(path, cfg, device):
     return model.to(device)
 
 
+def load_value_model(path, cfg, device):
+    """V(x, y_<i): a causal LM body with a scalar head read at every position (the PPO family's critic).
+
+    From `path` (a causal LM, e.g. pi_0, whose LM head is dropped) the head starts at zero, so the first
+    values are 0; from a saved value model (a checkpoint's value/) it is restored as trained.
+    """
+    from transformers import AutoConfig, AutoModelForTokenClassification
+    from transformers.utils import logging as hf_logging
+    config = AutoConfig.from_pretrained(path, num_labels=1, classifier_dropout=0.0)  # no dropout on values
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the new head's "newly initialized" report is expected, not news
+    try:
+        model = AutoModelForTokenClassification.from_pretrained(path, config=config, dtype=model_dtype(cfg, device))
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    if model.config.architectures and not model.config.architectures[0].endswith("TokenClassification"):
+        torch.nn.init.zeros_(model.score.weight)
+        torch.nn.init.zeros_(model.score.bias)
+    model.config.use_cache = False
+    return model.to(device)
+
+
 def load_tokenizer(path):
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(path)
@@ -345,7 +407,7 @@ def set_rng_state(s):
         torch.cuda.set_rng_state_all(s["cuda"])
 
 
-def save_checkpoint(cfg, ctx, step, policy, tok, opt, sched):
+def save_checkpoint(cfg, ctx, step, run):
     states = [None] * ctx.world
     if ctx.world > 1:
         torch.distributed.all_gather_object(states, rng_state())
@@ -353,9 +415,9 @@ def save_checkpoint(cfg, ctx, step, policy, tok, opt, sched):
         states = [rng_state()]
     if ctx.master:
         name = f"ckpt-{step:06d}"
-        state = dict(step=step, optimizer=opt.state_dict(), scheduler=sched.state_dict(), rng=states,
+        state = dict(step=step, optimizer=run.opt.state_dict(), scheduler=run.sched.state_dict(), rng=states,
                      config=dataclasses.asdict(cfg))
-        save_model_dir(os.path.join(cfg.out_dir, name), policy, tok, state)
+        save_model_dir(os.path.join(cfg.out_dir, name), run.policy, run.tok, state, value=run.value)
         write_atomic(os.path.join(cfg.out_dir, "latest"), name)
         ckpts = sorted(d for d in os.listdir(cfg.out_dir) if d.startswith("ckpt-") and not d.endswith(".tmp"))
         for old in ckpts[:-cfg.keep_checkpoints]:
@@ -363,12 +425,14 @@ def save_checkpoint(cfg, ctx, step, policy, tok, opt, sched):
     barrier(ctx)
 
 
-def save_model_dir(path, model, tok, state=None):
-    """A Hugging Face model directory (plus state.pt), written beside `path` and renamed into place."""
+def save_model_dir(path, model, tok, state=None, value=None):
+    """A Hugging Face model directory (plus state.pt and value/), written beside `path`, renamed into place."""
     tmp = path + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
+    if value is not None:
+        value.save_pretrained(os.path.join(tmp, "value"))
     if state is not None:
         torch.save(state, os.path.join(tmp, "state.pt"))
     shutil.rmtree(path, ignore_errors=True)
@@ -447,27 +511,54 @@ def prompt_indices(step, per_step, n, seed):
     return out
 
 
-def optimizer_and_schedule(cfg, model):
+def optimizer_and_schedule(cfg, models):
+    """One Adafactor over every trained model (the policy, and PPO's value model), warm-up then constant."""
     from transformers.optimization import Adafactor
-    opt = Adafactor(model.parameters(), lr=cfg.lr, scale_parameter=False, relative_step=False,
-                    warmup_init=False, weight_decay=cfg.weight_decay)
+    params = [p for m in models for p in m.parameters()]
+    opt = Adafactor(params, lr=cfg.lr, scale_parameter=False, relative_step=False, warmup_init=False,
+                    weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / cfg.warmup_steps))
     return opt, sched
 
 
-def optimizer_step(cfg, model, opt, sched):
-    """Clip, step, and report the gradient norm; a non-finite gradient skips the step (returns its norm)."""
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or float("inf"))
-    if torch.isfinite(norm):
+def optimizer_step(cfg, models, opt, sched):
+    """Clip each model's gradient norm on its own, then step; a non-finite gradient skips the step.
+
+    Clipping per model keeps PPO's value loss (large on a 0-10 reward scale) from shrinking the policy's
+    step. Returns the policy's gradient norm (the first model's).
+    """
+    norms = [torch.nn.utils.clip_grad_norm_(m.parameters(), cfg.max_grad_norm or float("inf")) for m in models]
+    if all(torch.isfinite(n) for n in norms):
         opt.step()
         sched.step()
     opt.zero_grad(set_to_none=True)
-    return norm.item()
+    return norms[0].item()
+
+
+@dataclass
+class Run:
+    """What a training step works on besides the config and the process group."""
+    task: object
+    tok: object
+    judge: object            # None for offline algorithms
+    policy: torch.nn.Module  # pi_theta, unwrapped
+    ddp: torch.nn.Module     # pi_theta, DDP-wrapped when there are several ranks (the one to call for gradients)
+    ref: object              # pi_0, frozen; None for --algo sft
+    opt: object
+    sched: object
+    value: object = None     # the PPO family's value model, unwrapped
+    value_ddp: object = None
+
+    @property
+    def trained(self):
+        """The modules the optimizer updates, as called for gradients (DDP-wrapped)."""
+        return [m for m in (self.ddp, self.value_ddp) if m is not None]
 
 
 def train(cfg, ctx):
-    """Run cfg.algo for cfg.steps; returns the trained policy (unwrapped). Resumes when cfg.resume."""
+    """Run cfg.algo for cfg.steps; returns the Run (policy trained). Resumes when cfg.resume."""
     from tqdm import tqdm
+    import baselines
 
     init = cfg.model
     if not init:
@@ -475,14 +566,17 @@ def train(cfg, ctx):
         init = base if cfg.algo == "sft" else sft
     seed_everything(cfg.seed + 1000 * ctx.rank)  # after the (maybe) in-process SFT that made pi_0
     task = tasks.load_task(cfg.task)
-    judge = make_judge(cfg.judge) if cfg.algo != "sft" else None
     tok = load_tokenizer(init)
     start, ckpt = 0, latest_checkpoint(cfg) if cfg.resume else None
     if cfg.resume and ckpt is None and ctx.master:
         print(f"--resume: no checkpoint in {cfg.out_dir}, starting from scratch", flush=True)
     policy = load_model(ckpt or init, cfg, ctx.device)
     policy.config.use_cache = False
-    opt, sched = optimizer_and_schedule(cfg, policy)
+    value = None
+    if cfg.algo in VALUE_MODEL:
+        value = load_value_model(os.path.join(ckpt, "value") if ckpt else cfg.value_model or init, cfg, ctx.device)
+    models = [m for m in (policy, value) if m is not None]
+    opt, sched = optimizer_and_schedule(cfg, models)
     if ckpt:
         state = torch.load(os.path.join(ckpt, "state.pt"), weights_only=True, map_location="cpu")
         check_resumable(cfg, state["config"])
@@ -491,22 +585,25 @@ def train(cfg, ctx):
         start = state["step"]
         if len(state["rng"]) == ctx.world:
             set_rng_state(state["rng"][ctx.rank])
-    ddp = policy
+    wrapped = models
     if ctx.world > 1:
         from torch.nn.parallel import DistributedDataParallel
-        ddp = DistributedDataParallel(policy, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+        ids = [ctx.device.index] if ctx.device.type == "cuda" else None
+        wrapped = [DistributedDataParallel(m, device_ids=ids) for m in models]
     ref = None
-    if cfg.algo == "dar":  # pi_0: a frozen copy of the initial policy
+    if cfg.algo != "sft":  # pi_0: a frozen copy of the initial policy
         ref = load_model(init, cfg, ctx.device).eval().requires_grad_(False)
+    run = Run(task, tok, make_judge(cfg.judge) if cfg.algo not in OFFLINE else None, policy, wrapped[0], ref,
+              opt, sched, value, wrapped[1] if value is not None else None)
     log = Logger(cfg, ctx, start)
     if ctx.master and start == 0:
         print("config: " + json.dumps(dataclasses.asdict(cfg)), flush=True)
-    step_fn = dar_step if cfg.algo == "dar" else sft_step
+    step_fn = {"dar": dar_step, "sft": sft_step}.get(cfg.algo) or baselines.STEPS[cfg.algo]
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not ctx.master,
                desc=cfg.algo, dynamic_ncols=True)
     for step in bar:
         t0 = time.time()
-        metrics = step_fn(step, cfg, ctx, task, policy, ddp, ref, tok, judge, opt, sched)
+        metrics = step_fn(step, cfg, ctx, run)
         metrics.update({"step": step + 1, "perf/seconds_per_batch": time.time() - t0})
         if not math.isfinite(metrics["train/loss"]):
             raise SystemExit(f"error: non-finite loss at online batch {step + 1}; stopped. The last good "
@@ -515,13 +612,13 @@ def train(cfg, ctx):
         if ctx.master and ((step + 1) % cfg.print_every == 0 or step + 1 == cfg.steps):
             bar.write(summary_line(metrics))
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
-            save_checkpoint(cfg, ctx, step + 1, policy, tok, opt, sched)
+            save_checkpoint(cfg, ctx, step + 1, run)
     bar.close()
     check_ranks_agree(ctx, policy)
     if ctx.master:
         save_model_dir(os.path.join(cfg.out_dir, "final"), policy, tok)
     barrier(ctx)
-    return policy, ref, tok, task
+    return run
 
 
 def check_ranks_agree(ctx, model):
@@ -541,28 +638,106 @@ def summary_line(m):
     keys = [("step", "step", "d"), ("train/reward_mean", "reward", ".3f"), ("train/nll_per_token", "nll", ".4f"),
             ("weights/w_mean", "w", ".2f"), ("weights/clip_frac", "clip", ".2f"), ("train/kl_pi0", "kl0", ".3f"),
             ("train/response_len", "len", ".1f"), ("train/missing_eos", "noeos", ".2f"),
-            ("train/grad_norm", "gnorm", ".2f"), ("perf/seconds_per_batch", "s", ".2f")]
+            ("train/loss", "loss", ".4f"), ("train/grad_norm", "gnorm", ".2f"), ("perf/seconds_per_batch", "s", ".2f")]
     return "  ".join(f"{short} {m[k]:{fmt}}" for k, short, fmt in keys if k in m)
 
 
-def dar_step(step, cfg, ctx, task, policy, ddp, ref, tok, judge, opt, sched):
-    """One online batch of Algorithm 1. Returns its metrics."""
+# ---------------------------------------------------------------------------------------------------
+# The pieces every online algorithm shares (baselines.py uses them too): sample, judge, log-probs of
+# pi_t and pi_0, minibatch updates with gradient accumulation under DDP, and the common metrics.
+# ---------------------------------------------------------------------------------------------------
+def sample(step, cfg, ctx, run):
+    """Step 1: this rank's share of the online batch's prompts, K responses each from pi_t: a Rollout [N]."""
     per_rank_prompts = cfg.online_batch // cfg.k // ctx.world
+    idx = prompt_indices(step, cfg.online_batch // cfg.k, len(run.task.train_prompts), cfg.seed)
+    idx = idx[ctx.rank * per_rank_prompts:(ctx.rank + 1) * per_rank_prompts]
+    return rollout.generate(run.policy, run.tok, [run.task.train_prompts[i] for i in idx], cfg.k,
+                            cfg.max_new_tokens, cfg.temperature)
+
+
+def judge_batch(run, batch):
+    """Step 2: rewards r(x, y_i) [N] (float64, NaN = invalid judgment) and the number of invalid ones."""
+    judged = run.judge(batch.prompts, batch.responses, batch.ended.tolist())
+    return torch.tensor(judged.rewards, dtype=torch.float64), judged.invalid
+
+
+def minibatch_updates(cfg, ctx, run, n_units, n_updates, micro_units, loss_fn, epochs):
+    """Optimizer steps on one online batch: per epoch, a fresh shuffle of this rank's n_units units (a
+    sequence, or a prompt's group), split into n_updates minibatches; each minibatch in micro-batches
+    of micro_units units whose gradients accumulate (DDP syncs on the last one only).
+
+    loss_fn(rows) -> (sum of the per-unit losses of units `rows`, {name: float}); the minibatch loss
+    is that sum over the minibatch size, so micro-batching never changes the gradient. Returns
+    {"loss", "grad_norm", and the mean of every reported stat}.
+    """
+    per_update = n_units // n_updates
+    losses, norms, stats = [], [], {}
+    for _ in range(epochs):
+        order = torch.randperm(n_units)
+        for u in range(n_updates):
+            rows = order[u * per_update:(u + 1) * per_update]
+            micro = [rows[i:i + micro_units] for i in range(0, len(rows), max(1, micro_units))]
+            loss_sum = 0.0
+            for j, mb in enumerate(micro):
+                with contextlib.ExitStack() as stack:
+                    if ctx.world > 1 and j < len(micro) - 1:
+                        for m in run.trained:
+                            stack.enter_context(m.no_sync())
+                    loss, info = loss_fn(mb)
+                    (loss / per_update).backward()
+                loss_sum += loss.item() / per_update
+                for k, v in info.items():
+                    stats.setdefault(k, []).append(v)
+            losses.append(loss_sum)
+            norms.append(optimizer_step(cfg, run.trained, run.opt, run.sched))
+    return {"loss": float(np.mean(losses)), "grad_norm": float(np.mean(norms)),
+            **{k: float(np.mean(v)) for k, v in stats.items()}}
+
+
+def online_metrics(step, cfg, ctx, run, batch, rewards, invalid, logp_t_tok, logp_0_tok, upd, timer, extra):
+    """The metrics every online algorithm logs, over the whole online batch (all ranks), plus `extra`
+    (already global) and every stat minibatch_updates reported (averaged over ranks) as train/<name>."""
+    g = lambda x: gather(ctx, x.to(ctx.device, torch.float64)).cpu()
+    R = g(rewards)
+    valid = ~torch.isnan(R)
+    lengths, ended = g(batch.response_mask.sum(1)), g(batch.ended)
+    kl0 = g(k3(logp_t_tok, logp_0_tok, batch.response_mask.to(logp_t_tok.device)))
+    n_invalid = g(torch.tensor([float(invalid)]))
+    names = sorted(upd)
+    means = g(torch.tensor([upd[k] for k in names])).view(ctx.world, -1).mean(0)
+    if ctx.master and (step + 1) % cfg.sample_every == 0:
+        print_samples(batch, rewards.tolist())
+    return {
+        "train/reward_mean": R[valid].mean().item(), "train/reward_std": R[valid].std(correction=0).item(),
+        "train/invalid_judgments": int(n_invalid.sum().item()),
+        **{f"train/{k}": v.item() for k, v in zip(names, means)},
+        "train/kl_pi0": kl0.mean().item(),
+        "train/response_len": lengths.mean().item(), "train/missing_eos": 1 - ended.mean().item(),
+        "train/lr": run.sched.get_last_lr()[0],
+        **extra,
+        "perf/tokens_per_s": lengths.sum().item() / max(timer["sample"], 1e-9),
+        **{f"perf/{k}_s": v for k, v in timer.items()},
+    }
+
+
+@contextlib.contextmanager
+def timed(timer, name):
+    t = time.time()
+    yield
+    timer[name] = timer.get(name, 0.0) + time.time() - t
+
+
+def dar_step(step, cfg, ctx, run):
+    """One online batch of Algorithm 1. Returns its metrics."""
     timer = {}
 
-    # 1. sample prompts x (this rank's share) and K responses each from pi_t          [N = per_rank_prompts * K]
-    t = time.time()
-    idx = prompt_indices(step, cfg.online_batch // cfg.k, len(task.train_prompts), cfg.seed)
-    idx = idx[ctx.rank * per_rank_prompts:(ctx.rank + 1) * per_rank_prompts]
-    batch = rollout.generate(policy, tok, [task.train_prompts[i] for i in idx], cfg.k,
-                             cfg.max_new_tokens, cfg.temperature)
-    timer["sample"] = time.time() - t
+    # 1. sample prompts x (this rank's share) and K responses each from pi_t          [N = prompts * K]
+    with timed(timer, "sample"):
+        batch = sample(step, cfg, ctx, run)
 
     # 2. rewards r(x, y_i) from the judge; NaN = invalid judgment                       [N]
-    t = time.time()
-    judged = judge(batch.prompts, batch.responses, batch.ended.tolist())
-    rewards = torch.tensor(judged.rewards, dtype=torch.float64)
-    timer["judge"] = time.time() - t
+    with timed(timer, "judge"):
+        rewards, invalid = judge_batch(run, batch)
 
     # 3. advantages: A_i = r_i - mean_K r (per prompt, on this rank), then batch statistics mu_A, sigma_A over
     #    the whole online batch (all ranks), so the result does not depend on the number of ranks  [N]
@@ -570,58 +745,33 @@ def dar_step(step, cfg, ctx, task, policy, ddp, ref, tok, judge, opt, sched):
     adv_mean, adv_std = advantage_stats(gather(ctx, adv.to(ctx.device)).cpu())
 
     # 4. log pi_t(y|x) and log pi_0(y|x), once per online batch: pi_t is the policy that sampled the batch
-    t = time.time()
-    logp_t_tok, logp_0_tok = score(policy, batch, cfg.micro_batch), score(ref, batch, cfg.micro_batch)  # [N, R]
-    logp_t, logp_0 = logp_t_tok.sum(1).cpu(), logp_0_tok.sum(1).cpu()                       # [N]
-    timer["logp"] = time.time() - t
+    with timed(timer, "logp"):
+        logp_t_tok, logp_0_tok = score(run.policy, batch, cfg.micro_batch), score(run.ref, batch, cfg.micro_batch)
+    logp_t, logp_0 = logp_t_tok.sum(1).cpu(), logp_0_tok.sum(1).cpu()                  # [N]
 
     # 5. weights w_i = min((pi_0/pi_t)^alpha * exp(A_norm/beta), w_clip)  (Eq. 4)        [N]
     w, parts = dar_weights(adv, logp_t, logp_0, cfg.alpha, cfg.beta, cfg.w_clip, cfg.normalize_adv,
                            adv_mean, adv_std)
 
     # 6. weighted-SFT updates: online_batch / minibatch optimizer steps per epoch, each on a random minibatch
-    t = time.time()
-    n_local = len(batch)
-    per_update = cfg.minibatch // ctx.world
-    losses, norms, kl_t = [], [], []
-    for _ in range(cfg.epochs):
-        order = torch.randperm(n_local)
-        for u in range(n_local // per_update):
-            rows = order[u * per_update:(u + 1) * per_update]
-            loss_sum = 0.0
-            micro = [rows[i:i + cfg.micro_batch] for i in range(0, len(rows), cfg.micro_batch)]
-            for j, mb in enumerate(micro):
-                sync = j == len(micro) - 1
-                with contextlib.nullcontext() if sync or ctx.world == 1 else ddp.no_sync():
-                    logp = rollout.token_logps(ddp, batch.select(mb).to(ctx.device)).sum(1)            # [n]
-                    loss, _ = dar_loss(logp, logp_t[mb], logp_0[mb], adv[mb], cfg.alpha, cfg.beta, cfg.w_clip,
-                                       cfg.normalize_adv, adv_mean, adv_std, num_seqs=per_update,
-                                       length_norm=cfg.max_new_tokens)
-                    loss.backward()
-                loss_sum += loss.item()
-                kl_t.append((logp_t[mb] - logp.detach().cpu()).mean().item())
-            losses.append(loss_sum)
-            norms.append(optimizer_step(cfg, ddp, opt, sched))
-    timer["update"] = time.time() - t
+    def loss_fn(mb):
+        logp = rollout.token_logps(run.ddp, batch.select(mb).to(ctx.device)).sum(1)             # [n]
+        loss, _ = dar_loss(logp, logp_t[mb], logp_0[mb], adv[mb], cfg.alpha, cfg.beta, cfg.w_clip,
+                           cfg.normalize_adv, adv_mean, adv_std, length_norm=cfg.max_new_tokens)
+        return loss.sum(), {"kl_pi_t": (logp_t[mb] - logp.detach().cpu()).mean().item()}
+
+    with timed(timer, "update"):
+        upd = minibatch_updates(cfg, ctx, run, len(batch), cfg.online_batch // cfg.minibatch, cfg.micro_batch,
+                                loss_fn, cfg.epochs)
 
     # 7. pi_{t+1} <- pi_theta: the next online batch samples from the updated policy (nothing to copy with the
     #    transformers backend; a vLLM backend receives the new weights here)
 
-    # metrics over the whole online batch (all ranks)
     g = lambda x: gather(ctx, x.to(ctx.device, torch.float64)).cpu()
-    R, A, W = g(rewards), g(adv), g(w)
+    A, W = g(adv), g(w)
     valid = ~torch.isnan(A)
     lw_reg, lw_adv, clipped = g(parts["log_w_reg"]), g(parts["log_w_adv"]), g(parts["clipped"].double())
-    lengths, ended = g(batch.response_mask.sum(1)), g(batch.ended)
-    kl0 = g(k3(logp_t_tok, logp_0_tok, batch.response_mask.to(logp_t_tok.device)).cpu())
-    invalid = g(torch.tensor([float(judged.invalid)]))
-    scalars = g(torch.tensor([np.mean(losses), np.mean(norms), np.mean(kl_t)]))
-    if ctx.master and (step + 1) % cfg.sample_every == 0:
-        print_samples(batch, judged.rewards)
-    n_tokens = lengths.sum().item()
-    return {
-        "train/reward_mean": R[valid].mean().item(), "train/reward_std": R[valid].std(correction=0).item(),
-        "train/invalid_judgments": int(invalid.sum().item()),
+    return online_metrics(step, cfg, ctx, run, batch, rewards, invalid, logp_t_tok, logp_0_tok, upd, timer, {
         "train/adv_mean": adv_mean, "train/adv_std": adv_std,
         "train/adv_tied_frac": (A[valid] == 0).double().mean().item(),
         "weights/w_reg_mean": lw_reg[valid].exp().mean().item(),
@@ -629,15 +779,7 @@ def dar_step(step, cfg, ctx, task, policy, ddp, ref, tok, judge, opt, sched):
         "weights/w_adv_median": lw_adv[valid].exp().median().item(),
         "weights/w_mean": W[valid].mean().item(), "weights/w_max": W[valid].max().item(),
         "weights/clip_frac": clipped[valid].mean().item(),
-        "weights/zero_frac": (W[valid] < 1e-3).double().mean().item(),
-        "train/loss": scalars.view(-1, 3)[:, 0].mean().item(),
-        "train/grad_norm": scalars.view(-1, 3)[:, 1].mean().item(),
-        "train/kl_pi0": kl0.mean().item(), "train/kl_pi_t": scalars.view(-1, 3)[:, 2].mean().item(),
-        "train/response_len": lengths.mean().item(), "train/missing_eos": 1 - ended.mean().item(),
-        "train/lr": sched.get_last_lr()[0],
-        "perf/tokens_per_s": n_tokens / max(timer["sample"], 1e-9),
-        **{f"perf/{k}_s": v for k, v in timer.items()},
-    }
+        "weights/zero_frac": (W[valid] < 1e-3).double().mean().item()})
 
 
 @torch.no_grad()
@@ -655,28 +797,24 @@ def score(model, batch, micro_batch):
     return out
 
 
-def sft_step(step, cfg, ctx, task, policy, ddp, ref, tok, judge, opt, sched):
+def sft_step(step, cfg, ctx, run):
     """Supervised fine-tuning on the task's demonstrations: the weighted-SFT loss with every w_i = 1."""
     per_rank = cfg.minibatch // ctx.world
-    idx = prompt_indices(step, cfg.minibatch, len(task.sft_data), cfg.seed)[ctx.rank * per_rank:(ctx.rank + 1) * per_rank]
-    pairs = [task.sft_data[i] for i in idx]
-    batch = rollout.from_texts(tok, [p for p, _ in pairs], [r for _, r in pairs])
-    loss_sum, nll, n_tok = 0.0, 0.0, 0
-    micro = [torch.arange(i, min(i + cfg.micro_batch, per_rank)) for i in range(0, per_rank, cfg.micro_batch)]
-    for j, mb in enumerate(micro):
+    idx = prompt_indices(step, cfg.minibatch, len(run.task.sft_data), cfg.seed)[ctx.rank * per_rank:(ctx.rank + 1) * per_rank]
+    pairs = [run.task.sft_data[i] for i in idx]
+    batch = rollout.from_texts(run.tok, [p for p, _ in pairs], [r for _, r in pairs])
+
+    def loss_fn(mb):
         part = batch.select(mb).to(ctx.device)
-        with contextlib.nullcontext() if j == len(micro) - 1 or ctx.world == 1 else ddp.no_sync():
-            logp_tok = rollout.token_logps(ddp, part)                                      # [n, R]
-            loss = weighted_sft_loss(logp_tok.sum(1), torch.ones(len(mb), device=ctx.device),
-                                     num_seqs=per_rank, length_norm=cfg.max_new_tokens)
-            loss.backward()
-        loss_sum += loss.item()
-        nll -= logp_tok.detach().sum().item()
-        n_tok += int(part.response_mask.sum())
-    norm = optimizer_step(cfg, ddp, opt, sched)
-    s = gather(ctx, torch.tensor([loss_sum, nll, n_tok, norm], dtype=torch.float64, device=ctx.device)).view(-1, 4)
+        logp_tok = rollout.token_logps(run.ddp, part)                                          # [n, R]
+        loss = weighted_sft_loss(logp_tok.sum(1), torch.ones(len(mb), device=ctx.device), cfg.max_new_tokens)
+        return loss.sum(), {"nll_sum": -logp_tok.detach().sum().item(), "tokens": part.response_mask.sum().item()}
+
+    upd = minibatch_updates(cfg, ctx, run, per_rank, 1, cfg.micro_batch, loss_fn, epochs=1)
+    s = gather(ctx, torch.tensor([upd["loss"], upd["nll_sum"], upd["tokens"], upd["grad_norm"]],
+                                 dtype=torch.float64, device=ctx.device)).view(-1, 4)
     return {"train/loss": s[:, 0].mean().item(), "train/nll_per_token": (s[:, 1].sum() / s[:, 2].sum()).item(),
-            "train/grad_norm": s[:, 3].mean().item(), "train/lr": sched.get_last_lr()[0]}
+            "train/grad_norm": s[:, 3].mean().item(), "train/lr": run.sched.get_last_lr()[0]}
 
 
 def main(argv=None):
@@ -686,10 +824,10 @@ def main(argv=None):
     ctx = setup_distributed(cfg)
     check_config(cfg, ctx.world)
     try:
-        policy, ref, tok, task = train(cfg, ctx)
-        if cfg.algo == "dar" and ctx.master:
+        run = train(cfg, ctx)
+        if cfg.algo != "sft" and ctx.master:
             from eval import compare_with_reference, print_report
-            report = compare_with_reference(policy, ref, tok, task.eval_prompts[:cfg.eval_prompts], cfg)
+            report = compare_with_reference(run.policy, run.ref, run.tok, run.task.eval_prompts[:cfg.eval_prompts], cfg)
             with open(os.path.join(cfg.out_dir, "eval.json"), "w") as f:
                 json.dump(report, f, indent=1)
             print_report(report)
@@ -700,4 +838,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    import sys
+    sys.modules.setdefault("dar", sys.modules["__main__"])  # baselines.py's `import dar` gets this module, not a copy
     main()

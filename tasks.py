@@ -25,7 +25,7 @@ TASKS = ("toy",)
 TOY_ALPHABET = "abcdefghijklmnopqrstuvwxyz"
 TOY_MIN_LEN, TOY_MAX_LEN = 3, 8
 TOY_INSTRUCTION = "reverse: "
-TOY_TRAIN_PROMPTS, TOY_EVAL_PROMPTS, TOY_SFT_EXAMPLES = 20000, 256, 30000
+TOY_TRAIN_PROMPTS, TOY_EVAL_PROMPTS, TOY_SFT_EXAMPLES, TOY_PREF_PAIRS = 20000, 256, 30000, 10000
 
 # How the sloppy demonstrator answers (probabilities sum to 1): right about half the time, otherwise
 # one of four typical mistakes. Each mistake scores below 10 under the gold rule.
@@ -137,6 +137,7 @@ class Task:
     train_prompts: list   # user messages (raw text, no chat template) to sample online batches from
     eval_prompts: list    # held out: never in train_prompts
     sft_data: list        # [(prompt, response)] demonstrations for --algo sft
+    pref_data: list       # [(prompt, chosen, rejected)] for the offline preference methods (dpo, simpo, is_dpo)
 
 
 def load_task(name):
@@ -148,5 +149,20 @@ def load_task(name):
     evals = toy_prompts(TOY_EVAL_PROMPTS, seed=2, exclude={toy_word_of(p) for p in train})
     rng = random.Random(3)
     sft = [(p, sloppy_demonstration(toy_word_of(p), rng)) for p in rng.choices(train, k=TOY_SFT_EXAMPLES)]
-    return Task(name, train, evals, sft)
+    return Task(name, train, evals, sft, toy_preferences(train, TOY_PREF_PAIRS, seed=4))
+
+
+def toy_preferences(prompts, n, seed):
+    """n preference pairs: two demonstrations of the same prompt by the sloppy demonstrator (the data pi_0
+    was fine-tuned on, so roughly pi_0's own samples, as IS-DPO assumes), ranked by the gold rule; pairs
+    that tie are drawn again."""
+    from judge import toy_gold_score
+    rng, out = random.Random(seed), []
+    while len(out) < n:
+        p = rng.choice(prompts)
+        a, b = (sloppy_demonstration(toy_word_of(p), rng) for _ in range(2))
+        ra, rb = toy_gold_score(p, a, True), toy_gold_score(p, b, True)
+        if ra != rb:
+            out.append((p, a, b) if ra > rb else (p, b, a))
+    return out
 

@@ -75,7 +75,7 @@ def test_gradient_is_minus_mean_of_w_times_grad_log_pi():
     theta = torch.randn(3, requires_grad=True, generator=g)
     adv, lt, l0 = torch.randn(6, generator=g) * 0.1, -torch.rand(6, generator=g) * 5, -torch.rand(6, generator=g) * 5
     loss, w = dar_loss(phi @ theta, lt, l0, adv, ALPHA, BETA, CLIP, normalize=True)
-    loss.backward()
+    loss.mean().backward()
     expect = -(w[:, None] * phi).mean(0)
     assert torch.allclose(theta.grad, expect, atol=1e-6)
 
@@ -85,8 +85,9 @@ def test_micro_batch_losses_add_up_to_the_minibatch_loss():
     logp, adv = -torch.rand(8, generator=g), torch.randn(8, generator=g)
     lt, l0 = -torch.rand(8, generator=g), -torch.rand(8, generator=g)
     mu, sd = advantage_stats(adv)
-    full, _ = dar_loss(logp, lt, l0, adv, adv_mean=mu, adv_std=sd, length_norm=16.0)
-    halves = sum(dar_loss(logp[s], lt[s], l0[s], adv[s], adv_mean=mu, adv_std=sd, num_seqs=8, length_norm=16.0)[0]
+    full = dar_loss(logp, lt, l0, adv, adv_mean=mu, adv_std=sd, length_norm=16.0)[0].mean()
+    # the loop's reduction: each micro-batch's sum over the minibatch size
+    halves = sum(dar_loss(logp[s], lt[s], l0[s], adv[s], adv_mean=mu, adv_std=sd, length_norm=16.0)[0].sum() / 8
                  for s in (slice(0, 4), slice(4, 8)))
     assert torch.allclose(full, halves, atol=1e-7)
 
@@ -97,7 +98,7 @@ def test_weights_carry_no_gradient():
     l0 = torch.tensor([-1.2, -2.2], requires_grad=True)
     adv = torch.tensor([0.3, -0.3], requires_grad=True)
     loss, _ = dar_loss(logp, lt, l0, adv)
-    loss.backward()
+    loss.sum().backward()
     assert logp.grad is not None
     assert lt.grad is None and l0.grad is None and adv.grad is None
 
@@ -108,8 +109,8 @@ def test_no_nan_when_all_rewards_tie():
     logp = torch.tensor([-1.0] * 8, requires_grad=True)
     lt, l0 = torch.full((8,), -1.0), torch.full((8,), -1.3)
     loss, w = dar_loss(logp, lt, l0, adv, ALPHA, BETA, CLIP, normalize=True)
-    loss.backward()
-    assert torch.isfinite(loss) and torch.isfinite(logp.grad).all()
+    loss.sum().backward()
+    assert torch.isfinite(loss).all() and torch.isfinite(logp.grad).all()
     # a tie carries no preference: w_adv = 1 and the weight is the regularisation weight alone
     assert torch.allclose(w, torch.full((8,), math.exp(ALPHA * -0.3)), rtol=1e-6)
 
@@ -120,8 +121,8 @@ def test_no_nan_or_inf_with_extreme_log_ratios():
     l0 = torch.tensor([-1.0, -1e4, -1.0, -1e4])
     logp = torch.tensor([-1.0, -2.0, -3.0, -4.0], requires_grad=True)
     loss, w = dar_loss(logp, lt, l0, adv, ALPHA, BETA, CLIP, normalize=False)
-    loss.backward()
-    assert torch.isfinite(w).all() and torch.isfinite(loss) and torch.isfinite(logp.grad).all()
+    loss.sum().backward()
+    assert torch.isfinite(w).all() and torch.isfinite(loss).all() and torch.isfinite(logp.grad).all()
     assert (w >= 0).all() and (w <= CLIP).all()
     assert w[1].item() == 0.0  # exp(-1000 - 1000) underflows to 0, not NaN
 
@@ -137,8 +138,8 @@ def test_invalid_judgments_get_zero_weight_and_are_left_out_of_normalisation():
 
 def test_sft_is_the_weighted_loss_with_unit_weights():
     logp = torch.tensor([-2.0, -4.0])
-    assert weighted_sft_loss(logp, torch.ones(2)).item() == pytest.approx(3.0)
-    assert weighted_sft_loss(logp, torch.ones(2), length_norm=2.0).item() == pytest.approx(1.5)
+    assert weighted_sft_loss(logp, torch.ones(2)).tolist() == pytest.approx([2.0, 4.0])
+    assert weighted_sft_loss(logp, torch.ones(2), length_norm=2.0).mean().item() == pytest.approx(1.5)
 
 
 def test_k3_is_zero_for_identical_policies_and_positive_otherwise():

@@ -29,7 +29,8 @@ def test_one_dar_step_changes_the_parameters(toy_cache, tmp_path):
     cfg = tiny_cfg(toy_cache, tmp_path / "run", "--steps", "1")
     _, sft = dar.toy_paths(cfg)
     before = params(dar.load_model(os.path.join(sft, "final"), cfg, torch.device("cpu")))
-    policy, ref, _, _ = dar.train(cfg, dar.Dist())
+    run = dar.train(cfg, dar.Dist())
+    policy, ref = run.policy, run.ref
     after = params(policy)
     assert any(not torch.equal(before[k], after[k]) for k in before)
     assert all(torch.equal(before[k], v) for k, v in params(ref).items())  # pi_0 stays frozen
@@ -48,7 +49,7 @@ def test_sft_reduces_nll_on_its_data(toy_cache, tmp_path):
             return -rollout.token_logps(model.eval(), batch).sum().item() / batch.response_mask.sum().item()
 
     before = nll(dar.load_model(base, cfg, torch.device("cpu")))
-    policy, _, _, _ = dar.train(cfg, dar.Dist())
+    policy = dar.train(cfg, dar.Dist()).policy
     assert nll(policy) < before - 0.5, "15 SFT steps at lr 1e-3 should cut the per-token NLL of random init"
 
 
@@ -171,7 +172,8 @@ def test_pi_t_logps_are_computed_once_before_the_updates_and_reused(toy_cache, t
 
     monkeypatch.setattr(dar, "score", score)
     monkeypatch.setattr(dar, "dar_loss", loss)
-    policy, ref, _, _ = dar.train(cfg, dar.Dist())
+    run = dar.train(cfg, dar.Dist())
+    policy, ref = run.policy, run.ref
     assert len(calls) == 2 and calls[0][0] is policy and calls[1][0] is ref  # pi_t and pi_0, once each
     assert len(seen) == 4  # 2 optimizer steps x 2 micro-batches of 8
     logp_t_before_updates = calls[0][2]
@@ -185,7 +187,7 @@ def test_pi_t_logps_are_computed_once_before_the_updates_and_reused(toy_cache, t
 def test_warmup_then_constant_learning_rate():
     cfg = dar.parse_config(["--lr", "1e-3", "--warmup-steps", "15"])
     model = torch.nn.Linear(2, 1)
-    opt, sched = dar.optimizer_and_schedule(cfg, model)
+    opt, sched = dar.optimizer_and_schedule(cfg, [model])
     lrs = []
     for _ in range(20):
         lrs.append(sched.get_last_lr()[0])

@@ -1,0 +1,472 @@
+"""Baselines: every method the DAR paper compares with (and IS-DPO), as losses for dar.py's online loop.
+
+    python dar.py --algo grpo                        # any name below, with the paper's hyperparameters
+    torchrun --nproc_per_node 2 dar.py --algo ppo    # the same sampling, judging, logging, checkpoints, DDP
+
+Each algorithm is one loss function headed by the equation it implements, and one step function that
+follows the same numbered steps as dar.dar_step (sample, judge, log-probs, advantages, updates); the
+plumbing (sampling, judging, minibatch updates, metrics) lives once in dar.py. Per-algorithm defaults
+(Appendix B.3, Table 5) are dar.ALGO_DEFAULTS.
+
+  RL with a value model   ppo, dual_ppo, dual_ppo_clip, dual_mix_ppo   token-level rewards, GAE, Eq. 2
+  RL without a critic     dao, dao_ppo, rloo, grpo                      K samples per prompt as the baseline
+  filtered SFT            iter_sft                                      SFT on the best of K
+  online direct alignment online_dpo, ipo, slic                         best vs. worst of K, by the judge
+  offline direct align.   dpo, simpo, is_dpo                            a fixed preference data set
+
+Notation as in dar.py: logp = log pi_theta(y|x) (with gradient), logp_t = log pi_t (the policy that sampled
+the batch), logp_0 = log pi_0 (the frozen initial policy), all token sums [N] unless named *_tok [N, R]
+(per response token, 0 past the end); mask [N, R] marks response tokens. Every loss returns one term per
+sequence (or per pair); the objective is their mean, and the loop divides a minibatch's sum by its size.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+
+import dar
+import rollout
+
+
+def masked_mean(x, mask):
+    """Mean over each sequence's response tokens: [N, R] -> [N] (the 1/|y| sum_i of Eq. 2)."""
+    return (x * mask).sum(1) / mask.sum(1).clamp(min=1)
+
+
+# ---------------------------------------------------------------------------------------------------
+# RL with a value model: PPO (Section 3, Eq. 2) and the dual-KL variants (Section 4.1, Appendix B.3, C.4)
+# ---------------------------------------------------------------------------------------------------
+def add_score_at_end(token_rewards, score, mask):
+    """The sequence reward r(x, y) lands on the last response token (EOS, or the last one of a cut
+    response): scalar reward at the end of the sequence (Appendix B.3, following Xu et al. 2024). [N, R]"""
+    last = mask.sum(1).long().clamp(min=1) - 1
+    out = token_rewards.clone()
+    out[torch.arange(len(score)), last] += score.to(out.dtype)
+    return out
+
+
+def ppo_rewards(score, logp_t_tok, logp_0_tok, mask, beta):
+    """r_i = -beta log(pi_t(y_i|x, y_<i) / pi_0(y_i|x, y_<i)), plus r(x, y) at the last token  (Section 3)
+
+    The reference regularisation of Eq. 1 as token-level reward shaping; pi_t is the sampling policy, so
+    these rewards are fixed for the whole online batch. [N, R]
+    """
+    return add_score_at_end(-beta * (logp_t_tok - logp_0_tok) * mask, score, mask)
+
+
+def dual_ppo_rewards(score, logp_tok, logp_t_tok, logp_0_tok, mask, alpha, beta):
+    """r_i = -beta (alpha log(pi/pi_0) + (1 - alpha) log(pi/pi_t)) per token, plus r(x, y) at the end
+    (Appendix B.3; Eq. 3's dual-KL penalty, token by token).
+
+    pi is the policy being trained, so the (1 - alpha) term is 0 when an online batch's first update
+    starts (pi = pi_t) and grows as pi_theta moves away from pi_t within the batch: the step recomputes
+    these rewards at every update, and that term, not ratio clipping, is what keeps Dual-PPO stable.
+    Summed over tokens the penalty is the sequence-level beta (alpha log pi/pi_0 + (1 - alpha) log pi/pi_t),
+    whose expectation under pi is the dual-KL penalty of Eq. 3 (tests/test_theory.py). [N, R]
+    """
+    kl = alpha * (logp_tok - logp_0_tok) + (1 - alpha) * (logp_tok - logp_t_tok)
+    return add_score_at_end(-beta * kl * mask, score, mask)
+
+
+def dual_mix_ppo_rewards(score, logp_tok, logp_t_tok, logp_0_tok, mask, alpha, beta):
+    """r_i = -beta (alpha log(pi/pi_0) + (1 - alpha) (pi_t/pi) log(pi_t/pi)) per token, plus r(x, y)
+    (Eq. 9, Appendix C.4): the stability term is the forward KL(pi_t || pi), importance-weighted to
+    samples from pi. pi is the policy being trained, as in dual_ppo_rewards. [N, R]"""
+    log_r = logp_t_tok - logp_tok                                            # log(pi_t / pi)  [N, R]
+    kl = alpha * (logp_tok - logp_0_tok) + (1 - alpha) * log_r.exp() * log_r
+    return add_score_at_end(-beta * kl * mask, score, mask)
+
+
+def gae(token_rewards, values, mask, gamma, lam):
+    """Generalised advantage estimation (Schulman et al. 2016), without a per-token Python loop:
+
+        delta_i = r_i + gamma V_{i+1} - V_i   (V past the last response token = 0: the episode ends)
+        A_i = sum_{l >= 0} (gamma lam)^l delta_{i+l},   returns_i = A_i + V_i
+
+    token_rewards, values, mask: [N, R]. The sum is one product with an upper-triangular [R, R] matrix of
+    powers of gamma*lam. Returns (A, returns), both [N, R], 0 past the end.
+    """
+    values = values * mask
+    next_values = torch.cat([values[:, 1:], torch.zeros_like(values[:, :1])], 1)
+    delta = (token_rewards + gamma * next_values - values) * mask                      # [N, R]
+    R = delta.shape[1]
+    steps = torch.arange(R, device=delta.device)
+    ahead = steps[None, :] - steps[:, None]                                            # [R, R]: j - i
+    discount = torch.where(ahead >= 0, (gamma * lam) ** ahead.clamp(min=0).double(), 0.0)
+    adv = (delta.double() @ discount.T).to(delta.dtype) * mask                          # [N, R]
+    return adv, (adv + values) * mask
+
+
+def ppo_policy_loss(logp_tok, logp_t_tok, adv_tok, mask, clip_eps):
+    """-(1/|y|) sum_i min(rho_i A_i, clip(rho_i, 1 - eps, 1 + eps) A_i),  rho_i = pi_theta / pi_t per token
+    (Eq. 2; Schulman et al. 2017). clip_eps = inf switches clipping off (Dual-PPO). [N]"""
+    ratio = (logp_tok - logp_t_tok).exp()
+    clipped = ratio.clamp(1 - clip_eps, 1 + clip_eps)
+    return masked_mean(-torch.min(ratio * adv_tok, clipped * adv_tok), mask)
+
+
+def value_loss(values, values_old, returns, mask, value_clip):
+    """(1/|y|) sum_i 1/2 max((V_i - R_i)^2, (V_old_i + clip(V_i - V_old_i, +-c) - R_i)^2): the clipped value
+    loss of PPO as in TRL (Appendix B.3: "a clip range of 0.2, including on the value"). [N]"""
+    v_clipped = values_old + (values - values_old).clamp(-value_clip, value_clip)
+    return masked_mean(0.5 * torch.max((values - returns) ** 2, (v_clipped - returns) ** 2), mask)
+
+
+def token_values(value_model, batch):
+    """V(x, y_<i) for every response token i: the value head read at the position before y_i. [N, R]"""
+    ids, mask, P, R = batch.input_ids, batch.attention_mask, batch.prompt_len, batch.response_mask.shape[1]
+    position_ids = (mask.cumsum(1) - 1).clamp(min=0)
+    v = value_model(input_ids=ids, attention_mask=mask, position_ids=position_ids).logits[:, P - 1:P - 1 + R, 0]
+    return v.float() * batch.response_mask
+
+
+# ---------------------------------------------------------------------------------------------------
+# RL from K samples per prompt, no critic: DAO (Appendix A.4), RLOO, GRPO
+# ---------------------------------------------------------------------------------------------------
+def dao_loss(logp, logp_t, logp_0, adv, alpha, beta, length_norm=1.0):
+    """-(A - beta log(pi_theta / (pi_0^alpha pi_t^(1-alpha)))) log pi_theta(y|x), the bracket held constant:
+    the REINFORCE-style DAO of Appendix A.4, whose expected gradient under y ~ pi_theta is the exact gradient
+    of the dual-KL objective J (Eq. 3, via Proposition 4.1; tests/test_theory.py checks it). [N]"""
+    penalty = logp.detach() - alpha * logp_0 - (1 - alpha) * logp_t          # log pi / (pi_0^a pi_t^(1-a))  [N]
+    return -(adv - beta * penalty).detach() * logp / length_norm
+
+
+def dao_ppo_loss(logp, logp_t, logp_0, adv, alpha, beta, length_norm=1.0):
+    """-[rho A - beta rho log(pi_theta / (pi_0^alpha pi_t^(1-alpha)))],  rho = pi_theta(y|x) / pi_t(y|x):
+    the PPO-style (importance-sampled) DAO of Appendix A.4, samples from pi_t, no clipping; gradients
+    flow through rho and the log term. [N]"""
+    rho = (logp - logp_t).exp()
+    return -(rho * adv - beta * rho * (logp - alpha * logp_0 - (1 - alpha) * logp_t)) / length_norm
+
+
+def kl_penalised_rewards(rewards, logp_t, logp_0, beta):
+    """r(x, y) - beta log(pi_t(y|x) / pi_0(y|x)): the sequence-level KL-regularised reward of RLOO (as in
+    TRL's RLOO trainer; Ahmadian et al. 2024). [N]"""
+    return rewards - beta * (logp_t - logp_0).to(rewards.dtype)
+
+
+def rloo_advantages(rewards, k):
+    """A_i = r_i - 1/(K-1) sum_{j != i} r_j: the leave-one-out baseline of RLOO (Ahmadian et al. 2024,
+    Eq. 5). rewards [B*K], NaN = invalid (left out of every baseline, A = NaN). [B*K]"""
+    r = rewards.view(-1, k)
+    valid = ~torch.isnan(r)
+    total, count = torch.where(valid, r, 0.0).sum(1, keepdim=True), valid.sum(1, keepdim=True)
+    baseline = (total - torch.where(valid, r, 0.0)) / (count - 1).clamp(min=1)
+    return torch.where(valid & (count > 1), r - baseline, math.nan).view(-1)
+
+
+def rloo_loss(logp, adv, length_norm=1.0):
+    """-A_i log pi_theta(y_i|x): REINFORCE with the leave-one-out baseline (Ahmadian et al. 2024). [N]"""
+    return -adv.detach() * logp / length_norm
+
+
+def grpo_advantages(rewards, k, eps=1e-4):
+    """A_i = (r_i - mean_K r) / (std_K r + eps): group-normalised advantages (Shao et al. 2024, Section
+    4.1.2), the sample std over the valid responses of a prompt. [B*K], NaN where undefined."""
+    r = rewards.view(-1, k)
+    valid = ~torch.isnan(r)
+    count = valid.sum(1, keepdim=True)
+    mean = torch.where(valid, r, 0.0).sum(1, keepdim=True) / count.clamp(min=1)
+    var = torch.where(valid, (r - mean) ** 2, 0.0).sum(1, keepdim=True) / (count - 1).clamp(min=1)
+    return torch.where(valid & (count > 1), (r - mean) / (var.sqrt() + eps), math.nan).view(-1)
+
+
+def grpo_loss(logp_tok, logp_t_tok, logp_0_tok, adv, mask, clip_eps, beta):
+    """(1/|y|) sum_i [ -min(rho_i A, clip(rho_i, 1 +- eps) A) + beta k3_i(pi_theta, pi_0) ]   (Shao et al. 2024,
+    Eq. 3), k3_i = pi_0/pi_theta - log(pi_0/pi_theta) - 1 per token, with gradient through pi_theta.
+
+    Token aggregation: the mean over each response's tokens, then over responses (the original GRPO;
+    Dr. GRPO and DAPO divide by a constant or by the batch's token count instead). adv: [N] per sequence. [N]
+    """
+    d = logp_0_tok - logp_tok
+    k3_tok = d.exp() - d - 1
+    return ppo_policy_loss(logp_tok, logp_t_tok, adv[:, None].to(logp_tok.dtype), mask, clip_eps) + \
+        beta * masked_mean(k3_tok, mask)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Filtered SFT and direct alignment from preferences
+# ---------------------------------------------------------------------------------------------------
+def best_of_k(rewards, k):
+    """Index (into [B*K]) of each prompt's highest-reward response (first on ties), and whether the prompt
+    has any valid judgment: iterative SFT trains on these (Appendix B.3). ([B], [B] bool)"""
+    r = rewards.view(-1, k)
+    best = torch.where(torch.isnan(r), -math.inf, r).argmax(1)
+    return torch.arange(len(r)) * k + best, (~torch.isnan(r)).any(1)
+
+
+def preference_pairs(rewards, k):
+    """(chosen, rejected) per prompt: the highest- and lowest-reward of its K responses (the judge's ranking),
+    and whether they differ (a tie or fewer than 2 valid judgments carries no preference). ([B], [B], [B])"""
+    r = rewards.view(-1, k)
+    nan = torch.isnan(r)
+    hi, lo = torch.where(nan, -math.inf, r), torch.where(nan, math.inf, r)
+    chosen, rejected = hi.argmax(1), lo.argmin(1)
+    rows = torch.arange(len(r))
+    has_pref = hi[rows, chosen] > lo[rows, rejected]
+    return rows * k + chosen, rows * k + rejected, has_pref
+
+
+def dpo_loss(logp_w, logp_l, ref_w, ref_l, beta):
+    """-log sigma(beta h),  h = log(pi_theta(y_w)/pi_0(y_w)) - log(pi_theta(y_l)/pi_0(y_l))
+    (Rafailov et al. 2023, Eq. 7; online DPO samples the pair from pi_t, Guo et al. 2024). [P]"""
+    h = (logp_w - ref_w) - (logp_l - ref_l)
+    return -F.logsigmoid(beta * h)
+
+
+def ipo_loss(logp_w, logp_l, ref_w, ref_l, beta):
+    """(h - 1/(2 tau))^2 with tau = beta, h as in dpo_loss (Azar et al. 2023, Eq. 17). [P]"""
+    h = (logp_w - ref_w) - (logp_l - ref_l)
+    return (h - 1 / (2 * beta)) ** 2
+
+
+def slic_loss(logp_w, logp_l, ref_w, ref_l, beta):
+    """max(0, 1 - beta h), h as in dpo_loss: the hinge (calibration) loss of SLiC-HF (Zhao et al. 2023) on
+    log-ratios to pi_0, the form used by Guo et al. 2024 and TRL's "hinge" loss (margin 1/beta). [P]"""
+    h = (logp_w - ref_w) - (logp_l - ref_l)
+    return torch.relu(1 - beta * h)
+
+
+def simpo_loss(logp_w, logp_l, len_w, len_l, beta, gamma):
+    """-log sigma(beta/|y_w| log pi_theta(y_w) - beta/|y_l| log pi_theta(y_l) - gamma)
+    (Meng et al. 2024, Eq. 6): length-normalised, no reference model, target margin gamma. [P]"""
+    return -F.logsigmoid(beta * logp_w / len_w - beta * logp_l / len_l - gamma)
+
+
+def is_weights(logp_w, logp_l, ref_w, ref_l, clip):
+    """rho = min(pi_theta(y_w|x) pi_theta(y_l|x) / (pi_0(y_w|x) pi_0(y_l|x)), clip), held constant.
+
+    The importance ratio of the IS-DPO appendix (Theorem 1): pairs in the data set were drawn from pi_ref,
+    here pi_0 (the SFT policy, standing in for the data's behaviour policy), and the online objective is
+    under pairs from the current pi_theta. The ratio is of whole sequences (token sums) of both responses
+    of the pair, computed in log space, clipped from above at `clip` (against the variance of importance
+    sampling), and detached: it reweights the loss, it is not differentiated. [P]
+    """
+    log_rho = ((logp_w + logp_l) - (ref_w + ref_l)).detach()
+    return log_rho.clamp(max=math.log(clip)).exp()
+
+
+def is_dpo_loss(logp_w, logp_l, ref_w, ref_l, beta, clip):
+    """rho * (-log sigma(beta h)): DPO importance-weighted towards the current policy's own pairs (IS-DPO
+    appendix, Theorem 1: unbiased for online DPO when clip = inf). [P]"""
+    return is_weights(logp_w, logp_l, ref_w, ref_l, clip) * dpo_loss(logp_w, logp_l, ref_w, ref_l, beta)
+
+
+PAIR_LOSSES = {"online_dpo": dpo_loss, "ipo": ipo_loss, "slic": slic_loss, "dpo": dpo_loss}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Step functions: one online batch (or, offline, one minibatch of the data set) each, numbered like
+# dar.dar_step. They return the metrics dar.train logs.
+# ---------------------------------------------------------------------------------------------------
+def sample_judge_score(step, cfg, ctx, run, timer):
+    """Steps 1, 2 and the log-probs of every online algorithm: the Rollout, rewards [N] (NaN = invalid),
+    the invalid count, and log pi_t, log pi_0 per token [N, R] (once per online batch, before any update)."""
+    with dar.timed(timer, "sample"):
+        batch = dar.sample(step, cfg, ctx, run)                                       # 1. y ~ pi_t   [N]
+    with dar.timed(timer, "judge"):
+        rewards, invalid = dar.judge_batch(run, batch)                                # 2. r(x, y)    [N]
+    with dar.timed(timer, "logp"):
+        logp_t_tok = dar.score(run.policy, batch, cfg.micro_batch)                    # 3. [N, R]
+        logp_0_tok = dar.score(run.ref, batch, cfg.micro_batch)
+    return batch, rewards, invalid, logp_t_tok, logp_0_tok
+
+
+def ppo_step(step, cfg, ctx, run):
+    """PPO and its dual-KL variants: token-level shaped rewards, a value model, GAE, clipped updates."""
+    timer = {}
+    batch, rewards, invalid, logp_t_tok, logp_0_tok = sample_judge_score(step, cfg, ctx, run, timer)
+    dev, mask = ctx.device, batch.response_mask.to(ctx.device).float()
+
+    # 2b. the score of a response that never emitted EOS is lowered (TRL's missing_eos_penalty); an invalid
+    #     judgment (NaN) leaves its sequence out of the loss
+    score = (rewards - cfg.missing_eos_penalty * (~batch.ended).double()).to(dev)
+    valid = ~torch.isnan(score)
+    score = torch.nan_to_num(score)
+
+    # 3b. V_old(x, y_<i) of the value model at sampling time                              [N, R]
+    with dar.timed(timer, "logp"), torch.no_grad():
+        values_old = torch.zeros_like(logp_t_tok)
+        for i in range(0, len(batch), cfg.micro_batch):
+            rows = torch.arange(i, min(i + cfg.micro_batch, len(batch)))
+            part = batch.select(rows).to(dev)
+            values_old[rows, :part.response_mask.shape[1]] = token_values(run.value, part)
+
+    # 4. token rewards as a function of the trained policy's log-probs (only the dual variants use them),
+    #    GAE, and whitening statistics of the advantages at sampling time (pi = pi_t), over all ranks
+    def shaped(rows, logp_tok, R):
+        s, m, lt, l0 = score[rows], mask[rows, :R], logp_t_tok[rows, :R], logp_0_tok[rows, :R]
+        if cfg.algo == "ppo":
+            return ppo_rewards(s, lt, l0, m, cfg.beta)
+        fn = dual_mix_ppo_rewards if cfg.algo == "dual_mix_ppo" else dual_ppo_rewards
+        return fn(s, logp_tok, lt, l0, m, cfg.alpha, cfg.beta)
+
+    all_rows = torch.arange(len(batch))
+    adv0, _ = gae(shaped(all_rows, logp_t_tok, mask.shape[1]), values_old, mask, cfg.gamma, cfg.gae_lambda)
+    tok_valid = mask.bool() & valid[:, None]
+    moments = dar.gather(ctx, torch.stack([adv0[tok_valid].sum(), (adv0[tok_valid] ** 2).sum(),
+                                           tok_valid.sum().float()]).double()).view(-1, 3).sum(0)
+    adv_mean = (moments[0] / moments[2]).item()
+    adv_std = (moments[1] / moments[2] - adv_mean ** 2).clamp(min=0).sqrt().item()
+
+    # 5. updates: per micro-batch, rewards from the current pi (detached), GAE, whitened advantages,
+    #    clipped policy loss (Eq. 2) + vf_coef x clipped value loss
+    def loss_fn(mb):
+        part = batch.select(mb).to(dev)
+        R = part.response_mask.shape[1]
+        m = mask[mb, :R]
+        logp_tok = rollout.token_logps(run.ddp, part)                                       # [n, R]
+        values = token_values(run.value_ddp, part)                                           # [n, R]
+        adv, returns = gae(shaped(mb, logp_tok.detach(), R), values_old[mb, :R], m, cfg.gamma, cfg.gae_lambda)
+        adv = (adv - adv_mean) / (adv_std + 1e-8)
+        pg = ppo_policy_loss(logp_tok, logp_t_tok[mb, :R], adv, m, cfg.clip_eps)
+        vf = value_loss(values, values_old[mb, :R], returns, m, cfg.value_clip)
+        loss = torch.where(valid[mb], pg + cfg.vf_coef * vf, 0.0)
+        ratio = (logp_tok.detach() - logp_t_tok[mb, :R]).exp()
+        return loss.sum(), {"policy_loss": pg.mean().item(), "value_loss": vf.mean().item(),
+                            "ratio_clip_frac": masked_mean(((ratio - 1).abs() > cfg.clip_eps).float(), m).mean().item(),
+                            "kl_pi_t": (logp_t_tok[mb, :R] - logp_tok.detach()).sum(1).mean().item()}
+
+    with dar.timed(timer, "update"):
+        upd = dar.minibatch_updates(cfg, ctx, run, len(batch), cfg.online_batch // cfg.minibatch, cfg.micro_batch,
+                                    loss_fn, cfg.epochs)
+    return dar.online_metrics(step, cfg, ctx, run, batch, rewards, invalid, logp_t_tok, logp_0_tok, upd, timer,
+                              {"train/adv_mean": adv_mean, "train/adv_std": adv_std})
+
+
+def sequence_step(step, cfg, ctx, run):
+    """DAO (both forms), RLOO and GRPO: K samples per prompt, per-sequence advantages, no value model."""
+    timer = {}
+    batch, rewards, invalid, logp_t_tok, logp_0_tok = sample_judge_score(step, cfg, ctx, run, timer)
+    logp_t, logp_0 = logp_t_tok.sum(1).cpu(), logp_0_tok.sum(1).cpu()                      # [N]
+    mask = batch.response_mask.float()
+
+    # 4. advantages                                                                         [N]
+    if cfg.algo == "rloo":
+        adv = rloo_advantages(kl_penalised_rewards(rewards, logp_t, logp_0, cfg.beta), cfg.k)
+    elif cfg.algo == "grpo":
+        adv = grpo_advantages(rewards, cfg.k)
+    else:  # DAO: DAR's Monte-Carlo advantage and batch normalisation (Algorithm 1)
+        adv = dar.group_advantages(rewards, cfg.k)
+        if cfg.normalize_adv:
+            mu, sigma = dar.advantage_stats(dar.gather(ctx, adv.to(ctx.device)).cpu())
+            adv = (adv - mu) / (sigma + 1e-8)
+    valid = ~torch.isnan(adv)
+    adv = torch.nan_to_num(adv).float()                       # invalid: A = 0, and masked out of the loss below
+
+    # 5. updates
+    def loss_fn(mb):
+        part = batch.select(mb).to(ctx.device)
+        R = part.response_mask.shape[1]
+        logp_tok = rollout.token_logps(run.ddp, part)                                       # [n, R]
+        logp = logp_tok.sum(1)
+        a, lt, l0 = adv[mb].to(logp.device), logp_t[mb].to(logp.device), logp_0[mb].to(logp.device)
+        if cfg.algo == "grpo":
+            loss = grpo_loss(logp_tok, logp_t_tok[mb, :R], logp_0_tok[mb, :R], a, mask[mb, :R].to(logp.device),
+                             cfg.clip_eps, cfg.beta)
+        elif cfg.algo == "rloo":
+            loss = rloo_loss(logp, a, cfg.max_new_tokens)
+        elif cfg.algo == "dao":
+            loss = dao_loss(logp, lt, l0, a, cfg.alpha, cfg.beta, cfg.max_new_tokens)
+        else:
+            loss = dao_ppo_loss(logp, lt, l0, a, cfg.alpha, cfg.beta, cfg.max_new_tokens)
+        loss = torch.where(valid[mb].to(logp.device), loss, 0.0)
+        return loss.sum(), {"kl_pi_t": (lt - logp.detach()).mean().item()}
+
+    with dar.timed(timer, "update"):
+        upd = dar.minibatch_updates(cfg, ctx, run, len(batch), cfg.online_batch // cfg.minibatch, cfg.micro_batch,
+                                    loss_fn, cfg.epochs)
+    A = dar.gather(ctx, torch.where(valid, adv.double(), math.nan).to(ctx.device)).cpu()
+    A = A[~torch.isnan(A)]
+    return dar.online_metrics(step, cfg, ctx, run, batch, rewards, invalid, logp_t_tok, logp_0_tok, upd, timer,
+                              {"train/adv_abs_mean": A.abs().mean().item(),
+                               "train/adv_zero_frac": (A == 0).double().mean().item()})
+
+
+def iter_sft_step(step, cfg, ctx, run):
+    """Iterative SFT: the best of K responses per prompt, one SFT update per online batch (Appendix B.3)."""
+    timer = {}
+    batch, rewards, invalid, logp_t_tok, logp_0_tok = sample_judge_score(step, cfg, ctx, run, timer)
+
+    # 4. the best response of each prompt                                                    [B]
+    best, has_valid = best_of_k(rewards, cfg.k)
+
+    # 5. one optimizer step: SFT (weight 1) on the B best responses, micro-batched
+    def loss_fn(mb):
+        logp = rollout.token_logps(run.ddp, batch.select(best[mb]).to(ctx.device)).sum(1)
+        return dar.weighted_sft_loss(logp, has_valid[mb].float().to(logp.device), cfg.max_new_tokens).sum(), {}
+
+    with dar.timed(timer, "update"):
+        upd = dar.minibatch_updates(cfg, ctx, run, len(best), 1, cfg.micro_batch, loss_fn, epochs=1)
+    best_r = dar.gather(ctx, rewards[best].to(ctx.device)).cpu()
+    return dar.online_metrics(step, cfg, ctx, run, batch, rewards, invalid, logp_t_tok, logp_0_tok, upd, timer,
+                              {"train/best_reward_mean": best_r[~torch.isnan(best_r)].mean().item()})
+
+
+def pair_step(step, cfg, ctx, run):
+    """Online DPO, IPO, SLiC: the judge ranks each prompt's K samples; best vs. worst form the pair."""
+    timer = {}
+    batch, rewards, invalid, logp_t_tok, logp_0_tok = sample_judge_score(step, cfg, ctx, run, timer)
+    logp_0 = logp_0_tok.sum(1)                                                              # [N]
+
+    # 4. pairs (y_w, y_l) per prompt                                                         [B]
+    chosen, rejected, has_pref = preference_pairs(rewards, cfg.k)
+    loss_of = PAIR_LOSSES[cfg.algo]
+
+    # 5. updates on pairs; a prompt without a preference (tie, invalid) contributes 0
+    def loss_fn(mb):
+        n = len(mb)
+        logp = rollout.token_logps(run.ddp, batch.select(torch.cat([chosen[mb], rejected[mb]])).to(ctx.device)).sum(1)
+        lw, ll = logp[:n], logp[n:]
+        rw, rl = logp_0[chosen[mb]].to(lw.device), logp_0[rejected[mb]].to(lw.device)
+        loss = torch.where(has_pref[mb].to(lw.device), loss_of(lw, ll, rw, rl, cfg.beta), 0.0)
+        return loss.sum(), {"margin": ((lw - rw) - (ll - rl)).detach()[has_pref[mb]].mean().item()
+                            if has_pref[mb].any() else 0.0}
+
+    with dar.timed(timer, "update"):
+        upd = dar.minibatch_updates(cfg, ctx, run, len(chosen), cfg.online_batch // cfg.minibatch,
+                                    max(1, cfg.micro_batch // 2), loss_fn, cfg.epochs)
+    pref = dar.gather(ctx, has_pref.double().to(ctx.device)).cpu()
+    return dar.online_metrics(step, cfg, ctx, run, batch, rewards, invalid, logp_t_tok, logp_0_tok, upd, timer,
+                              {"pairs/with_preference_frac": pref.mean().item()})
+
+
+def offline_pair_step(step, cfg, ctx, run):
+    """Offline DPO, SimPO, IS-DPO: one optimizer step on a minibatch of the task's preference data set."""
+    per_rank = cfg.minibatch // 2 // ctx.world                                 # pairs on this rank
+    data = run.task.pref_data
+    idx = dar.prompt_indices(step, cfg.minibatch // 2, len(data), cfg.seed)[ctx.rank * per_rank:(ctx.rank + 1) * per_rank]
+    prompts, chosen, rejected = zip(*(data[i] for i in idx))
+    # rows 0..n-1 hold y_w, rows n..2n-1 hold y_l of the same prompts
+    batch = rollout.from_texts(run.tok, list(prompts) * 2, list(chosen) + list(rejected))
+    ref = dar.score(run.ref, batch, cfg.micro_batch).sum(1)                                # log pi_0  [2n]
+    lengths = batch.response_mask.sum(1).float()
+
+    def loss_fn(mb):
+        rows = torch.cat([mb, mb + per_rank])
+        logp = rollout.token_logps(run.ddp, batch.select(rows).to(ctx.device)).sum(1)
+        n = len(mb)
+        lw, ll, rw, rl = logp[:n], logp[n:], ref[mb].to(logp.device), ref[mb + per_rank].to(logp.device)
+        if cfg.algo == "simpo":
+            loss = simpo_loss(lw, ll, lengths[mb].to(lw.device), lengths[mb + per_rank].to(lw.device),
+                              cfg.beta, cfg.simpo_gamma)
+        elif cfg.algo == "is_dpo":
+            loss = is_dpo_loss(lw, ll, rw, rl, cfg.beta, cfg.is_clip)
+        else:
+            loss = dpo_loss(lw, ll, rw, rl, cfg.beta)
+        margin = ((lw - rw) - (ll - rl)).detach()
+        return loss.sum(), {"margin": margin.mean().item(), "pair_accuracy": (margin > 0).float().mean().item(),
+                            "is_weight": is_weights(lw, ll, rw, rl, cfg.is_clip).mean().item()}
+
+    upd = dar.minibatch_updates(cfg, ctx, run, per_rank, 1, max(1, cfg.micro_batch // 2), loss_fn, epochs=1)
+    names = sorted(upd)
+    means = dar.gather(ctx, torch.tensor([upd[k] for k in names], dtype=torch.float64, device=ctx.device))
+    means = means.view(ctx.world, -1).mean(0)
+    return {**{f"train/{k}": v.item() for k, v in zip(names, means)}, "train/lr": run.sched.get_last_lr()[0]}
+
+
+STEPS = {"ppo": ppo_step, "dual_ppo": ppo_step, "dual_ppo_clip": ppo_step, "dual_mix_ppo": ppo_step,
+         "dao": sequence_step, "dao_ppo": sequence_step, "rloo": sequence_step, "grpo": sequence_step,
+         "iter_sft": iter_sft_step,
+         "online_dpo": pair_step, "ipo": pair_step, "slic": pair_step,
+         "dpo": offline_pair_step, "simpo": offline_pair_step, "is_dpo": offline_pair_step}

@@ -1,0 +1,247 @@
+"""Every baseline loss of baselines.py against a hand computation on small tensors (values and gradients),
+and every algorithm training for a few online batches on the toy task through dar.train."""
+import json
+import math
+import os
+
+import pytest
+import torch
+
+import baselines as B
+import dar
+from conftest import TINY
+
+T = torch.tensor
+
+
+def grad_of(f, x):
+    x = x.clone().requires_grad_(True)
+    f(x).sum().backward()
+    return x.grad
+
+
+# ---------------------------------------------------------------------------------------------------
+# PPO family
+# ---------------------------------------------------------------------------------------------------
+MASK = T([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])      # responses of 3 and 2 tokens
+
+
+def test_ppo_rewards_put_the_score_on_the_last_token_and_the_kl_on_every_token():
+    lt, l0 = T([[-1.0, -2.0, -0.5], [-0.3, -0.1, 0.0]]), T([[-1.5, -1.0, -0.5], [-0.2, -0.6, -9.0]])
+    r = B.ppo_rewards(T([5.0, 2.0]), lt, l0, MASK, beta=0.1)
+    expect = T([[-0.1 * 0.5, -0.1 * -1.0, 0.0 + 5.0], [-0.1 * -0.1, -0.1 * 0.5 + 2.0, 0.0]])
+    assert torch.allclose(r, expect, atol=1e-6)
+
+
+def test_dual_ppo_rewards_by_hand_and_summed_over_tokens():
+    lp, lt, l0 = T([[-1.0, -2.0, -0.5]]), T([[-1.2, -1.5, -0.5]]), T([[-0.7, -3.0, -1.0]])
+    alpha, beta, m = 0.3, 0.02, T([[1.0, 1.0, 1.0]])
+    r = B.dual_ppo_rewards(T([4.0]), lp, lt, l0, m, alpha, beta)
+    per_tok = [-beta * (alpha * (a - c) + (1 - alpha) * (a - b)) for a, b, c in zip(lp[0], lt[0], l0[0])]
+    assert torch.allclose(r[0], T(per_tok) + T([0.0, 0.0, 4.0]), atol=1e-6)
+    seq = 4.0 - beta * (alpha * (lp.sum() - l0.sum()) + (1 - alpha) * (lp.sum() - lt.sum()))
+    assert r.sum().item() == pytest.approx(seq.item(), abs=1e-6)
+    # with pi = pi_t (the first update of a batch) the stability term vanishes: PPO's reward with alpha*beta
+    assert torch.allclose(B.dual_ppo_rewards(T([4.0]), lt, lt, l0, m, alpha, beta),
+                          B.ppo_rewards(T([4.0]), lt, l0, m, alpha * beta), atol=1e-7)
+
+
+def test_dual_mix_ppo_rewards_use_the_forward_kl_term_of_eq9():
+    lp, lt, l0 = T([[-1.0, -2.0]]), T([[-1.5, -1.0]]), T([[-0.5, -2.5]])
+    alpha, beta, m = 0.3, 0.02, T([[1.0, 1.0]])
+    r = B.dual_mix_ppo_rewards(T([1.0]), lp, lt, l0, m, alpha, beta)
+    expect = [-beta * (alpha * (a - c) + (1 - alpha) * math.exp(b - a) * (b - a)) for a, b, c in zip(lp[0], lt[0], l0[0])]
+    assert torch.allclose(r[0], T(expect) + T([0.0, 1.0]), atol=1e-6)
+
+
+def gae_by_loop(rewards, values, mask, gamma, lam):
+    adv = torch.zeros_like(rewards)
+    for n in range(len(rewards)):
+        last, L = 0.0, int(mask[n].sum())
+        for i in reversed(range(L)):
+            v_next = values[n, i + 1] if i + 1 < L else 0.0
+            last = rewards[n, i] + gamma * v_next - values[n, i] + gamma * lam * last
+            adv[n, i] = last
+    return adv
+
+
+def test_gae_matches_the_textbook_backward_recursion():
+    g = torch.Generator().manual_seed(0)
+    rewards, values = torch.randn(2, 3, generator=g), torch.randn(2, 3, generator=g)
+    for gamma, lam in ((1.0, 0.95), (0.9, 0.8), (1.0, 1.0)):
+        adv, ret = B.gae(rewards * MASK, values, MASK, gamma, lam)
+        expect = gae_by_loop(rewards, values, MASK, gamma, lam)
+        assert torch.allclose(adv, expect, atol=1e-6)
+        assert torch.allclose(ret, (expect + values) * MASK, atol=1e-6)
+    # lam = 1, gamma = 1: the advantage is the return-to-go minus the value
+    adv, _ = B.gae(rewards * MASK, values, MASK, 1.0, 1.0)
+    togo = (rewards * MASK).flip(1).cumsum(1).flip(1)
+    assert torch.allclose(adv, (togo - values) * MASK, atol=1e-6)
+
+
+def test_ppo_policy_loss_clips_in_the_direction_of_the_advantage():
+    lt = T([[0.0, 0.0, 0.0, 0.0]])
+    lp = T([[math.log(1.5), math.log(1.5), math.log(0.5), math.log(1.1)]])   # ratios 1.5, 1.5, 0.5, 1.1
+    adv = T([[1.0, -1.0, -1.0, 2.0]])
+    m = torch.ones(1, 4)
+    loss = B.ppo_policy_loss(lp, lt, adv, m, clip_eps=0.2)
+    # min(rho A, clip(rho) A): 1.2 (clipped), -1.5, -0.8 (clipped), 2.2
+    assert loss.item() == pytest.approx(-(1.2 - 1.5 - 0.8 + 2.2) / 4, abs=1e-6)
+    grad = grad_of(lambda x: B.ppo_policy_loss(x, lt, adv, m, 0.2), lp)
+    # clipped tokens get no gradient; the others -A rho / |y|
+    assert torch.allclose(grad, T([[0.0, 1.5 / 4, 0.0, -2.0 * 1.1 / 4]]), atol=1e-6)
+    # eps = inf is the unclipped surrogate rho A
+    assert B.ppo_policy_loss(lp, lt, adv, m, math.inf).item() == pytest.approx(-(1.5 - 1.5 - 0.5 + 2.2) / 4, abs=1e-6)
+
+
+def test_value_loss_takes_the_worse_of_clipped_and_unclipped():
+    v, v_old, ret, m = T([[1.0, 0.0]]), T([[0.5, 0.0]]), T([[2.0, -1.0]]), torch.ones(1, 2)
+    # token 1: unclipped (1-2)^2 = 1, clipped 0.7 -> (0.7-2)^2 = 1.69; token 2: 1 and 1
+    assert B.value_loss(v, v_old, ret, m, 0.2).item() == pytest.approx(0.5 * (1.69 + 1.0) / 2, abs=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------
+# DAO, RLOO, GRPO
+# ---------------------------------------------------------------------------------------------------
+def test_dao_loss_gradient_is_the_advantage_minus_the_dual_kl_log_ratio():
+    lp, lt, l0, adv = T([-1.0, -3.0]), T([-1.2, -2.0]), T([-0.8, -4.0]), T([0.5, -1.0])
+    alpha, beta = 0.1, 0.05
+    grad = grad_of(lambda x: B.dao_loss(x, lt, l0, adv, alpha, beta), lp)
+    assert torch.allclose(grad, -(adv - beta * (lp - alpha * l0 - (1 - alpha) * lt)), atol=1e-6)
+    assert torch.allclose(B.dao_loss(lp, lt, l0, adv, alpha, beta, length_norm=4.0),
+                          -(adv - beta * (lp - alpha * l0 - (1 - alpha) * lt)) * lp / 4, atol=1e-6)
+
+
+def test_dao_ppo_loss_value_and_gradient():
+    lp, lt, l0, adv = T([-1.0, -3.0]), T([-1.2, -3.0]), T([-0.8, -4.0]), T([0.5, -1.0])
+    a, b = 0.1, 0.05
+    rho = (lp - lt).exp()
+    pen = lp - a * l0 - (1 - a) * lt
+    assert torch.allclose(B.dao_ppo_loss(lp, lt, l0, adv, a, b), -(rho * adv - b * rho * pen), atol=1e-6)
+    # d/dlogp of rho (A - b pen) = rho (A - b pen) - b rho
+    grad = grad_of(lambda x: B.dao_ppo_loss(x, lt, l0, adv, a, b), lp)
+    assert torch.allclose(grad, -(rho * (adv - b * pen) - b * rho), atol=1e-6)
+
+
+def test_rloo_leave_one_out_advantages_and_loss():
+    r = T([1.0, 2.0, 6.0, math.nan, 3.0, 3.0], dtype=torch.float64)
+    adv = B.rloo_advantages(r, k=3)
+    assert adv[:3].tolist() == pytest.approx([1 - 4.0, 2 - 3.5, 6 - 1.5])
+    assert math.isnan(adv[3]) and adv[4:].tolist() == [0.0, 0.0]   # NaN left out of its neighbours' baseline
+    grad = grad_of(lambda x: B.rloo_loss(x, T([2.0, -1.0]), length_norm=2.0), T([-1.0, -2.0]))
+    assert grad.tolist() == pytest.approx([-1.0, 0.5])
+    assert B.kl_penalised_rewards(T([5.0]), T([-1.0]), T([-3.0]), 0.03).item() == pytest.approx(5 - 0.06)
+
+
+def test_grpo_advantages_are_group_normalised():
+    r = T([1.0, 2.0, 6.0, 5.0, 5.0, 5.0], dtype=torch.float64)
+    adv = B.grpo_advantages(r, k=3, eps=0.0 + 1e-12)
+    x = torch.tensor([1.0, 2.0, 6.0], dtype=torch.float64)
+    assert torch.allclose(adv[:3], (x - x.mean()) / x.std(), atol=1e-6)   # sample std, as in TRL
+    assert adv[3:].abs().max().item() < 1e-6                                 # a tied group: no signal
+
+
+def test_grpo_loss_value_and_gradient_at_pi_t_equal_pi_0():
+    lp = T([[-1.0, -2.0, -0.5], [-0.3, -0.7, 0.0]])
+    adv = T([1.5, -0.5])
+    loss = B.grpo_loss(lp, lp, lp, adv, MASK, clip_eps=0.2, beta=0.04)
+    assert torch.allclose(loss, -adv, atol=1e-6)              # ratio 1, k3 = 0
+    grad = grad_of(lambda x: B.grpo_loss(x, lp, lp, adv, MASK, 0.2, 0.04), lp)
+    assert torch.allclose(grad, -adv[:, None] * MASK / MASK.sum(1, keepdim=True), atol=1e-6)   # k3' = 0 at pi_0
+    # away from pi_0 the penalty is beta * mean k3 and pulls log pi back towards log pi_0
+    l0 = lp - 0.5
+    k3_pen = B.grpo_loss(lp, lp, l0, torch.zeros(2), MASK, 0.2, 0.04)
+    assert torch.allclose(k3_pen, T([0.04 * (math.exp(-0.5) + 0.5 - 1)] * 2), atol=1e-6)
+    assert (grad_of(lambda x: B.grpo_loss(x, lp, l0, torch.zeros(2), MASK, 0.2, 0.04), lp)[MASK.bool()] > 0).all()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Filtered SFT and direct alignment
+# ---------------------------------------------------------------------------------------------------
+def test_best_of_k_and_preference_pairs_handle_ties_and_invalid_judgments():
+    r = T([1.0, 7.0, 3.0, math.nan, 4.0, 4.0, math.nan, math.nan, math.nan], dtype=torch.float64)
+    best, has = B.best_of_k(r, 3)
+    assert best.tolist() == [1, 4, 6] and has.tolist() == [True, True, False]
+    chosen, rejected, pref = B.preference_pairs(r, 3)
+    assert chosen[0].item() == 1 and rejected[0].item() == 0 and pref.tolist() == [True, False, False]
+
+
+W, L, RW, RL = T([-2.0]), T([-3.0]), T([-2.5]), T([-2.0])     # h = (-2 + 2.5) - (-3 + 2) = 1.5
+
+
+def test_dpo_ipo_slic_losses_by_hand():
+    h = 1.5
+    assert B.dpo_loss(W, L, RW, RL, 0.1).item() == pytest.approx(math.log1p(math.exp(-0.15)), abs=1e-6)
+    assert B.ipo_loss(W, L, RW, RL, 1.0).item() == pytest.approx((h - 0.5) ** 2, abs=1e-6)
+    assert B.slic_loss(W, L, RW, RL, 0.002).item() == pytest.approx(1 - 0.002 * h, abs=1e-6)
+    assert B.slic_loss(W, L, RW, RL, 1.0).item() == 0.0                       # margin met: no loss
+    # gradients w.r.t. log pi(y_w): -beta sigma(-beta h), 2 (h - 1/(2 tau)), -beta
+    assert grad_of(lambda x: B.dpo_loss(x, L, RW, RL, 0.1), W).item() == pytest.approx(
+        -0.1 / (1 + math.exp(0.15)), abs=1e-6)
+    assert grad_of(lambda x: B.ipo_loss(x, L, RW, RL, 1.0), W).item() == pytest.approx(2 * (h - 0.5), abs=1e-6)
+    assert grad_of(lambda x: B.slic_loss(x, L, RW, RL, 0.002), W).item() == pytest.approx(-0.002, abs=1e-7)
+    assert grad_of(lambda x: B.dpo_loss(W, x, RW, RL, 0.1), L).item() == pytest.approx(
+        0.1 / (1 + math.exp(0.15)), abs=1e-6)
+
+
+def test_simpo_loss_is_length_normalised_and_reference_free():
+    beta, gamma = 2.0, 1.6
+    z = beta * -2.0 / 4 - beta * -3.0 / 2 - gamma
+    loss = B.simpo_loss(W, L, T([4.0]), T([2.0]), beta, gamma)
+    assert loss.item() == pytest.approx(math.log1p(math.exp(-z)), abs=1e-6)
+    assert grad_of(lambda x: B.simpo_loss(x, L, T([4.0]), T([2.0]), beta, gamma), W).item() == pytest.approx(
+        -(beta / 4) / (1 + math.exp(z)), abs=1e-6)
+
+
+def test_is_dpo_weights_are_the_clipped_detached_pair_ratio():
+    rho = math.exp((-2.0 - 3.0) - (-2.5 - 2.0))                                # exp(-0.5)
+    assert B.is_weights(W, L, RW, RL, clip=10.0).item() == pytest.approx(rho, rel=1e-6)
+    assert B.is_weights(W + 2, L, RW, RL, clip=1.0).item() == pytest.approx(1.0)   # clipped from above
+    w = W.clone().requires_grad_(True)
+    loss = B.is_dpo_loss(w, L, RW, RL, 0.1, clip=10.0)
+    assert loss.item() == pytest.approx(rho * B.dpo_loss(W, L, RW, RL, 0.1).item(), rel=1e-6)
+    loss.backward()   # the ratio is a constant: the gradient is rho times DPO's
+    assert w.grad.item() == pytest.approx(rho * -0.1 / (1 + math.exp(0.15)), rel=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Every algorithm through the real loop
+# ---------------------------------------------------------------------------------------------------
+def params(model):
+    return torch.cat([p.detach().flatten().clone() for p in model.parameters()])
+
+
+@pytest.mark.parametrize("algo", dar.ALGOS)
+def test_every_algorithm_trains_on_the_toy_task(algo, toy_cache, tmp_path):
+    out = tmp_path / algo
+    cfg = dar.parse_config(TINY + ["--algo", algo, "--steps", "3", "--cache-dir", toy_cache, "--out-dir", str(out),
+                                   "--print-every", "1000", "--save-every", "2"])
+    assert cfg.beta == dar.ALGO_DEFAULTS.get(algo, {}).get("beta", dar.Config.beta)   # the paper's default
+    base, sft = dar.toy_paths(cfg)
+    start = params(dar.load_model(base if algo == "sft" else os.path.join(sft, "final"), cfg, torch.device("cpu")))
+    run = dar.train(cfg, dar.Dist())
+    assert not torch.allclose(params(run.policy), start)                       # the policy moved
+    lines = [json.loads(l) for l in open(out / "metrics.jsonl")]
+    assert [l["step"] for l in lines] == [1, 2, 3]
+    assert all(math.isfinite(l["train/loss"]) and math.isfinite(l["train/grad_norm"]) for l in lines)
+    assert os.path.isfile(out / "final" / "config.json")
+    ckpt = out / open(out / "latest").read().strip()
+    assert (ckpt / "value" / "config.json").is_file() == (algo in dar.VALUE_MODEL)
+    if run.ref is not None:
+        assert torch.allclose(params(run.ref), start)                         # pi_0 stays frozen
+
+
+def test_ppo_resumes_with_its_value_model_to_the_same_metrics(toy_cache, tmp_path):
+    def go(out, steps, resume=False):
+        cfg = dar.parse_config(TINY + ["--algo", "ppo", "--steps", str(steps), "--cache-dir", toy_cache,
+                                       "--out-dir", str(out), "--print-every", "1000", "--save-every", "1"]
+                               + (["--resume"] if resume else []))
+        return dar.train(cfg, dar.Dist())
+    go(tmp_path / "a", 2)
+    go(tmp_path / "b", 1)
+    run = go(tmp_path / "b", 2, resume=True)
+    a = [json.loads(l) for l in open(tmp_path / "a" / "metrics.jsonl")]
+    b = [json.loads(l) for l in open(tmp_path / "b" / "metrics.jsonl")]
+    drop = lambda m: {k: v for k, v in m.items() if not k.startswith("perf/")}
+    assert [drop(m) for m in a] == [drop(m) for m in b]
+    assert run.value is not None
