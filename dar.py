@@ -259,10 +259,11 @@ def k3(logp, logp_ref, mask):
     """Schulman's k3 estimate of KL(pi || pi_ref) per sequence, from tokens sampled from pi: [N].
 
     Per token, with r = pi_ref/pi: (r - 1) - log r >= 0, unbiased for that token's KL; summed over the
-    response (chain rule) it estimates the sequence-level KL.
+    response (chain rule) it estimates the sequence-level KL. expm1 keeps it accurate when the policies
+    are close (exp(d) - 1 - d in float32 loses most digits at |d| ~ 1e-3).
     """
-    d = (logp_ref - logp).float()
-    return torch.where(mask.bool(), d.exp() - 1 - d, 0.0).sum(1)
+    d = logp_ref - logp
+    return torch.where(mask.bool(), torch.expm1(d) - d, 0.0).sum(1)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -614,7 +615,8 @@ def train(cfg, ctx):
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
             save_checkpoint(cfg, ctx, step + 1, run)
     bar.close()
-    check_ranks_agree(ctx, policy)
+    for m in models:
+        check_ranks_agree(ctx, m)
     if ctx.master:
         save_model_dir(os.path.join(cfg.out_dir, "final"), policy, tok)
     barrier(ctx)

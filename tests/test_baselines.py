@@ -3,13 +3,14 @@ and every algorithm training for a few online batches on the toy task through da
 import json
 import math
 import os
+import sys
 
 import pytest
 import torch
 
 import baselines as B
 import dar
-from conftest import TINY
+from conftest import TINY, run_dar
 
 T = torch.tensor
 
@@ -245,3 +246,14 @@ def test_ppo_resumes_with_its_value_model_to_the_same_metrics(toy_cache, tmp_pat
     drop = lambda m: {k: v for k, v in m.items() if not k.startswith("perf/")}
     assert [drop(m) for m in a] == [drop(m) for m in b]
     assert run.value is not None
+
+
+@pytest.mark.parametrize("algo", ["ppo", "grpo", "iter_sft", "online_dpo", "dpo"])   # one per step function
+def test_baselines_run_under_torchrun_with_identical_replicas(algo, toy_cache, tmp_path):
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    p = run_dar(TINY + ["--algo", algo, "--cache-dir", toy_cache, "--out-dir", str(tmp_path / algo), "--steps", "2"],
+                cwd=tmp_path, launcher=launcher)
+    assert p.returncode == 0, p.stderr[-3000:]
+    # the policy, and PPO's value model too
+    assert p.stdout.count("parameters identical on all 2 ranks") == (2 if algo == "ppo" else 1)
+    assert "win rate of the policy over pi_0" in p.stdout

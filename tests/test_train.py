@@ -135,7 +135,12 @@ def test_resume_refuses_changed_settings(toy_cache, tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["--task", "nope"], "unknown --task 'nope'; valid tasks: toy"),
-    (["--algo", "nope"], "unknown --algo 'nope'; valid algorithms: dar, sft"),
+    (["--algo", "nope"], "unknown --algo 'nope'; valid algorithms: dar, sft, ppo, dual_ppo, dual_ppo_clip, "
+                         "dual_mix_ppo, dao, dao_ppo, rloo, grpo, iter_sft, online_dpo, ipo, slic, dpo, simpo, is_dpo"),
+    (["--algo", "ipo", "--k", "4", "--online-batch", "48", "--minibatch", "6"],
+     "--minibatch 6 must split evenly into 1 ranks in whole groups of 4"),
+    (["--clip-eps", "0"], "--clip-eps must be > 0"),
+    (["--value-model", "/no/such/dir"], "--value-model '/no/such/dir' is not a model directory"),
     (["--judge", "nope"], "unknown --judge 'nope'; valid judges: toy_gold, toy_proxy"),
     (["--alpha", "1.5"], "--alpha must lie in [0, 1]"),
     (["--beta", "0"], "--beta must be > 0"),
