@@ -66,8 +66,17 @@ class Config:
     task: str = arg("toy", "prompt set and judge; 'toy' is built in (tasks.py)")
     algo: str = arg("dar", f"training algorithm: {', '.join(ALGOS)}")
     model: str = arg("", "initial policy pi_0, a Hugging Face model directory; '' = the toy task's own")
-    judge: str = arg("toy_gold", "reward r(x, y) used for training (judge.py)")
+    judge: str = arg("toy_gold", "reward r(x, y) used for training (judge.py): " + ", ".join(JUDGES))
     eval_judge: str = arg("toy_gold", "reward used for the final evaluation against pi_0")
+    data: str = arg("", "a local JSONL or parquet file in the task's data set schema, used instead of the Hub")
+    # the LLM annotator behind an OpenAI-compatible HTTP endpoint (--judge llm) and reward models
+    judge_url: str = arg("", "base URL of the annotator's endpoint, e.g. http://127.0.0.1:8000/v1 (--judge llm)")
+    judge_model: str = arg("", "model name sent to the endpoint (paper: Qwen2-72B-Instruct, Qwen3-32B)")
+    judge_api_key_env: str = arg("DAR_JUDGE_API_KEY", "environment variable that holds the endpoint's API key")
+    judge_concurrency: int = arg(16, "annotator requests in flight at once")
+    judge_timeout: float = arg(120.0, "seconds allowed per annotator request")
+    judge_retries: int = arg(5, "retries per request on connection errors, timeouts, 429 and 5xx (backoff)")
+    reward_model: str = arg("", "a sequence-classification reward model directory (--judge reward_model)")
     # DAR (Section 4.3 and Appendix B.2; paper values)
     alpha: float = arg(0.1, "trade-off between KL(pi||pi_0) (alpha) and KL(pi||pi_t) (1 - alpha), Eq. 3")
     beta: float = arg(0.05, "regularisation strength: DAR/DAO w_adv = exp(A_norm / beta) (Eq. 4); KL coefficient "
@@ -113,6 +122,10 @@ class Config:
     sample_every: int = arg(20, "print a table of sample prompt / response / reward every N batches")
     eval_prompts: int = arg(256, "held-out prompts for the final comparison with pi_0")
     dtype: str = arg("auto", "auto (bf16 on GPUs that have it, else float32), float32 or bfloat16")
+    rollout: str = arg("hf", "sampler: hf (transformers generate) or vllm (a colocated engine per rank)")
+    vllm_gpu_memory: float = arg(0.3, "share of GPU memory vLLM may take (weights + KV cache), --rollout vllm")
+    logp_source: str = arg("policy", "log pi_t for the loss: policy (the trained model's forward pass) or "
+                                     "sampler (vLLM's log-probs of the sampled tokens)")
     backend: str = arg("", "torch.distributed backend; '' = nccl on GPU, gloo on CPU")
 
 
@@ -121,7 +134,9 @@ RESUMABLE_CHANGES = {"resume", "steps", "save_every", "keep_checkpoints", "sampl
 
 
 def parse_config(argv=None):
-    """Flags given on the command line, else the algorithm's paper defaults (ALGO_DEFAULTS), else Config's."""
+    """Each setting comes from, in order of precedence: the command line; the paper's setting for this task
+    and algorithm (tasks.TASK_ALGO_DEFAULTS); for this algorithm (ALGO_DEFAULTS); for this task
+    (tasks.TASK_DEFAULTS: lengths, judge); else Config's default."""
     import argparse
     epilog = "per-algorithm defaults: " + "; ".join(
         f"{a}: " + ", ".join(f"{k}={v}" for k, v in d.items()) for a, d in ALGO_DEFAULTS.items())
@@ -134,7 +149,9 @@ def parse_config(argv=None):
             typ = {"int": int, "float": float, "str": str}.get(f.type, f.type)
             p.add_argument(flag, type=typ, default=argparse.SUPPRESS, help=help)
     given = vars(p.parse_args(argv))
-    cfg = Config(**{**ALGO_DEFAULTS.get(given.get("algo", Config.algo), {}), **given})
+    task, algo = given.get("task", Config.task), given.get("algo", Config.algo)
+    cfg = Config(**{**tasks.TASK_DEFAULTS.get(task, {}), **ALGO_DEFAULTS.get(algo, {}),
+                    **tasks.TASK_ALGO_DEFAULTS.get((task, algo), {}), **given})
     if not cfg.out_dir:
         cfg.out_dir = f"runs/{cfg.task}-{cfg.algo}-s{cfg.seed}"
     return cfg
@@ -491,7 +508,8 @@ def print_samples(batch, rewards, n=4):
     rows = [f"  {'prompt':<22} | {'response':<24} | reward"]
     for i in range(0, len(batch), max(1, len(batch) // n))[:n]:
         resp = batch.responses[i] + ("" if batch.ended[i] else " [no EOS]")
-        rows.append(f"  {batch.prompts[i][:22]:<22} | {resp[:24]!r:<24} | {rewards[i]:.2f}")
+        prompt = batch.prompts[i] if isinstance(batch.prompts[i], str) else rollout.plain_dialogue(batch.prompts[i])
+        rows.append(f"  {prompt.strip()[-22:]:<22} | {resp[:24]!r:<24} | {rewards[i]:.2f}")
     tqdm.write("\n".join(rows))
 
 
@@ -566,7 +584,7 @@ def train(cfg, ctx):
         base, sft = ensure_toy_models(cfg, ctx)
         init = base if cfg.algo == "sft" else sft
     seed_everything(cfg.seed + 1000 * ctx.rank)  # after the (maybe) in-process SFT that made pi_0
-    task = tasks.load_task(cfg.task)
+    task = tasks.load_task(cfg.task, cfg.data)
     tok = load_tokenizer(init)
     start, ckpt = 0, latest_checkpoint(cfg) if cfg.resume else None
     if cfg.resume and ckpt is None and ctx.master:
@@ -594,7 +612,7 @@ def train(cfg, ctx):
     ref = None
     if cfg.algo != "sft":  # pi_0: a frozen copy of the initial policy
         ref = load_model(init, cfg, ctx.device).eval().requires_grad_(False)
-    run = Run(task, tok, make_judge(cfg.judge) if cfg.algo not in OFFLINE else None, policy, wrapped[0], ref,
+    run = Run(task, tok, make_judge(cfg.judge, task, cfg) if cfg.algo not in OFFLINE else None, policy, wrapped[0], ref,
               opt, sched, value, wrapped[1] if value is not None else None)
     log = Logger(cfg, ctx, start)
     if ctx.master and start == 0:
@@ -829,7 +847,8 @@ def main(argv=None):
         run = train(cfg, ctx)
         if cfg.algo != "sft" and ctx.master:
             from eval import compare_with_reference, print_report
-            report = compare_with_reference(run.policy, run.ref, run.tok, run.task.eval_prompts[:cfg.eval_prompts], cfg)
+            report = compare_with_reference(run.policy, run.ref, run.tok, run.task.eval_prompts[:cfg.eval_prompts], cfg,
+                                            task=run.task)
             with open(os.path.join(cfg.out_dir, "eval.json"), "w") as f:
                 json.dump(report, f, indent=1)
             print_report(report)

@@ -31,13 +31,13 @@ def win_rate(r_policy, r_ref):
 
 
 @torch.no_grad()
-def compare_with_reference(policy, ref, tok, prompts, cfg, seed=1234):
+def compare_with_reference(policy, ref, tok, prompts, cfg, task=None, seed=1234):
     """Evaluate `policy` against `ref` (pi_0) on held-out prompts; returns a dict of numbers.
 
     Runs in its own RNG stream (fork_rng), so an evaluation never changes what training samples next.
     """
     from dar import k3, score
-    judge = make_judge(cfg.eval_judge)
+    judge = make_judge(cfg.eval_judge, task, cfg)
     report = {"n_prompts": len(prompts), "judge": cfg.eval_judge}
     rewards = {}
     with torch.random.fork_rng(devices=[]):

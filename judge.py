@@ -64,7 +64,7 @@ class RuleJudge:
         return Judgment(rewards, sum(math.isnan(x) for x in rewards))
 
 
-def make_judge(name):
+def make_judge(name, task=None, cfg=None):
     if name == "toy_gold":
         return RuleJudge(toy_gold_score)
     if name == "toy_proxy":

@@ -43,11 +43,21 @@ class Rollout:
 
 
 def render_prompts(tokenizer, prompts):
-    """User messages -> model input text, through the tokenizer's chat template when it has one."""
+    """Prompts -> model input text. A prompt is a user message (str) or a conversation (a list of
+    {"role", "content"} messages ending with the user's turn). With a chat template the tokenizer
+    renders it and adds the assistant's turn; without one (a base model), a str is used as it is and
+    a conversation becomes Anthropic HH's plain format, "\n\nHuman: ...\n\nAssistant: ...\n\nAssistant:".
+    """
     if tokenizer.chat_template is None:
-        return list(prompts)
-    return [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                          add_generation_prompt=True) for p in prompts]
+        return [p if isinstance(p, str) else plain_dialogue(p) + "\n\nAssistant:" for p in prompts]
+    return [tokenizer.apply_chat_template([{"role": "user", "content": p}] if isinstance(p, str) else list(p),
+                                          tokenize=False, add_generation_prompt=True) for p in prompts]
+
+
+def plain_dialogue(messages):
+    """A conversation as plain text: "\n\nHuman: ...\n\nAssistant: ..." (Anthropic HH's format)."""
+    names = {"user": "Human", "assistant": "Assistant", "system": "System"}
+    return "".join(f"\n\n{names.get(m['role'], m['role'])}: {m['content']}" for m in messages)
 
 
 def eos_ids(model, tokenizer):

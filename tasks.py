@@ -19,6 +19,11 @@ from dataclasses import dataclass
 
 TASKS = ("toy",)
 
+# Settings per task over Config's defaults (generation length, judge, ...), and per (task, algorithm) where
+# the paper's setting depends on both (Appendix B.1-B.3); dar.parse_config layers them under the flags.
+TASK_DEFAULTS = {"toy": {}}
+TASK_ALGO_DEFAULTS = {}
+
 # ---------------------------------------------------------------------------------------------------
 # The toy task's definition (part of the task, not tunable: changing it changes the task)
 # ---------------------------------------------------------------------------------------------------
@@ -140,7 +145,7 @@ class Task:
     pref_data: list       # [(prompt, chosen, rejected)] for the offline preference methods (dpo, simpo, is_dpo)
 
 
-def load_task(name):
+def load_task(name, data=""):
     if name != "toy":
         raise SystemExit(f"error: unknown --task {name!r}; valid tasks: {', '.join(TASKS)}")
     # Data depend on the task only (fixed seeds), not on the run's --seed: every algorithm and seed
