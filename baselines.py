@@ -261,21 +261,22 @@ PAIR_LOSSES = {"online_dpo": dpo_loss, "ipo": ipo_loss, "slic": slic_loss, "dpo"
 # ---------------------------------------------------------------------------------------------------
 def sample_judge_score(step, cfg, ctx, run, timer):
     """Steps 1, 2 and the log-probs of every online algorithm: the Rollout, rewards [N] (NaN = invalid),
-    the invalid count, and log pi_t, log pi_0 per token [N, R] (once per online batch, before any update)."""
+    the invalid count, log pi_t, log pi_0 per token [N, R] (once per online batch, before any update), and
+    the sampler-vs-policy log-prob difference [N] (None without vLLM)."""
     with dar.timed(timer, "sample"):
         batch = dar.sample(step, cfg, ctx, run)                                       # 1. y ~ pi_t   [N]
     with dar.timed(timer, "judge"):
         rewards, invalid = dar.judge_batch(run, batch)                                # 2. r(x, y)    [N]
     with dar.timed(timer, "logp"):
-        logp_t_tok = dar.score(run.policy, batch, cfg.micro_batch)                    # 3. [N, R]
+        logp_t_tok, logp_diff = dar.pi_t_logps(cfg, ctx, run, batch)                  # 3. [N, R]
         logp_0_tok = dar.score(run.ref, batch, cfg.micro_batch)
-    return batch, rewards, invalid, logp_t_tok, logp_0_tok
+    return batch, rewards, invalid, logp_t_tok, logp_0_tok, logp_diff
 
 
 def ppo_step(step, cfg, ctx, run):
     """PPO and its dual-KL variants: token-level shaped rewards, a value model, GAE, clipped updates."""
     timer = {}
-    batch, rewards, invalid, logp_t_tok, logp_0_tok = sample_judge_score(step, cfg, ctx, run, timer)
+    batch, rewards, invalid, logp_t_tok, logp_0_tok, logp_diff = sample_judge_score(step, cfg, ctx, run, timer)
     dev, mask = ctx.device, batch.response_mask.to(ctx.device).float()
 
     # 2b. the score of a response that never emitted EOS is lowered (TRL's missing_eos_penalty); an invalid
@@ -331,13 +332,13 @@ def ppo_step(step, cfg, ctx, run):
         upd = dar.minibatch_updates(cfg, ctx, run, len(batch), cfg.online_batch // cfg.minibatch, cfg.micro_batch,
                                     loss_fn, cfg.epochs)
     return dar.online_metrics(step, cfg, ctx, run, batch, rewards, invalid, logp_t_tok, logp_0_tok, upd, timer,
-                              {"train/adv_mean": adv_mean, "train/adv_std": adv_std})
+                              logp_diff=logp_diff, extra={"train/adv_mean": adv_mean, "train/adv_std": adv_std})
 
 
 def sequence_step(step, cfg, ctx, run):
     """DAO (both forms), RLOO and GRPO: K samples per prompt, per-sequence advantages, no value model."""
     timer = {}
-    batch, rewards, invalid, logp_t_tok, logp_0_tok = sample_judge_score(step, cfg, ctx, run, timer)
+    batch, rewards, invalid, logp_t_tok, logp_0_tok, logp_diff = sample_judge_score(step, cfg, ctx, run, timer)
     logp_t, logp_0 = logp_t_tok.sum(1).cpu(), logp_0_tok.sum(1).cpu()                      # [N]
     mask = batch.response_mask.float()
 
@@ -379,14 +380,14 @@ def sequence_step(step, cfg, ctx, run):
     A = dar.gather(ctx, torch.where(valid, adv.double(), math.nan).to(ctx.device)).cpu()
     A = A[~torch.isnan(A)]
     return dar.online_metrics(step, cfg, ctx, run, batch, rewards, invalid, logp_t_tok, logp_0_tok, upd, timer,
-                              {"train/adv_abs_mean": A.abs().mean().item(),
+                              logp_diff=logp_diff, extra={"train/adv_abs_mean": A.abs().mean().item(),
                                "train/adv_zero_frac": (A == 0).double().mean().item()})
 
 
 def iter_sft_step(step, cfg, ctx, run):
     """Iterative SFT: the best of K responses per prompt, one SFT update per online batch (Appendix B.3)."""
     timer = {}
-    batch, rewards, invalid, logp_t_tok, logp_0_tok = sample_judge_score(step, cfg, ctx, run, timer)
+    batch, rewards, invalid, logp_t_tok, logp_0_tok, logp_diff = sample_judge_score(step, cfg, ctx, run, timer)
 
     # 4. the best response of each prompt                                                    [B]
     best, has_valid = best_of_k(rewards, cfg.k)
@@ -400,13 +401,13 @@ def iter_sft_step(step, cfg, ctx, run):
         upd = dar.minibatch_updates(cfg, ctx, run, len(best), 1, cfg.micro_batch, loss_fn, epochs=1)
     best_r = dar.gather(ctx, rewards[best].to(ctx.device)).cpu()
     return dar.online_metrics(step, cfg, ctx, run, batch, rewards, invalid, logp_t_tok, logp_0_tok, upd, timer,
-                              {"train/best_reward_mean": best_r[~torch.isnan(best_r)].mean().item()})
+                              logp_diff=logp_diff, extra={"train/best_reward_mean": best_r[~torch.isnan(best_r)].mean().item()})
 
 
 def pair_step(step, cfg, ctx, run):
     """Online DPO, IPO, SLiC: the judge ranks each prompt's K samples; best vs. worst form the pair."""
     timer = {}
-    batch, rewards, invalid, logp_t_tok, logp_0_tok = sample_judge_score(step, cfg, ctx, run, timer)
+    batch, rewards, invalid, logp_t_tok, logp_0_tok, logp_diff = sample_judge_score(step, cfg, ctx, run, timer)
     logp_0 = logp_0_tok.sum(1)                                                              # [N]
 
     # 4. pairs (y_w, y_l) per prompt                                                         [B]
@@ -428,7 +429,7 @@ def pair_step(step, cfg, ctx, run):
                                     max(1, cfg.micro_batch // 2), loss_fn, cfg.epochs)
     pref = dar.gather(ctx, has_pref.double().to(ctx.device)).cpu()
     return dar.online_metrics(step, cfg, ctx, run, batch, rewards, invalid, logp_t_tok, logp_0_tok, upd, timer,
-                              {"pairs/with_preference_frac": pref.mean().item()})
+                              logp_diff=logp_diff, extra={"pairs/with_preference_frac": pref.mean().item()})
 
 
 def offline_pair_step(step, cfg, ctx, run):

@@ -196,6 +196,14 @@ def check_config(cfg, world):
         bad(f"--value-model {cfg.value_model!r} is not a model directory (no config.json there)")
     if cfg.dtype not in ("auto", "float32", "bfloat16"):
         bad(f"--dtype must be auto, float32 or bfloat16, got {cfg.dtype!r}")
+    if cfg.rollout not in ("hf", "vllm"):
+        bad(f"--rollout must be hf or vllm, got {cfg.rollout!r}")
+    if cfg.logp_source not in ("policy", "sampler"):
+        bad(f"--logp-source must be policy or sampler, got {cfg.logp_source!r}")
+    if cfg.logp_source == "sampler" and cfg.rollout != "vllm":
+        bad("--logp-source sampler needs --rollout vllm (the transformers sampler is the policy itself)")
+    if not 0 < cfg.vllm_gpu_memory <= 1:
+        bad(f"--vllm-gpu-memory is a share of the GPU's memory in (0, 1], got {cfg.vllm_gpu_memory}")
 
 
 OFFLINE = ("sft", "dpo", "simpo", "is_dpo")             # train on a fixed data set: no sampling, no judge
@@ -567,6 +575,7 @@ class Run:
     sched: object
     value: object = None     # the PPO family's value model, unwrapped
     value_ddp: object = None
+    sampler: object = None   # a rollout.VllmSampler with --rollout vllm; None = transformers generate on the policy
 
     @property
     def trained(self):
@@ -614,6 +623,10 @@ def train(cfg, ctx):
         ref = load_model(init, cfg, ctx.device).eval().requires_grad_(False)
     run = Run(task, tok, make_judge(cfg.judge, task, cfg) if cfg.algo not in OFFLINE else None, policy, wrapped[0], ref,
               opt, sched, value, wrapped[1] if value is not None else None)
+    if cfg.rollout == "vllm":
+        run.sampler = rollout.VllmSampler(ckpt or init, model_dtype(cfg, ctx.device), cfg.seed + 1000 * ctx.rank,
+                                          min(policy.config.max_position_embeddings, 8192), cfg.vllm_gpu_memory,
+                                          ctx.world)
     log = Logger(cfg, ctx, start)
     if ctx.master and start == 0:
         print("config: " + json.dumps(dataclasses.asdict(cfg)), flush=True)
@@ -623,6 +636,10 @@ def train(cfg, ctx):
     for step in bar:
         t0 = time.time()
         metrics = step_fn(step, cfg, ctx, run)
+        if run.sampler is not None:  # step 7 for the vLLM sampler: pi_{t+1} <- pi_theta
+            t1 = time.time()
+            run.sampler.push_weights(policy)
+            metrics["perf/weight_sync_s"] = time.time() - t1
         metrics.update({"step": step + 1, "perf/seconds_per_batch": time.time() - t0})
         if not math.isfinite(metrics["train/loss"]):
             raise SystemExit(f"error: non-finite loss at online batch {step + 1}; stopped. The last good "
@@ -671,8 +688,30 @@ def sample(step, cfg, ctx, run):
     per_rank_prompts = cfg.online_batch // cfg.k // ctx.world
     idx = prompt_indices(step, cfg.online_batch // cfg.k, len(run.task.train_prompts), cfg.seed)
     idx = idx[ctx.rank * per_rank_prompts:(ctx.rank + 1) * per_rank_prompts]
-    return rollout.generate(run.policy, run.tok, [run.task.train_prompts[i] for i in idx], cfg.k,
-                            cfg.max_new_tokens, cfg.temperature)
+    prompts = [run.task.train_prompts[i] for i in idx]
+    if run.sampler is not None:
+        batch = run.sampler.generate(run.tok, prompts, cfg.k, cfg.max_new_tokens, cfg.temperature,
+                                     rollout.eos_ids(run.policy, run.tok))
+        run.sampler.sleep()  # on GPUs: the engine's memory is the updates' until the weight sync wakes it
+        return batch
+    return rollout.generate(run.policy, run.tok, prompts, cfg.k, cfg.max_new_tokens, cfg.temperature)
+
+
+def pi_t_logps(cfg, ctx, run, batch):
+    """log pi_t(y_j | x, y_<j) of the batch [N, R], once per online batch, and with a vLLM sampler the mean
+    absolute difference between its log-probs and the policy's per sequence [N] (else None).
+
+    The policy's forward pass is the default source: the sampler's copy may differ (bf16 kernels, a
+    missed weight sync), and training on its numbers would be silently off-policy. --logp-source sampler
+    uses vLLM's instead; the difference is logged either way (rollout/logp_abs_diff).
+    """
+    logp = score(run.policy, batch, cfg.micro_batch)
+    if batch.sampler_logp is None:
+        return logp, None
+    mask = batch.response_mask.to(logp.device)
+    sampler = batch.sampler_logp.to(logp.device)
+    diff = ((sampler - logp).abs() * mask).sum(1) / mask.sum(1).clamp(min=1)
+    return (sampler if cfg.logp_source == "sampler" else logp), diff
 
 
 def judge_batch(run, batch):
@@ -714,7 +753,8 @@ def minibatch_updates(cfg, ctx, run, n_units, n_updates, micro_units, loss_fn, e
             **{k: float(np.mean(v)) for k, v in stats.items()}}
 
 
-def online_metrics(step, cfg, ctx, run, batch, rewards, invalid, logp_t_tok, logp_0_tok, upd, timer, extra):
+def online_metrics(step, cfg, ctx, run, batch, rewards, invalid, logp_t_tok, logp_0_tok, upd, timer, extra,
+                   logp_diff=None):
     """The metrics every online algorithm logs, over the whole online batch (all ranks), plus `extra`
     (already global) and every stat minibatch_updates reported (averaged over ranks) as train/<name>."""
     g = lambda x: gather(ctx, x.to(ctx.device, torch.float64)).cpu()
@@ -734,6 +774,7 @@ def online_metrics(step, cfg, ctx, run, batch, rewards, invalid, logp_t_tok, log
         "train/kl_pi0": kl0.mean().item(),
         "train/response_len": lengths.mean().item(), "train/missing_eos": 1 - ended.mean().item(),
         "train/lr": run.sched.get_last_lr()[0],
+        **({} if logp_diff is None else {"rollout/logp_abs_diff": g(logp_diff).mean().item()}),
         **extra,
         "perf/tokens_per_s": lengths.sum().item() / max(timer["sample"], 1e-9),
         **{f"perf/{k}_s": v for k, v in timer.items()},
@@ -766,7 +807,8 @@ def dar_step(step, cfg, ctx, run):
 
     # 4. log pi_t(y|x) and log pi_0(y|x), once per online batch: pi_t is the policy that sampled the batch
     with timed(timer, "logp"):
-        logp_t_tok, logp_0_tok = score(run.policy, batch, cfg.micro_batch), score(run.ref, batch, cfg.micro_batch)
+        logp_t_tok, logp_diff = pi_t_logps(cfg, ctx, run, batch)                               # [N, R]
+        logp_0_tok = score(run.ref, batch, cfg.micro_batch)                                     # [N, R]
     logp_t, logp_0 = logp_t_tok.sum(1).cpu(), logp_0_tok.sum(1).cpu()                  # [N]
 
     # 5. weights w_i = min((pi_0/pi_t)^alpha * exp(A_norm/beta), w_clip)  (Eq. 4)        [N]
@@ -785,13 +827,14 @@ def dar_step(step, cfg, ctx, run):
                                 loss_fn, cfg.epochs)
 
     # 7. pi_{t+1} <- pi_theta: the next online batch samples from the updated policy (nothing to copy with the
-    #    transformers backend; a vLLM backend receives the new weights here)
+    #    transformers sampler; train() pushes the new weights into a vLLM sampler after every online batch)
 
     g = lambda x: gather(ctx, x.to(ctx.device, torch.float64)).cpu()
     A, W = g(adv), g(w)
     valid = ~torch.isnan(A)
     lw_reg, lw_adv, clipped = g(parts["log_w_reg"]), g(parts["log_w_adv"]), g(parts["clipped"].double())
-    return online_metrics(step, cfg, ctx, run, batch, rewards, invalid, logp_t_tok, logp_0_tok, upd, timer, {
+    return online_metrics(step, cfg, ctx, run, batch, rewards, invalid, logp_t_tok, logp_0_tok, upd, timer,
+                          logp_diff=logp_diff, extra={
         "train/adv_mean": adv_mean, "train/adv_std": adv_std,
         "train/adv_tied_frac": (A[valid] == 0).double().mean().item(),
         "weights/w_reg_mean": lw_reg[valid].exp().mean().item(),

