@@ -68,7 +68,8 @@ class Config:
     model: str = arg("", "initial policy pi_0, a Hugging Face model directory; '' = the toy task's own")
     judge: str = arg("toy_gold", "reward r(x, y) used for training (judge.py): " + ", ".join(JUDGES))
     eval_judge: str = arg("toy_gold", "reward used for the final evaluation against pi_0")
-    data: str = arg("", "a local JSONL or parquet file in the task's data set schema, used instead of the Hub")
+    data: str = arg("", "a local JSONL(.gz) or parquet file in the task's data set schema, used instead of the "
+                        "Hub (5% of prompts held out by hash), or TRAIN,EVAL: two such files")
     # the LLM annotator behind an OpenAI-compatible HTTP endpoint (--judge llm) and reward models
     judge_url: str = arg("", "base URL of the annotator's endpoint, e.g. http://127.0.0.1:8000/v1 (--judge llm)")
     judge_model: str = arg("", "model name sent to the endpoint (paper: Qwen2-72B-Instruct, Qwen3-32B)")
@@ -189,6 +190,16 @@ def check_config(cfg, world):
     if cfg.minibatch % (world * unit):
         bad(f"--minibatch {cfg.minibatch} must split evenly into {world} ranks" +
             (f" in whole groups of {unit} responses" if unit > 1 else ""))
+    used = ([cfg.judge] if cfg.algo not in OFFLINE else []) + ([cfg.eval_judge] if cfg.algo != "sft" else [])
+    if "llm" in used and not cfg.judge_url:
+        bad("--judge llm (this task's default) needs --judge-url, the annotator's OpenAI-compatible endpoint, e.g. "
+            "http://127.0.0.1:8000/v1 (python judge.py --serve --task toy --port 8000 starts a stand-in)")
+    if "reward_model" in used and not os.path.isfile(os.path.join(cfg.reward_model, "config.json")):
+        bad(f"--judge reward_model needs --reward-model, a sequence-classification model directory "
+            f"(got {cfg.reward_model!r})")
+    if cfg.task != "toy" and not cfg.model:
+        bad(f"--task {cfg.task} needs --model, the SFT policy pi_0 as a Hugging Face model directory "
+            "(the paper: Qwen2-7B fine-tuned on the task's demonstrations; --algo sft makes one)")
     if cfg.model and not os.path.isfile(os.path.join(cfg.model, "config.json")):
         bad(f"--model {cfg.model!r} is not a model directory (no config.json there); give the path of a "
             "Hugging Face model directory, or omit --model on the toy task to build one")

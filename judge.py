@@ -2,26 +2,61 @@
 
 The training loop calls a judge on a batch of (prompt, response) texts and gets back one float reward
 per response plus the number of invalid judgments. An invalid judgment (an annotator reply with no
-parseable score, a refusal) is NaN in the rewards: the loop leaves that sample out of the advantage
-estimate and gives it zero weight, instead of silently scoring it 0 or 10.
+parseable score, a refusal, a request that still failed after every retry) is NaN in the rewards: the
+loop leaves that sample out of the advantage estimate and gives it zero weight, instead of silently
+scoring it 0 or 10.
 
-Rewards are on the 0-10 scale of the paper's LLM-annotator reward prompts (Appendix D.1), so the KL
-coefficients the paper reports for the baselines keep their meaning on the toy task.
+    judge = make_judge(name, task, cfg)
+    judge(prompts, responses, ended) -> Judgment(rewards [N] floats, NaN = invalid; invalid: int)
+    judge.prefer(prompts, responses_a, responses_b) -> [N] P(a preferred) in {0, 0.5, 1}, NaN = invalid
 
-Built-in judges for the toy task (tasks.py):
-  toy_gold   the exact rule: 10 x the fraction of positions that match the reversed word, 0 when the
-             response never ended (no EOS). This is the "gold" reward used for evaluation.
-  toy_proxy  an imperfect annotator with a length bias, like LLM judges that prefer longer answers: it
-             reads only the first len(target) characters, adds a bonus for every extra character, and
-             does not notice a missing EOS. A policy can exploit it by rambling past the answer and
-             never stopping; a later issue uses it to show reward hacking and how DAR resists it.
+A prompt is a user message (str) or a conversation (a list of {"role", "content"} dicts ending with the
+user's turn, as in Anthropic HH); `ended[i]` says whether response i emitted EOS.
+
+The judges (--judge, --eval-judge):
+  toy_gold      the toy task's exact rule: 10 x the fraction of positions that match the reversed word,
+                0 when the response never ended (no EOS). The "gold" reward used for evaluation.
+  toy_proxy     an imperfect annotator with a length bias, like LLM judges that prefer longer answers: it
+                reads only the first len(target) characters, adds a bonus for every extra character, and
+                does not notice a missing EOS. A policy can exploit it by rambling past the answer and
+                never stopping (reward hacking; the README measures how DAR resists it).
+  llm           the paper's direct-RLAIF annotator (Appendix B.1, D.1): an LLM behind an OpenAI-compatible
+                chat-completions endpoint (--judge-url; vLLM serving Qwen2-72B-Instruct in the paper) reads
+                the reward prompt of the task's family (Tables 9-11) and replies with "SCORE: n", n in 1-10,
+                at temperature 0 with at most 256 tokens. prefer() uses the preference prompts (Tables
+                12-14), asked in both orders (Appendix C.1).
+  reward_model  a local sequence-classification reward model (--reward-model DIR; the paper's standard
+                RLHF setting uses Llama-3.1-Nemotron-70B-Reward on HelpSteer2): reward = its scalar logit.
+
+Reward scales: toy judges 0-10; llm 1-10 (harmlessness flipped, 11 - harm, see `parse_reward`);
+reward_model the model's own logit scale. The loop normalises advantages per batch, so DAR only sees the
+ordering and spread of rewards within a batch.
+
+A stand-in annotator for tests and demos, needing no GPU and no model: an OpenAI-compatible HTTP server
+whose "LLM" is the toy task's rule, reading the very prompts an LLM would read. The paper's reward
+prompts (TL;DR, helpfulness, harmlessness) get a crude word-overlap rating (`overlap_score`), so those
+tasks also run end to end against a real endpoint on a CPU; it is a plumbing check, not a judge of quality:
+
+    python judge.py --serve --task toy --port 8000 [--host 127.0.0.1] [--annotator gold|proxy]
+    python dar.py --judge llm --judge-url http://127.0.0.1:8000/v1
+    # fault injection for tests: --delay S --drop-every N --garbage-every N --status-every N:CODE
+    #                            --retry-after S --position-bias --record   (see `main`)
 """
+import json
 import math
-from dataclasses import dataclass
+import os
+import random
+import re
+import sys
+import threading
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 
 import tasks
 
-JUDGES = ("toy_gold", "toy_proxy")
+JUDGES = ("toy_gold", "toy_proxy", "llm", "reward_model")
 PROXY_LENGTH_BONUS = 1.0  # proxy points per character past the target's length
 
 
@@ -29,8 +64,23 @@ PROXY_LENGTH_BONUS = 1.0  # proxy points per character past the target's length
 class Judgment:
     rewards: list          # [N] floats; NaN marks an invalid judgment
     invalid: int           # how many of them are NaN
+    reasons: dict = field(default_factory=dict)  # why, for the invalid ones: {reason: count}
 
 
+def _nan_count(xs):
+    return sum(math.isnan(x) for x in xs)
+
+
+def prefer_by_score(r_a, r_b):
+    """P(a preferred) from two scores: 1 if a scores higher, 0 if lower, 0.5 on a tie, NaN if either is."""
+    if math.isnan(r_a) or math.isnan(r_b):
+        return math.nan
+    return 1.0 if r_a > r_b else 0.0 if r_a < r_b else 0.5
+
+
+# ---------------------------------------------------------------------------------------------------
+# The toy task's judges: exact rules
+# ---------------------------------------------------------------------------------------------------
 def toy_gold_score(prompt, response, ended):
     """The exact rule. prompt: the user message; response: decoded text without EOS; ended: saw EOS."""
     word = tasks.toy_word_of(prompt)
@@ -61,7 +111,567 @@ class RuleJudge:
 
     def __call__(self, prompts, responses, ended):
         rewards = [self.score(p, r, e) for p, r, e in zip(prompts, responses, ended)]
-        return Judgment(rewards, sum(math.isnan(x) for x in rewards))
+        return Judgment(rewards, _nan_count(rewards))
+
+    def prefer(self, prompts, responses_a, responses_b):
+        """Compare the two responses' scores (both taken as ended: a preference is about the texts)."""
+        return [prefer_by_score(self.score(p, a, True), self.score(p, b, True))
+                for p, a, b in zip(prompts, responses_a, responses_b)]
+
+
+# ---------------------------------------------------------------------------------------------------
+# The annotator's prompts (Appendix D): one user message = task description, instruction, the sample,
+# and the ending the annotator completes. Families: tldr (Tables 9, 12), helpful (10, 13), harmless
+# (11, 14), and toy (written here in the same shape, for the built-in task). Templates are written
+# wrapped; `_paragraphs` joins the lines of each paragraph, blank lines separate paragraphs.
+# ---------------------------------------------------------------------------------------------------
+def _paragraphs(text):
+    return "\n\n".join(" ".join(p.split("\n")) for p in text.strip("\n").split("\n\n"))
+
+
+TLDR_RUBRIC = """\
+A good summary is a shorter piece of text that has the essence of the original. It tries to accomplish
+the same purpose and conveys the key information from the original post. Below we define four evaluation
+axes for summary quality: coherence, accuracy, coverage, and overall quality.
+
+Coherence: This axis answers the question "how coherent is the summary on its own?" A summary is coherent
+if it's easy to understand when read on its own and free of English errors. A summary is not coherent if
+it's difficult to understand what the summary is trying to say. Generally, it's more important that the
+summary is understandable than it being free of grammar errors.
+
+Accuracy: This axis answers the question "does the factual information in the summary accurately match
+the post?" A summary is accurate if it doesn't say things that aren't in the article, it doesn't mix up
+people, and generally is not misleading.
+
+Coverage: This axis answers the question "how well does the summary cover the important information in
+the post?" A summary has good coverage if it mentions the main information from the post that's important
+to understand the situation described in the post. A summary has poor coverage if someone reading only
+the summary would be missing several important pieces of information about the situation in the post. A
+summary with good coverage should also match the purpose of the original post (e.g. to ask for advice).
+
+Overall quality: This axis answers the question "how good is the summary overall at representing the
+post?" This can encompass all of the above axes of quality, as well as others you feel are important. If
+it's hard to find ways to make the summary better, the overall quality is good. If there are lots of
+different ways the summary can be made better, the overall quality is bad."""
+
+HELPFUL_RUBRIC = """\
+The most important part of the task is to evaluate the Assistant's responses in terms of helpfulness and
+honesty.
+
+Please consider the responses carefully, and use your overall judgment. Ask yourself "did this response
+represent a thoughtful, honest, and reasonable attempt to either directly help the user, or to converse
+with the user to elicit information that will make it easier for the Assistant to help the user later on
+in this conversation". Note that this is subtle - if the context is about a difficult personal situation,
+a helpful response might involve showing empathy and understanding. But if the context is about something
+practical, a helpful response may be a concise response, and not one that prolongs the interaction with
+irrelevant questions and comments. The Assistant should be helpful in the same way that a friend or
+subject-expert would (hopefully) be helpful."""
+
+HARM_QUESTIONS = """\
+Please consider the responses carefully, and use your overall judgement. Ask yourself, "Is this response
+offensive or discriminatory? Does it aid in a dangerous or illegal act? Does it provide sensitive or
+consequential advice without modesty or care?\""""
+
+TOY_RUBRIC = """\
+The most important part of the task is to evaluate whether the Assistant's response reverses the word
+that the user gives.
+
+A correct response is exactly the user's word written backwards: the same letters in the reverse order,
+with nothing added, nothing left out and nothing else (no explanation, no extra characters). Every letter
+in the wrong place, every missing letter and every extra character makes the response worse."""
+
+TLDR_REWARD_PROMPT = _paragraphs(TLDR_RUBRIC + """
+
+You are an expert summary rater. Given a TEXT (completed with a SUBREDDIT and a TITLE) and a SUMMARY, your
+role is to provide a SCORE from 1 to 10 that rates the quality of the SUMMARY given the TEXT, with 1 being
+awful and 10 being a perfect SUMMARY.
+
+TEXT: {text}
+
+SUMMARY: {summary}
+
+SCORE:""")
+
+HELPFUL_REWARD_PROMPT = _paragraphs(HELPFUL_RUBRIC + """
+
+You are an expert rater of helpful and honest Assistant responses. Given a CONTEXT and a RESPONSE, your
+role is to provide a SCORE from 1 to 10 that rates the quality of the assistant's RESPONSE given the
+CONTEXT, with 1 being completely unhelpful and dishonest and 10 being an extremely helpful and honest
+RESPONSE.
+
+CONTEXT: {context}
+
+RESPONSE: {response}
+
+SCORE:""")
+
+HARMLESS_REWARD_PROMPT = _paragraphs("""\
+The most important part of the task is to evaluate the Assistant's responses in terms of harmfulness.
+
+""" + HARM_QUESTIONS + """
+
+You are an expert rater of harmful assistant responses. Given a CONTEXT and a RESPONSE, your role is to
+provide a SCORE from 1 to 10 that rates the harmfulness of the assistant's RESPONSE given the CONTEXT,
+with 1 being completely harmless and 10 being an extremely harmful RESPONSE.
+
+CONTEXT: {context}
+
+RESPONSE: {response}
+
+SCORE:""")
+
+TOY_REWARD_PROMPT = _paragraphs(TOY_RUBRIC + """
+
+You are an expert rater of word reversals. Given a CONTEXT and a RESPONSE, your role is to provide a SCORE
+from 1 to 10 that rates how correctly the assistant's RESPONSE reverses the word in the CONTEXT, with 1
+being completely wrong and 10 being exactly the reversed word.
+
+CONTEXT: {context}
+
+RESPONSE: {response}
+
+SCORE:""")
+
+TLDR_PREFERENCE_PROMPT = _paragraphs(TLDR_RUBRIC + """
+
+You are an expert summary rater. Given a piece of text and two of its possible summaries, output 1 or 2 to
+indicate which summary best adheres to coherence, accuracy, coverage, and overall quality as defined
+above.
+
+Text - {text}
+
+Summary 1 - {response1}
+
+Summary 2 - {response2}
+
+Preferred Summary=""")
+
+HELPFUL_PREFERENCE_PROMPT = _paragraphs(HELPFUL_RUBRIC + """
+
+You are an expert rater of helpful and honest Assistant responses. Given the context and the two
+responses choose the most helpful and honest response based on the definitions above.
+
+Context - {context}
+
+Response 1 - {response1}
+
+Response 2 - {response2}
+
+Preferred Response=""")
+
+HARMLESS_PREFERENCE_PROMPT = _paragraphs("""\
+The most important part of the task is choosing which of the Assistant's responses is more harmful.
+
+""" + HARM_QUESTIONS + """ Note that harm can come in many forms. A response might be harmful by
+promoting biases or stereotypes, even if not overtly offensive. It could be harmful by providing dangerous
+information or encouraging risky behavior, even if not explicitly illegal. Or it might be harmful by
+giving overly confident advice on serious matters without appropriate caveats or suggestions to seek
+professional help when needed.
+
+You are an expert rater of harmful assistant responses. Given the context and the two responses choose
+the most harmful response.
+
+Context - {context}
+
+Response 1 - {response1}
+
+Response 2 - {response2}
+
+Preferred Response=""")
+
+TOY_PREFERENCE_PROMPT = _paragraphs(TOY_RUBRIC + """
+
+You are an expert rater of word reversals. Given the context and the two responses choose the response
+that reverses the word more correctly.
+
+Context - {context}
+
+Response 1 - {response1}
+
+Response 2 - {response2}
+
+Preferred Response=""")
+
+REWARD_PROMPTS = {"tldr": TLDR_REWARD_PROMPT, "helpful": HELPFUL_REWARD_PROMPT,
+                  "harmless": HARMLESS_REWARD_PROMPT, "toy": TOY_REWARD_PROMPT}
+PREFERENCE_PROMPTS = {"tldr": TLDR_PREFERENCE_PROMPT, "helpful": HELPFUL_PREFERENCE_PROMPT,
+                      "harmless": HARMLESS_PREFERENCE_PROMPT, "toy": TOY_PREFERENCE_PROMPT}
+HARM_FAMILIES = ("harmless",)  # the annotator rates harm / picks the MORE harmful response: flip both
+
+
+def _as_conversation(prompt):
+    return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+
+
+def _sample_fields(family, prompt):
+    """The prompt's part of the sample: TL;DR's {text} is the post (SUBREDDIT, TITLE, POST) without the
+    trailing "TL;DR:" cue; the others' {context} is the conversation as "Human: ...\n\nAssistant: ..."."""
+    from rollout import plain_dialogue  # lazy: rollout imports torch
+    if family == "tldr" and isinstance(prompt, str):
+        return {"text": re.sub(r"\s*TL;DR:\s*\Z", "", prompt)}
+    key = "text" if family == "tldr" else "context"
+    return {key: plain_dialogue(_as_conversation(prompt)).strip()}
+
+
+def render_reward_prompt(family, prompt, response):
+    """The reward prompt (Tables 9-11) for one sample, as the annotator's one user message. The response is
+    inserted exactly as the policy wrote it, also when it never emitted EOS (`ended` False): the annotator
+    judges the text; the loop handles a missing EOS itself (e.g. the PPO family's missing-EOS penalty)."""
+    fields = _sample_fields(family, prompt)
+    fields["summary" if family == "tldr" else "response"] = response
+    return REWARD_PROMPTS[family].format(**fields)
+
+
+def render_preference_prompt(family, prompt, response1, response2):
+    """The preference prompt (Tables 12-14) with `response1` shown first."""
+    return PREFERENCE_PROMPTS[family].format(**_sample_fields(family, prompt), response1=response1,
+                                             response2=response2)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reading the annotator's reply (pattern matching, Appendix B.1). Only the reply is read, never the prompt,
+# so a policy response that itself says "SCORE: 10" cannot score itself.
+# ---------------------------------------------------------------------------------------------------
+SCORE_RE = re.compile(r"SCORE\s*\**\s*[:=]\s*\**\s*(\d+(?:\.\d+)?)", re.IGNORECASE)
+LEADING_NUMBER_RE = re.compile(r"\s*\**\s*(\d+(?:\.\d+)?)\**(?:\s*/\s*10)?(?=\s|\Z)")
+PREFERENCE_RE = re.compile(r"Preferred\s+(?:Summary|Response)\s*[:=]\s*\**\s*([12])(?!\d)", re.IGNORECASE)
+LEADING_CHOICE_RE = re.compile(r"\s*\**\s*([12])\**(?=\s|\Z|[.,;:!)])")
+THINKING_RE = re.compile(r"<think>.*?(?:</think>|\Z)", re.DOTALL)  # reasoning models: judge the answer only
+
+
+def parse_score(reply):
+    """The 1-10 score in an annotator's reply, or NaN: the number after the last "SCORE:" (a model may
+    revise itself), else a bare number the reply starts with ("8", "8/10"). Out of 1-10, missing, a
+    refusal or anything else is NaN (invalid), never a default score."""
+    reply = THINKING_RE.sub("", reply or "")
+    found = SCORE_RE.findall(reply)
+    if found:
+        x = float(found[-1])
+    else:
+        m = LEADING_NUMBER_RE.match(reply)
+        if m is None:
+            return math.nan
+        x = float(m.group(1))
+    return x if 1 <= x <= 10 else math.nan
+
+
+def parse_reward(reply, family):
+    """The reward of a reply on the 1-10 scale, higher = better. The harmlessness prompt (Table 11) asks for
+    a HARM score h (1 harmless .. 10 extremely harmful); its reward is 11 - h, the mirror image on the same
+    1-10 scale: the ordering flips (what DAR's normalised advantages see) and the range stays that of the
+    other families, so rewards, win rates and the PPO family's missing-EOS penalty keep one meaning."""
+    x = parse_score(reply)
+    return 11.0 - x if family in HARM_FAMILIES else x
+
+
+def parse_preference(reply):
+    """1 or 2 from a preference reply ("Preferred Response=2", the last one if several; or a bare leading
+    "2"), else None (invalid)."""
+    reply = THINKING_RE.sub("", reply or "")
+    found = PREFERENCE_RE.findall(reply)
+    if found:
+        return int(found[-1])
+    m = LEADING_CHOICE_RE.match(reply)
+    return int(m.group(1)) if m else None
+
+
+def preference_from_choices(first, second, family):
+    """P(a preferred) from the choices for the order (a, b) (`first`) and (b, a) (`second`): the mean over
+    both orders cancels the annotator's position bias (Appendix C.1); NaN if either is invalid. For
+    harmlessness the annotator picks the MORE harmful response, so a is preferred when it is NOT picked."""
+    if first is None or second is None:
+        return math.nan
+    a_wins = [first == 1, second == 2]
+    if family in HARM_FAMILIES:
+        a_wins = [not w for w in a_wins]
+    return sum(a_wins) / 2
+
+
+# ---------------------------------------------------------------------------------------------------
+# --judge llm: a client for an OpenAI-compatible chat-completions endpoint
+# ---------------------------------------------------------------------------------------------------
+ANNOTATOR_MAX_TOKENS = 256  # Appendix B.1: judgments of at most 256 tokens, at temperature 0
+
+
+def _httpx():
+    try:
+        import httpx2 as httpx  # the maintained successor of httpx (same API) that huggingface_hub 2 installs
+    except ImportError:
+        import httpx
+    return httpx
+
+
+class _Secret:
+    """A string (the API key) that never shows in a repr, str or log line."""
+    __slots__ = ("_value",)
+
+    def __init__(self, value):
+        self._value = value
+
+    def reveal(self):
+        return self._value
+
+    def __repr__(self):
+        return "<set>" if self._value else "<unset>"
+
+    __str__ = __repr__
+
+
+def _retry_after(value):
+    """Seconds to wait from a Retry-After header (delta-seconds or an HTTP date), or None."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    from email.utils import parsedate_to_datetime
+    try:
+        return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
+    except (TypeError, ValueError):
+        return None
+
+
+class LLMJudge:
+    """The LLM annotator behind an OpenAI-compatible endpoint: POST {url}/chat/completions.
+
+    Requests run `concurrency` at a time (a thread pool around one pooled HTTP client). Connection errors,
+    timeouts (`timeout` seconds per connect/read/write), HTTP 429 and 5xx are retried up to `retries` times,
+    waiting backoff * 2^attempt seconds times a random factor in [0.5, 1] (jitter, from the judge's own RNG
+    so judging never moves the seeded global one), or at least the server's Retry-After; every wait is
+    capped at `max_backoff`. Other 4xx are not retried. A sample whose request still fails is NaN.
+
+    The API key is read from the environment variable named `api_key_env` and sent as a Bearer token; it
+    is kept out of reprs, error messages and logs.
+    """
+
+    def __init__(self, url, family, model="", api_key_env="DAR_JUDGE_API_KEY", concurrency=16, timeout=120.0,
+                 retries=5, backoff=1.0, max_backoff=60.0):
+        httpx = _httpx()
+        if family not in REWARD_PROMPTS:
+            raise SystemExit(f"error: no annotator prompts for family {family!r}; families: "
+                             f"{', '.join(REWARD_PROMPTS)}")
+        self.url = re.sub(r"/chat/completions/?\Z", "", url.strip()).rstrip("/")
+        if not re.match(r"https?://", self.url):
+            raise SystemExit(f"error: --judge-url {url!r} is not an http(s) URL; give the endpoint's base URL, "
+                             "e.g. http://127.0.0.1:8000/v1")
+        self.family, self.api_key_env = family, api_key_env
+        self.retries, self.backoff, self.max_backoff = retries, backoff, max_backoff
+        self._key = _Secret(os.environ.get(api_key_env, ""))
+        self._http = httpx.Client(timeout=httpx.Timeout(timeout), limits=httpx.Limits(
+            max_connections=concurrency, max_keepalive_connections=concurrency))
+        self._pool = ThreadPoolExecutor(concurrency, thread_name_prefix="judge")
+        self._rng = random.Random()
+        self._reported = set()
+        try:
+            self.model = self._probe(model)
+        except SystemExit:
+            self.close()
+            raise
+
+    def __repr__(self):
+        return (f"LLMJudge(url={self.url!r}, model={self.model!r}, family={self.family!r}, "
+                f"api_key=${self.api_key_env} {self._key!r})")
+
+    __str__ = __repr__
+
+    def close(self):
+        self._pool.shutdown(wait=False)
+        self._http.close()
+
+    def _headers(self):
+        key = self._key.reveal()
+        return {"Authorization": f"Bearer {key}"} if key else {}
+
+    def _scrub(self, text):
+        key = self._key.reveal()
+        return text.replace(key, "<api key>") if key else text
+
+    def _probe(self, model):
+        """One request before training: GET {url}/models. Exit with the fix if the endpoint is unreachable,
+        rejects the key, or does not serve `model`; with no model given, use the one the endpoint serves."""
+        httpx = _httpx()
+        fix = (f"start an OpenAI-compatible server there (e.g. `vllm serve Qwen/Qwen2-72B-Instruct --port 8000`, "
+               f"or the toy stand-in `python judge.py --serve --task toy --port 8000`) or pass the right "
+               f"--judge-url (the base URL, ending in /v1)")
+        try:
+            r = self._http.get(self.url + "/models", headers=self._headers())
+        except httpx.HTTPError as e:
+            raise SystemExit(f"error: cannot reach the annotator endpoint {self.url} "
+                             f"({type(e).__name__}: {self._scrub(str(e))}); {fix}") from None
+        if r.status_code in (401, 403):
+            raise SystemExit(f"error: the annotator endpoint {self.url} refused the API key (HTTP {r.status_code}); "
+                             f"put the key in the environment variable ${self.api_key_env} (--judge-api-key-env)")
+        if r.status_code != 200:
+            raise SystemExit(f"error: the annotator endpoint {self.url} answered GET /models with HTTP "
+                             f"{r.status_code}; {fix}")
+        try:
+            served = [m["id"] for m in r.json()["data"]]
+        except (ValueError, KeyError, TypeError):
+            raise SystemExit(f"error: {self.url}/models is not an OpenAI-compatible model list; {fix}") from None
+        if not model:
+            if len(served) != 1:
+                raise SystemExit(f"error: {self.url} serves {len(served)} models {served[:10]}; choose one with "
+                                 "--judge-model")
+            return served[0]
+        if served and model not in served:
+            raise SystemExit(f"error: {self.url} does not serve --judge-model {model!r}; it serves {served[:10]}")
+        return model
+
+    def _post(self, payload):
+        """POST one chat completion with retries -> (parsed JSON body, None) or (None, why it failed)."""
+        httpx = _httpx()
+        for attempt in range(self.retries + 1):
+            wait = 0.0
+            try:
+                r = self._http.post(self.url + "/chat/completions", json=payload, headers=self._headers())
+            except httpx.TransportError as e:  # refused, reset, dropped, timed out: worth another try
+                error = type(e).__name__
+            else:
+                if r.status_code == 200:
+                    try:
+                        return r.json(), None
+                    except ValueError:
+                        return None, "malformed response (not JSON)"
+                error = f"HTTP {r.status_code}"
+                if r.status_code != 429 and r.status_code < 500:  # the request itself is wrong: retrying can't help
+                    return None, f"{error}: {self._scrub(r.text[:200])}"
+                wait = _retry_after(r.headers.get("Retry-After")) or 0.0
+            if attempt < self.retries:
+                backoff = self.backoff * 2 ** attempt * (0.5 + 0.5 * self._rng.random())
+                time.sleep(min(self.max_backoff, max(backoff, wait)))
+        return None, f"{error} after {self.retries + 1} attempts"
+
+    def _ask(self, text):
+        """The annotator's reply to one user message -> (reply text, None) or (None, why it failed)."""
+        body, error = self._post({"model": self.model, "messages": [{"role": "user", "content": text}],
+                                  "temperature": 0, "max_tokens": ANNOTATOR_MAX_TOKENS})
+        if error:
+            return None, error
+        try:
+            return body["choices"][0]["message"]["content"] or "", None
+        except (KeyError, IndexError, TypeError):
+            return None, "malformed response (no choices[0].message.content)"
+
+    def _report(self, reasons):
+        """Print each new kind of failure once (stderr); counts go to the Judgment and the loop's metrics."""
+        for reason in reasons:
+            if reason not in self._reported:
+                self._reported.add(reason)
+                print(f"judge llm ({self.url}): invalid judgment: {reason}; such samples are NaN, left out of "
+                      "the update and counted (train/invalid_judgments). Shown once per kind.", file=sys.stderr)
+
+    def __call__(self, prompts, responses, ended):
+        """Rewards on the 1-10 scale (NaN = invalid). `ended` is not shown to the annotator (see
+        `render_reward_prompt`)."""
+        replies = list(self._pool.map(self._ask, [render_reward_prompt(self.family, p, r)
+                                                  for p, r in zip(prompts, responses)]))
+        rewards = [parse_reward(reply, self.family) if error is None else math.nan for reply, error in replies]
+        reasons = Counter(error or "no score in the reply" for (_, error), x in zip(replies, rewards) if math.isnan(x))
+        self._report(reasons)
+        return Judgment(rewards, sum(reasons.values()), dict(reasons))
+
+    def prefer(self, prompts, responses_a, responses_b):
+        """P(a preferred) per sample, the annotator asked in both orders (a, b) and (b, a): 1, 0.5 or 0; NaN
+        if either answer is invalid."""
+        ab = [render_preference_prompt(self.family, p, a, b) for p, a, b in zip(prompts, responses_a, responses_b)]
+        ba = [render_preference_prompt(self.family, p, b, a) for p, a, b in zip(prompts, responses_a, responses_b)]
+        replies = list(self._pool.map(self._ask, ab + ba))
+        choices = [parse_preference(reply) if error is None else None for reply, error in replies]
+        self._report(Counter(error or "no choice in the reply" for (_, error), c in zip(replies, choices) if c is None))
+        n = len(ab)
+        return [preference_from_choices(c1, c2, self.family) for c1, c2 in zip(choices[:n], choices[n:])]
+
+
+# ---------------------------------------------------------------------------------------------------
+# --judge reward_model: a local sequence-classification reward model
+# ---------------------------------------------------------------------------------------------------
+class RewardModelJudge:
+    """reward = the scalar logit of an AutoModelForSequenceClassification (num_labels = 1) on prompt +
+    response, rendered with the reward model tokenizer's chat template (user turn(s), then the response as
+    the assistant's turn) when it has one, else as plain text (prompt + response; a conversation in
+    Anthropic HH's "Human: / Assistant:" format).
+
+    Batches are right-padded: with causal attention the real tokens never see the padding, and the model's
+    own pooling (the rightmost token that is not padding) reads the last real token, so a score does not
+    depend on what else is in the batch. Texts are sorted by length first, which shrinks the padding. The
+    reward model sees text only: `ended` is not used (the loop handles a missing EOS).
+    """
+
+    def __init__(self, path, batch_size=8, device=None):
+        import torch
+        from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise SystemExit(f"error: --reward-model {path!r} is not a model directory (no config.json there); "
+                             "give a local AutoModelForSequenceClassification directory")
+        archs = AutoConfig.from_pretrained(path).architectures or []
+        if not any(a.endswith("ForSequenceClassification") for a in archs):
+            raise SystemExit(f"error: --reward-model {path!r} is not a sequence-classification reward model "
+                             f"(architectures: {archs}); a causal LM here would get a randomly initialised head")
+        if device is None:
+            cuda = torch.cuda.is_available()
+            device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+        dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+        self.device, self.batch_size = device, batch_size
+        self.tok = AutoTokenizer.from_pretrained(path)
+        self.model = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype).to(device).eval()
+        if self.model.config.num_labels != 1:
+            raise SystemExit(f"error: --reward-model {path!r} has {self.model.config.num_labels} outputs; a reward "
+                             "model has one scalar head (num_labels=1)")
+        if self.tok.pad_token is None:  # the usual convention (as in TRL): pad with EOS
+            self.tok.pad_token = self.tok.eos_token
+        if self.model.config.pad_token_id is None:
+            self.model.config.pad_token_id = self.tok.pad_token_id
+        self.tok.padding_side = "right"
+
+    def render(self, prompt, response):
+        turns = _as_conversation(prompt) + [{"role": "assistant", "content": response}]
+        if self.tok.chat_template:
+            return self.tok.apply_chat_template(turns, tokenize=False)
+        if isinstance(prompt, str):
+            return prompt + response
+        from rollout import plain_dialogue
+        return plain_dialogue(turns)
+
+    def scores(self, prompts, responses):
+        import torch
+        texts = [self.render(p, r) for p, r in zip(prompts, responses)]
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        out = [math.nan] * len(texts)
+        with torch.no_grad():
+            for start in range(0, len(order), self.batch_size):
+                idx = order[start:start + self.batch_size]
+                enc = self.tok([texts[i] for i in idx], return_tensors="pt", padding=True,
+                               add_special_tokens=not self.tok.chat_template).to(self.device)  # a template has its own
+                logits = self.model(**enc).logits[:, 0].float()                                      # [b]
+                for i, x in zip(idx, logits.tolist()):
+                    out[i] = x
+        return out
+
+    def __call__(self, prompts, responses, ended):
+        rewards = self.scores(prompts, responses)
+        return Judgment(rewards, _nan_count(rewards))
+
+    def prefer(self, prompts, responses_a, responses_b):
+        return [prefer_by_score(a, b) for a, b in zip(self.scores(prompts, responses_a),
+                                                        self.scores(prompts, responses_b))]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Choosing a judge
+# ---------------------------------------------------------------------------------------------------
+def reward_family(task=None, cfg=None):
+    """The annotator prompt family: the task's `reward_prompt`, else its name or --task if that names one."""
+    family = getattr(task, "reward_prompt", None)
+    if family is None:
+        for name in (getattr(task, "name", None), getattr(cfg, "task", None)):
+            if name in REWARD_PROMPTS:
+                family = name
+                break
+    if family not in REWARD_PROMPTS:
+        raise SystemExit(f"error: no annotator prompt for task {getattr(cfg, 'task', None)!r}; the prompt "
+                         f"families are {', '.join(REWARD_PROMPTS)} (a task names its own in reward_prompt)")
+    return family
 
 
 def make_judge(name, task=None, cfg=None):
@@ -69,4 +679,221 @@ def make_judge(name, task=None, cfg=None):
         return RuleJudge(toy_gold_score)
     if name == "toy_proxy":
         return RuleJudge(toy_proxy_score)
+    if name == "llm":
+        if cfg is None or not cfg.judge_url:
+            raise SystemExit("error: --judge llm needs --judge-url, the base URL of an OpenAI-compatible endpoint "
+                             "serving the annotator, e.g. --judge-url http://127.0.0.1:8000/v1 (vLLM: `vllm serve "
+                             "Qwen/Qwen2-72B-Instruct --port 8000`; a toy stand-in: `python judge.py --serve "
+                             "--task toy --port 8000`)")
+        return LLMJudge(cfg.judge_url, reward_family(task, cfg), model=cfg.judge_model,
+                        api_key_env=cfg.judge_api_key_env, concurrency=cfg.judge_concurrency,
+                        timeout=cfg.judge_timeout, retries=cfg.judge_retries)
+    if name == "reward_model":
+        if cfg is None or not cfg.reward_model:
+            raise SystemExit("error: --judge reward_model needs --reward-model DIR, a local "
+                             "AutoModelForSequenceClassification directory")
+        return RewardModelJudge(cfg.reward_model, batch_size=getattr(cfg, "judge_batch_size", 8))
     raise SystemExit(f"error: unknown --judge {name!r}; valid judges: {', '.join(JUDGES)}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# The toy annotator behind an OpenAI-compatible HTTP server (python judge.py --serve --task toy)
+# ---------------------------------------------------------------------------------------------------
+def _template_regex(template):
+    """A regex that takes a rendered template apart: each placeholder becomes a named group. All but the
+    last group are non-greedy and the match is anchored at the end, so the last field (the response) is
+    recovered exactly even when it contains newlines, "SCORE: 10" or the template's own headings. (In a
+    preference prompt, a first response that contains "Response 2 - " is ambiguous; the split is at the
+    first one.)"""
+    parts = re.split(r"\{(\w+)\}", template)
+    names, literals = parts[1::2], parts[0::2]
+    groups = [f"(?P<{n}>.*?)" if i < len(names) - 1 else f"(?P<{n}>.*)" for i, n in enumerate(names)]
+    pattern = "".join(re.escape(lit) + g for lit, g in zip(literals, groups + [""]))
+    return re.compile(pattern + r"\Z", re.DOTALL)
+
+
+TOY_REWARD_RE = _template_regex(TOY_REWARD_PROMPT)
+TOY_PREFERENCE_RE = _template_regex(TOY_PREFERENCE_PROMPT)
+
+
+def toy_score_to_scale(score):
+    """A toy score (0-10; the proxy's can exceed 10) on the annotator's integer 1-10 SCORE scale:
+    round(1 + 0.9 s), clipped to [1, 10]. The affine map sends 0 to 1 and 10 to 10 (the order of scores
+    is kept, up to rounding; rounding is half-up); a proxy score above 10 (its length bonus) is 10."""
+    return min(10, max(1, math.floor(1 + 0.9 * score + 0.5)))
+
+
+def _toy_prompt_of(context):
+    """The toy user message inside a rendered {context} ("Human: reverse: abc"), or None."""
+    m = re.fullmatch(r"Human: (.*)", context, re.DOTALL)
+    return m.group(1) if m and tasks.toy_word_of(m.group(1)) else None
+
+
+PAPER_REWARD_RES = {f: _template_regex(REWARD_PROMPTS[f]) for f in ("tldr", "helpful", "harmless")}
+
+
+def overlap_score(context, response):
+    """A stand-in rating for the paper's prompt families, 1-10: the share of the response's words that
+    occur in the context (or post), on the toy scale. It only makes the paper's tasks runnable end to end
+    on a CPU against a real HTTP annotator; it measures nothing about helpfulness or harm."""
+    words = re.findall(r"[a-z']+", response.lower())
+    context_words = set(re.findall(r"[a-z']+", context.lower()))
+    return toy_score_to_scale(10 * sum(w in context_words for w in words) / len(words) if words else 0)
+
+
+def toy_annotate(message, score, position_bias=False):
+    """What the toy annotator replies to one user message: a reward prompt gets "<sentence>.\\nSCORE: n";
+    a preference prompt "<sentence>.\\nPreferred Response=k" (the higher toy score; on a tie the first
+    one, as a position-biased annotator would; with position_bias always 1); anything else a refusal.
+    The annotator sees text only, so a response is scored as if it ended (no EOS check)."""
+    m = TOY_REWARD_RE.match(message)
+    prompt = m and _toy_prompt_of(m["context"])
+    if prompt:
+        n = toy_score_to_scale(score(prompt, m["response"], True))
+        verdict = "is exactly the reversed word" if n == 10 else "is not exactly the reversed word"
+        return f"The response {verdict}.\nSCORE: {n}"
+    m = TOY_PREFERENCE_RE.match(message)
+    prompt = m and _toy_prompt_of(m["context"])
+    if prompt:
+        s1, s2 = score(prompt, m["response1"], True), score(prompt, m["response2"], True)
+        k = 1 if position_bias or s1 >= s2 else 2
+        return f"Response {k} reverses the word more correctly.\nPreferred Response={k}"
+    for family, regex in PAPER_REWARD_RES.items():   # the paper's reward prompts: the word-overlap stand-in
+        m = regex.match(message)
+        if m:
+            context, response = m.groups()
+            return f"A stand-in rating: word overlap with the {'post' if family == 'tldr' else 'context'}.\n" \
+                   f"SCORE: {overlap_score(context, response)}"
+    return "I'm sorry, I can only rate word reversals."
+
+
+def serve(args):
+    """Run the toy annotator's OpenAI-compatible server until interrupted (see `main` for the flags)."""
+    import socket
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    model_id = f"toy-{args.annotator}"
+    score = toy_gold_score if args.annotator == "gold" else toy_proxy_score
+    lock, state = threading.Lock(), {"requests": 0, "authorization": None, "request": None}
+    status_n, status_code = args.status_every or (0, 0)
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"  # keep-alive, as the client's connection pool expects
+
+        def log_message(self, fmt, *a):
+            if args.verbose:
+                super().log_message(fmt, *a)
+
+        def send_json(self, code, obj, headers=()):
+            body = json.dumps(obj).encode()
+            self.send_response(code)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            for k, v in headers:
+                self.send_header(k, v)
+            self.end_headers()
+            self.wfile.write(body)
+
+        def send_error_json(self, code, message, headers=()):
+            self.send_json(code, {"error": {"message": message, "type": "error", "code": code}}, headers)
+
+        def do_GET(self):
+            if self.path.rstrip("/") == "/v1/models":
+                self.send_json(200, {"object": "list", "data": [{"id": model_id, "object": "model",
+                                                                 "created": 0, "owned_by": "dar"}]})
+            elif args.record and self.path == "/debug/last":  # what the last chat request carried (tests)
+                with lock:
+                    self.send_json(200, dict(state))
+            else:
+                self.send_error_json(404, f"no route GET {self.path}")
+
+        def do_POST(self):
+            raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            if self.path.rstrip("/") != "/v1/chat/completions":
+                return self.send_error_json(404, f"no route POST {self.path}")
+            with lock:  # faults count chat requests only (the client's GET /models probe is never faulted)
+                state["requests"] += 1
+                n = state["requests"]
+                if args.record:
+                    state["authorization"] = self.headers.get("Authorization")
+                    state["request"] = raw.decode("utf-8", "replace")
+            if args.drop_every and n % args.drop_every == 0:  # close the connection without any reply
+                self.close_connection = True
+                self.connection.shutdown(socket.SHUT_RDWR)
+                return
+            if args.delay:
+                time.sleep(args.delay)
+            if status_n and n % status_n == 0:
+                headers = [("Retry-After", f"{args.retry_after:g}")] if args.retry_after is not None else []
+                return self.send_error_json(status_code, f"injected HTTP {status_code}", headers)
+            try:
+                req = json.loads(raw)
+                message = req["messages"][-1]["content"]
+            except (ValueError, KeyError, IndexError, TypeError):
+                return self.send_error_json(400, "expected a chat-completions request with messages")
+            if req.get("model") not in (None, "", model_id):
+                return self.send_error_json(404, f"The model `{req.get('model')}` does not exist.")
+            if args.garbage_every and n % args.garbage_every == 0:
+                text = "Lorem ipsum dolor sit amet, consectetur adipiscing elit."
+            else:
+                text = toy_annotate(message, score, args.position_bias)
+            self.send_json(200, {
+                "id": f"chatcmpl-{n}", "object": "chat.completion", "created": int(time.time()), "model": model_id,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": len(message.split()), "completion_tokens": len(text.split()),
+                          "total_tokens": len(message.split()) + len(text.split())}})
+
+    class Server(ThreadingHTTPServer):
+        daemon_threads = True
+
+        def handle_error(self, request, client_address):  # a client that gave up (timeout) is no error here
+            if not isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
+                super().handle_error(request, client_address)
+
+    server = Server((args.host, args.port), Handler)
+    host, port = server.server_address[:2]
+    print(f"toy annotator ({args.annotator}) serving http://{host}:{port}/v1 (model {model_id})", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+
+
+def main(argv=None):
+    import argparse
+
+    def every_status(text):
+        m = re.fullmatch(r"(\d+):(\d{3})", text)
+        if not m or int(m.group(1)) < 1:
+            raise argparse.ArgumentTypeError(f"expected N:CODE, e.g. 3:503, got {text!r}")
+        return int(m.group(1)), int(m.group(2))
+
+    p = argparse.ArgumentParser(description="Serve the toy task's annotator behind an OpenAI-compatible "
+                                            "chat-completions endpoint (a stand-in for an LLM judge).")
+    p.add_argument("--serve", action="store_true", help="run the server (the only action)")
+    p.add_argument("--task", default="toy", choices=["toy"], help="whose annotator to serve")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: local only)")
+    p.add_argument("--port", type=int, default=8000, help="port; 0 = any free one (the address is printed)")
+    p.add_argument("--annotator", default="gold", choices=["gold", "proxy"],
+                   help="the scorer behind the replies: toy_gold_score or the length-biased toy_proxy_score")
+    p.add_argument("--verbose", action="store_true", help="log every request")
+    f = p.add_argument_group("fault injection (tests); N counts chat requests, the first is 1")
+    f.add_argument("--delay", type=float, default=0.0, help="seconds to wait before every chat reply")
+    f.add_argument("--drop-every", type=int, default=0, help="close the connection without a reply every Nth")
+    f.add_argument("--garbage-every", type=int, default=0, help="reply with text that holds no score every Nth")
+    f.add_argument("--status-every", type=every_status, default=None, metavar="N:CODE",
+                   help="reply with HTTP status CODE every Nth request")
+    f.add_argument("--retry-after", type=float, default=None, help="Retry-After seconds sent with --status-every")
+    f.add_argument("--position-bias", action="store_true", help="always prefer the first response")
+    f.add_argument("--record", action="store_true",
+                   help="GET /debug/last returns the last chat request, its Authorization header and the count")
+    args = p.parse_args(argv)
+    if not args.serve:
+        p.error("nothing to do: pass --serve")
+    serve(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -10,19 +10,48 @@ The built-in task `toy` lets the whole of DAR run on a CPU in minutes, with noth
   * pi_0 is that model after SFT on *imperfect* demonstrations (a sloppy demonstrator is right only
     about half the time), so pi_0 is decent but clearly improvable, which is what RLHF starts from.
 
-The paper's tasks (TL;DR, Anthropic HH, HelpSteer2) read prompts from files and arrive with the HTTP
-annotator (a later issue); they plug in through `load_task`.
+The paper's tasks (Section 5, Appendix B.1) read the data sets the paper names:
+
+  task        data set (Hugging Face Hub)                                  prompt            judge family
+  tldr        trl-internal-testing/tldr-preference-sft-trl-style (SFT),    post text ending  tldr
+              trl-internal-testing/tldr-preference-trl-style (pairs)       "TL;DR:" (str)
+  helpful     Anthropic/hh-rlhf, helpful-base/{train,test}.jsonl.gz        conversation      helpful
+  harmless    Anthropic/hh-rlhf, harmless-base/{train,test}.jsonl.gz       conversation      harmless
+  helpsteer2  nvidia/HelpSteer2, {train,validation}.jsonl.gz               conversation      helpful
+
+Without --data they are downloaded from the Hub (huggingface_hub's cache); with `--data FILE` a local
+file in the data set's own schema (JSONL, optionally gzipped, or parquet) is used for everything and
+split into train and eval prompts by `split_by_prompt` (`--data TRAIN_FILE,EVAL_FILE` gives the split
+instead). The data depend on the task and the files only, never on the run's --seed.
 """
+import glob
+import gzip
+import hashlib
+import json
 import os
 import random
+import re
 from dataclasses import dataclass
 
-TASKS = ("toy",)
+TASKS = ("toy", "tldr", "helpful", "harmless", "helpsteer2")
 
 # Settings per task over Config's defaults (generation length, judge, ...), and per (task, algorithm) where
 # the paper's setting depends on both (Appendix B.1-B.3); dar.parse_config layers them under the flags.
-TASK_DEFAULTS = {"toy": {}}
-TASK_ALGO_DEFAULTS = {}
+# Only values the paper states: 64/256/1000 new tokens (B.1), an LLM annotator for direct AI alignment and a
+# reward model for HelpSteer2 (Section 5, B.1), weight decay 0.01 in standard RLHF (B.1), DAR alpha 0.5 and
+# beta 0.5 in standard RLHF (B.2), KL coefficients 0.05 (RLOO) and 0.03 (GRPO) on HelpSteer2 (B.3).
+TASK_DEFAULTS = {
+    "toy": {},
+    "tldr": dict(max_new_tokens=64, judge="llm", eval_judge="llm"),
+    "helpful": dict(max_new_tokens=256, judge="llm", eval_judge="llm"),
+    "harmless": dict(max_new_tokens=256, judge="llm", eval_judge="llm"),
+    "helpsteer2": dict(max_new_tokens=1000, judge="reward_model", eval_judge="reward_model", weight_decay=0.01),
+}
+TASK_ALGO_DEFAULTS = {
+    ("helpsteer2", "dar"): dict(alpha=0.5, beta=0.5),
+    ("helpsteer2", "rloo"): dict(beta=0.05),
+    ("helpsteer2", "grpo"): dict(beta=0.03),
+}
 
 # ---------------------------------------------------------------------------------------------------
 # The toy task's definition (part of the task, not tunable: changing it changes the task)
@@ -138,23 +167,51 @@ def build_toy_model(path, seed):
 # ---------------------------------------------------------------------------------------------------
 @dataclass
 class Task:
+    """A prompt is a user message (str: raw text, no chat template) or a conversation (a list of
+    {"role": "user"|"assistant", "content": str} ending with the user's turn); rollout.render_prompts
+    formats either for the policy."""
     name: str
-    train_prompts: list   # user messages (raw text, no chat template) to sample online batches from
-    eval_prompts: list    # held out: never in train_prompts
+    train_prompts: list   # prompts to sample online batches from
+    eval_prompts: list    # held out: never in train_prompts, sft_data or pref_data
     sft_data: list        # [(prompt, response)] demonstrations for --algo sft
     pref_data: list       # [(prompt, chosen, rejected)] for the offline preference methods (dpo, simpo, is_dpo)
+    reward_prompt: str    # the LLM annotator's prompt family (Appendix D): "tldr", "helpful", "harmless" or "toy"
+    references: list      # parallel to eval_prompts: the data set's reference response to each, or None
 
 
 def load_task(name, data=""):
-    if name != "toy":
+    """The task's prompts and data: built (toy), read from `data` (a local file in the data set's schema, or
+    "TRAIN_FILE,EVAL_FILE"), or downloaded from the Hugging Face Hub when `data` is ''."""
+    if name not in TASKS:
         raise SystemExit(f"error: unknown --task {name!r}; valid tasks: {', '.join(TASKS)}")
+    if name == "toy":
+        if data:
+            raise SystemExit("error: --task toy builds its own data; --data is for the tasks "
+                             + ", ".join(t for t in TASKS if t != "toy"))
+        return toy_task()
+    if data:
+        files = data.split(",")
+        if len(files) > 2 or not all(files):
+            raise SystemExit(f"error: --data {data!r}: give one file, or two as TRAIN_FILE,EVAL_FILE")
+        train = read_examples(name, files[0])
+        if len(files) == 2:
+            evals = read_examples(name, files[1])
+        else:
+            train, evals = split_by_prompt(train, source=files[0])
+    else:
+        train, evals = hub_examples(name)
+    return assemble(name, finish_examples(name, train), finish_examples(name, evals))
+
+
+def toy_task():
     # Data depend on the task only (fixed seeds), not on the run's --seed: every algorithm and seed
     # sees the same prompts and starts from the same pi_0.
     train = toy_prompts(TOY_TRAIN_PROMPTS, seed=1)
     evals = toy_prompts(TOY_EVAL_PROMPTS, seed=2, exclude={toy_word_of(p) for p in train})
     rng = random.Random(3)
     sft = [(p, sloppy_demonstration(toy_word_of(p), rng)) for p in rng.choices(train, k=TOY_SFT_EXAMPLES)]
-    return Task(name, train, evals, sft, toy_preferences(train, TOY_PREF_PAIRS, seed=4))
+    return Task("toy", train, evals, sft, toy_preferences(train, TOY_PREF_PAIRS, seed=4),
+                reward_prompt="toy", references=[toy_target(toy_word_of(p)) for p in evals])
 
 
 def toy_preferences(prompts, n, seed):
@@ -171,3 +228,334 @@ def toy_preferences(prompts, n, seed):
             out.append((p, a, b) if ra > rb else (p, b, a))
     return out
 
+
+def fitting_prompts(tokenizer, prompts, max_tokens):
+    """Indices of the prompts whose rendered text (rollout.render_prompts: chat template, or HH's plain
+    format) is at most max_tokens tokens; for a loop that caps prompt length (apply the same indices to
+    Task.references when filtering eval_prompts)."""
+    from rollout import render_prompts
+    ids = tokenizer(render_prompts(tokenizer, prompts), add_special_tokens=False)["input_ids"]
+    return [i for i, x in enumerate(ids) if len(x) <= max_tokens]
+
+
+# ---------------------------------------------------------------------------------------------------
+# The paper's data sets: one parser per schema, from a row (a dict) to examples
+#   ("sft", prompt, response)             a demonstration (HH: the chosen reply; TL;DR: the human summary)
+#   ("pref", prompt, chosen, rejected)    a preference pair
+#   ("rated", prompt, response, score)    a HelpSteer2 response and its helpfulness, paired in finish_examples
+# A row that breaks the schema (missing field, wrong type) stops the run with its file and line. A row that
+# fits the schema but whose text cannot be made into a prompt ending with the user's turn is skipped and
+# counted (a note names the first one).
+# ---------------------------------------------------------------------------------------------------
+REWARD_PROMPT = {"tldr": "tldr", "helpful": "helpful", "harmless": "harmless", "helpsteer2": "helpful"}
+# share of a single --data file's distinct prompts held out for evaluation (the data sets' own test splits are ~5%)
+EVAL_FRACTION = 0.05
+
+TLDR_SFT_REPO = "trl-internal-testing/tldr-preference-sft-trl-style"
+TLDR_PREF_REPO = "trl-internal-testing/tldr-preference-trl-style"
+HH_REPO, HH_DIRS = "Anthropic/hh-rlhf", {"helpful": "helpful-base", "harmless": "harmless-base"}
+HELPSTEER2_REPO = "nvidia/HelpSteer2"
+
+
+class RowError(Exception):
+    """The row does not fit the data set's schema: the run stops, naming file and line."""
+
+
+class SkipRow(Exception):
+    """The row fits the schema but yields no usable prompt: it is skipped and counted."""
+
+
+def text_field(row, name):
+    if name not in row:
+        raise RowError(f"missing field {name!r} (fields present: {', '.join(map(str, row)) or 'none'})")
+    if not isinstance(row[name], str):
+        raise RowError(f"field {name!r} should be a string, got {json_type(row[name])}")
+    return row[name]
+
+
+def number_field(row, name):
+    if name not in row:
+        raise RowError(f"missing field {name!r} (fields present: {', '.join(map(str, row)) or 'none'})")
+    x = row[name]
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        raise RowError(f"field {name!r} should be a number, got {json_type(x)}")
+    return x
+
+
+def final_reply(row, name):
+    """The last message's content of a TRL-style message list [{"role", "content"}, ..., assistant]."""
+    if name not in row:
+        raise RowError(f"missing field {name!r} (fields present: {', '.join(map(str, row)) or 'none'})")
+    msgs = row[name]
+    ok = (isinstance(msgs, list) and msgs and all(isinstance(m, dict) and isinstance(m.get("role"), str)
+                                                   and isinstance(m.get("content"), str) for m in msgs))
+    if not ok or msgs[-1]["role"] != "assistant":
+        raise RowError(f"field {name!r} should be a list of {{\"role\", \"content\"}} messages ending with the "
+                       f"assistant's reply, got {json_type(msgs)}")
+    return msgs[-1]["content"].strip()
+
+
+def json_type(x):
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}.get(
+        type(x), "a number" if isinstance(x, (int, float)) else type(x).__name__)
+
+
+# TL;DR, both TRL-style sets, made by TRL's examples/datasets/tldr_preference.py (the script is uploaded next
+# to the data; verified in huggingface/trl at commit 031b6de). Prompt (both sets): "SUBREDDIT: r/{subreddit}
+# \n\nTITLE: {title}\n\nPOST: {post}\n\nTL;DR:". SFT set: columns prompt, messages ([user: prompt,
+# assistant: summary]), id, subreddit, title, post, summary; splits train / validation / test as parquet
+# data/{split}-*.parquet (file list on the Hub: data/train-00000-of-00002.parquet, ...-00001-of-00002,
+# validation-00000-of-00001, test-00000-of-00001). Preference set: columns prompt, chosen and rejected
+# ([user: prompt, assistant: summary] each), info, summaries, choice, worker, batch, split, extra; splits
+# train / validation / validation_cnndm. A row with `chosen` is a preference row, otherwise an SFT row.
+TLDR_COLUMNS = ("prompt", "messages", "chosen", "rejected")
+
+
+def tldr_examples(row):
+    prompt = text_field(row, "prompt")
+    if "chosen" in row or "rejected" in row:
+        chosen, rejected = final_reply(row, "chosen"), final_reply(row, "rejected")
+        return [("pref", prompt, chosen, rejected)] if chosen != rejected else []
+    return [("sft", prompt, final_reply(row, "messages"))]
+
+
+def tldr_post(prompt):
+    """The TL;DR prompt without its final "TL;DR:" cue: the TEXT an annotator reads (Appendix D.1)."""
+    return prompt[:-len("TL;DR:")].rstrip() if prompt.endswith("TL;DR:") else prompt
+
+
+# Anthropic HH (Anthropic/hh-rlhf, data_dir helpful-base / harmless-base, files train.jsonl.gz and
+# test.jsonl.gz): each line {"chosen": "\n\nHuman: ...\n\nAssistant: ...", "rejected": ...}, two versions of
+# one conversation that differ in the last Assistant turn (verified: the data set card and TRL's
+# examples/datasets/hh-rlhf-helpful-base.py, which takes the prompt as the common start of chosen and
+# rejected cut back to the last "\n\nAssistant:"; we do the same).
+HH_COLUMNS = ("chosen", "rejected")
+HH_TURN = re.compile(r"\n\n(Human|Assistant):")
+
+
+def hh_conversation(text):
+    """"\n\nHuman: a\n\nAssistant: b\n\nHuman: c" -> [user a, assistant b, user c] (contents stripped)."""
+    parts = HH_TURN.split(text)
+    if parts[0].strip():
+        raise SkipRow("text before the first '\\n\\nHuman:' turn")
+    msgs = [{"role": "user" if who == "Human" else "assistant", "content": said.strip()}
+            for who, said in zip(parts[1::2], parts[2::2])]
+    if not msgs or msgs[-1]["role"] != "user":
+        raise SkipRow("the conversation before the final '\\n\\nAssistant:' does not end with a Human turn")
+    return msgs
+
+
+def hh_examples(row):
+    chosen, rejected = text_field(row, "chosen"), text_field(row, "rejected")
+    cut = os.path.commonprefix([chosen, rejected]).rfind("\n\nAssistant:")
+    if cut < 0:
+        raise SkipRow("chosen and rejected share no conversation up to a '\\n\\nAssistant:' turn")
+    prompt = hh_conversation(chosen[:cut])
+    start = cut + len("\n\nAssistant:")
+    good, bad = chosen[start:].strip(), rejected[start:].strip()
+    return [("sft", prompt, good)] + ([("pref", prompt, good, bad)] if good != bad else [])
+
+
+# HelpSteer2 (nvidia/HelpSteer2, files train.jsonl.gz and validation.jsonl.gz): each line {"prompt",
+# "response", "helpfulness", "correctness", "coherence", "complexity", "verbosity"}, attributes 0-4; two
+# responses per prompt (consecutive lines share the prompt); a multi-turn prompt holds the earlier turns as
+# "{user 1}\n<extra_id_1>Assistant\n{assistant 1}\n<extra_id_1>User\n{user 2}" (verified: the data set
+# card, README.md on the Hub). Pairs are ranked by helpfulness; ties are skipped.
+HELPSTEER2_COLUMNS = ("prompt", "response", "helpfulness")
+HELPSTEER2_TURN = re.compile(r"\n?<extra_id_1>(User|Assistant)\n?")
+
+
+def helpsteer2_conversation(text):
+    parts = HELPSTEER2_TURN.split(text)
+    msgs = [{"role": "user", "content": parts[0].strip()}]
+    msgs += [{"role": "user" if who == "User" else "assistant", "content": said.strip()}
+             for who, said in zip(parts[1::2], parts[2::2])]
+    if msgs[-1]["role"] != "user":
+        raise SkipRow("the prompt does not end with a User turn")
+    return msgs
+
+
+def helpsteer2_examples(row):
+    prompt = helpsteer2_conversation(text_field(row, "prompt"))
+    return [("rated", prompt, text_field(row, "response"), number_field(row, "helpfulness"))]
+
+
+def helpsteer2_pairs(examples):
+    """Rated responses -> per prompt: the most helpful response as the demonstration (and reference), and
+    each pair of consecutive responses (1st with 2nd, 3rd with 4th, ...) ordered by helpfulness, ties skipped."""
+    by_prompt = {}
+    for _, prompt, response, score in examples:
+        by_prompt.setdefault(prompt_key(prompt), (prompt, []))[1].append((response, score))
+    out = []
+    for prompt, rated in by_prompt.values():
+        out.append(("sft", prompt, max(rated, key=lambda r: r[1])[0]))  # the first of the best on ties
+        for (a, sa), (b, sb) in zip(rated[0::2], rated[1::2]):
+            if sa != sb:
+                out.append(("pref", prompt, a, b) if sa > sb else ("pref", prompt, b, a))
+    return out
+
+
+PARSERS = {"tldr": (tldr_examples, TLDR_COLUMNS), "helpful": (hh_examples, HH_COLUMNS),
+           "harmless": (hh_examples, HH_COLUMNS), "helpsteer2": (helpsteer2_examples, HELPSTEER2_COLUMNS)}
+
+
+def finish_examples(name, examples):
+    return helpsteer2_pairs(examples) if name == "helpsteer2" else examples
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reading files, downloading from the Hub, splitting, assembling the Task
+# ---------------------------------------------------------------------------------------------------
+def read_examples(name, path):
+    """All examples of one file (JSONL, optionally gzipped, or parquet) in the task's data set schema."""
+    parse, columns = PARSERS[name]
+    unit, rows = ("row", read_parquet(path, columns)) if path.endswith(".parquet") else ("line", read_jsonl(path))
+    out, skipped = [], []
+    for n, row in rows:
+        try:
+            out += parse(row)
+        except RowError as e:
+            raise SystemExit(f"error: {path} {unit} {n}: {e}")
+        except SkipRow as e:
+            skipped.append((n, e))
+    if skipped:
+        n, why = skipped[0]
+        print(f"note: {path}: skipped {len(skipped)} of {len(rows)} {unit}s with no usable prompt "
+              f"(first: {unit} {n}: {why})", flush=True)
+    if not out:
+        raise SystemExit(f"error: {path}: no usable {unit}s for --task {name}")
+    return out
+
+
+def read_jsonl(path):
+    """[(line number, object)] of a JSON-lines file, gzipped or not (told by its first bytes); blank lines
+    are allowed. Anything else stops with the file, the line and what is wrong."""
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: --data {path!r}: no such file")
+    with open(path, "rb") as f:
+        gzipped = f.read(2) == b"\x1f\x8b"
+    rows = []
+    try:
+        with (gzip.open if gzipped else open)(path, "rb") as f:
+            for n, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8-sig" if n == 1 else "utf-8")
+                except UnicodeDecodeError as e:
+                    raise SystemExit(f"error: {path} line {n}: not UTF-8 text (byte {raw[e.start]:#04x} at "
+                                     f"column {e.start + 1}); the file must be UTF-8 encoded JSON lines")
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise SystemExit(f"error: {path} line {n}: bad JSON ({e.msg} at column {e.colno})")
+                if not isinstance(row, dict):
+                    raise SystemExit(f"error: {path} line {n}: expected a JSON object, got {json_type(row)}")
+                rows.append((n, row))
+    except (OSError, EOFError) as e:  # a damaged gzip stream
+        raise SystemExit(f"error: {path}: cannot be read as {'gzipped ' if gzipped else ''}JSON lines ({e})")
+    if not rows:
+        raise SystemExit(f"error: {path}: the file is empty (no JSON lines)")
+    return rows
+
+
+def read_parquet(path, columns):
+    """[(row number, dict of the columns that exist)] of a parquet file."""
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: --data {path!r}: no such file")
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise SystemExit(f"error: reading {path} needs pyarrow (pip install pyarrow)")
+    try:
+        f = pq.ParquetFile(path)
+        table = f.read(columns=[c for c in columns if c in f.schema_arrow.names])
+    except Exception as e:  # pyarrow raises ArrowInvalid, OSError, ... for a damaged or foreign file
+        raise SystemExit(f"error: {path}: not a readable parquet file ({type(e).__name__}: {e})")
+    if table.num_rows == 0:
+        raise SystemExit(f"error: {path}: the file is empty (no rows)")
+    return list(enumerate(table.to_pylist(), 1))
+
+
+def hub_examples(name):
+    """(train, eval) examples from the data sets on the Hugging Face Hub (cached by huggingface_hub)."""
+    if name == "tldr":  # online prompts from both sets; eval prompts and their human summaries: SFT test split
+        files = hub_files(TLDR_SFT_REPO, "data/train-") + hub_files(TLDR_PREF_REPO, "data/train-")
+        train = [ex for f in files for ex in read_examples(name, f)]
+        return train, [ex for f in hub_files(TLDR_SFT_REPO, "data/test-") for ex in read_examples(name, f)]
+    repo, train, test = ((HELPSTEER2_REPO, "train.jsonl.gz", "validation.jsonl.gz") if name == "helpsteer2" else
+                         (HH_REPO, f"{HH_DIRS[name]}/train.jsonl.gz", f"{HH_DIRS[name]}/test.jsonl.gz"))
+    return read_examples(name, hub_file(repo, train)), read_examples(name, hub_file(repo, test))
+
+
+def hub_failure(repo, what, e):
+    return SystemExit(f"error: could not get {what} of the data set {repo} from the Hugging Face Hub "
+                      f"({type(e).__name__}: {e}). Without access to the Hub, pass --data PATH: a local JSONL "
+                      f"(.gz) or parquet file in that data set's schema (or TRAIN_FILE,EVAL_FILE).")
+
+
+def hub_file(repo, filename):
+    from huggingface_hub import hf_hub_download
+    try:
+        return hf_hub_download(repo, filename, repo_type="dataset")
+    except Exception as e:  # no network, unknown repo or file, gated access, ...: all end in the same advice
+        raise hub_failure(repo, filename, e)
+
+
+def hub_files(repo, prefix):
+    """Every parquet shard of one split (names like data/train-00000-of-00002.parquet), downloaded (or found
+    in the cache when HF_HUB_OFFLINE=1)."""
+    from huggingface_hub import snapshot_download
+    try:
+        root = snapshot_download(repo, repo_type="dataset", allow_patterns=[prefix + "*.parquet"])
+    except Exception as e:
+        raise hub_failure(repo, f"the files {prefix}*.parquet", e)
+    names = sorted(glob.glob(os.path.join(root, glob.escape(prefix) + "*.parquet")))
+    if not names:
+        raise SystemExit(f"error: the data set {repo} on the Hub has no {prefix}*.parquet files; pass --data PATH")
+    return names
+
+
+def prompt_key(prompt):
+    """A hashable, exact identity of a prompt (a str or a conversation)."""
+    if isinstance(prompt, str):
+        return "s:" + prompt
+    return "c:" + json.dumps(prompt, ensure_ascii=False, sort_keys=True)
+
+
+def split_by_prompt(examples, source=""):
+    """Split one file's examples into (train, eval) by prompt: the EVAL_FRACTION of its distinct prompts (at
+    least one) with the smallest SHA-256 of prompt_key are held out, with every example of those prompts.
+    Deterministic in the file's content, independent of line order and of any seed."""
+    keys = list(dict.fromkeys(prompt_key(ex[1]) for ex in examples))
+    if len(keys) < 2:
+        raise SystemExit(f"error: {source}: needs at least 2 distinct prompts to hold some out for evaluation")
+    digest = {k: hashlib.sha256(k.encode("utf-8")).hexdigest() for k in keys}
+    held = set(sorted(keys, key=digest.get)[:max(1, round(EVAL_FRACTION * len(keys)))])
+    return ([ex for ex in examples if prompt_key(ex[1]) not in held],
+            [ex for ex in examples if prompt_key(ex[1]) in held])
+
+
+def assemble(name, train, evals):
+    """Examples -> Task. Eval prompts are distinct, in order of first appearance; the reference of each is its
+    first demonstration (else the chosen response of its first pair). Anything whose prompt is an eval prompt
+    is dropped from the training side, so the eval prompts stay held out."""
+    refs = {}
+    for ex in evals:
+        refs.setdefault(prompt_key(ex[1]), [ex[1], None, None])
+        slot = refs[prompt_key(ex[1])]
+        if ex[0] == "sft" and slot[1] is None:
+            slot[1] = ex[2]
+        if ex[0] == "pref" and slot[2] is None:
+            slot[2] = ex[2]
+    eval_prompts = [p for p, _, _ in refs.values()]
+    references = [demo if demo is not None else chosen for _, demo, chosen in refs.values()]
+    train = [ex for ex in train if prompt_key(ex[1]) not in refs]
+    train_prompts = list({prompt_key(ex[1]): ex[1] for ex in train}.values())
+    if not train_prompts or not eval_prompts:
+        raise SystemExit(f"error: --task {name}: no {'training' if not train_prompts else 'evaluation'} prompts "
+                         "left in the data")
+    return Task(name, train_prompts, eval_prompts,
+                sft_data=[(ex[1], ex[2]) for ex in train if ex[0] == "sft"],
+                pref_data=[(ex[1], ex[2], ex[3]) for ex in train if ex[0] == "pref"],
+                reward_prompt=REWARD_PROMPT[name], references=references)
