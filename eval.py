@@ -18,16 +18,20 @@ from judge import make_judge
 
 
 def mean_ci(x):
-    """Mean and half-width of a 95% normal-approximation confidence interval."""
+    """Mean and half-width of a 95% normal-approximation confidence interval, over the valid (non-NaN)
+    values: an invalid judgment is left out, never counted as a score."""
     x = torch.as_tensor(x, dtype=torch.float64)
+    x = x[~torch.isnan(x)]
     half = 1.96 * x.std(correction=1).item() / math.sqrt(len(x)) if len(x) > 1 else float("nan")
     return x.mean().item(), half
 
 
 def win_rate(r_policy, r_ref):
-    """Per-prompt outcome (1 win, 1/2 tie, 0 loss) -> (mean, 95% half-width)."""
+    """Per-prompt outcome (1 win, 1/2 tie, 0 loss) -> (mean, 95% half-width); a prompt where either
+    judgment is invalid has no outcome and is left out."""
     a, b = torch.as_tensor(r_policy, dtype=torch.float64), torch.as_tensor(r_ref, dtype=torch.float64)
-    return mean_ci((a > b).double() + 0.5 * (a == b).double())
+    outcome = (a > b).double() + 0.5 * (a == b).double()
+    return mean_ci(torch.where(torch.isnan(a) | torch.isnan(b), math.nan, outcome))
 
 
 @torch.no_grad()
@@ -50,6 +54,7 @@ def compare_with_reference(policy, ref, tok, prompts, cfg, task=None, seed=1234)
             report[f"{name}/missing_eos"] = 1 - batch.ended.double().mean().item()
             report[f"{name}/length"] = batch.response_mask.sum(1).double().mean().item()
             report[f"{name}/top_score"] = (torch.tensor(j.rewards) == 10).double().mean().item()  # 10/10: exact
+            report[f"{name}/invalid_judgments"] = j.invalid
         report["win_rate"], report["win_rate_ci"] = win_rate(rewards["policy"], rewards["pi_0"])
         torch.manual_seed(seed + 1)
         own = rollout.generate(policy, tok, prompts, 1, cfg.max_new_tokens, temperature=1.0)
@@ -59,7 +64,9 @@ def compare_with_reference(policy, ref, tok, prompts, cfg, task=None, seed=1234)
 
 
 def print_report(r):
-    print(f"\nEvaluation on {r['n_prompts']} held-out prompts (judge: {r['judge']}; rewards 0-10)")
+    invalid = r["pi_0/invalid_judgments"] + r["policy/invalid_judgments"]
+    print(f"\nEvaluation on {r['n_prompts']} held-out prompts (judge: {r['judge']}"
+          + (f"; {invalid} invalid judgments left out" if invalid else "") + ")")
     print(f"  {'':8} {'reward':>16} {'10/10':>7} {'no EOS':>7} {'length':>7}")
     for name in ("pi_0", "policy"):
         print(f"  {name:8} {r[name + '/reward']:8.2f} ± {r[name + '/reward_ci']:<5.2f} "

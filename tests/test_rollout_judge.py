@@ -112,3 +112,10 @@ def test_proxy_can_be_exploited_by_rambling_without_eos():
 def test_judge_counts_invalid_judgments():
     j = make_judge("toy_gold")(["reverse: ab", "not a toy prompt"], ["ba", "x"], [True, True])
     assert j.rewards[0] == 10 and math.isnan(j.rewards[1]) and j.invalid == 1
+
+
+def test_evaluation_leaves_invalid_judgments_out_of_means_and_win_rates():
+    from eval import mean_ci, win_rate
+    assert mean_ci([2.0, math.nan, 4.0])[0] == pytest.approx(3.0)
+    # prompt 2 has no outcome (invalid for the policy), prompt 3 neither: a win and a tie remain
+    assert win_rate([5.0, math.nan, 3.0, 1.0], [4.0, 2.0, math.nan, 1.0])[0] == pytest.approx(0.75)
