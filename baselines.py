@@ -112,6 +112,29 @@ def value_loss(values, values_old, returns, mask, value_clip):
     return masked_mean(0.5 * torch.max((values - returns) ** 2, (v_clipped - returns) ** 2), mask)
 
 
+def load_value_model(path, cfg, device):
+    """V(x, y_<i): a causal LM body with a scalar head read at every position (the PPO family's critic).
+
+    From `path` (a causal LM, e.g. pi_0, whose LM head is dropped) the head starts at zero, so the first
+    values are 0; from a saved value model (a checkpoint's value/) it is restored as trained.
+    """
+    from transformers import AutoConfig, AutoModelForTokenClassification
+    from transformers.utils import logging as hf_logging
+    config = AutoConfig.from_pretrained(path, num_labels=1, classifier_dropout=0.0)  # no dropout on values
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the new head's "newly initialized" report is expected, not news
+    try:
+        model = AutoModelForTokenClassification.from_pretrained(path, config=config,
+                                                                dtype=dar.model_dtype(cfg, device))
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    if model.config.architectures and not model.config.architectures[0].endswith("TokenClassification"):
+        torch.nn.init.zeros_(model.score.weight)
+        torch.nn.init.zeros_(model.score.bias)
+    model.config.use_cache = False
+    return model.to(device)
+
+
 def token_values(value_model, batch):
     """V(x, y_<i) for every response token i: the value head read at the position before y_i. [N, R]"""
     ids, mask, P, R = batch.input_ids, batch.attention_mask, batch.prompt_len, batch.response_mask.shape[1]
@@ -286,12 +309,8 @@ def ppo_step(step, cfg, ctx, run):
     score = torch.nan_to_num(score)
 
     # 3b. V_old(x, y_<i) of the value model at sampling time                              [N, R]
-    with dar.timed(timer, "logp"), torch.no_grad():
-        values_old = torch.zeros_like(logp_t_tok)
-        for i in range(0, len(batch), cfg.micro_batch):
-            rows = torch.arange(i, min(i + cfg.micro_batch, len(batch)))
-            part = batch.select(rows).to(dev)
-            values_old[rows, :part.response_mask.shape[1]] = token_values(run.value, part)
+    with dar.timed(timer, "logp"):
+        values_old = dar.score(run.value, batch, cfg.micro_batch, per_token=token_values).to(dev)
 
     # 4. token rewards as a function of the trained policy's log-probs (only the dual variants use them),
     #    GAE, and whitening statistics of the advantages at sampling time (pi = pi_t), over all ranks

@@ -367,28 +367,6 @@ def load_model(path, cfg, device):
     return model.to(device)
 
 
-def load_value_model(path, cfg, device):
-    """V(x, y_<i): a causal LM body with a scalar head read at every position (the PPO family's critic).
-
-    From `path` (a causal LM, e.g. pi_0, whose LM head is dropped) the head starts at zero, so the first
-    values are 0; from a saved value model (a checkpoint's value/) it is restored as trained.
-    """
-    from transformers import AutoConfig, AutoModelForTokenClassification
-    from transformers.utils import logging as hf_logging
-    config = AutoConfig.from_pretrained(path, num_labels=1, classifier_dropout=0.0)  # no dropout on values
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # the new head's "newly initialized" report is expected, not news
-    try:
-        model = AutoModelForTokenClassification.from_pretrained(path, config=config, dtype=model_dtype(cfg, device))
-    finally:
-        hf_logging.set_verbosity(verbosity)
-    if model.config.architectures and not model.config.architectures[0].endswith("TokenClassification"):
-        torch.nn.init.zeros_(model.score.weight)
-        torch.nn.init.zeros_(model.score.bias)
-    model.config.use_cache = False
-    return model.to(device)
-
-
 def load_tokenizer(path):
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(path)
@@ -613,7 +591,8 @@ def train(cfg, ctx):
     policy.config.use_cache = False
     value = None
     if cfg.algo in VALUE_MODEL:
-        value = load_value_model(os.path.join(ckpt, "value") if ckpt else cfg.value_model or init, cfg, ctx.device)
+        value = baselines.load_value_model(os.path.join(ckpt, "value") if ckpt else cfg.value_model or init, cfg,
+                                           ctx.device)
     models = [m for m in (policy, value) if m is not None]
     opt, sched = optimizer_and_schedule(cfg, models)
     if ckpt:
@@ -857,8 +836,9 @@ def dar_step(step, cfg, ctx, run):
 
 
 @torch.no_grad()
-def score(model, batch, micro_batch):
-    """Token log-probs of a whole batch under a frozen view of `model`, in micro-batches: [N, R]."""
+def score(model, batch, micro_batch, per_token=rollout.token_logps):
+    """Token log-probs (or any per_token(model, batch) -> [n, R], e.g. PPO's values) of a whole batch under a
+    frozen view of `model`, in micro-batches: [N, R]."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -866,7 +846,7 @@ def score(model, batch, micro_batch):
     for i in range(0, len(batch), micro_batch):
         rows = torch.arange(i, min(i + micro_batch, len(batch)))
         part = batch.select(rows).to(device)
-        out[i:i + len(rows), :part.response_mask.shape[1]] = rollout.token_logps(model, part).float()
+        out[i:i + len(rows), :part.response_mask.shape[1]] = per_token(model, part).float()
     model.train(was_training)
     return out
 
