@@ -613,7 +613,7 @@ def train(cfg, ctx):
         ref = load_model(init, cfg, ctx.device).eval().requires_grad_(False)
     run = Run(task, tok, make_judge(cfg.judge, task, cfg) if cfg.algo not in OFFLINE else None, policy, wrapped[0], ref,
               opt, sched, value, wrapped[1] if value is not None else None)
-    if cfg.rollout == "vllm":
+    if cfg.rollout == "vllm" and cfg.algo not in OFFLINE:
         run.sampler = rollout.VllmSampler(ckpt or init, model_dtype(cfg, ctx.device), cfg.seed + 1000 * ctx.rank,
                                           min(policy.config.max_position_embeddings, 8192), cfg.vllm_gpu_memory,
                                           ctx.world)
@@ -877,6 +877,7 @@ def main(argv=None):
     cfg = parse_config(argv)
     ctx = setup_distributed(cfg)
     check_config(cfg, ctx.world)
+    run = None
     try:
         run = train(cfg, ctx)
         if cfg.algo != "sft" and ctx.master:
@@ -888,7 +889,9 @@ def main(argv=None):
             print_report(report)
         barrier(ctx)
     finally:
-        if ctx.world > 1:
+        if run is not None and run.sampler is not None:
+            run.sampler.close()  # vLLM's shutdown may take the default process group down with it
+        if ctx.world > 1 and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 
 

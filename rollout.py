@@ -230,3 +230,11 @@ class VllmSampler:
         """Free the GPU for the updates (CUDA with sleep mode); push_weights wakes the engine."""
         if self.cuda:
             self.llm.sleep(level=1)
+
+    def close(self):
+        """Shut the engine down now, while torch.distributed is still up: vLLM's own shutdown at exit
+        would otherwise try to destroy process groups that no longer exist (under torchrun)."""
+        import gc
+        self.llm.llm_engine.engine_core.shutdown()
+        self.llm = None
+        gc.collect()

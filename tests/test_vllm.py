@@ -78,3 +78,17 @@ def test_dar_trains_with_the_vllm_sampler(source, toy_cache, tmp_path):
     assert all(r["rollout/logp_abs_diff"] < 1e-4 for r in rows)
     assert rows[-1]["train/kl_pi0"] > 0                     # the policy moved away from pi_0
     assert "win rate of the policy over pi_0" in p.stdout
+
+
+def test_one_vllm_engine_per_rank_under_torchrun(toy_cache, tmp_path):
+    """Two ranks, each with its own colocated engine; the run ends cleanly (vLLM shut down before the
+    process group) with identical replicas and sampler log-probs that follow every weight push."""
+    import sys
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    out = tmp_path / "ddp"
+    p = run_dar(TINY + ["--cache-dir", toy_cache, "--out-dir", str(out), "--steps", "2", "--rollout", "vllm",
+                        "--algo", "grpo", "--dtype", "float32"], cwd=tmp_path, launcher=launcher)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "parameters identical on all 2 ranks" in p.stdout and "Traceback" not in p.stderr
+    rows = [json.loads(l) for l in open(out / "metrics.jsonl")]
+    assert all(r["rollout/logp_abs_diff"] < 1e-4 for r in rows)
