@@ -1,20 +1,63 @@
-"""Evaluation of a trained policy against the initial policy pi_0.
+"""Evaluation of trained policies against the initial policy pi_0, aggregation over seeds, and the paper's plots.
 
-Reported (Section 5 of the paper; KL estimator of the IS-DPO appendix):
-  * mean reward of pi_0 and of the policy under the evaluation judge, one sample per held-out prompt
-    at the training temperature;
-  * reference win rate: per prompt, 1 if the policy's response scores higher than pi_0's, 1/2 on a tie,
-    0 otherwise; mean with a 95% normal-approximation interval;
-  * KL(pi_theta || pi_0), estimated with k3 on the policy's own samples at temperature 1 (the KL of the
-    model distributions, which is what Eq. 3 regularises);
-  * missing-EOS rate and mean response length (tokens) for both.
+    python eval.py runs/toy-dar-s0 runs/toy-dar-s1 runs/toy-dar-s2            # final models, table over seeds
+    python eval.py runs/* --out results --n-prompts 256 --checkpoints          # every kept checkpoint too
+    python eval.py runs/helpful-dar-s0 --greedy                                # greedy decoding (MT-Bench setting)
+
+Reported per model (Section 5 of the paper; golden reward and KL estimator of the IS-DPO appendix, C-D):
+  * mean reward of pi_0 and of the policy under the evaluation judge, one sample per held-out prompt at
+    temperature 0.9 (the training-time evals) or greedy;
+  * reference win rate over pi_0 from the rewards: per prompt 1 if the policy's response scores higher than
+    pi_0's, 1/2 on a tie, 0 otherwise (`win_rate`); and from the judge's pairwise preference
+    (judge.prefer, asked in both orders, ties 1/2: `pref_win_rate`), the paper's Tables 2-3 protocol;
+  * golden-reward win rate (IS-DPO appendix, "Golden reward Evaluation"): the gold scorer (the eval judge)
+    scores 2 policy samples per prompt and the data set's reference completion; win rate over all pairs;
+  * KL(pi_theta || pi_0) with k3 on the policy's own samples at temperature 1, and for DAR the
+    alpha-interpolated KL of Section 5.2 (see alpha_kl);
+  * missing-EOS rate and mean response length (tokens).
+
+Over runs: mean and 95% t-interval over seeds (Tables 2-3), training curves with 95% bands (Figs. 3, 5a-b,
+6), reward-KL Pareto frontiers with second-order fits (Fig. 4), ablations of alpha, beta, K, w_clip (Fig. 5c-f).
+Writes into --out: one JSON per run, summary.json, curves.{csv,png}, pareto.{csv,png},
+ablation_PARAM.{csv,png}. Exports for the external benchmarks of Table 4: export_alpacaeval, export_mtbench.
 """
+import argparse
+import csv
+import dataclasses
+import json
 import math
+import os
+import re
+import time
+import uuid
 
+import numpy as np
 import torch
 
 import rollout
 from judge import make_judge
+
+# 97.5% quantile of Student's t with df = 1..30 degrees of freedom (standard tables)
+T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
+        2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
+        2.045, 2.042]
+ABLATION_PARAMS = ("alpha", "beta", "k", "w_clip")  # Fig. 5(c)-(f)
+# Config fields that never make two runs different experiments (bookkeeping, endpoints, the seed itself)
+NOT_HYPERPARAMETERS = {"seed", "out_dir", "resume", "cache_dir", "print_every", "sample_every", "save_every",
+                       "keep_checkpoints", "eval_prompts", "judge_url", "judge_api_key_env", "judge_concurrency",
+                       "judge_timeout", "judge_retries", "rollout", "vllm_gpu_memory", "backend", "dtype",
+                       "logp_source", "steps"}
+
+
+def t975(df):
+    """Two-sided 95% critical value of Student's t: the table for df <= 30, beyond it the Cornish-Fisher
+    expansion around z = 1.96 (error < 1e-3)."""
+    if df < 1:
+        return math.nan
+    if df <= len(T975):
+        return T975[df - 1]
+    z = 1.959964
+    return z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
 
 
 def mean_ci(x):
@@ -34,20 +77,84 @@ def win_rate(r_policy, r_ref):
     return mean_ci(torch.where(torch.isnan(a) | torch.isnan(b), math.nan, outcome))
 
 
-@torch.no_grad()
-def compare_with_reference(policy, ref, tok, prompts, cfg, task=None, seed=1234):
-    """Evaluate `policy` against `ref` (pi_0) on held-out prompts; returns a dict of numbers.
+def golden_win_rate(r_samples, r_refs):
+    """Golden-reward win rate of the IS-DPO appendix ("Golden reward Evaluation"): every policy sample of a
+    prompt against that prompt's reference completion, both scored by the gold scorer; 1 win, 1/2 tie, 0 loss,
+    averaged over all valid pairs.
 
-    Runs in its own RNG stream (fork_rng), so an evaluation never changes what training samples next.
+    r_samples: [P, S] gold rewards of S samples per prompt; r_refs: [P] gold rewards of the references.
+    Returns (mean over all valid pairs, 95% half-width from the per-prompt means: the S pairs of one prompt
+    share a reference and are not independent). NaN rewards (invalid judgments) drop their pairs.
+    """
+    a = torch.as_tensor(r_samples, dtype=torch.float64)
+    b = torch.as_tensor(r_refs, dtype=torch.float64)[:, None].expand_as(a)
+    outcome = (a > b).double() + 0.5 * (a == b).double()
+    valid = ~(torch.isnan(a) | torch.isnan(b))
+    if not valid.any():
+        return math.nan, math.nan
+    overall = outcome[valid].mean().item()
+    per_prompt = torch.where(valid, outcome, 0.0).sum(1) / valid.sum(1)  # NaN for prompts with no valid pair
+    return overall, mean_ci(per_prompt)[1]
+
+
+def alpha_kl(logp, logp_0, logp_prev, mask, alpha):
+    """The alpha-interpolated KL that Section 5.2 / Fig. 4 plots for DAR, per sequence: [N].
+
+    Our reading: the regulariser of the dual-KL objective (Eq. 3) without beta,
+        alpha * KL(pi_theta || pi_0) + (1 - alpha) * KL(pi_theta || pi_t),
+    which by Proposition 4.1 equals KL(pi_theta || pi_ref) - log C(x) for the log-interpolated target
+    pi_ref = pi_0^alpha pi_t^(1-alpha) / C(x) ("DAR employs dual-KL regularization" and "report the
+    alpha-interpolated KL regularization", Section 5.2). The sum is what beta multiplies in Eq. 3 and needs no
+    normaliser C(x) (intractable for sequences); k3 with the unnormalised interpolation in place of pi_ref
+    would be biased by C - 1. So each KL is estimated with k3 on the policy's own samples (Schulman's
+    estimator, as in the IS-DPO appendix's "KL estimation") and the two are mixed with alpha.
+    pi_t, the policy the last online batch was sampled from, is not saved; the closest saved policy is the
+    previous checkpoint (save_every batches earlier), so KL(pi_theta || pi_prev) is an upper-ish proxy of the
+    one-batch KL. With alpha = 1 this is KL(pi_theta || pi_0), the x-axis of the baselines in Fig. 4.
+    """
+    from dar import k3
+    return alpha * k3(logp, logp_0, mask) + (1 - alpha) * k3(logp, logp_prev, mask)
+
+
+@torch.no_grad()
+def sample(model, tok, prompts, k, max_new_tokens, temperature, greedy=False):
+    """K samples per prompt at `temperature` (rollout.generate), or one greedy decoding per prompt: a Rollout."""
+    if not greedy:
+        return rollout.generate(model, tok, prompts, k, max_new_tokens, temperature)
+    device = next(model.parameters()).device
+    tok.padding_side = "left"
+    enc = tok(rollout.render_prompts(tok, prompts), return_tensors="pt", padding=True,
+              add_special_tokens=False).to(device)
+    stop_ids = rollout.eos_ids(model, tok)
+    was_training = model.training
+    model.eval()
+    out = model.generate(**enc, do_sample=False, temperature=None, top_k=None, top_p=None,
+                         max_new_tokens=max_new_tokens, eos_token_id=stop_ids, pad_token_id=tok.pad_token_id)
+    model.train(was_training)
+    return rollout.finish_responses(tok, enc["input_ids"], enc["attention_mask"], out[:, enc["input_ids"].shape[1]:],
+                                    stop_ids, prompts)
+
+
+@torch.no_grad()
+def compare_with_reference(policy, ref, tok, prompts, cfg, task=None, seed=1234, *, greedy=False, temperature=None,
+                           pairwise=True, references=None, golden_samples=2, prev=None, alpha=None):
+    """Evaluate `policy` against `ref` (pi_0) on held-out prompts (Tables 2-3, Figs. 3-4); a dict of numbers.
+
+    greedy / temperature: decoding of the compared responses (default cfg.temperature); pairwise: also the
+    judge's pairwise preference win rate; references: the data set's reference completion per prompt, for the
+    golden-reward win rate with `golden_samples` policy samples per prompt; prev, alpha: a previous policy and
+    DAR's alpha, for the alpha-interpolated KL (alpha_kl). Runs in its own RNG stream (fork_rng), so an
+    evaluation never changes what training samples next.
     """
     from dar import k3, score
+    temperature = cfg.temperature if temperature is None else temperature
     judge = make_judge(cfg.eval_judge, task, cfg)
-    report = {"n_prompts": len(prompts), "judge": cfg.eval_judge}
-    rewards = {}
+    report = {"n_prompts": len(prompts), "judge": cfg.eval_judge, "decoding": "greedy" if greedy else f"T={temperature}"}
+    rewards, batches = {}, {}
     with torch.random.fork_rng(devices=[]):
         for name, model in (("pi_0", ref), ("policy", policy)):
             torch.manual_seed(seed)
-            batch = rollout.generate(model, tok, prompts, 1, cfg.max_new_tokens, cfg.temperature)
+            batch = batches[name] = sample(model, tok, prompts, 1, cfg.max_new_tokens, temperature, greedy)
             j = judge(batch.prompts, batch.responses, batch.ended.tolist())
             rewards[name] = j.rewards
             report[f"{name}/reward"], report[f"{name}/reward_ci"] = mean_ci(j.rewards)
@@ -56,10 +163,29 @@ def compare_with_reference(policy, ref, tok, prompts, cfg, task=None, seed=1234)
             report[f"{name}/top_score"] = (torch.tensor(j.rewards) == 10).double().mean().item()  # 10/10: exact
             report[f"{name}/invalid_judgments"] = j.invalid
         report["win_rate"], report["win_rate_ci"] = win_rate(rewards["policy"], rewards["pi_0"])
+        if pairwise:  # P(policy preferred) per prompt; prefer() asks both orders, ties and disagreement -> 1/2
+            p = judge.prefer(list(prompts), batches["policy"].responses, batches["pi_0"].responses)
+            report["pref_win_rate"], report["pref_win_rate_ci"] = mean_ci(p)
+            report["pref_invalid"] = sum(math.isnan(x) for x in p)
+        if references is not None and all(r is not None for r in references):
+            s = 1 if greedy else golden_samples
+            torch.manual_seed(seed + 2)
+            gs = sample(policy, tok, prompts, s, cfg.max_new_tokens, temperature, greedy)
+            r_s = judge(gs.prompts, gs.responses, gs.ended.tolist()).rewards
+            r_ref = judge(list(prompts), list(references), [True] * len(references)).rewards
+            report["golden/win_rate"], report["golden/win_rate_ci"] = golden_win_rate(
+                torch.tensor(r_s, dtype=torch.float64).view(len(prompts), s), r_ref)
+            report["golden/reference_reward"] = mean_ci(r_ref)[0]
+            report["golden/samples_per_prompt"] = s
         torch.manual_seed(seed + 1)
         own = rollout.generate(policy, tok, prompts, 1, cfg.max_new_tokens, temperature=1.0)
-        kl = k3(score(policy, own, cfg.micro_batch), score(ref, own, cfg.micro_batch), own.response_mask)
-        report["kl_pi0"], report["kl_pi0_ci"] = mean_ci(kl)
+        logp, logp_0 = score(policy, own, cfg.micro_batch), score(ref, own, cfg.micro_batch)
+        report["kl_pi0"], report["kl_pi0_ci"] = mean_ci(k3(logp, logp_0, own.response_mask))
+        if prev is not None and alpha is not None:
+            logp_prev = score(prev, own, cfg.micro_batch)
+            report["kl_prev"], report["kl_prev_ci"] = mean_ci(k3(logp, logp_prev, own.response_mask))
+            report["kl_alpha"], report["kl_alpha_ci"] = mean_ci(alpha_kl(logp, logp_0, logp_prev, own.response_mask,
+                                                                         alpha))
     return report
 
 
@@ -72,4 +198,404 @@ def print_report(r):
         print(f"  {name:8} {r[name + '/reward']:8.2f} ± {r[name + '/reward_ci']:<5.2f} "
               f"{r[name + '/top_score']:7.1%} {r[name + '/missing_eos']:7.1%} {r[name + '/length']:7.1f}")
     print(f"  win rate of the policy over pi_0 (ties count 1/2): {r['win_rate']:.1%} ± {r['win_rate_ci']:.1%}")
+    if "pref_win_rate" in r:
+        print(f"  pairwise-preference win rate over pi_0 (both orders): {r['pref_win_rate']:.1%} "
+              f"± {r['pref_win_rate_ci']:.1%}")
+    if "golden/win_rate" in r:
+        print(f"  golden win rate over the references (all pairs): {r['golden/win_rate']:.1%} "
+              f"± {r['golden/win_rate_ci']:.1%}")
     print(f"  KL(policy || pi_0), k3 estimate: {r['kl_pi0']:.3f} ± {r['kl_pi0_ci']:.3f} nats")
+    if "kl_alpha" in r:
+        print(f"  alpha-interpolated KL (alpha KL(pi||pi_0) + (1-alpha) KL(pi||pi_prev)): {r['kl_alpha']:.3f} nats")
+
+
+# ---------------------------------------------------------------------------------------------------
+# One run directory: rebuild its config, load pi_0, the checkpoint and the previous checkpoint
+# ---------------------------------------------------------------------------------------------------
+def load_run_config(run_dir):
+    """The run's dar.Config from its config.json (fields this version does not know are ignored)."""
+    import dar
+    with open(os.path.join(run_dir, "config.json")) as f:
+        saved = json.load(f)
+    known = {f.name for f in dataclasses.fields(dar.Config)}
+    return dar.Config(**{k: v for k, v in saved.items() if k in known})
+
+
+def checkpoint_step(run_dir, ckpt_dir, cfg):
+    """The online batch a model directory holds: N for ckpt-N, the last logged step for final/."""
+    m = re.fullmatch(r"ckpt-(\d+)", os.path.basename(os.path.normpath(ckpt_dir)))
+    if m:
+        return int(m.group(1))
+    rows = read_metrics(run_dir)
+    return int(rows[-1]["step"]) if rows else cfg.steps
+
+
+def checkpoints(run_dir):
+    """[(step, path)] of the complete checkpoints kept in a run directory, oldest first."""
+    out = []
+    for d in os.listdir(run_dir):
+        m = re.fullmatch(r"ckpt-(\d+)", d)
+        if m and os.path.isfile(os.path.join(run_dir, d, "config.json")):
+            out.append((int(m.group(1)), os.path.join(run_dir, d)))
+    return sorted(out)
+
+
+@torch.no_grad()
+def evaluate_checkpoint(run_dir, ckpt_dir, n_prompts, greedy=False, temperature=0.9, seed=1234, golden_samples=2,
+                        device=None):
+    """Evaluate one model directory of a run against pi_0 (Tables 2-3, Fig. 3 points, Fig. 4 markers).
+
+    Rebuilds the run's config from config.json; pi_0 is the config's model (the toy SFT pi_0 when it is '',
+    made in the cache if missing); the eval judge, the task's first n_prompts held-out prompts and their
+    references. Returns compare_with_reference's report plus the pairwise and golden win rates, for DAR the
+    alpha-interpolated KL against the previous kept checkpoint (kl_alpha; absent when there is none), and
+    "run" (task, algo, seed, step, checkpoint and the run's config) for grouping.
+    """
+    import dar
+    import tasks
+    cfg = load_run_config(run_dir)
+    device = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    init = cfg.model
+    if not init:
+        base, sft = dar.ensure_toy_models(cfg, dar.Dist(device=device))
+        init = base if cfg.algo == "sft" else sft
+    task = tasks.load_task(cfg.task, cfg.data)
+    tok = dar.load_tokenizer(ckpt_dir)
+    policy = dar.load_model(ckpt_dir, cfg, device).eval()
+    ref = dar.load_model(init, cfg, device).eval()
+    step = checkpoint_step(run_dir, ckpt_dir, cfg)
+    prev, prev_step = None, None
+    if cfg.algo == "dar":
+        earlier = [(s, p) for s, p in checkpoints(run_dir) if s < step]
+        if earlier:
+            prev_step, path = earlier[-1]
+            prev = dar.load_model(path, cfg, device).eval()
+    n = min(n_prompts, len(task.eval_prompts))
+    refs = task.references[:n] if task.references else None
+    report = compare_with_reference(policy, ref, tok, task.eval_prompts[:n], cfg, task=task, seed=seed, greedy=greedy,
+                                    temperature=temperature, references=refs, golden_samples=golden_samples,
+                                    prev=prev, alpha=cfg.alpha)
+    if prev is not None:
+        report["kl_alpha/prev_step"] = prev_step
+    report["run"] = dict(run_dir=os.path.abspath(run_dir), checkpoint=os.path.abspath(ckpt_dir), step=step,
+                         task=cfg.task, algo=cfg.algo, seed=cfg.seed, config=dataclasses.asdict(cfg))
+    return report
+
+
+# ---------------------------------------------------------------------------------------------------
+# Over seeds and runs
+# ---------------------------------------------------------------------------------------------------
+def _is_number(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def aggregate_seeds(reports):
+    """Mean and 95% confidence interval over seeds for every numeric key (Tables 2-3: "averaged over 3 seeds").
+
+    The interval is Student's t: half-width t_{0.975, n-1} * sd / sqrt(n), sd with Bessel's correction
+    (t = 4.303 for n = 3 seeds). A key is aggregated when it is numeric in every report; NaNs are left out
+    (n counts the valid values; with n < 2 the interval is NaN).
+    Returns {key: {"mean", "ci", "n"}}.
+    """
+    keys = [k for k in reports[0] if all(k in r and _is_number(r[k]) for r in reports)]
+    out = {}
+    for k in keys:
+        x = np.array([r[k] for r in reports], dtype=np.float64)
+        x = x[~np.isnan(x)]
+        n = len(x)
+        mean = float(x.mean()) if n else math.nan
+        ci = float(t975(n - 1) * x.std(ddof=1) / math.sqrt(n)) if n > 1 else math.nan
+        out[k] = {"mean": mean, "ci": ci, "n": n}
+    return out
+
+
+def experiment_key(config):
+    """What makes runs the same experiment: task, algorithm and every hyperparameter except the seed."""
+    return tuple(sorted((k, json.dumps(v)) for k, v in config.items() if k not in NOT_HYPERPARAMETERS))
+
+
+def experiment_label(config, configs):
+    """algo, plus the hyperparameters in which this experiment differs from the others of the same algo."""
+    same = [c for c in configs if c["algo"] == config["algo"] and c["task"] == config["task"]]
+    diff = sorted(k for k in config if k not in NOT_HYPERPARAMETERS and any(c.get(k) != config[k] for c in same))
+    return config["algo"] + "".join(f" {k}={config[k]:g}" if _is_number(config[k]) else f" {k}={config[k]}"
+                                    for k in diff)
+
+
+def group_runs(items, config_of):
+    """Group items (run dirs or reports) by experiment_key of their config: {label: [items]}, label order kept."""
+    groups, configs = {}, {}
+    for it in items:
+        c = config_of(it)
+        groups.setdefault(experiment_key(c), []).append(it)
+        configs[experiment_key(c)] = c
+    allc = list(configs.values())
+    return {experiment_label(configs[k], allc): v for k, v in groups.items()}
+
+
+def read_metrics(run_dir):
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.isfile(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _config_of_dir(run_dir):
+    with open(os.path.join(run_dir, "config.json")) as f:
+        return json.load(f)
+
+
+def _write_csv(path, header, rows):
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(rows)
+
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def curves(run_dirs, out_dir, keys=("train/reward_mean", "train/kl_pi0"), name="curves"):
+    """Training curves per experiment (Figs. 3, 5(a)-(b), 6, 7): each key of metrics.jsonl against the step,
+    mean and 95% t-band over the seeds of an experiment (runs grouped by config except seed), on the steps
+    every seed logged. Writes NAME.csv (label, key, step, mean, ci, n) and NAME.png (one panel per key, one
+    line per experiment, shaded bands). Returns {label: {key: (steps, mean, ci)}}.
+    """
+    result, rows = {}, []
+    for label, dirs in group_runs(run_dirs, _config_of_dir).items():
+        logs = [{int(r["step"]): r for r in read_metrics(d)} for d in dirs]
+        steps = sorted(set.intersection(*(set(l) for l in logs)))
+        result[label] = {}
+        for key in keys:
+            mean, ci = [], []
+            for s in steps:
+                agg = aggregate_seeds([{key: float(l[s].get(key, math.nan))} for l in logs]).get(key)
+                mean.append(agg["mean"] if agg else math.nan)
+                ci.append(agg["ci"] if agg else math.nan)
+                rows.append([label, key, s, mean[-1], ci[-1], len(dirs)])
+            result[label][key] = (np.array(steps), np.array(mean), np.array(ci))
+    os.makedirs(out_dir, exist_ok=True)
+    _write_csv(os.path.join(out_dir, f"{name}.csv"), ["experiment", "key", "step", "mean", "ci95", "n_seeds"], rows)
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.8), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        for label, per_key in result.items():
+            steps, mean, ci = per_key[key]
+            ax.plot(steps, mean, label=label)
+            ax.fill_between(steps, mean - np.nan_to_num(ci), mean + np.nan_to_num(ci), alpha=0.25)
+        ax.set_xlabel("online batch")
+        ax.set_ylabel(key)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle("mean and 95% CI over seeds")
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, f"{name}.png"), dpi=120)
+    plt.close(fig)
+    return result
+
+
+def pareto(points, out_dir, name="pareto"):
+    """Reward-KL Pareto frontier of a beta sweep (Fig. 4, Appendix B.4): points [{"algo", "kl", "reward", ...}],
+    one marker each; per algorithm a second-order polynomial fit reward ~ kl (numpy.polyfit, deg 2, with >= 3
+    distinct KL values), drawn solid; a dashed line at DAR's peak fitted reward. Writes NAME.csv (points and
+    each fit's coefficients) and NAME.png. Returns {algo: [c2, c1, c0]} (highest power first).
+    """
+    fits, rows = {}, []
+    by_algo = {}
+    for p in points:
+        by_algo.setdefault(p["algo"], []).append(p)
+    for algo, ps in by_algo.items():
+        kl = np.array([p["kl"] for p in ps], dtype=np.float64)
+        rw = np.array([p["reward"] for p in ps], dtype=np.float64)
+        ok = ~(np.isnan(kl) | np.isnan(rw))
+        if len(np.unique(kl[ok])) >= 3:
+            fits[algo] = [float(c) for c in np.polyfit(kl[ok], rw[ok], 2)]
+        rows += [[algo, "point", p.get("beta", ""), p["kl"], p["reward"], "", "", ""] for p in ps]
+        if algo in fits:
+            rows.append([algo, "fit", "", "", ""] + fits[algo])
+    os.makedirs(out_dir, exist_ok=True)
+    _write_csv(os.path.join(out_dir, f"{name}.csv"), ["algo", "row", "beta", "kl", "reward", "c2", "c1", "c0"], rows)
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for i, (algo, ps) in enumerate(by_algo.items()):
+        color = f"C{i}"
+        kl = np.array([p["kl"] for p in ps], dtype=np.float64)
+        ax.scatter(kl, [p["reward"] for p in ps], color=color, label=algo)
+        if algo in fits:
+            xs = np.linspace(np.nanmin(kl), np.nanmax(kl), 100)
+            ax.plot(xs, np.polyval(fits[algo], xs), color=color)
+            if algo == "dar":
+                ax.axhline(np.polyval(fits[algo], xs).max(), color=color, linestyle="--", linewidth=1)
+    ax.set_xlabel("KL (DAR: alpha-interpolated)")
+    ax.set_ylabel("reward")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, f"{name}.png"), dpi=120)
+    plt.close(fig)
+    return fits
+
+
+def ablation_plot(runs, param, out_dir, metric="win_rate"):
+    """Ablation of one hyperparameter (Fig. 5(c) alpha, (d) beta, (e) K, (f) w_clip): `metric` of the final
+    models against the value of `param`, mean and 95% t-interval over seeds, one line per algorithm.
+    runs: evaluate_checkpoint reports (with "run"). Writes ablation_PARAM.csv / .png; returns
+    {algo: [(value, mean, ci, n)]} sorted by value.
+    """
+    groups = {}
+    for r in runs:
+        c = r["run"]["config"]
+        groups.setdefault((c["algo"], c[param]), []).append(r)
+    result, rows = {}, []
+    for (algo, value), rs in sorted(groups.items()):
+        agg = aggregate_seeds(rs).get(metric, {"mean": math.nan, "ci": math.nan, "n": 0})
+        result.setdefault(algo, []).append((value, agg["mean"], agg["ci"], agg["n"]))
+        rows.append([algo, param, value, metric, agg["mean"], agg["ci"], agg["n"]])
+    os.makedirs(out_dir, exist_ok=True)
+    _write_csv(os.path.join(out_dir, f"ablation_{param}.csv"),
+               ["algo", "param", "value", "metric", "mean", "ci95", "n_seeds"], rows)
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5, 3.8))
+    for algo, pts in result.items():
+        v, m, ci, _ = zip(*pts)
+        ax.errorbar(v, m, yerr=np.nan_to_num(np.array(ci, dtype=np.float64)), marker="o", capsize=3, label=algo)
+    ax.set_xlabel(param)
+    ax.set_ylabel(metric)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, f"ablation_{param}.png"), dpi=120)
+    plt.close(fig)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------
+# Exports for the external benchmarks of Table 4
+# ---------------------------------------------------------------------------------------------------
+def export_alpacaeval(prompts, outputs, generator, path):
+    """Generations in AlpacaEval's model_outputs format (Table 4, AlpacaEval 2.0): a JSON list of
+    {"instruction", "output", "generator"}, for `alpaca_eval --model_outputs PATH`.
+
+    Format: tatsu-lab/alpaca_eval README, "model_outputs: A path to a json file for the outputs of the model
+    to add to the leaderboard. Each dictionary should contain the keys `instruction` and `output`"; the
+    optional `generator` names the model (as in the repository's example/outputs.json).
+    """
+    if len(prompts) != len(outputs):
+        raise ValueError(f"{len(prompts)} prompts but {len(outputs)} outputs")
+    rows = [{"instruction": p, "output": o, "generator": generator} for p, o in zip(prompts, outputs)]
+    with open(path, "w") as f:
+        json.dump(rows, f, indent=1, ensure_ascii=False)
+    return rows
+
+
+def export_mtbench(question_ids, turns_outputs, model_id, path):
+    """Generations in FastChat's MT-Bench answer format (Table 4, MT-Bench), one JSON line per question:
+    {"question_id", "answer_id", "model_id", "choices": [{"index": 0, "turns": [turn 1, turn 2]}], "tstamp"},
+    to place at fastchat/llm_judge/data/mt_bench/model_answer/MODEL_ID.jsonl for gen_judgment.py.
+
+    Format: lm-sys/FastChat fastchat/llm_judge/gen_model_answer.py, which writes exactly these keys
+    (answer_id a shortuuid there, any unique string here; tstamp = time.time()).
+    """
+    if len(question_ids) != len(turns_outputs):
+        raise ValueError(f"{len(question_ids)} questions but {len(turns_outputs)} answers")
+    rows = [{"question_id": q, "answer_id": uuid.uuid4().hex, "model_id": model_id,
+             "choices": [{"index": 0, "turns": list(turns)}], "tstamp": time.time()}
+            for q, turns in zip(question_ids, turns_outputs)]
+    with open(path, "w") as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------
+# Command line: evaluate runs, aggregate over seeds, write the plots the runs allow, print a table
+# ---------------------------------------------------------------------------------------------------
+def kl_of(report):
+    """The x-axis of Fig. 4: DAR's alpha-interpolated KL when measured, else KL(pi || pi_0)."""
+    return report.get("kl_alpha", report["kl_pi0"])
+
+
+def sweeps(reports):
+    """Which comparisons the runs allow: {"pareto": {algo: [reports]} for an algorithm whose experiments
+    differ only in beta (>= 2 values), "ablation": {param: [reports]} for experiments of one algorithm and task
+    that differ in exactly one of alpha, beta, k, w_clip}."""
+    by_algo = {}
+    for r in reports:
+        c = r["run"]["config"]
+        by_algo.setdefault((c["task"], c["algo"]), []).append(r)
+    out = {"pareto": {}, "ablation": {}}
+    for (task, algo), rs in by_algo.items():
+        configs = [r["run"]["config"] for r in rs]
+        varying = {k for k in configs[0] if k not in NOT_HYPERPARAMETERS and len({json.dumps(c[k]) for c in configs}) > 1}
+        if len(varying) == 1:
+            (param,) = varying
+            if param in ABLATION_PARAMS:
+                out["ablation"].setdefault(param, []).extend(rs)
+            if param == "beta":
+                out["pareto"][algo] = rs
+    return out
+
+
+def print_table(summary):
+    """Algorithm, win rate over pi_0 (mean ± 95% CI over seeds), reward, KL, number of seeds (Tables 2-3)."""
+    print(f"\n{'experiment':32} {'win rate':>17} {'pref. win rate':>17} {'reward':>15} {'KL':>15} {'seeds':>5}")
+    for label, agg in summary.items():
+        def cell(k, pct=False):
+            if k not in agg:
+                return f"{'-':>17}" if pct else f"{'-':>15}"
+            m, c = agg[k]["mean"], agg[k]["ci"]
+            return f"{m:8.1%} ± {c:6.1%}" if pct else f"{m:7.3f} ± {c:5.3f}"
+        kl = "kl_alpha" if "kl_alpha" in agg else "kl_pi0"
+        print(f"{label[:32]:32} {cell('win_rate', True)} {cell('pref_win_rate', True)} {cell('policy/reward')} "
+              f"{cell(kl)} {agg['win_rate']['n']:5d}")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Evaluate DAR runs against pi_0; aggregate over seeds; plots.")
+    p.add_argument("run_dirs", nargs="+", help="run directories (runs/TASK-ALGO-sSEED) holding config.json and final/")
+    p.add_argument("--out", default="eval_out", help="where per-run JSON, summary.json, CSV and PNG files go")
+    p.add_argument("--n-prompts", type=int, default=256, help="held-out prompts per evaluation")
+    p.add_argument("--greedy", action="store_true", help="greedy decoding instead of temperature 0.9")
+    p.add_argument("--temperature", type=float, default=0.9, help="sampling temperature of the compared responses")
+    p.add_argument("--checkpoints", action="store_true", help="also evaluate every kept ckpt-N of each run")
+    p.add_argument("--seed", type=int, default=1234, help="seed of the evaluation's sampling")
+    args = p.parse_args(argv)
+    import transformers
+    transformers.utils.logging.disable_progress_bar()
+    os.makedirs(args.out, exist_ok=True)
+    finals = []
+    for run_dir in args.run_dirs:
+        kw = dict(greedy=args.greedy, temperature=args.temperature, seed=args.seed)
+        report = evaluate_checkpoint(run_dir, os.path.join(run_dir, "final"), args.n_prompts, **kw)
+        per_run = dict(report)
+        if args.checkpoints:
+            per_run["checkpoints"] = [evaluate_checkpoint(run_dir, path, args.n_prompts, **kw)
+                                      for _, path in checkpoints(run_dir)]
+        name = os.path.basename(os.path.normpath(run_dir))
+        with open(os.path.join(args.out, f"{name}.json"), "w") as f:
+            json.dump(per_run, f, indent=1)
+        print(f"{name}: win rate {report['win_rate']:.1%}, reward {report['policy/reward']:.3f}, "
+              f"KL {report['kl_pi0']:.3f}", flush=True)
+        finals.append(report)
+    groups = group_runs(finals, lambda r: r["run"]["config"])
+    summary = {label: aggregate_seeds(rs) for label, rs in groups.items()}
+    with open(os.path.join(args.out, "summary.json"), "w") as f:
+        json.dump({label: dict(agg, seeds=[r["run"]["seed"] for r in groups[label]]) for label, agg in summary.items()},
+                  f, indent=1)
+    dirs_with_logs = [d for d in args.run_dirs if read_metrics(d)]
+    if dirs_with_logs:
+        curves(dirs_with_logs, args.out)
+    found = sweeps(finals)
+    if found["pareto"]:
+        pareto([dict(algo=algo, beta=r["run"]["config"]["beta"], kl=kl_of(r), reward=r["policy/reward"])
+                for algo, rs in found["pareto"].items() for r in rs], args.out)
+    for param, rs in found["ablation"].items():
+        ablation_plot(rs, param, args.out)
+    print_table(summary)
+    print(f"\nwritten to {args.out}: " + ", ".join(sorted(os.listdir(args.out))))
+
+
+if __name__ == "__main__":
+    main()
