@@ -1,0 +1,173 @@
+#!/usr/bin/env bash
+# The paper's experiment grid, one function per experiment, and the same grid at toy scale on a CPU.
+#
+#   NGPU=8 ./train.sh table2        # Table 2 / Fig. 3: tasks x algorithms x 3 seeds, win rates over pi_0
+#   NGPU=8 ./train.sh pareto        # Fig. 4: a beta sweep per algorithm (Table 5 ranges), reward vs KL
+#   NGPU=8 ./train.sh ablations     # Fig. 5: alpha, beta, K and w_clip for DAR on Helpfulness
+#   NGPU=8 ./train.sh helpsteer2    # Table 4: standard RLHF with a reward model
+#   ./train.sh toy-table2           # each of the above at toy scale on a CPU: toy-pareto, toy-ablations
+#
+# Every run writes runs/GRID/NAME-sSEED (metrics.jsonl, checkpoints, final/, eval.json); a finished run
+# is skipped and a killed one resumes (--resume), so a grid can be restarted at any time. After the runs,
+# `python eval.py` aggregates the seeds and draws the curves, frontiers and ablations into runs/GRID/eval.
+#
+# Settings come from the environment:
+#   NGPU         processes per node (torchrun when > 1)              PYTHON   interpreter (python)
+#   SEEDS        "0 1 2"                                             RUNS     output root (runs)
+#   EXTRA        flags appended to every dar.py call (e.g. "--steps 2" for a smoke test)
+#   MODEL_tldr, MODEL_helpful, MODEL_harmless, MODEL_helpsteer2: each task's SFT policy pi_0
+#   JUDGE_URL, JUDGE_MODEL: the annotator endpoint (paper: Qwen2-72B-Instruct), REWARD_MODEL for HelpSteer2
+#   DATA_tldr, ...: a local data file per task (--data) when the Hub is out of reach
+set -euo pipefail
+cd "$(dirname "$0")"
+
+NGPU=${NGPU:-1}
+PYTHON=${PYTHON:-python}
+SEEDS=${SEEDS:-"0 1 2"}
+RUNS=${RUNS:-runs}
+EXTRA=${EXTRA:-}
+
+ONLINE_RLHF="ppo rloo grpo dar"
+ALL="dpo simpo online_dpo ipo slic ppo rloo grpo dar"
+
+launch() {
+  if [ "$NGPU" -gt 1 ]; then
+    "$PYTHON" -m torch.distributed.run --nproc_per_node "$NGPU" dar.py "$@"
+  else
+    "$PYTHON" dar.py "$@"
+  fi
+}
+
+# run OUT_DIR FLAGS...: one training run, skipped when finished, resumed when interrupted
+run() {
+  local out=$1; shift
+  if [ -f "$out/eval.json" ]; then echo "done: $out"; return 0; fi
+  echo "run: $out"
+  # shellcheck disable=SC2086
+  launch "$@" --out-dir "$out" --resume $EXTRA
+}
+
+evaluate() {  # evaluate GRID [N_PROMPTS]: seeds aggregated, curves, frontiers, ablations (paper: 1k prompts)
+  "$PYTHON" eval.py "$RUNS/$1"/*-s[0-9]*/ --out "$RUNS/$1/eval" --n-prompts "${2:-1000}"
+}
+
+task_flags() {  # task_flags TASK: the task's model, data and judge
+  local task=$1 model data
+  model=$(eval echo "\${MODEL_$task:-}")
+  data=$(eval echo "\${DATA_$task:-}")
+  [ -n "$model" ] || { echo "set MODEL_$task to the SFT policy of $task" >&2; exit 2; }
+  echo "--task $task --model $model ${data:+--data $data}"
+  if [ "$task" = helpsteer2 ]; then echo "--reward-model ${REWARD_MODEL:?set REWARD_MODEL}";
+  else echo "--judge-url ${JUDGE_URL:?set JUDGE_URL} ${JUDGE_MODEL:+--judge-model $JUDGE_MODEL}"; fi
+}
+
+# --- the paper's experiments (GPUs) ---------------------------------------------------------------
+table2() {
+  for task in tldr helpful harmless; do
+    for algo in $ALL; do
+      for s in $SEEDS; do
+        # shellcheck disable=SC2046
+        run "$RUNS/table2/$task-$algo-s$s" $(task_flags "$task") --algo "$algo" --seed "$s" --rollout vllm
+      done
+    done
+  done
+  evaluate table2
+}
+
+pareto() {  # Table 5 ranges; alpha fixed as in Appendix B.4
+  local task=helpful
+  for b in 0.01 0.02 0.03 0.05 0.1; do
+    for algo in ppo dual_ppo; do
+      # shellcheck disable=SC2046
+      run "$RUNS/pareto/$algo-beta$b-s0" $(task_flags $task) --algo $algo --beta "$b" --seed 0 --rollout vllm
+    done
+  done
+  for b in 0.005 0.01 0.03 0.05 0.1; do
+    # shellcheck disable=SC2046
+    run "$RUNS/pareto/rloo-beta$b-s0" $(task_flags $task) --algo rloo --beta "$b" --seed 0 --rollout vllm
+  done
+  for b in 0.001 0.005 0.01 0.02 0.03 0.04; do
+    # shellcheck disable=SC2046
+    run "$RUNS/pareto/grpo-beta$b-s0" $(task_flags $task) --algo grpo --beta "$b" --seed 0 --rollout vllm
+  done
+  for b in 0.05 0.1 0.3 0.5; do
+    # shellcheck disable=SC2046
+    run "$RUNS/pareto/dar-beta$b-s0" $(task_flags $task) --algo dar --alpha 0.1 --beta "$b" --seed 0 --rollout vllm
+  done
+  evaluate pareto
+}
+
+ablations() {  # Fig. 5 (c)-(f) on Helpfulness: one parameter varied, the others at DAR's defaults (the
+               # default run, alpha 0.1, is the beta 0.05 / K 4 / w_clip 20 point of the other sweeps)
+  local task=helpful
+  for s in $SEEDS; do
+    for a in 0 0.1 0.3 0.5 0.7 0.9; do
+      # shellcheck disable=SC2046
+      run "$RUNS/ablations/alpha$a-s$s" $(task_flags $task) --alpha "$a" --seed "$s" --rollout vllm; done
+    for b in 0.1 0.3 0.5; do
+      # shellcheck disable=SC2046
+      run "$RUNS/ablations/beta$b-s$s" $(task_flags $task) --beta "$b" --seed "$s" --rollout vllm; done
+    for k in 2 8; do
+      # shellcheck disable=SC2046
+      run "$RUNS/ablations/k$k-s$s" $(task_flags $task) --k "$k" --online-batch $((128 * k)) --seed "$s" --rollout vllm; done
+    for c in 5 10 50; do
+      # shellcheck disable=SC2046
+      run "$RUNS/ablations/wclip$c-s$s" $(task_flags $task) --w-clip "$c" --seed "$s" --rollout vllm; done
+  done
+  evaluate ablations
+}
+
+helpsteer2() {  # Table 4: Qwen2-7B-Instruct, a reward model, 1000 new tokens
+  for algo in rloo grpo iter_sft dar; do
+    for s in $SEEDS; do
+      # shellcheck disable=SC2046
+      run "$RUNS/helpsteer2/$algo-s$s" $(task_flags helpsteer2) --algo "$algo" --seed "$s" --rollout vllm
+    done
+  done
+  evaluate helpsteer2
+}
+
+# --- the same at toy scale on a CPU -----------------------------------------------------------------
+# Trained on the length-biased proxy judge and evaluated with the gold rule, like the paper's LLM
+# annotator and stronger evaluator: regularisation has something to hold off (reward hacking).
+TOY="--task toy --judge toy_proxy --eval-judge toy_gold --steps 40 --eval-prompts 128"
+
+toy-table2() {
+  for algo in dpo simpo is_dpo online_dpo ipo slic ppo dual_ppo rloo grpo iter_sft dao dar; do
+    for s in $SEEDS; do
+      # shellcheck disable=SC2086
+      run "$RUNS/toy-table2/$algo-s$s" $TOY --algo "$algo" --seed "$s"
+    done
+  done
+  evaluate toy-table2 128
+}
+
+toy-pareto() {
+  for b in 0.01 0.03 0.1 0.3; do
+    for algo in ppo dual_ppo rloo grpo; do
+      # shellcheck disable=SC2086
+      run "$RUNS/toy-pareto/$algo-beta$b-s0" $TOY --algo $algo --beta "$b" --seed 0
+    done
+  done
+  for b in 0.05 0.1 0.3 0.5 1.0; do
+    # shellcheck disable=SC2086
+    run "$RUNS/toy-pareto/dar-beta$b-s0" $TOY --algo dar --beta "$b" --seed 0
+  done
+  evaluate toy-pareto 128
+}
+
+toy-ablations() {  # alpha 0.1 is also the w_clip 20 point
+  for s in $SEEDS; do
+    # shellcheck disable=SC2086
+    for a in 0 0.1 0.5 0.9; do run "$RUNS/toy-ablations/alpha$a-s$s" $TOY --alpha "$a" --seed "$s"; done
+    # shellcheck disable=SC2086
+    for c in 2 5 100; do run "$RUNS/toy-ablations/wclip$c-s$s" $TOY --w-clip "$c" --seed "$s"; done
+  done
+  evaluate toy-ablations 128
+}
+
+if [ $# -eq 0 ] || ! declare -F "$1" >/dev/null; then
+  echo "usage: [NGPU=8] ./train.sh table2|pareto|ablations|helpsteer2|toy-table2|toy-pareto|toy-ablations" >&2
+  exit 2
+fi
+"$@"
