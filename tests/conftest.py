@@ -30,3 +30,20 @@ def run_dar(args, cwd, env_extra=None, launcher=None, timeout=600):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **(env_extra or {}))
     cmd = (launcher or [sys.executable]) + [os.path.join(ROOT, "dar.py")] + args
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def build_reward_model(path, padding_side="right"):
+    """A tiny random Qwen2 sequence classifier (num_labels 1) with the toy tokenizer, saved at `path`: a real
+    reward model for --judge reward_model, small enough for a CPU."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForSequenceClassification
+    import tasks
+    tok = tasks.build_tokenizer()
+    tok.padding_side = padding_side
+    config = Qwen2Config(vocab_size=-(-len(tok) // 8) * 8, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, intermediate_size=128, num_labels=1, pad_token_id=tok.pad_token_id,
+                         eos_token_id=tok.eos_token_id, bos_token_id=None)
+    torch.manual_seed(0)
+    Qwen2ForSequenceClassification(config).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path

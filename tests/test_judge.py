@@ -19,6 +19,7 @@ import torch
 import dar
 import judge
 import tasks
+from conftest import build_reward_model
 from judge import (LLMJudge, RuleJudge, make_judge, parse_preference, parse_reward, parse_score,
                    preference_from_choices, toy_gold_score, toy_proxy_score, toy_score_to_scale)
 
@@ -239,7 +240,9 @@ def test_dropped_connections_are_retried(start_server):
 
 
 def test_503_and_429_are_retried(start_server):
-    out = client(start_server("--status-every", "2:503"))(PROMPTS, RESPONSES, [True] * 6)
+    # one request at a time: each 503 (every 2nd request) is followed by a success on the first retry; with
+    # concurrent requests a retry could land on the next even count again and exhaust its retries
+    out = client(start_server("--status-every", "2:503"), concurrency=1)(PROMPTS, RESPONSES, [True] * 6)
     assert out.rewards == expected(toy_gold_score) and out.invalid == 0
     url = start_server("--status-every", "2:429", "--retry-after", "0.6")
     t = time.perf_counter()
@@ -348,17 +351,8 @@ def test_rule_judges_prefer_by_score():
 # ---------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def reward_model_dir(tmp_path_factory):
-    from transformers import Qwen2Config, Qwen2ForSequenceClassification
-    path = str(tmp_path_factory.mktemp("rm"))
-    tok = tasks.build_tokenizer()
-    tok.padding_side = "left"  # the judge must not depend on the saved padding side
-    config = Qwen2Config(vocab_size=-(-len(tok) // 8) * 8, hidden_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, intermediate_size=128, num_labels=1,
-                         pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=None)
-    torch.manual_seed(0)
-    Qwen2ForSequenceClassification(config).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
+    # saved left-padded: the judge must not depend on the saved padding side
+    return build_reward_model(str(tmp_path_factory.mktemp("rm")), padding_side="left")
 
 
 RM_PROMPTS = ["reverse: ab", "reverse: abcdefgh",

@@ -10,11 +10,9 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 import dar
-import tasks
-from conftest import ROOT, run_dar
+from conftest import ROOT, build_reward_model, run_dar
 
 FIXTURES = os.path.join(ROOT, "tests", "fixtures")
 SMALL = ["--online-batch", "8", "--minibatch", "8", "--micro-batch", "8", "--max-new-tokens", "8",
@@ -69,17 +67,7 @@ def test_offline_dpo_trains_on_the_hh_preference_pairs(annotator, pi_0, tmp_path
 
 @pytest.fixture(scope="module")
 def reward_model(tmp_path_factory):
-    """A tiny random Qwen2 sequence classifier with the toy tokenizer: a real reward model, small."""
-    from transformers import Qwen2Config, Qwen2ForSequenceClassification
-    path = str(tmp_path_factory.mktemp("rm"))
-    tok = tasks.build_tokenizer()
-    config = Qwen2Config(vocab_size=-(-len(tok) // 8) * 8, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, intermediate_size=128, num_labels=1, pad_token_id=tok.pad_token_id,
-                         eos_token_id=tok.eos_token_id, bos_token_id=None)
-    torch.manual_seed(0)
-    Qwen2ForSequenceClassification(config).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
+    return build_reward_model(str(tmp_path_factory.mktemp("rm")))
 
 
 def test_helpsteer2_trains_with_a_reward_model_and_its_paper_defaults(reward_model, pi_0, tmp_path):
