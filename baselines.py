@@ -275,7 +275,7 @@ def is_dpo_loss(logp_w, logp_l, ref_w, ref_l, beta, clip):
     return is_weights(logp_w, logp_l, ref_w, ref_l, clip) * dpo_loss(logp_w, logp_l, ref_w, ref_l, beta)
 
 
-PAIR_LOSSES = {"online_dpo": dpo_loss, "ipo": ipo_loss, "slic": slic_loss, "dpo": dpo_loss}
+PAIR_LOSSES = {"online_dpo": dpo_loss, "ipo": ipo_loss, "slic": slic_loss}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -479,10 +479,7 @@ def offline_pair_step(step, cfg, ctx, run):
                             "is_weight": is_weights(lw, ll, rw, rl, cfg.is_clip).mean().item()}
 
     upd = dar.minibatch_updates(cfg, ctx, run, per_rank, 1, max(1, cfg.micro_batch // 2), loss_fn, epochs=1)
-    names = sorted(upd)
-    means = dar.gather(ctx, torch.tensor([upd[k] for k in names], dtype=torch.float64, device=ctx.device))
-    means = means.view(ctx.world, -1).mean(0)
-    return {**{f"train/{k}": v.item() for k, v in zip(names, means)}, "train/lr": run.sched.get_last_lr()[0]}
+    return {**{f"train/{k}": v for k, v in dar.rank_means(ctx, upd).items()}, "train/lr": run.sched.get_last_lr()[0]}
 
 
 STEPS = {"ppo": ppo_step, "dual_ppo": ppo_step, "dual_ppo_clip": ppo_step, "dual_mix_ppo": ppo_step,

@@ -753,14 +753,12 @@ def online_metrics(step, cfg, ctx, run, batch, rewards, invalid, logp_t_tok, log
     lengths, ended = g(batch.response_mask.sum(1)), g(batch.ended)
     kl0 = g(k3(logp_t_tok, logp_0_tok, batch.response_mask.to(logp_t_tok.device)))
     n_invalid = g(torch.tensor([float(invalid)]))
-    names = sorted(upd)
-    means = g(torch.tensor([upd[k] for k in names])).view(ctx.world, -1).mean(0)
     if ctx.master and (step + 1) % cfg.sample_every == 0:
         print_samples(batch, rewards.tolist())
     return {
         "train/reward_mean": R[valid].mean().item(), "train/reward_std": R[valid].std(correction=0).item(),
         "train/invalid_judgments": int(n_invalid.sum().item()),
-        **{f"train/{k}": v.item() for k, v in zip(names, means)},
+        **{f"train/{k}": v for k, v in rank_means(ctx, upd).items()},
         "train/kl_pi0": kl0.mean().item(),
         "train/response_len": lengths.mean().item(), "train/missing_eos": 1 - ended.mean().item(),
         "train/lr": run.sched.get_last_lr()[0],
@@ -769,6 +767,13 @@ def online_metrics(step, cfg, ctx, run, batch, rewards, invalid, logp_t_tok, log
         "perf/tokens_per_s": lengths.sum().item() / max(timer["sample"], 1e-9),
         **{f"perf/{k}_s": v for k, v in timer.items()},
     }
+
+
+def rank_means(ctx, stats):
+    """{name: mean over ranks} of per-rank float statistics (every rank reports the same names)."""
+    names = sorted(stats)
+    local = torch.tensor([stats[k] for k in names], dtype=torch.float64, device=ctx.device)
+    return {k: v.item() for k, v in zip(names, gather(ctx, local).view(ctx.world, -1).mean(0))}
 
 
 @contextlib.contextmanager

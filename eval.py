@@ -117,25 +117,6 @@ def alpha_kl(logp, logp_0, logp_prev, mask, alpha):
 
 
 @torch.no_grad()
-def sample(model, tok, prompts, k, max_new_tokens, temperature, greedy=False):
-    """K samples per prompt at `temperature` (rollout.generate), or one greedy decoding per prompt: a Rollout."""
-    if not greedy:
-        return rollout.generate(model, tok, prompts, k, max_new_tokens, temperature)
-    device = next(model.parameters()).device
-    tok.padding_side = "left"
-    enc = tok(rollout.render_prompts(tok, prompts), return_tensors="pt", padding=True,
-              add_special_tokens=False).to(device)
-    stop_ids = rollout.eos_ids(model, tok)
-    was_training = model.training
-    model.eval()
-    out = model.generate(**enc, do_sample=False, temperature=None, top_k=None, top_p=None,
-                         max_new_tokens=max_new_tokens, eos_token_id=stop_ids, pad_token_id=tok.pad_token_id)
-    model.train(was_training)
-    return rollout.finish_responses(tok, enc["input_ids"], enc["attention_mask"], out[:, enc["input_ids"].shape[1]:],
-                                    stop_ids, prompts)
-
-
-@torch.no_grad()
 def compare_with_reference(policy, ref, tok, prompts, cfg, task=None, seed=1234, *, greedy=False, temperature=None,
                            pairwise=True, references=None, golden_samples=2, prev=None, alpha=None):
     """Evaluate `policy` against `ref` (pi_0) on held-out prompts (Tables 2-3, Figs. 3-4); a dict of numbers.
@@ -154,7 +135,7 @@ def compare_with_reference(policy, ref, tok, prompts, cfg, task=None, seed=1234,
     with torch.random.fork_rng(devices=[]):
         for name, model in (("pi_0", ref), ("policy", policy)):
             torch.manual_seed(seed)
-            batch = batches[name] = sample(model, tok, prompts, 1, cfg.max_new_tokens, temperature, greedy)
+            batch = batches[name] = rollout.generate(model, tok, prompts, 1, cfg.max_new_tokens, temperature, greedy)
             j = judge(batch.prompts, batch.responses, batch.ended.tolist())
             rewards[name] = j.rewards
             report[f"{name}/reward"], report[f"{name}/reward_ci"] = mean_ci(j.rewards)
@@ -170,7 +151,7 @@ def compare_with_reference(policy, ref, tok, prompts, cfg, task=None, seed=1234,
         if references is not None and all(r is not None for r in references):
             s = 1 if greedy else golden_samples
             torch.manual_seed(seed + 2)
-            gs = sample(policy, tok, prompts, s, cfg.max_new_tokens, temperature, greedy)
+            gs = rollout.generate(policy, tok, prompts, s, cfg.max_new_tokens, temperature, greedy)
             r_s = judge(gs.prompts, gs.responses, gs.ended.tolist()).rewards
             r_ref = judge(list(prompts), list(references), [True] * len(references)).rewards
             report["golden/win_rate"], report["golden/win_rate_ci"] = golden_win_rate(

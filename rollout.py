@@ -89,8 +89,9 @@ def finish_responses(tokenizer, prompt_ids, prompt_mask, gen_ids, stop_ids, prom
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompts, k, max_new_tokens, temperature):
-    """K samples per prompt from the model's distribution at `temperature` (no top-k/top-p truncation).
+def generate(model, tokenizer, prompts, k, max_new_tokens, temperature, greedy=False):
+    """K samples per prompt from the model's distribution at `temperature` (no top-k/top-p truncation), or
+    with greedy=True the greedy decoding (temperature unused; K identical rows, so callers pass k=1).
 
     model: an unwrapped causal LM (not the DDP wrapper); prompts: B user messages. Returns a Rollout
     with N = B*K rows. Randomness comes from torch's global RNG, which the caller seeds.
@@ -102,8 +103,9 @@ def generate(model, tokenizer, prompts, k, max_new_tokens, temperature):
     stop_ids = eos_ids(model, tokenizer)
     was_training = model.training
     model.eval()
-    out = model.generate(**enc, do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
-                         max_new_tokens=max_new_tokens, num_return_sequences=k,
+    sampling = dict(do_sample=False, temperature=None, top_k=None, top_p=None) if greedy else \
+        dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0)
+    out = model.generate(**enc, **sampling, max_new_tokens=max_new_tokens, num_return_sequences=k,
                          eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id)
     model.train(was_training)
     P = enc["input_ids"].shape[1]

@@ -14,6 +14,7 @@ import torch
 
 import dar
 import eval as ev
+import rollout
 from conftest import ROOT, TINY, run_dar
 
 
@@ -174,7 +175,7 @@ def test_greedy_decoding_ignores_the_seed(toy_cache):
     outs = []
     for seed in (0, 1):
         torch.manual_seed(seed)
-        outs.append(ev.sample(model, tok, prompts, 1, 12, 0.9, greedy=True).responses)
+        outs.append(rollout.generate(model, tok, prompts, 1, 12, 0.9, greedy=True).responses)
     assert outs[0] == outs[1] and len(outs[0]) == 6
 
 
