@@ -16,10 +16,15 @@ Reported per model (Section 5 of the paper; golden reward and KL estimator of th
     alpha-interpolated KL of Section 5.2 (see alpha_kl);
   * missing-EOS rate and mean response length (tokens).
 
-Over runs: mean and 95% t-interval over seeds (Tables 2-3), training curves with 95% bands (Figs. 3, 5a-b,
-6), reward-KL Pareto frontiers with second-order fits (Fig. 4), ablations of alpha, beta, K, w_clip (Fig. 5c-f).
-Writes into --out: one JSON per run, summary.json, curves.{csv,png}, pareto.{csv,png},
-ablation_PARAM.{csv,png}. Exports for the external benchmarks of Table 4: export_alpacaeval, export_mtbench.
+Also, when the run was trained on another judge than the eval judge, the reward under the training judge (up
+while the eval reward goes down: reward hacking), and the share of responses at the best score of a bounded scale.
+
+Over runs: mean and 95% t-interval over seeds (Tables 2-3; a seed counted once), training curves with 95% bands
+(Figs. 3, 5a-b, 6), with --checkpoints win-rate and reward curves over the kept checkpoints, reward-KL Pareto
+frontiers with second-order fits (Fig. 4), ablations of alpha, beta, K, w_clip (Fig. 5c-f), seconds per online
+batch by phase (Table 8). Writes into --out: one JSON per run, summary.json, curves.{csv,png},
+eval_curves.{csv,png}, pareto.{csv,png}, ablation_PARAM.{csv,png}, timing.csv. For the external benchmarks of
+Table 4, --alpacaeval FILE and --mtbench FILE write each final model's answers in their formats.
 """
 import argparse
 import csv
@@ -130,6 +135,9 @@ def compare_with_reference(policy, ref, tok, prompts, cfg, task=None, seed=1234,
     from dar import k3, score
     temperature = cfg.temperature if temperature is None else temperature
     judge = make_judge(cfg.eval_judge, task, cfg)
+    # The training judge too when it is another one (the paper's annotator vs. its stronger evaluator; the toy
+    # proxy vs. the gold rule): reward going up under it and down under the eval judge is reward hacking.
+    train_judge = make_judge(cfg.judge, task, cfg) if cfg.judge != cfg.eval_judge else None
     report = {"n_prompts": len(prompts), "judge": cfg.eval_judge, "decoding": "greedy" if greedy else f"T={temperature}"}
     rewards, batches = {}, {}
     with torch.random.fork_rng(devices=[]):
@@ -141,8 +149,16 @@ def compare_with_reference(policy, ref, tok, prompts, cfg, task=None, seed=1234,
             report[f"{name}/reward"], report[f"{name}/reward_ci"] = mean_ci(j.rewards)
             report[f"{name}/missing_eos"] = 1 - batch.ended.double().mean().item()
             report[f"{name}/length"] = batch.response_mask.sum(1).double().mean().item()
-            report[f"{name}/top_score"] = (torch.tensor(j.rewards) == 10).double().mean().item()  # 10/10: exact
+            if getattr(judge, "top", None) is not None:  # share of responses at the scale's best score
+                report[f"{name}/top_score"] = (torch.tensor(j.rewards) == judge.top).double().mean().item()
             report[f"{name}/invalid_judgments"] = j.invalid
+            if train_judge is not None:
+                report[f"{name}/train_judge_reward"] = mean_ci(
+                    train_judge(batch.prompts, batch.responses, batch.ended.tolist()).rewards)[0]
+        if train_judge is not None:
+            report["train_judge"] = cfg.judge
+        if getattr(judge, "top", None) is not None:
+            report["top"] = judge.top
         report["win_rate"], report["win_rate_ci"] = win_rate(rewards["policy"], rewards["pi_0"])
         if pairwise:  # P(policy preferred) per prompt; prefer() asks both orders, ties and disagreement -> 1/2
             p = judge.prefer(list(prompts), batches["policy"].responses, batches["pi_0"].responses)
@@ -174,10 +190,14 @@ def print_report(r):
     invalid = r["pi_0/invalid_judgments"] + r["policy/invalid_judgments"]
     print(f"\nEvaluation on {r['n_prompts']} held-out prompts (judge: {r['judge']}"
           + (f"; {invalid} invalid judgments left out" if invalid else "") + ")")
-    print(f"  {'':8} {'reward':>16} {'10/10':>7} {'no EOS':>7} {'length':>7}")
+    top, proxy = r.get("top"), r.get("train_judge")
+    print(f"  {'':8} {'reward':>16}" + (f" {f'{top:g}/{top:g}':>7}" if top is not None else "")
+          + f" {'no EOS':>7} {'length':>7}" + (f"   reward under the training judge ({proxy})" if proxy else ""))
     for name in ("pi_0", "policy"):
-        print(f"  {name:8} {r[name + '/reward']:8.2f} ± {r[name + '/reward_ci']:<5.2f} "
-              f"{r[name + '/top_score']:7.1%} {r[name + '/missing_eos']:7.1%} {r[name + '/length']:7.1f}")
+        print(f"  {name:8} {r[name + '/reward']:8.2f} ± {r[name + '/reward_ci']:<5.2f}"
+              + (f" {r[name + '/top_score']:7.1%}" if top is not None else "")
+              + f" {r[name + '/missing_eos']:7.1%} {r[name + '/length']:7.1f}"
+              + (f"   {r[name + '/train_judge_reward']:8.2f}" if proxy else ""))
     print(f"  win rate of the policy over pi_0 (ties count 1/2): {r['win_rate']:.1%} ± {r['win_rate_ci']:.1%}")
     if "pref_win_rate" in r:
         print(f"  pairwise-preference win rate over pi_0 (both orders): {r['pref_win_rate']:.1%} "
@@ -304,12 +324,22 @@ def experiment_label(config, configs):
 
 
 def group_runs(items, config_of):
-    """Group items (run dirs or reports) by experiment_key of their config: {label: [items]}, label order kept."""
-    groups, configs = {}, {}
+    """Group items (run dirs or reports) by experiment_key of their config: {label: [items]}, label order kept.
+
+    One item per seed: two runs of one experiment with the same seed are the same computation (bit-identical
+    on CPU), not another sample, so only the first counts and a warning names the seed.
+    """
+    groups, configs, seeds = {}, {}, {}
     for it in items:
         c = config_of(it)
-        groups.setdefault(experiment_key(c), []).append(it)
-        configs[experiment_key(c)] = c
+        key = experiment_key(c)
+        configs[key] = c
+        if c["seed"] in seeds.setdefault(key, set()):
+            print(f"warning: two runs of {c['algo']} ({c['task']}) with seed {c['seed']}: the same experiment and "
+                  f"seed, counted once ({c.get('out_dir')} left out)", flush=True)
+            continue
+        seeds[key].add(c["seed"])
+        groups.setdefault(key, []).append(it)
     allc = list(configs.values())
     return {experiment_label(configs[k], allc): v for k, v in groups.items()}
 
@@ -341,15 +371,14 @@ def _pyplot():
     return plt
 
 
-def curves(run_dirs, out_dir, keys=("train/reward_mean", "train/kl_pi0"), name="curves"):
-    """Training curves per experiment (Figs. 3, 5(a)-(b), 6, 7): each key of metrics.jsonl against the step,
-    mean and 95% t-band over the seeds of an experiment (runs grouped by config except seed), on the steps
-    every seed logged. Writes NAME.csv (label, key, step, mean, ci, n) and NAME.png (one panel per key, one
-    line per experiment, shaded bands). Returns {label: {key: (steps, mean, ci)}}.
+def band_curves(series, keys, out_dir, name, xlabel="online batch"):
+    """Mean and 95% t-band over seeds of each key against the step, one line per experiment: the drawing
+    behind curves() and checkpoint_curves(). series: {label: [{step: {key: value}} per seed]}; only the steps
+    every seed has are drawn. Writes NAME.csv (experiment, key, step, mean, ci95, n_seeds) and NAME.png (one
+    panel per key). Returns {label: {key: (steps, mean, ci)}}.
     """
     result, rows = {}, []
-    for label, dirs in group_runs(run_dirs, _config_of_dir).items():
-        logs = [{int(r["step"]): r for r in read_metrics(d)} for d in dirs]
+    for label, logs in series.items():
         steps = sorted(set.intersection(*(set(l) for l in logs)))
         result[label] = {}
         for key in keys:
@@ -358,7 +387,7 @@ def curves(run_dirs, out_dir, keys=("train/reward_mean", "train/kl_pi0"), name="
                 agg = aggregate_seeds([{key: float(l[s].get(key, math.nan))} for l in logs]).get(key)
                 mean.append(agg["mean"] if agg else math.nan)
                 ci.append(agg["ci"] if agg else math.nan)
-                rows.append([label, key, s, mean[-1], ci[-1], len(dirs)])
+                rows.append([label, key, s, mean[-1], ci[-1], len(logs)])
             result[label][key] = (np.array(steps), np.array(mean), np.array(ci))
     os.makedirs(out_dir, exist_ok=True)
     _write_csv(os.path.join(out_dir, f"{name}.csv"), ["experiment", "key", "step", "mean", "ci95", "n_seeds"], rows)
@@ -369,7 +398,7 @@ def curves(run_dirs, out_dir, keys=("train/reward_mean", "train/kl_pi0"), name="
             steps, mean, ci = per_key[key]
             ax.plot(steps, mean, label=label)
             ax.fill_between(steps, mean - np.nan_to_num(ci), mean + np.nan_to_num(ci), alpha=0.25)
-        ax.set_xlabel("online batch")
+        ax.set_xlabel(xlabel)
         ax.set_ylabel(key)
     axes[0][0].legend(fontsize=7)
     fig.suptitle("mean and 95% CI over seeds")
@@ -377,6 +406,44 @@ def curves(run_dirs, out_dir, keys=("train/reward_mean", "train/kl_pi0"), name="
     fig.savefig(os.path.join(out_dir, f"{name}.png"), dpi=120)
     plt.close(fig)
     return result
+
+
+def curves(run_dirs, out_dir, keys=("train/reward_mean", "train/kl_pi0"), name="curves"):
+    """Training curves per experiment (Figs. 3, 5(a)-(b), 6, 7): each key of metrics.jsonl against the online
+    batch, mean and 95% band over the seeds of an experiment (runs grouped by config except seed).
+    Writes NAME.csv and NAME.png (band_curves); returns {label: {key: (steps, mean, ci)}}.
+    """
+    series = {label: [{int(r["step"]): r for r in read_metrics(d)} for d in dirs]
+              for label, dirs in group_runs(run_dirs, _config_of_dir).items()}
+    return band_curves(series, keys, out_dir, name)
+
+
+def checkpoint_curves(reports, out_dir, keys=("win_rate", "policy/reward"), name="eval_curves"):
+    """Evaluation curves over training (Fig. 3: win rate over pi_0 and reward against online batches): each key
+    of the reports of a run's kept checkpoints and final model, mean and 95% band over seeds. Step 0 is pi_0
+    itself: win rates 1/2, KL 0, its own reward etc. (the pi_0 half of each report).
+
+    reports: evaluate_checkpoint reports of all runs, checkpoints included (a run's final/ and its last
+    ckpt-N are the same step: the final one counts). Writes NAME.csv and NAME.png; returns band_curves' dict.
+    """
+    by_run = {}
+    for r in reports:
+        by_run.setdefault(r["run"]["run_dir"], {})[r["run"]["step"]] = r
+    def at_step0(r, key):  # pi_0 against itself
+        if key in ("win_rate", "pref_win_rate"):
+            return 0.5
+        if key.startswith("kl_"):
+            return 0.0
+        return r.get(key.replace("policy/", "pi_0/"), math.nan)
+    per_run = []
+    for steps in by_run.values():
+        last = steps[max(steps)]
+        log = {s: r for s, r in steps.items()}
+        log[0] = {k: at_step0(last, k) for k in keys}
+        per_run.append((last["run"]["config"], log))
+    series = {label: [log for _, log in items]
+              for label, items in group_runs(per_run, lambda it: it[0]).items()}
+    return band_curves(series, keys, out_dir, name)
 
 
 def pareto(points, out_dir, name="pareto"):
@@ -490,6 +557,141 @@ def export_mtbench(question_ids, turns_outputs, model_id, path):
     return rows
 
 
+# FastChat's sampling temperature per MT-Bench category (fastchat/llm_judge/common.py, temperature_config;
+# gen_model_answer.py uses 0.7 for a category not in it); 0 means greedy
+MTBENCH_TEMPERATURE = {"writing": 0.7, "roleplay": 0.7, "extraction": 0.0, "math": 0.0, "coding": 0.0,
+                       "reasoning": 0.0, "stem": 0.1, "humanities": 0.1}
+
+
+def _read_records(path, what, fix):
+    """A JSON list or JSON lines of objects -> list of dicts; a malformed record names the file and line."""
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: {what} file {path!r} not found; {fix}")
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    if text.lstrip().startswith("["):
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise SystemExit(f"error: {path}:{e.lineno}: not valid JSON ({e.msg}); {fix}")
+        return [(i + 1, r) for i, r in enumerate(records)]
+    out = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                out.append((lineno, json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise SystemExit(f"error: {path}:{lineno}: not valid JSON ({e.msg}); {fix}")
+    return out
+
+
+def load_alpacaeval(path):
+    """AlpacaEval's evaluation set (tatsu-lab/alpaca_eval, alpaca_eval.json: a JSON list of {"instruction",
+    "output", "generator", "dataset"}; JSON lines also read) -> the instructions, in file order."""
+    fix = "give AlpacaEval's alpaca_eval.json (a list of objects with an 'instruction')"
+    out = []
+    for n, r in _read_records(path, "AlpacaEval", fix):
+        if not isinstance(r, dict) or not isinstance(r.get("instruction"), str):
+            raise SystemExit(f"error: {path}: record {n} has no 'instruction' string; {fix}")
+        out.append(r["instruction"])
+    if not out:
+        raise SystemExit(f"error: {path} holds no instructions; {fix}")
+    return out
+
+
+def load_mtbench(path):
+    """MT-Bench's questions (FastChat fastchat/llm_judge/data/mt_bench/question.jsonl: one {"question_id",
+    "category", "turns": [turn 1, turn 2]} per line) -> the records."""
+    fix = "give FastChat's mt_bench/question.jsonl (lines with question_id, category, turns)"
+    out = []
+    for n, r in _read_records(path, "MT-Bench", fix):
+        if not (isinstance(r, dict) and "question_id" in r and isinstance(r.get("turns"), list) and r["turns"]
+                and all(isinstance(t, str) for t in r["turns"])):
+            raise SystemExit(f"error: {path}:{n}: a question needs 'question_id' and a non-empty list of "
+                             f"'turns' strings; {fix}")
+        out.append(r)
+    if not out:
+        raise SystemExit(f"error: {path} holds no questions; {fix}")
+    return out
+
+
+@torch.no_grad()
+def answer(model, tok, conversations, max_new_tokens, temperature, seed=1234, batch_size=32):
+    """One response per prompt (a user message or a conversation ending with the user's turn), in batches of
+    batch_size; temperature 0 is greedy decoding. Returns the response texts."""
+    out = []
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for i in range(0, len(conversations), batch_size):
+            chunk = conversations[i:i + batch_size]
+            batch = rollout.generate(model, tok, chunk, 1, max_new_tokens, temperature or 1.0, greedy=temperature == 0)
+            out += batch.responses
+    return out
+
+
+def mtbench_answers(model, tok, questions, max_new_tokens, seed=1234, batch_size=32):
+    """Both turns of every MT-Bench question as FastChat generates them: turn t sees the conversation so far
+    (its own earlier answers), at its category's temperature. Returns [[answer per turn] per question]."""
+    answers = [[] for _ in questions]
+    for t in range(max(len(q["turns"]) for q in questions)):
+        by_temp = {}
+        for i, q in enumerate(questions):
+            if t < len(q["turns"]):
+                by_temp.setdefault(MTBENCH_TEMPERATURE.get(q.get("category"), 0.7), []).append(i)
+        for temp, idx in sorted(by_temp.items()):
+            convs = []
+            for i in idx:
+                msgs = []
+                for turn, a in zip(questions[i]["turns"][:t], answers[i]):
+                    msgs += [{"role": "user", "content": turn}, {"role": "assistant", "content": a}]
+                convs.append(msgs + [{"role": "user", "content": questions[i]["turns"][t]}])
+            for i, a in zip(idx, answer(model, tok, convs, max_new_tokens, temp, seed + t, batch_size)):
+                answers[i].append(a)
+    return answers
+
+
+# ---------------------------------------------------------------------------------------------------
+# Time per online batch (Table 8)
+# ---------------------------------------------------------------------------------------------------
+PHASES = ("sample", "judge", "logp", "update", "weight_sync")
+
+
+def timing_table(run_dirs, out_dir, warmup=1, name="timing"):
+    """Seconds per online batch and where they go (Table 8): per run the median of perf/seconds_per_batch and
+    of each phase (perf/PHASE_s: sampling, judging, the pi_t/pi_0 log-prob passes, the updates, the weight push
+    to vLLM) over its batches after the first `warmup` (allocation, compilation); per experiment the mean over
+    its runs. Wall-clock seconds of this hardware, so compare rows of one machine. Writes NAME.csv; returns
+    {label: {"total": s, PHASE: s, "n_runs": n}}.
+    """
+    out = {}
+    for label, dirs in group_runs(run_dirs, _config_of_dir).items():
+        medians = {}
+        for d in dirs:
+            rows = read_metrics(d)[warmup:]
+            for key in ("total",) + PHASES:
+                metric = "perf/seconds_per_batch" if key == "total" else f"perf/{key}_s"
+                vals = [r[metric] for r in rows if metric in r]
+                if vals:
+                    medians.setdefault(key, []).append(float(np.median(vals)))
+        if "total" in medians:
+            out[label] = {k: float(np.mean(v)) for k, v in medians.items()}
+            out[label]["n_runs"] = len(medians["total"])
+    os.makedirs(out_dir, exist_ok=True)
+    _write_csv(os.path.join(out_dir, f"{name}.csv"), ["experiment", "seconds_per_batch"] + [f"{p}_s" for p in PHASES]
+               + ["n_runs"], [[label, t["total"]] + [t.get(p, "") for p in PHASES] + [t["n_runs"]]
+                              for label, t in out.items()])
+    return out
+
+
+def print_timing(timing):
+    base = next((t["total"] for label, t in timing.items() if label.split()[0] == "dar"), None)
+    print(f"\n{'experiment':32} {'s/batch':>8} {'vs dar':>7}" + "".join(f" {p:>11}" for p in PHASES))
+    for label, t in timing.items():
+        ratio = f"{t['total'] / base:7.2f}" if base else f"{'-':>7}"
+        print(f"{label[:32]:32} {t['total']:8.2f} {ratio}" + "".join(
+            f" {t[p]:11.3f}" if p in t else f" {'-':>11}" for p in PHASES))
+
+
 # ---------------------------------------------------------------------------------------------------
 # Command line: evaluate runs, aggregate over seeds, write the plots the runs allow, print a table
 # ---------------------------------------------------------------------------------------------------
@@ -499,38 +701,75 @@ def kl_of(report):
 
 
 def sweeps(reports):
-    """Which comparisons the runs allow: {"pareto": {algo: [reports]} for an algorithm whose experiments
-    differ only in beta (>= 2 values), "ablation": {param: [reports]} for experiments of one algorithm and task
-    that differ in exactly one of alpha, beta, k, w_clip}."""
-    by_algo = {}
-    for r in reports:
-        c = r["run"]["config"]
-        by_algo.setdefault((c["task"], c["algo"]), []).append(r)
+    """Which comparisons the runs allow.
+
+    ablation: {param: [reports]} for each of alpha, beta, k, w_clip: per algorithm and task, the largest set of
+    experiments that agree in every hyperparameter except that one (k may bring online_batch along: an
+    ablation of K keeps the prompts per batch) and take >= 2 values of it. Several sweeps around one base
+    run (the ablation grids) are found separately, the base run counting in each.
+    pareto: {algo: [reports]}: the beta ablation of each algorithm, the reward-KL frontier of Fig. 4.
+    """
     out = {"pareto": {}, "ablation": {}}
-    for (task, algo), rs in by_algo.items():
-        configs = [r["run"]["config"] for r in rs]
-        varying = {k for k in configs[0] if k not in NOT_HYPERPARAMETERS and len({json.dumps(c[k]) for c in configs}) > 1}
-        if len(varying) == 1:
-            (param,) = varying
-            if param in ABLATION_PARAMS:
-                out["ablation"].setdefault(param, []).extend(rs)
+    for param in ABLATION_PARAMS:
+        free = {param, "online_batch"} if param == "k" else {param}
+        groups = {}
+        for r in reports:
+            c = r["run"]["config"]
+            rest = tuple(sorted((k, json.dumps(v)) for k, v in c.items() if k not in NOT_HYPERPARAMETERS | free))
+            groups.setdefault(rest, []).append(r)
+        best = {}  # (task, algo) -> the largest sweep of param
+        for rs in groups.values():
+            c = rs[0]["run"]["config"]
+            n_values = len({json.dumps(r["run"]["config"][param]) for r in rs})
+            if n_values >= 2 and n_values > best.get((c["task"], c["algo"]), (0, None))[0]:
+                best[(c["task"], c["algo"])] = (n_values, rs)
+        for (task, algo), (_, rs) in best.items():
+            out["ablation"].setdefault(param, []).extend(rs)
             if param == "beta":
                 out["pareto"][algo] = rs
     return out
 
 
 def print_table(summary):
-    """Algorithm, win rate over pi_0 (mean ± 95% CI over seeds), reward, KL, number of seeds (Tables 2-3)."""
-    print(f"\n{'experiment':32} {'win rate':>17} {'pref. win rate':>17} {'reward':>15} {'KL':>15} {'seeds':>5}")
+    """Per experiment, mean ± 95% CI over seeds (Tables 2-3): win rate over pi_0 from rewards and from pairwise
+    preferences, reward and KL(pi || pi_0) (as for every method; DAR's alpha-interpolated KL is Fig. 4's x-axis,
+    in the per-run JSON and the Pareto plot), plus missing EOS and, when it differs from the eval
+    judge, the reward under the training judge (reward hacking shows as this up and the eval reward down)."""
+    proxy = any("policy/train_judge_reward" in agg for agg in summary.values())
+    print(f"\n{'experiment':32} {'win rate':>17} {'pref. win rate':>17} {'reward':>15} {'KL':>15} {'no EOS':>7}"
+          + (f" {'train judge':>11}" if proxy else "") + f" {'seeds':>5}")
     for label, agg in summary.items():
         def cell(k, pct=False):
             if k not in agg:
                 return f"{'-':>17}" if pct else f"{'-':>15}"
             m, c = agg[k]["mean"], agg[k]["ci"]
             return f"{m:8.1%} ± {c:6.1%}" if pct else f"{m:7.3f} ± {c:5.3f}"
-        kl = "kl_alpha" if "kl_alpha" in agg else "kl_pi0"
         print(f"{label[:32]:32} {cell('win_rate', True)} {cell('pref_win_rate', True)} {cell('policy/reward')} "
-              f"{cell(kl)} {agg['win_rate']['n']:5d}")
+              f"{cell('kl_pi0')} {agg['policy/missing_eos']['mean']:7.1%}"
+              + (f" {agg.get('policy/train_judge_reward', {'mean': math.nan})['mean']:11.2f}" if proxy else "")
+              + f" {agg['win_rate']['n']:5d}")
+
+
+def export_benchmarks(run_dir, out_dir, alpacaeval=None, mtbench=None, temperature=0.9, seed=1234, device=None):
+    """The final model's answers to AlpacaEval instructions and MT-Bench questions (already loaded), written as
+    OUT/NAME-alpacaeval.json and OUT/NAME-mtbench.jsonl (model id NAME), at most the run's max_new_tokens each.
+    AlpacaEval uses `temperature` (0 greedy), MT-Bench its per-category temperatures."""
+    import dar
+    cfg = load_run_config(run_dir)
+    device = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    final = os.path.join(run_dir, "final")
+    tok, model = dar.load_tokenizer(final), dar.load_model(final, cfg, device).eval()
+    name = os.path.basename(os.path.normpath(run_dir))
+    written = []
+    if alpacaeval:
+        outputs = answer(model, tok, alpacaeval, cfg.max_new_tokens, temperature, seed, cfg.micro_batch)
+        written.append(os.path.join(out_dir, f"{name}-alpacaeval.json"))
+        export_alpacaeval(alpacaeval, outputs, name, written[-1])
+    if mtbench:
+        turns = mtbench_answers(model, tok, mtbench, cfg.max_new_tokens, seed, cfg.micro_batch)
+        written.append(os.path.join(out_dir, f"{name}-mtbench.jsonl"))
+        export_mtbench([q["question_id"] for q in mtbench], turns, name, written[-1])
+    return written
 
 
 def main(argv=None):
@@ -540,25 +779,41 @@ def main(argv=None):
     p.add_argument("--n-prompts", type=int, default=256, help="held-out prompts per evaluation")
     p.add_argument("--greedy", action="store_true", help="greedy decoding instead of temperature 0.9")
     p.add_argument("--temperature", type=float, default=0.9, help="sampling temperature of the compared responses")
-    p.add_argument("--checkpoints", action="store_true", help="also evaluate every kept ckpt-N of each run")
+    p.add_argument("--checkpoints", action="store_true",
+                   help="also evaluate every kept ckpt-N of each run: win-rate and reward curves (eval_curves)")
     p.add_argument("--seed", type=int, default=1234, help="seed of the evaluation's sampling")
+    p.add_argument("--alpacaeval", metavar="FILE",
+                   help="AlpacaEval's alpaca_eval.json: write each final model's answers for alpaca_eval")
+    p.add_argument("--mtbench", metavar="FILE",
+                   help="MT-Bench's question.jsonl: write each final model's answers for FastChat's gen_judgment")
     args = p.parse_args(argv)
+    alpaca = load_alpacaeval(args.alpacaeval) if args.alpacaeval else None
+    mtbench = load_mtbench(args.mtbench) if args.mtbench else None
+    for d in args.run_dirs:
+        if not os.path.isfile(os.path.join(d, "final", "config.json")):
+            raise SystemExit(f"error: {d} has no final/ model; a run writes it when it finishes (resume it with "
+                             f"`python dar.py --out-dir {d} --resume`)")
     import transformers
     transformers.utils.logging.disable_progress_bar()
     os.makedirs(args.out, exist_ok=True)
-    finals = []
+    finals, every = [], []
     for run_dir in args.run_dirs:
         kw = dict(greedy=args.greedy, temperature=args.temperature, seed=args.seed)
         report = evaluate_checkpoint(run_dir, os.path.join(run_dir, "final"), args.n_prompts, **kw)
         per_run = dict(report)
-        if args.checkpoints:
+        if args.checkpoints:  # the last ckpt-N holds the same weights as final/
             per_run["checkpoints"] = [evaluate_checkpoint(run_dir, path, args.n_prompts, **kw)
-                                      for _, path in checkpoints(run_dir)]
+                                      for step, path in checkpoints(run_dir) if step < report["run"]["step"]]
+            every += per_run["checkpoints"]
         name = os.path.basename(os.path.normpath(run_dir))
         with open(os.path.join(args.out, f"{name}.json"), "w") as f:
             json.dump(per_run, f, indent=1)
         print(f"{name}: win rate {report['win_rate']:.1%}, reward {report['policy/reward']:.3f}, "
               f"KL {report['kl_pi0']:.3f}", flush=True)
+        if alpaca or mtbench:
+            for path in export_benchmarks(run_dir, args.out, alpaca, mtbench, 0.0 if args.greedy else args.temperature,
+                                          args.seed):
+                print(f"  wrote {path}", flush=True)
         finals.append(report)
     groups = group_runs(finals, lambda r: r["run"]["config"])
     summary = {label: aggregate_seeds(rs) for label, rs in groups.items()}
@@ -568,6 +823,8 @@ def main(argv=None):
     dirs_with_logs = [d for d in args.run_dirs if read_metrics(d)]
     if dirs_with_logs:
         curves(dirs_with_logs, args.out)
+    if every:
+        checkpoint_curves(finals + every, args.out)
     found = sweeps(finals)
     if found["pareto"]:
         pareto([dict(algo=algo, beta=r["run"]["config"]["beta"], kl=kl_of(r), reward=r["policy/reward"])
@@ -575,6 +832,8 @@ def main(argv=None):
     for param, rs in found["ablation"].items():
         ablation_plot(rs, param, args.out)
     print_table(summary)
+    if dirs_with_logs:
+        print_timing(timing_table(dirs_with_logs, args.out))
     print(f"\nwritten to {args.out}: " + ", ".join(sorted(os.listdir(args.out))))
 
 

@@ -104,10 +104,12 @@ def toy_proxy_score(prompt, response, ended):
 
 
 class RuleJudge:
-    """A judge from a per-sample scoring rule (the toy task's judges)."""
+    """A judge from a per-sample scoring rule (the toy task's judges). top: the scale's best score, when the
+    scale has one (the gold rule's 10 = exact answer; the proxy's length bonus has no ceiling)."""
 
-    def __init__(self, score):
+    def __init__(self, score, top=None):
         self.score = score
+        self.top = top
 
     def __call__(self, prompts, responses, ended):
         rewards = [self.score(p, r, e) for p, r, e in zip(prompts, responses, ended)]
@@ -444,6 +446,7 @@ class LLMJudge:
     The API key is read from the environment variable named `api_key_env` and sent as a Bearer token; it
     is kept out of reprs, error messages and logs.
     """
+    top = 10.0  # the best score of the paper's 1-10 scale (harm is flipped to 11 - h, so 10 is best there too)
 
     def __init__(self, url, family, model="", api_key_env="DAR_JUDGE_API_KEY", concurrency=16, timeout=120.0,
                  retries=5, backoff=1.0, max_backoff=60.0):
@@ -597,6 +600,7 @@ class RewardModelJudge:
     depend on what else is in the batch. Texts are sorted by length first, which shrinks the padding. The
     reward model sees text only: `ended` is not used (the loop handles a missing EOS).
     """
+    top = None  # an unbounded scale: no "best score" rate
 
     def __init__(self, path, batch_size=8, device=None):
         import torch
@@ -676,7 +680,7 @@ def reward_family(task=None, cfg=None):
 
 def make_judge(name, task=None, cfg=None):
     if name == "toy_gold":
-        return RuleJudge(toy_gold_score)
+        return RuleJudge(toy_gold_score, top=10.0)
     if name == "toy_proxy":
         return RuleJudge(toy_proxy_score)
     if name == "llm":

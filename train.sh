@@ -47,8 +47,9 @@ run() {
   launch "$@" --out-dir "$out" --resume $EXTRA
 }
 
-evaluate() {  # evaluate GRID [N_PROMPTS]: seeds aggregated, curves, frontiers, ablations (paper: 1k prompts)
-  "$PYTHON" eval.py "$RUNS/$1"/*-s[0-9]*/ --out "$RUNS/$1/eval" --n-prompts "${2:-1000}"
+evaluate() {  # evaluate GRID [N_PROMPTS [FLAGS]]: seeds aggregated, curves, frontiers, ablations (paper: 1k prompts)
+  local grid=$1 n=${2:-1000}; shift; shift || true
+  "$PYTHON" eval.py "$RUNS/$grid"/*-s[0-9]*/ --out "$RUNS/$grid/eval" --n-prompts "$n" "$@"
 }
 
 task_flags() {  # task_flags TASK: the task's model, data and judge
@@ -130,7 +131,7 @@ helpsteer2() {  # Table 4: Qwen2-7B-Instruct, a reward model, 1000 new tokens
 # --- the same at toy scale on a CPU -----------------------------------------------------------------
 # Trained on the length-biased proxy judge and evaluated with the gold rule, like the paper's LLM
 # annotator and stronger evaluator: regularisation has something to hold off (reward hacking).
-TOY="--task toy --judge toy_proxy --eval-judge toy_gold --steps 40 --eval-prompts 128"
+TOY="--task toy --judge toy_proxy --eval-judge toy_gold --steps 40 --eval-prompts 128 --save-every 10 --keep-checkpoints 4"
 
 toy-table2() {
   for algo in dpo simpo is_dpo online_dpo ipo slic ppo dual_ppo rloo grpo iter_sft dao dar; do
@@ -142,28 +143,36 @@ toy-table2() {
   evaluate toy-table2 128
 }
 
-toy-pareto() {
+toy-pareto() {  # gold reward vs KL over a beta sweep; DAR at the toy ablations' alpha 0.5
   for b in 0.01 0.03 0.1 0.3; do
     for algo in ppo dual_ppo rloo grpo; do
       # shellcheck disable=SC2086
       run "$RUNS/toy-pareto/$algo-beta$b-s0" $TOY --algo $algo --beta "$b" --seed 0
     done
   done
-  for b in 0.05 0.1 0.3 0.5 1.0; do
+  for b in 0.05 0.1 0.3 0.5 1.0 2.0; do
     # shellcheck disable=SC2086
-    run "$RUNS/toy-pareto/dar-beta$b-s0" $TOY --algo dar --beta "$b" --seed 0
+    run "$RUNS/toy-pareto/dar-beta$b-s0" $TOY --algo dar --alpha 0.5 --beta "$b" --seed 0
   done
   evaluate toy-pareto 128
 }
 
-toy-ablations() {  # alpha 0.1 is also the w_clip 20 point
+# DAR around alpha 0.5, beta 0.5, K 4, w_clip 20. At the paper's alpha 0.1 and beta 0.05 DAR hacks the toy proxy
+# (toy-table2; alpha * beta is the fixed point's temperature), so the toy ablations sit where alpha can act.
+# Each sweep varies one parameter; K keeps 64 prompts per online batch (online_batch = 64 K).
+toy-ablations() {
+  local base="$TOY --algo dar --alpha 0.5 --beta 0.5 --k 4 --online-batch 256 --w-clip 20"
   for s in $SEEDS; do
     # shellcheck disable=SC2086
-    for a in 0 0.1 0.5 0.9; do run "$RUNS/toy-ablations/alpha$a-s$s" $TOY --alpha "$a" --seed "$s"; done
+    for a in 0 0.1 0.3 0.5 0.9; do run "$RUNS/toy-ablations/alpha$a-s$s" $base --alpha "$a" --seed "$s"; done
     # shellcheck disable=SC2086
-    for c in 2 5 100; do run "$RUNS/toy-ablations/wclip$c-s$s" $TOY --w-clip "$c" --seed "$s"; done
+    for b in 0.1 2.0; do run "$RUNS/toy-ablations/beta$b-s$s" $base --beta "$b" --seed "$s"; done
+    # shellcheck disable=SC2086
+    for k in 2 8; do run "$RUNS/toy-ablations/k$k-s$s" $base --k "$k" --online-batch $((64 * k)) --seed "$s"; done
+    # shellcheck disable=SC2086
+    for c in 2 5 100; do run "$RUNS/toy-ablations/wclip$c-s$s" $base --w-clip "$c" --seed "$s"; done
   done
-  evaluate toy-ablations 128
+  evaluate toy-ablations 128 --checkpoints
 }
 
 if [ $# -eq 0 ] || ! declare -F "$1" >/dev/null; then

@@ -1,6 +1,7 @@
 """eval.py: seed aggregation against hand-computed t intervals, the golden win rate on hand-made rewards, the
 Pareto fit recovering a known quadratic, curve alignment and bands on synthetic logs, the exports' exact
-formats, greedy decoding, and dar.py (2 seeds) -> eval.py end to end."""
+formats and the benchmark loaders, sweep detection around a base run, checkpoint curves, the timing table, greedy
+decoding, and dar.py (2 seeds) -> eval.py end to end with checkpoints and exports."""
 import csv
 import json
 import math
@@ -108,6 +109,27 @@ def test_ablation_plot_and_sweep_detection(tmp_path):
     assert two == {"pareto": {}, "ablation": {}}  # two parameters change at once: no ablation
 
 
+def test_sweeps_around_one_base_run():
+    """The ablation grids: one base run and one-parameter sweeps around it; K brings online_batch along."""
+    base = dict(alpha=0.5, beta=0.5, k=4, online_batch=256, w_clip=20.0)
+    grid = [dict(base)] + [dict(base, alpha=a) for a in (0.0, 0.9)] + [dict(base, beta=2.0)] \
+        + [dict(base, k=k, online_batch=64 * k) for k in (2, 8)] + [dict(base, w_clip=c) for c in (2.0, 5.0)] \
+        + [dict(base, alpha=0.0, beta=2.0)]  # off every sweep: two changes
+    reports = [fake_report("dar", s, 0.5, **c) for c in grid for s in (0, 1)]
+    found = ev.sweeps(reports)
+    values = {p: sorted({r["run"]["config"][p] for r in rs}) for p, rs in found["ablation"].items()}
+    assert values == {"alpha": [0.0, 0.5, 0.9], "beta": [0.5, 2.0], "k": [2, 4, 8], "w_clip": [2.0, 5.0, 20.0]}
+    assert all(len(rs) == 2 * len(values[p]) for p, rs in found["ablation"].items())  # base counted, 2 seeds each
+    assert {r["run"]["config"]["alpha"] for r in found["pareto"]["dar"]} == {0.5}
+
+
+def test_group_runs_counts_a_seed_once(capsys):
+    reports = [fake_report("dar", 0, 0.5), fake_report("dar", 0, 0.7), fake_report("dar", 1, 0.9)]
+    groups = ev.group_runs(reports, lambda r: r["run"]["config"])
+    assert [r["win_rate"] for r in groups["dar"]] == [0.5, 0.9]
+    assert "seed 0" in capsys.readouterr().out
+
+
 def write_run(root, name, config, rows):
     d = root / name
     d.mkdir()
@@ -136,9 +158,79 @@ def test_curves_align_steps_and_band_over_seeds(tmp_path):
     assert os.path.getsize(out / "curves.png") > 1000
 
 
+def ckpt_report(run_dir, seed, step, win, reward, pi0_reward):
+    r = fake_report("dar", seed, win)
+    r["policy/reward"], r["pi_0/reward"] = reward, pi0_reward
+    r["run"].update(run_dir=run_dir, step=step)
+    return r
+
+
+def test_checkpoint_curves_start_at_pi0_and_band_over_seeds(tmp_path):
+    reports = [ckpt_report("s0", 0, 10, 0.6, 9.0, 8.0), ckpt_report("s0", 0, 20, 0.7, 9.5, 8.0),
+               ckpt_report("s1", 1, 10, 0.8, 9.2, 8.2), ckpt_report("s1", 1, 20, 0.9, 9.9, 8.2)]
+    res = ev.checkpoint_curves(reports, str(tmp_path))
+    steps, mean, ci = res["dar"]["win_rate"]
+    assert steps.tolist() == [0, 10, 20]
+    assert mean == pytest.approx([0.5, 0.7, 0.8]) and ci[0] == 0  # pi_0 against itself: 1/2 on every seed
+    assert ci[1] == pytest.approx(12.706 * math.sqrt(0.02) / math.sqrt(2))
+    steps, mean, _ = res["dar"]["policy/reward"]
+    assert mean == pytest.approx([8.1, 9.1, 9.7])  # step 0: pi_0's own reward
+    assert os.path.isfile(tmp_path / "eval_curves.csv") and os.path.getsize(tmp_path / "eval_curves.png") > 1000
+
+
+def test_timing_table_medians_after_warmup(tmp_path):
+    def rows(times):
+        return [{"step": i + 1, "perf/seconds_per_batch": t, "perf/sample_s": t / 2, "perf/update_s": t / 4}
+                for i, t in enumerate(times)]
+    runs = [write_run(tmp_path, "dar-s0", dict(seed=0), rows([100.0, 1.0, 2.0, 9.0])),  # 100: warm-up
+            write_run(tmp_path, "dar-s1", dict(seed=1), rows([50.0, 4.0, 4.0, 4.0])),
+            write_run(tmp_path, "ppo-s0", dict(algo="ppo", seed=0), rows([9.0, 6.0, 6.0]))]
+    t = ev.timing_table(runs, str(tmp_path / "out"))
+    assert t["dar"]["total"] == pytest.approx((2.0 + 4.0) / 2) and t["dar"]["n_runs"] == 2
+    assert t["dar"]["sample"] == pytest.approx(1.5) and "judge" not in t["dar"]
+    assert t["ppo"]["total"] == pytest.approx(6.0)
+    assert len(list(csv.DictReader(open(tmp_path / "out" / "timing.csv")))) == 2
+
+
 # ---------------------------------------------------------------------------------------------------
 # Exports
 # ---------------------------------------------------------------------------------------------------
+def test_benchmark_loaders_read_the_files_and_name_bad_lines(tmp_path):
+    alpaca = tmp_path / "alpaca_eval.json"
+    alpaca.write_text(json.dumps([{"instruction": "Say hi", "output": "x", "generator": "gpt4", "dataset": "d"},
+                                  {"instruction": "Count", "output": "y", "generator": "gpt4", "dataset": "d"}]))
+    assert ev.load_alpacaeval(str(alpaca)) == ["Say hi", "Count"]
+    alpaca.write_text(json.dumps([{"instruction": "ok"}, {"output": "no instruction"}]))
+    with pytest.raises(SystemExit, match="record 2 has no 'instruction'"):
+        ev.load_alpacaeval(str(alpaca))
+    mt = tmp_path / "question.jsonl"
+    mt.write_text(json.dumps({"question_id": 81, "category": "writing", "turns": ["a", "b"]}) + "\n\n"
+                  + json.dumps({"question_id": 82, "category": "math", "turns": ["c"]}) + "\n")
+    assert [q["question_id"] for q in ev.load_mtbench(str(mt))] == [81, 82]
+    mt.write_text(json.dumps({"question_id": 81, "turns": ["a"]}) + "\n{broken\n")
+    with pytest.raises(SystemExit, match=r"question.jsonl:2: not valid JSON"):
+        ev.load_mtbench(str(mt))
+    with pytest.raises(SystemExit, match="not found"):
+        ev.load_mtbench(str(tmp_path / "missing.jsonl"))
+
+
+def test_mtbench_answers_follow_the_conversation_and_category_temperatures(monkeypatch):
+    calls = []
+
+    def fake_answer(model, tok, convs, max_new_tokens, temperature, seed=0, batch_size=32):
+        calls.append((temperature, convs))
+        return [f"A{len(c)}@{temperature}:{c[-1]['content']}" for c in convs]
+    monkeypatch.setattr(ev, "answer", fake_answer)
+    qs = [{"question_id": 1, "category": "writing", "turns": ["w1", "w2"]},
+          {"question_id": 2, "category": "math", "turns": ["m1", "m2"]},
+          {"question_id": 3, "category": "unknown", "turns": ["u1"]}]
+    answers = ev.mtbench_answers(None, None, qs, 16)
+    assert answers == [["A1@0.7:w1", "A3@0.7:w2"], ["A1@0.0:m1", "A3@0.0:m2"], ["A1@0.7:u1"]]
+    turn2_math = [c for t, cs in calls for c in cs if t == 0.0 and len(c) == 3][0]
+    assert turn2_math[1] == {"role": "assistant", "content": "A1@0.0:m1"}  # turn 2 sees its own turn-1 answer
+    assert sorted(t for t, _ in calls) == [0.0, 0.0, 0.7, 0.7]  # one call per (turn, temperature)
+
+
 def test_export_alpacaeval_format(tmp_path):
     path = tmp_path / "outputs.json"
     ev.export_alpacaeval(["Say hi", "Ünïcode?"], ["hi", "yes"], "dar-toy", str(path))
@@ -184,20 +276,34 @@ def test_dar_then_eval_end_to_end(toy_cache, tmp_path):
     for seed in (0, 1):
         out = tmp_path / f"toy-dar-s{seed}"
         p = run_dar(TINY + ["--cache-dir", toy_cache, "--out-dir", str(out), "--steps", "2", "--save-every", "1",
-                            "--seed", str(seed), "--print-every", "1000"], cwd=tmp_path)
+                            "--seed", str(seed), "--print-every", "1000", "--judge", "toy_proxy"], cwd=tmp_path)
         assert p.returncode == 0, p.stderr[-3000:]
         runs.append(str(out))
     env = dict(os.environ, OMP_NUM_THREADS="1")
+    (tmp_path / "alpaca_eval.json").write_text(json.dumps([{"instruction": "reverse: abc"}, {"instruction": "hi"}]))
+    (tmp_path / "question.jsonl").write_text(
+        json.dumps({"question_id": 81, "category": "writing", "turns": ["reverse: abc", "and: xyz"]}) + "\n")
     res = subprocess.run([sys.executable, os.path.join(ROOT, "eval.py"), *runs, "--out", str(tmp_path / "ev"),
-                          "--n-prompts", "8"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+                          "--n-prompts", "8", "--checkpoints", "--alpacaeval", "alpaca_eval.json",
+                          "--mtbench", "question.jsonl"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert "win rate" in res.stdout and "seeds" in res.stdout
+    assert "win rate" in res.stdout and "seeds" in res.stdout and "s/batch" in res.stdout
     table = [l for l in res.stdout.splitlines() if l.startswith("dar ")]
-    assert len(table) == 1 and table[0].split()[-1] == "2"  # one experiment, two seeds
+    assert len(table) == 2 and table[0].split()[-1] == "2"  # one experiment, two seeds (and its timing row)
     ev_dir = tmp_path / "ev"
-    for f in ("toy-dar-s0.json", "toy-dar-s1.json", "summary.json", "curves.csv", "curves.png"):
+    for f in ("toy-dar-s0.json", "toy-dar-s1.json", "summary.json", "curves.csv", "curves.png", "eval_curves.csv",
+              "eval_curves.png", "timing.csv"):
         assert os.path.isfile(ev_dir / f), f
+    alpaca = json.load(open(ev_dir / "toy-dar-s0-alpacaeval.json"))
+    assert [a["instruction"] for a in alpaca] == ["reverse: abc", "hi"] and alpaca[0]["generator"] == "toy-dar-s0"
+    (mt,) = [json.loads(l) for l in open(ev_dir / "toy-dar-s1-mtbench.jsonl")]
+    assert mt["question_id"] == 81 and len(mt["choices"][0]["turns"]) == 2
+    steps = {int(r["step"]) for r in csv.DictReader(open(ev_dir / "eval_curves.csv"))}
+    assert steps == {0, 1, 2}  # pi_0, ckpt-000001, final/ (= ckpt-000002, evaluated once)
     r = json.load(open(ev_dir / "toy-dar-s0.json"))
+    assert [c["run"]["step"] for c in r["checkpoints"]] == [1]
+    assert r["train_judge"] == "toy_proxy" and r["policy/train_judge_reward"] >= 0  # trained on the proxy
     assert r["n_prompts"] == 8 and r["run"]["step"] == 2 and r["run"]["seed"] == 0
     for k in ("win_rate", "pref_win_rate", "golden/win_rate", "pi_0/missing_eos", "policy/missing_eos"):
         assert 0 <= r[k] <= 1, k
