@@ -100,6 +100,8 @@ class Config:
     max_new_tokens: int = arg(16, "longest response, in tokens (paper: 64 TL;DR, 256 HH, 1000 HelpSteer2)")
     # batch sizes, counted in responses over all ranks (Appendix B.1: 512 / 128)
     steps: int = arg(60, "online batches T (for --algo sft: optimizer steps)")
+    prompt_epochs: float = arg(0.0, "passes over the training prompts; > 0 sets --steps to prompt_epochs x prompts "
+                                    "/ prompts per online batch (paper: 1 TL;DR, 2 HH for RLHF; 5 for online DAP)")
     online_batch: int = arg(256, "responses per online batch = prompts x K (paper: 512)")
     minibatch: int = arg(64, "responses per optimizer step; online_batch / minibatch steps per batch (paper: 128)")
     micro_batch: int = arg(64, "responses per forward/backward on one rank; gradients accumulate to a minibatch")
@@ -117,7 +119,7 @@ class Config:
     seed: int = arg(0, "seed for python, numpy and torch; rank r uses seed + 1000 r")
     out_dir: str = arg("", "run directory (metrics.jsonl, checkpoints, final/); '' = runs/TASK-ALGO-sSEED")
     resume: bool = arg(False, "continue from the last checkpoint in --out-dir")
-    save_every: int = arg(20, "checkpoint every N online batches (and at the end)")
+    save_every: int = arg(20, "checkpoint every N online batches (and at the end); 0 = 10 checkpoints a run")
     keep_checkpoints: int = arg(2, "how many recent checkpoints to keep")
     print_every: int = arg(1, "print a one-line summary every N steps (the toy pi_0's SFT prints every 100)")
     sample_every: int = arg(20, "print a table of sample prompt / response / reward every N batches")
@@ -131,7 +133,8 @@ class Config:
 
 
 # Fields a resumed run may change; any other difference from the checkpoint's config is an error.
-RESUMABLE_CHANGES = {"resume", "steps", "save_every", "keep_checkpoints", "sample_every", "eval_prompts"}
+RESUMABLE_CHANGES = {"resume", "steps", "prompt_epochs", "save_every", "keep_checkpoints", "sample_every",
+                     "eval_prompts"}
 
 
 def parse_config(argv=None):
@@ -151,6 +154,10 @@ def parse_config(argv=None):
             p.add_argument(flag, type=typ, default=argparse.SUPPRESS, help=help)
     given = vars(p.parse_args(argv))
     task, algo = given.get("task", Config.task), given.get("algo", Config.algo)
+    if "steps" in given and given.get("prompt_epochs", 0) > 0:
+        p.error("give --steps or --prompt-epochs, not both")
+    if "steps" in given:  # an explicit length wins over the task's passes over the prompts
+        given["prompt_epochs"] = 0.0
     cfg = Config(**{**tasks.TASK_DEFAULTS.get(task, {}), **ALGO_DEFAULTS.get(algo, {}),
                     **tasks.TASK_ALGO_DEFAULTS.get((task, algo), {}), **given})
     if not cfg.out_dir:
@@ -181,6 +188,9 @@ def check_config(cfg, world):
     for name in ("steps", "online_batch", "minibatch", "micro_batch", "epochs", "max_new_tokens", "warmup_steps"):
         if getattr(cfg, name) < 1:
             bad(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
+    for name in ("save_every", "prompt_epochs"):
+        if getattr(cfg, name) < 0:
+            bad(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
     if cfg.online_batch % (cfg.k * world):
         bad(f"--online-batch {cfg.online_batch} must be a multiple of K x ranks = {cfg.k} x {world}")
     if cfg.online_batch % cfg.minibatch:
@@ -572,6 +582,15 @@ class Run:
         return [m for m in (self.ddp, self.value_ddp) if m is not None]
 
 
+def resolve_schedule(cfg, task):
+    """The run's length from passes over the training prompts (prompt_epochs > 0; Appendix B.1 counts epochs),
+    and save_every 0 as 10 checkpoints a run (B.1). Offline methods keep --steps: they read pairs, not prompts."""
+    if cfg.prompt_epochs > 0 and cfg.algo not in OFFLINE:
+        cfg.steps = max(1, math.ceil(cfg.prompt_epochs * len(task.train_prompts) / (cfg.online_batch // cfg.k)))
+    if cfg.save_every == 0:
+        cfg.save_every = max(1, cfg.steps // 10)
+
+
 def train(cfg, ctx):
     """Run cfg.algo for cfg.steps; returns the Run (policy trained). Resumes when cfg.resume."""
     from tqdm import tqdm
@@ -583,6 +602,7 @@ def train(cfg, ctx):
         init = base if cfg.algo == "sft" else sft
     seed_everything(cfg.seed + 1000 * ctx.rank)  # after the (maybe) in-process SFT that made pi_0
     task = tasks.load_task(cfg.task, cfg.data)
+    resolve_schedule(cfg, task)
     tok = load_tokenizer(init)
     start, ckpt = 0, latest_checkpoint(cfg) if cfg.resume else None
     if cfg.resume and ckpt is None and ctx.master:

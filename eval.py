@@ -51,7 +51,7 @@ ABLATION_PARAMS = ("alpha", "beta", "k", "w_clip")  # Fig. 5(c)-(f)
 NOT_HYPERPARAMETERS = {"seed", "out_dir", "resume", "cache_dir", "print_every", "sample_every", "save_every",
                        "keep_checkpoints", "eval_prompts", "judge_url", "judge_api_key_env", "judge_concurrency",
                        "judge_timeout", "judge_retries", "rollout", "vllm_gpu_memory", "backend", "dtype",
-                       "logp_source", "steps"}
+                       "logp_source", "steps", "prompt_epochs"}
 
 
 def t975(df):
@@ -487,34 +487,46 @@ def pareto(points, out_dir, name="pareto"):
     return fits
 
 
-def ablation_plot(runs, param, out_dir, metric="win_rate"):
-    """Ablation of one hyperparameter (Fig. 5(c) alpha, (d) beta, (e) K, (f) w_clip): `metric` of the final
-    models against the value of `param`, mean and 95% t-interval over seeds, one line per algorithm.
-    runs: evaluate_checkpoint reports (with "run"). Writes ablation_PARAM.csv / .png; returns
-    {algo: [(value, mean, ci, n)]} sorted by value.
+# What an ablation shows, one panel each: the win rate and reward under the eval judge, the reward under the
+# training judge (when another), and the signs of reward hacking: missing EOS, length, KL to pi_0
+ABLATION_METRICS = ("win_rate", "policy/reward", "policy/train_judge_reward", "policy/missing_eos", "policy/length",
+                    "kl_pi0")
+
+
+def ablation_plot(runs, param, out_dir, metrics=ABLATION_METRICS):
+    """Ablation of one hyperparameter (Fig. 5(c) alpha, (d) beta, (e) K, (f) w_clip): each metric of the final
+    models against the value of `param`, mean and 95% t-interval over seeds, one line per algorithm, one panel
+    per metric the reports have. runs: evaluate_checkpoint reports (with "run"). Writes ablation_PARAM.csv /
+    .png; returns {metric: {algo: [(value, mean, ci, n)]}} sorted by value.
     """
+    metrics = [m for m in metrics if all(m in r for r in runs)]
     groups = {}
     for r in runs:
         c = r["run"]["config"]
         groups.setdefault((c["algo"], c[param]), []).append(r)
-    result, rows = {}, []
+    result, rows = {m: {} for m in metrics}, []
     for (algo, value), rs in sorted(groups.items()):
-        agg = aggregate_seeds(rs).get(metric, {"mean": math.nan, "ci": math.nan, "n": 0})
-        result.setdefault(algo, []).append((value, agg["mean"], agg["ci"], agg["n"]))
-        rows.append([algo, param, value, metric, agg["mean"], agg["ci"], agg["n"]])
+        agg = aggregate_seeds(rs)
+        for m in metrics:
+            a = agg.get(m, {"mean": math.nan, "ci": math.nan, "n": 0})
+            result[m].setdefault(algo, []).append((value, a["mean"], a["ci"], a["n"]))
+            rows.append([algo, param, value, m, a["mean"], a["ci"], a["n"]])
     os.makedirs(out_dir, exist_ok=True)
     _write_csv(os.path.join(out_dir, f"ablation_{param}.csv"),
                ["algo", "param", "value", "metric", "mean", "ci95", "n_seeds"], rows)
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(5, 3.8))
-    for algo, pts in result.items():
-        v, m, ci, _ = zip(*pts)
-        ax.errorbar(v, m, yerr=np.nan_to_num(np.array(ci, dtype=np.float64)), marker="o", capsize=3, label=algo)
-    ax.set_xlabel(param)
-    ax.set_ylabel(metric)
-    ax.legend(fontsize=7)
+    fig, axes = plt.subplots(1, len(metrics), figsize=(3.6 * len(metrics), 3.4), squeeze=False)
+    for ax, m in zip(axes[0], metrics):
+        for algo, pts in result[m].items():
+            v, mean, ci, _ = zip(*pts)
+            ax.errorbar(v, mean, yerr=np.nan_to_num(np.array(ci, dtype=np.float64)), marker="o", capsize=3,
+                        label=algo)
+        ax.set_xlabel(param)
+        ax.set_title(m.replace("policy/", "").replace("train_judge_reward", "training-judge reward"), fontsize=9)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(f"ablation of {param}: final models, mean and 95% CI over seeds", fontsize=10)
     fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, f"ablation_{param}.png"), dpi=120)
+    fig.savefig(os.path.join(out_dir, f"ablation_{param}.png"), dpi=110)
     plt.close(fig)
     return result
 

@@ -99,7 +99,8 @@ def test_ablation_plot_and_sweep_detection(tmp_path):
     runs = [fake_report("dar", s, w, alpha=a) for a, ws in ((0.0, (0.5, 0.7)), (0.1, (0.8, 0.9))) for s, w in
             enumerate(ws)]
     res = ev.ablation_plot(runs, "alpha", str(tmp_path))
-    (v0, m0, c0, n0), (v1, m1, c1, n1) = res["dar"]
+    assert set(res) == {"win_rate", "policy/reward", "kl_pi0"}  # the metrics the reports have
+    (v0, m0, c0, n0), (v1, m1, c1, n1) = res["win_rate"]["dar"]
     assert (v0, v1, n0, n1) == (0.0, 0.1, 2, 2)
     assert m0 == pytest.approx(0.6) and c0 == pytest.approx(12.706 * math.sqrt(0.02) / math.sqrt(2))
     assert os.path.isfile(tmp_path / "ablation_alpha.png") and os.path.isfile(tmp_path / "ablation_alpha.csv")

@@ -4,6 +4,7 @@ defaults reaching the config. Nothing here downloads anything."""
 import gzip
 import hashlib
 import json
+import math
 import os
 import random
 import subprocess
@@ -395,6 +396,32 @@ def test_direct_ai_alignment_defaults(task, tokens):
     cfg = dar.parse_config(["--task", task])
     assert cfg.max_new_tokens == tokens and cfg.judge == cfg.eval_judge == "llm"
     assert (cfg.alpha, cfg.beta, cfg.weight_decay) == (0.1, 0.05, 0.0)  # DAR's direct-alignment values (B.2)
+
+
+def test_paper_schedule_defaults_and_length_in_passes_over_prompts():
+    """Appendix B.1: online batch 512 in 4 updates of 128, LR 1e-6 (RLHF) / 5e-7 (DAP) / 3e-6 (Dual-PPO), length
+    in passes over the prompts (RLHF 1 on TL;DR, 2 on HH; online DAP 5), 10 checkpoints a run."""
+    class FakeTask:
+        train_prompts = ["p"] * 1000
+    cfg = dar.parse_config(["--task", "helpful"])
+    assert (cfg.online_batch, cfg.minibatch, cfg.lr, cfg.prompt_epochs) == (512, 128, 1e-6, 2)
+    dar.resolve_schedule(cfg, FakeTask())
+    assert cfg.steps == 16 and cfg.save_every == 1  # ceil(2 x 1000 / 128 prompts per batch); 16 // 10
+    cfg = dar.parse_config(["--task", "tldr", "--algo", "online_dpo"])
+    assert (cfg.lr, cfg.prompt_epochs) == (5e-7, 5)
+    dar.resolve_schedule(cfg, FakeTask())
+    assert cfg.steps == math.ceil(5 * 1000 / (512 // cfg.k))  # online DPO: K 2, 256 prompts per batch
+    assert dar.parse_config(["--task", "harmless", "--algo", "dual_ppo"]).lr == 3e-6
+    dpo = dar.parse_config(["--task", "helpful", "--algo", "dpo", "--steps", "7"])
+    dar.resolve_schedule(dpo, FakeTask())
+    assert (dpo.lr, dpo.steps) == (5e-7, 7)
+    explicit = dar.parse_config(["--task", "helpful", "--steps", "3", "--save-every", "2"])
+    dar.resolve_schedule(explicit, FakeTask())
+    assert (explicit.steps, explicit.save_every, explicit.prompt_epochs) == (3, 2, 0)  # the flag wins
+    with pytest.raises(SystemExit):
+        dar.parse_config(["--task", "helpful", "--steps", "3", "--prompt-epochs", "1"])
+    toy = dar.parse_config([])
+    assert (toy.online_batch, toy.lr, toy.prompt_epochs, toy.save_every) == (256, 3e-4, 0, 20)  # toy unchanged
 
 
 def test_check_config_accepts_every_task(tmp_path):
