@@ -486,7 +486,7 @@ def pareto(points, out_dir, name="pareto"):
             if algo == "dar":
                 ax.axhline(np.polyval(fits[algo], xs).max(), color=color, linestyle="--", linewidth=1)
     ax.set_xlabel("KL (DAR: alpha-interpolated)")
-    ax.set_ylabel("reward")
+    ax.set_ylabel("reward (eval judge)")
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(os.path.join(out_dir, f"{name}.png"), dpi=120)

@@ -179,4 +179,4 @@ if [ $# -eq 0 ] || ! declare -F "$1" >/dev/null; then
   echo "usage: [NGPU=8] ./train.sh table2|pareto|ablations|helpsteer2|toy-table2|toy-pareto|toy-ablations" >&2
   exit 2
 fi
-"$@"
+"$@"; exit  # on the same line: bash reads a script as it runs, so an edit made meanwhile cannot be run
