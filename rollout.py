@@ -180,9 +180,9 @@ def selected_logps(logits, targets, chunk_tokens=LOGP_CHUNK_TOKENS):
     """log p(targets) from logits [N, R, V] in the model's dtype -> [N, R] float32, a few rows at a time.
 
     The straightforward logits.float().log_softmax(-1).gather(...) holds two float32 copies of the whole
-    [N, R, V] tensor (and autograd keeps one for backward): 2 x 4 x 152k floats per token with Qwen's
-    vocabulary, 150 GB for 128 sequences of 1,000 tokens. Here only one chunk of about chunk_tokens
-    positions is float32 at a time, and with gradients each chunk is recomputed in backward
+    [N, R, V] tensor (and autograd keeps one for backward): 2 x 4 bytes x 152k = 1.2 MB per token with
+    Qwen's vocabulary, 2.4 GB for a micro-batch of two 1,000-token responses. Here only one chunk of about
+    chunk_tokens positions is float32 at a time, and with gradients each chunk is recomputed in backward
     (torch.utils.checkpoint) instead of kept: memory is the model's own logits plus one chunk.
     """
     N, R, _ = logits.shape
