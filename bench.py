@@ -78,9 +78,9 @@ def model_dirs(cache):
     return {"toy": toy, "small": small}
 
 
-def loop_flags(model, model_dir, algo, steps, out_dir):
+def loop_flags(model, model_dir, algo, steps, out_dir, logp_source="policy"):
     s = SETTINGS[model]
-    return ["--algo", algo, "--model", model_dir, "--judge", "toy_proxy", "--steps", str(steps), "--epochs", "1",
+    return ["--algo", algo, "--logp-source", logp_source, "--model", model_dir, "--judge", "toy_proxy", "--steps", str(steps), "--epochs", "1",
             "--k", str(s["k"]), "--online-batch", str(s["online_batch"]), "--minibatch", str(s["minibatch"]),
             "--micro-batch", str(s["micro_batch"]), "--max-new-tokens", str(s["max_new_tokens"]),
             "--lr", "1e-5", "--out-dir", out_dir, "--save-every", str(10 ** 6), "--print-every", str(10 ** 6),
@@ -102,7 +102,7 @@ def work_loop(job):
     import dar
     out = tempfile.mkdtemp(prefix="bench-")
     steps = job["warmup"] + job["batches"]
-    cfg = dar.parse_config(loop_flags(job["model"], job["model_dir"], job["algo"], steps, out))
+    cfg = dar.parse_config(loop_flags(job["model"], job["model_dir"], job["algo"], steps, out, job["logp_source"]))
     ctx = dar.setup_distributed(cfg)
     dar.check_config(cfg, 1)
     run = dar.train(cfg, ctx)
@@ -292,11 +292,12 @@ def main(argv=None):
     base = dict(warmup=args.warmup, batches=args.batches)
     loops = {}
 
-    def loop(model, algo, floor=False):
-        if (model, algo) not in loops:
-            loops[(model, algo)] = run_worker(dict(base, kind="loop", model=model, model_dir=dirs[model], algo=algo,
-                                                   floor=floor), args.threads)
-        return loops[(model, algo)]
+    def loop(model, algo, floor=False, logp_source="policy"):
+        key = (model, algo, logp_source)
+        if key not in loops:
+            loops[key] = run_worker(dict(base, kind="loop", model=model, model_dir=dirs[model], algo=algo,
+                                         floor=floor, logp_source=logp_source), args.threads)
+        return loops[key]
 
     if sections & {"breakdown", "floor"}:
         print(f"\n[breakdown] seconds per DAR online batch, by phase")
@@ -314,13 +315,20 @@ def main(argv=None):
         print(f"{'model':8} {'DAR s':>8} {'floor s':>8} {'sample':>8} {'update':>8} {'efficiency':>10} "
               f"{'tokens':>8}")
         for model in SETTINGS:
-            r = loops[(model, "dar")]
+            r = loops[(model, "dar", "policy")]
             if "error" in r:
                 continue
             f = r["floor"]
             report.setdefault("floor", {})[model] = dict(f, efficiency=f["seconds"] / r["seconds"])
             print(f"{model:8} {r['seconds']:8.3f} {f['seconds']:8.3f} {f['sample']:8.3f} {f['update']:8.3f} "
                   f"{f['seconds'] / r['seconds']:10.2f} {f['tokens']:8.0f}")
+        r = loop("small", "dar", logp_source="sampler")  # DAR without the pi_t pass
+        if "error" not in r and "error" not in loops[("small", "dar", "policy")]:
+            f = loops[("small", "dar", "policy")]["floor"]
+            report["floor"]["small, --logp-source sampler"] = dict(dar_seconds=r["seconds"],
+                                                                   efficiency=f["seconds"] / r["seconds"])
+            print(f"{'small*':8} {r['seconds']:8.3f} {f['seconds']:8.3f} {'':8} {'':8} "
+                  f"{f['seconds'] / r['seconds']:10.2f}   * DAR with --logp-source sampler: no pi_t pass")
     if "algos" in sections:
         print(f"\n[algos] small model, identical settings (one epoch): seconds per online batch, peak memory")
         print(f"{'algo':8} {'s/batch':>8} {'vs DAR':>7} {'memory MB':>10} {'vs DAR':>7} {'tokens':>8}")
@@ -330,7 +338,7 @@ def main(argv=None):
             if "error" in r:
                 print(f"{algo:8} error: {r['error']}")
                 continue
-            d = loops[("small", "dar")]
+            d = loops[("small", "dar", "policy")]
             print(f"{algo:8} {r['seconds']:8.3f} {r['seconds'] / d['seconds']:7.2f} {r['memory_mb']:10.0f} "
                   f"{r['memory_mb'] / d['memory_mb']:7.2f} {r['tokens']:8.0f}")
     if "trl" in sections:
@@ -338,15 +346,20 @@ def main(argv=None):
         r = run_worker(dict(base, kind="trl", model="small", model_dir=dirs["small"], dtype=dtype,
                             python=args.trl_python), args.threads)
         report["trl"] = r
-        ours = loop("small", "grpo")
         if "error" in r:
             print(f"TRL not measured: {r['error']}")
-        elif "error" not in ours:
-            report["trl"]["ratio"] = ours["seconds"] / r["seconds"]
-            print(f"{'':8} {'s/batch':>8} {'tokens':>8} {'memory MB':>10}")
-            print(f"{'ours':8} {ours['seconds']:8.3f} {ours['tokens']:8.0f} {ours['memory_mb']:10.0f}")
-            print(f"{'TRL':8} {r['seconds']:8.3f} {r['tokens']:8.0f} {r['memory_mb']:10.0f}   (trl {r['trl_version']})")
-            print(f"ours / TRL = {ours['seconds'] / r['seconds']:.2f}")
+        else:
+            print(f"{'':24} {'s/batch':>8} {'tokens':>8} {'memory MB':>10} {'ours/TRL':>8}")
+            print(f"{'TRL GRPOTrainer':24} {r['seconds']:8.3f} {r['tokens']:8.0f} {r['memory_mb']:10.0f} {'':8}   "
+                  f"(trl {r['trl_version']})")
+            for source in ("policy", "sampler"):
+                ours = loop("small", "grpo", logp_source=source)
+                if "error" in ours:
+                    print(f"ours, --logp-source {source}: error: {ours['error']}")
+                    continue
+                report["trl"][f"ratio_{source}"] = ours["seconds"] / r["seconds"]
+                print(f"{'ours, pi_t from ' + source:24} {ours['seconds']:8.3f} {ours['tokens']:8.0f} "
+                      f"{ours['memory_mb']:10.0f} {ours['seconds'] / r['seconds']:8.2f}")
     if "rollout" in sections:
         print(f"\n[rollout] sampling the small model's online batch: tokens per second")
         for backend in ("hf", "vllm"):

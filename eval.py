@@ -316,9 +316,16 @@ def experiment_key(config):
 
 
 def experiment_label(config, configs):
-    """algo, plus the hyperparameters in which this experiment differs from the others of the same algo."""
+    """algo, plus the hyperparameters in which this experiment differs from the usual value (the strictly most
+    common one among the experiments of the same algo and task; without one, every experiment shows its
+    value): "dar" for the base run of a sweep, "dar alpha=0" or "dar k=8 online_batch=512" around it."""
     same = [c for c in configs if c["algo"] == config["algo"] and c["task"] == config["task"]]
-    diff = sorted(k for k in config if k not in NOT_HYPERPARAMETERS and any(c.get(k) != config[k] for c in same))
+
+    def usual(k):  # the strictly most common value, else None (every experiment then shows its own)
+        values = [json.dumps(c.get(k)) for c in same]
+        counts = sorted((values.count(v) for v in set(values)), reverse=True)
+        return max(values, key=values.count) if len(counts) == 1 or counts[0] > counts[1] else None
+    diff = sorted(k for k in config if k not in NOT_HYPERPARAMETERS and json.dumps(config[k]) != usual(k))
     return config["algo"] + "".join(f" {k}={config[k]:g}" if _is_number(config[k]) else f" {k}={config[k]}"
                                     for k in diff)
 
@@ -491,6 +498,9 @@ def pareto(points, out_dir, name="pareto"):
 # training judge (when another), and the signs of reward hacking: missing EOS, length, KL to pi_0
 ABLATION_METRICS = ("win_rate", "policy/reward", "policy/train_judge_reward", "policy/missing_eos", "policy/length",
                     "kl_pi0")
+ABLATION_TITLES = {"win_rate": "win rate over pi_0", "policy/reward": "reward (eval judge)",
+                   "policy/train_judge_reward": "reward (training judge)", "policy/missing_eos": "missing EOS",
+                   "policy/length": "length (tokens)", "kl_pi0": "KL(pi || pi_0)"}
 
 
 def ablation_plot(runs, param, out_dir, metrics=ABLATION_METRICS):
@@ -515,14 +525,18 @@ def ablation_plot(runs, param, out_dir, metrics=ABLATION_METRICS):
     _write_csv(os.path.join(out_dir, f"ablation_{param}.csv"),
                ["algo", "param", "value", "metric", "mean", "ci95", "n_seeds"], rows)
     plt = _pyplot()
-    fig, axes = plt.subplots(1, len(metrics), figsize=(3.6 * len(metrics), 3.4), squeeze=False)
-    for ax, m in zip(axes[0], metrics):
+    cols = min(3, len(metrics))
+    rows_ = -(-len(metrics) // cols)
+    fig, axes = plt.subplots(rows_, cols, figsize=(4 * cols, 3.2 * rows_), squeeze=False)
+    for ax in axes.flat[len(metrics):]:
+        ax.set_visible(False)
+    for ax, m in zip(axes.flat, metrics):
         for algo, pts in result[m].items():
             v, mean, ci, _ = zip(*pts)
             ax.errorbar(v, mean, yerr=np.nan_to_num(np.array(ci, dtype=np.float64)), marker="o", capsize=3,
                         label=algo)
         ax.set_xlabel(param)
-        ax.set_title(m.replace("policy/", "").replace("train_judge_reward", "training-judge reward"), fontsize=9)
+        ax.set_title(ABLATION_TITLES.get(m, m), fontsize=9)
     axes[0][0].legend(fontsize=7)
     fig.suptitle(f"ablation of {param}: final models, mean and 95% CI over seeds", fontsize=10)
     fig.tight_layout()
@@ -697,12 +711,13 @@ def timing_table(run_dirs, out_dir, warmup=1, name="timing"):
 
 
 def print_timing(timing):
-    base = next((t["total"] for label, t in timing.items() if label.split()[0] == "dar"), None)
+    dar_rows = [label for label in timing if label.split()[0] == "dar"]
+    base = timing["dar" if "dar" in timing else dar_rows[0]]["total"] if dar_rows else None
     phases = [p for p in PHASES if any(p in t for t in timing.values())]
-    print(f"\n{'experiment':32} {'s/batch':>8} {'vs dar':>7}" + "".join(f" {p:>11}" for p in phases))
+    print(f"\n{'experiment':36} {'s/batch':>8} {'vs dar':>7}" + "".join(f" {p:>11}" for p in phases))
     for label, t in timing.items():
         ratio = f"{t['total'] / base:7.2f}" if base else f"{'-':>7}"
-        print(f"{label[:32]:32} {t['total']:8.2f} {ratio}" + "".join(
+        print(f"{label[:36]:36} {t['total']:8.2f} {ratio}" + "".join(
             f" {t[p]:11.3f}" if p in t else f" {'-':>11}" for p in phases))
 
 
@@ -750,7 +765,7 @@ def print_table(summary):
     in the per-run JSON and the Pareto plot), plus missing EOS and, when it differs from the eval
     judge, the reward under the training judge (reward hacking shows as this up and the eval reward down)."""
     proxy = any("policy/train_judge_reward" in agg for agg in summary.values())
-    print(f"\n{'experiment':32} {'win rate':>17} {'pref. win rate':>17} {'reward':>15} {'KL':>15} {'no EOS':>7}"
+    print(f"\n{'experiment':36} {'win rate':>17} {'pref. win rate':>17} {'reward':>15} {'KL':>15} {'no EOS':>7}"
           + (f" {'train judge':>11}" if proxy else "") + f" {'seeds':>5}")
     for label, agg in summary.items():
         def cell(k, pct=False):
@@ -758,7 +773,7 @@ def print_table(summary):
                 return f"{'-':>17}" if pct else f"{'-':>15}"
             m, c = agg[k]["mean"], agg[k]["ci"]
             return f"{m:8.1%} ± {c:6.1%}" if pct else f"{m:7.3f} ± {c:5.3f}"
-        print(f"{label[:32]:32} {cell('win_rate', True)} {cell('pref_win_rate', True)} {cell('policy/reward')} "
+        print(f"{label[:36]:36} {cell('win_rate', True)} {cell('pref_win_rate', True)} {cell('policy/reward')} "
               f"{cell('kl_pi0')} {agg['policy/missing_eos']['mean']:7.1%}"
               + (f" {agg.get('policy/train_judge_reward', {'mean': math.nan})['mean']:11.2f}" if proxy else "")
               + f" {agg['win_rate']['n']:5d}")
@@ -796,6 +811,9 @@ def main(argv=None):
     p.add_argument("--checkpoints", action="store_true",
                    help="also evaluate every kept ckpt-N of each run: win-rate and reward curves (eval_curves)")
     p.add_argument("--seed", type=int, default=1234, help="seed of the evaluation's sampling")
+    p.add_argument("--reuse", action="store_true",
+                   help="take a run's evaluation from OUT/NAME.json when one was made with the same settings "
+                        "(redraw tables and plots without evaluating again)")
     p.add_argument("--alpacaeval", metavar="FILE",
                    help="AlpacaEval's alpaca_eval.json: write each final model's answers for alpaca_eval")
     p.add_argument("--mtbench", metavar="FILE",
@@ -813,15 +831,25 @@ def main(argv=None):
     finals, every = [], []
     for run_dir in args.run_dirs:
         kw = dict(greedy=args.greedy, temperature=args.temperature, seed=args.seed)
-        report = evaluate_checkpoint(run_dir, os.path.join(run_dir, "final"), args.n_prompts, **kw)
-        per_run = dict(report)
-        if args.checkpoints:  # the last ckpt-N holds the same weights as final/
-            per_run["checkpoints"] = [evaluate_checkpoint(run_dir, path, args.n_prompts, **kw)
-                                      for step, path in checkpoints(run_dir) if step < report["run"]["step"]]
-            every += per_run["checkpoints"]
         name = os.path.basename(os.path.normpath(run_dir))
-        with open(os.path.join(args.out, f"{name}.json"), "w") as f:
-            json.dump(per_run, f, indent=1)
+        path = os.path.join(args.out, f"{name}.json")
+        settings = dict(kw, n_prompts=args.n_prompts, checkpoints=args.checkpoints)
+        per_run = None
+        if args.reuse and os.path.isfile(path):
+            with open(path) as f:
+                per_run = json.load(f)
+            if per_run.get("eval_settings") != settings or per_run["run"]["run_dir"] != os.path.abspath(run_dir):
+                per_run = None
+        if per_run is None:
+            per_run = evaluate_checkpoint(run_dir, os.path.join(run_dir, "final"), args.n_prompts, **kw)
+            if args.checkpoints:  # the last ckpt-N holds the same weights as final/
+                per_run["checkpoints"] = [evaluate_checkpoint(run_dir, ckpt, args.n_prompts, **kw)
+                                          for step, ckpt in checkpoints(run_dir) if step < per_run["run"]["step"]]
+            per_run["eval_settings"] = settings
+            with open(path, "w") as f:
+                json.dump(per_run, f, indent=1)
+        report = {k: v for k, v in per_run.items() if k != "checkpoints"}
+        every += per_run.get("checkpoints", [])
         print(f"{name}: win rate {report['win_rate']:.1%}, reward {report['policy/reward']:.3f}, "
               f"KL {report['kl_pi0']:.3f}", flush=True)
         if alpaca or mtbench:

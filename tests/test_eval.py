@@ -124,6 +124,16 @@ def test_sweeps_around_one_base_run():
     assert {r["run"]["config"]["alpha"] for r in found["pareto"]["dar"]} == {0.5}
 
 
+def test_labels_name_what_differs_from_the_base_run():
+    base = dict(alpha=0.5, beta=0.5, k=4, online_batch=256)
+    configs = [dict(dar.Config().__dict__, **c) for c in
+               (base, dict(base, alpha=0.0), dict(base, alpha=0.9), dict(base, k=8, online_batch=512))]
+    assert [ev.experiment_label(c, configs) for c in configs] == [
+        "dar", "dar alpha=0", "dar alpha=0.9", "dar k=8 online_batch=512"]
+    two = configs[:2]  # no usual value: both show theirs
+    assert [ev.experiment_label(c, two) for c in two] == ["dar alpha=0.5", "dar alpha=0"]
+
+
 def test_group_runs_counts_a_seed_once(capsys):
     reports = [fake_report("dar", 0, 0.5), fake_report("dar", 0, 0.7), fake_report("dar", 1, 0.9)]
     groups = ev.group_runs(reports, lambda r: r["run"]["config"])
@@ -272,7 +282,7 @@ def test_greedy_decoding_ignores_the_seed(toy_cache):
     assert outs[0] == outs[1] and len(outs[0]) == 6
 
 
-def test_dar_then_eval_end_to_end(toy_cache, tmp_path):
+def test_dar_then_eval_end_to_end(toy_cache, tmp_path, monkeypatch, capsys):
     runs = []
     for seed in (0, 1):
         out = tmp_path / f"toy-dar-s{seed}"
@@ -315,3 +325,10 @@ def test_dar_then_eval_end_to_end(toy_cache, tmp_path):
     summary = json.load(open(ev_dir / "summary.json"))
     assert summary["dar"]["seeds"] == [0, 1] and summary["dar"]["win_rate"]["n"] == 2
     assert 0 <= summary["dar"]["win_rate"]["mean"] <= 1 and summary["dar"]["win_rate"]["ci"] >= 0
+    # --reuse redraws from the saved evaluations (same settings) without evaluating a model again
+    monkeypatch.setattr(ev, "evaluate_checkpoint", lambda *a, **k: pytest.fail("evaluated again"))
+    os.remove(ev_dir / "summary.json")
+    ev.main([*runs, "--out", str(ev_dir), "--n-prompts", "8", "--checkpoints", "--reuse"])
+    assert json.load(open(ev_dir / "summary.json")) == summary
+    with pytest.raises(pytest.fail.Exception, match="evaluated again"):  # other settings: evaluated again
+        ev.main([*runs, "--out", str(ev_dir), "--n-prompts", "4", "--checkpoints", "--reuse"])
