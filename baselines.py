@@ -290,8 +290,9 @@ def sample_judge_score(step, cfg, ctx, run, timer):
         batch = dar.sample(step, cfg, ctx, run)                                       # 1. y ~ pi_t   [N]
     with dar.timed(timer, "judge"):
         rewards, invalid = dar.judge_batch(run, batch)                                # 2. r(x, y)    [N]
-    with dar.timed(timer, "logp"):
+    with dar.timed(timer, "logp_t"):
         logp_t_tok, logp_diff = dar.pi_t_logps(cfg, ctx, run, batch)                  # 3. [N, R]
+    with dar.timed(timer, "logp_0"):
         logp_0_tok = dar.score(run.ref, batch, cfg.micro_batch)
     return batch, rewards, invalid, logp_t_tok, logp_0_tok, logp_diff
 
@@ -309,7 +310,7 @@ def ppo_step(step, cfg, ctx, run):
     score = torch.nan_to_num(score)
 
     # 3b. V_old(x, y_<i) of the value model at sampling time                              [N, R]
-    with dar.timed(timer, "logp"):
+    with dar.timed(timer, "values"):
         values_old = dar.score(run.value, batch, cfg.micro_batch, per_token=token_values).to(dev)
 
     # 4. token rewards as a function of the trained policy's log-probs (only the dual variants use them),
@@ -349,7 +350,7 @@ def ppo_step(step, cfg, ctx, run):
 
     with dar.timed(timer, "update"):
         upd = dar.minibatch_updates(cfg, ctx, run, len(batch), cfg.online_batch // cfg.minibatch, cfg.micro_batch,
-                                    loss_fn, cfg.epochs)
+                                    loss_fn, cfg.epochs, cost=batch.lengths())
     return dar.online_metrics(step, cfg, ctx, run, batch, rewards, invalid, logp_t_tok, logp_0_tok, upd, timer,
                               logp_diff=logp_diff, extra={"train/adv_mean": adv_mean, "train/adv_std": adv_std})
 
@@ -395,7 +396,7 @@ def sequence_step(step, cfg, ctx, run):
 
     with dar.timed(timer, "update"):
         upd = dar.minibatch_updates(cfg, ctx, run, len(batch), cfg.online_batch // cfg.minibatch, cfg.micro_batch,
-                                    loss_fn, cfg.epochs)
+                                    loss_fn, cfg.epochs, cost=batch.lengths())
     A = dar.gather(ctx, torch.where(valid, adv.double(), math.nan).to(ctx.device)).cpu()
     A = A[~torch.isnan(A)]
     return dar.online_metrics(step, cfg, ctx, run, batch, rewards, invalid, logp_t_tok, logp_0_tok, upd, timer,
@@ -417,7 +418,8 @@ def iter_sft_step(step, cfg, ctx, run):
         return dar.weighted_sft_loss(logp, has_valid[mb].float().to(logp.device), cfg.max_new_tokens).sum(), {}
 
     with dar.timed(timer, "update"):
-        upd = dar.minibatch_updates(cfg, ctx, run, len(best), 1, cfg.micro_batch, loss_fn, epochs=1)
+        upd = dar.minibatch_updates(cfg, ctx, run, len(best), 1, cfg.micro_batch, loss_fn, epochs=1,
+                                    cost=batch.lengths()[best])
     best_r = dar.gather(ctx, rewards[best].to(ctx.device)).cpu()
     return dar.online_metrics(step, cfg, ctx, run, batch, rewards, invalid, logp_t_tok, logp_0_tok, upd, timer,
                               logp_diff=logp_diff, extra={"train/best_reward_mean": best_r[~torch.isnan(best_r)].mean().item()})
@@ -445,7 +447,8 @@ def pair_step(step, cfg, ctx, run):
 
     with dar.timed(timer, "update"):
         upd = dar.minibatch_updates(cfg, ctx, run, len(chosen), cfg.online_batch // cfg.minibatch,
-                                    max(1, cfg.micro_batch // 2), loss_fn, cfg.epochs)
+                                    max(1, cfg.micro_batch // 2), loss_fn, cfg.epochs,
+                                    cost=torch.maximum(batch.lengths()[chosen], batch.lengths()[rejected]))
     pref = dar.gather(ctx, has_pref.double().to(ctx.device)).cpu()
     return dar.online_metrics(step, cfg, ctx, run, batch, rewards, invalid, logp_t_tok, logp_0_tok, upd, timer,
                               logp_diff=logp_diff, extra={"pairs/with_preference_frac": pref.mean().item()})

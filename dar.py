@@ -125,16 +125,18 @@ class Config:
     sample_every: int = arg(20, "print a table of sample prompt / response / reward every N batches")
     eval_prompts: int = arg(256, "held-out prompts for the final comparison with pi_0")
     dtype: str = arg("auto", "auto (bf16 on GPUs that have it, else float32), float32 or bfloat16")
+    gradient_checkpointing: bool = arg(False, "recompute the layers' activations in backward: less memory for "
+                                              "long responses, about a third more update time")
     rollout: str = arg("hf", "sampler: hf (transformers generate) or vllm (a colocated engine per rank)")
     vllm_gpu_memory: float = arg(0.3, "share of GPU memory vLLM may take (weights + KV cache), --rollout vllm")
-    logp_source: str = arg("policy", "log pi_t for the loss: policy (the trained model's forward pass) or "
-                                     "sampler (vLLM's log-probs of the sampled tokens)")
+    logp_source: str = arg("policy", "log pi_t for the loss: policy (a forward pass of the trained model) or "
+                                     "sampler (the sampler's log-probs of the sampled tokens: no pi_t pass)")
     backend: str = arg("", "torch.distributed backend; '' = nccl on GPU, gloo on CPU")
 
 
 # Fields a resumed run may change; any other difference from the checkpoint's config is an error.
 RESUMABLE_CHANGES = {"resume", "steps", "prompt_epochs", "save_every", "keep_checkpoints", "sample_every",
-                     "eval_prompts"}
+                     "eval_prompts", "gradient_checkpointing"}
 
 
 def parse_config(argv=None):
@@ -221,8 +223,6 @@ def check_config(cfg, world):
         bad(f"--rollout must be hf or vllm, got {cfg.rollout!r}")
     if cfg.logp_source not in ("policy", "sampler"):
         bad(f"--logp-source must be policy or sampler, got {cfg.logp_source!r}")
-    if cfg.logp_source == "sampler" and cfg.rollout != "vllm":
-        bad("--logp-source sampler needs --rollout vllm (the transformers sampler is the policy itself)")
     if not 0 < cfg.vllm_gpu_memory <= 1:
         bad(f"--vllm-gpu-memory is a share of the GPU's memory in (0, 1], got {cfg.vllm_gpu_memory}")
 
@@ -614,6 +614,9 @@ def train(cfg, ctx):
         value = baselines.load_value_model(os.path.join(ckpt, "value") if ckpt else cfg.value_model or init, cfg,
                                            ctx.device)
     models = [m for m in (policy, value) if m is not None]
+    if cfg.gradient_checkpointing:  # active in train mode only: the no-grad passes (eval mode) are unaffected
+        for m in models:
+            m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     opt, sched = optimizer_and_schedule(cfg, models)
     if ckpt:
         state = torch.load(os.path.join(ckpt, "state.pt"), weights_only=True, map_location="cpu")
@@ -704,7 +707,8 @@ def sample(step, cfg, ctx, run):
                                      rollout.eos_ids(run.policy, run.tok))
         run.sampler.sleep()  # on GPUs: the engine's memory is the updates' until the weight sync wakes it
         return batch
-    return rollout.generate(run.policy, run.tok, prompts, cfg.k, cfg.max_new_tokens, cfg.temperature)
+    return rollout.generate(run.policy, run.tok, prompts, cfg.k, cfg.max_new_tokens, cfg.temperature,
+                            record_logp=cfg.logp_source == "sampler")
 
 
 def pi_t_logps(cfg, ctx, run, batch):
@@ -713,15 +717,20 @@ def pi_t_logps(cfg, ctx, run, batch):
 
     The policy's forward pass is the default source: the sampler's copy may differ (bf16 kernels, a
     missed weight sync), and training on its numbers would be silently off-policy. --logp-source sampler
-    uses vLLM's instead; the difference is logged either way (rollout/logp_abs_diff).
+    uses vLLM's instead and saves that pass: the policy then scores only the first micro-batch, enough to
+    log the difference (rollout/logp_abs_diff, logged either way) and to see a missed weight sync.
     """
-    logp = score(run.policy, batch, cfg.micro_batch)
     if batch.sampler_logp is None:
-        return logp, None
-    mask = batch.response_mask.to(logp.device)
-    sampler = batch.sampler_logp.to(logp.device)
-    diff = ((sampler - logp).abs() * mask).sum(1) / mask.sum(1).clamp(min=1)
-    return (sampler if cfg.logp_source == "sampler" else logp), diff
+        return score(run.policy, batch, cfg.micro_batch), None
+    sampler = batch.sampler_logp.to(ctx.device).float()
+    rows = slice(None) if cfg.logp_source == "policy" else slice(0, min(cfg.micro_batch, len(batch)))
+    logp = score(run.policy, batch.select(torch.arange(len(batch))[rows]), cfg.micro_batch)
+    R = logp.shape[1]  # select() trims the columns that are padding in every row
+    mask = batch.response_mask[rows, :R].to(logp.device)
+    diff = ((sampler[rows, :R] - logp).abs() * mask).sum(1) / mask.sum(1).clamp(min=1)
+    if cfg.logp_source == "sampler":
+        return sampler, diff
+    return torch.nn.functional.pad(logp, (0, sampler.shape[1] - R)), diff
 
 
 def judge_batch(run, batch):
@@ -730,13 +739,15 @@ def judge_batch(run, batch):
     return torch.tensor(judged.rewards, dtype=torch.float64), judged.invalid
 
 
-def minibatch_updates(cfg, ctx, run, n_units, n_updates, micro_units, loss_fn, epochs):
+def minibatch_updates(cfg, ctx, run, n_units, n_updates, micro_units, loss_fn, epochs, cost=None):
     """Optimizer steps on one online batch: per epoch, a fresh shuffle of this rank's n_units units (a
     sequence, or a prompt's group), split into n_updates minibatches; each minibatch in micro-batches
     of micro_units units whose gradients accumulate (DDP syncs on the last one only).
 
     loss_fn(rows) -> (sum of the per-unit losses of units `rows`, {name: float}); the minibatch loss
-    is that sum over the minibatch size, so micro-batching never changes the gradient. Returns
+    is that sum over the minibatch size, so micro-batching never changes the gradient. cost: tokens per
+    unit [n_units]; a minibatch's units are then cut into micro-batches in order of cost, so each
+    micro-batch pads to similar lengths (the minibatch, hence the update, is the same). Returns
     {"loss", "grad_norm", and the mean of every reported stat}.
     """
     per_update = n_units // n_updates
@@ -745,6 +756,8 @@ def minibatch_updates(cfg, ctx, run, n_units, n_updates, micro_units, loss_fn, e
         order = torch.randperm(n_units)
         for u in range(n_updates):
             rows = order[u * per_update:(u + 1) * per_update]
+            if cost is not None:
+                rows = rows[torch.argsort(cost[rows], stable=True)]
             micro = [rows[i:i + micro_units] for i in range(0, len(rows), max(1, micro_units))]
             loss_sum = 0.0
             for j, mb in enumerate(micro):
@@ -821,8 +834,9 @@ def dar_step(step, cfg, ctx, run):
     adv_mean, adv_std = advantage_stats(gather(ctx, adv.to(ctx.device)).cpu())
 
     # 4. log pi_t(y|x) and log pi_0(y|x), once per online batch: pi_t is the policy that sampled the batch
-    with timed(timer, "logp"):
+    with timed(timer, "logp_t"):
         logp_t_tok, logp_diff = pi_t_logps(cfg, ctx, run, batch)                               # [N, R]
+    with timed(timer, "logp_0"):
         logp_0_tok = score(run.ref, batch, cfg.micro_batch)                                     # [N, R]
     logp_t, logp_0 = logp_t_tok.sum(1).cpu(), logp_0_tok.sum(1).cpu()                  # [N]
 
@@ -839,7 +853,7 @@ def dar_step(step, cfg, ctx, run):
 
     with timed(timer, "update"):
         upd = minibatch_updates(cfg, ctx, run, len(batch), cfg.online_batch // cfg.minibatch, cfg.micro_batch,
-                                loss_fn, cfg.epochs)
+                                loss_fn, cfg.epochs, cost=batch.lengths())
 
     # 7. pi_{t+1} <- pi_theta: the next online batch samples from the updated policy (nothing to copy with the
     #    transformers sampler; train() pushes the new weights into a vLLM sampler after every online batch)
@@ -860,20 +874,26 @@ def dar_step(step, cfg, ctx, run):
         "weights/zero_frac": (W[valid] < 1e-3).double().mean().item()})
 
 
-@torch.no_grad()
 def score(model, batch, micro_batch, per_token=rollout.token_logps):
     """Token log-probs (or any per_token(model, batch) -> [n, R], e.g. PPO's values) of a whole batch under a
-    frozen view of `model`, in micro-batches: [N, R]."""
+    frozen view of `model`, in micro-batches: [N, R].
+
+    Rows go through in order of length, so each micro-batch holds rows of similar length and select() trims
+    the padding they share; the results are put back in the batch's order. Inference mode: no autograd
+    bookkeeping at all; the returned tensor is an ordinary one (a clone), usable in later losses.
+    """
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    out = torch.zeros(batch.response_mask.shape, dtype=torch.float32, device=device)
-    for i in range(0, len(batch), micro_batch):
-        rows = torch.arange(i, min(i + micro_batch, len(batch)))
-        part = batch.select(rows).to(device)
-        out[i:i + len(rows), :part.response_mask.shape[1]] = per_token(model, part).float()
+    order = torch.argsort(batch.lengths(), stable=True)
+    with torch.inference_mode():
+        out = torch.zeros(batch.response_mask.shape, dtype=torch.float32, device=device)
+        for i in range(0, len(batch), micro_batch):
+            rows = order[i:i + micro_batch]
+            part = batch.select(rows).to(device)
+            out[rows.to(device), :part.response_mask.shape[1]] = per_token(model, part).float()
     model.train(was_training)
-    return out
+    return out.clone()
 
 
 def sft_step(step, cfg, ctx, run):

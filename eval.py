@@ -51,7 +51,7 @@ ABLATION_PARAMS = ("alpha", "beta", "k", "w_clip")  # Fig. 5(c)-(f)
 NOT_HYPERPARAMETERS = {"seed", "out_dir", "resume", "cache_dir", "print_every", "sample_every", "save_every",
                        "keep_checkpoints", "eval_prompts", "judge_url", "judge_api_key_env", "judge_concurrency",
                        "judge_timeout", "judge_retries", "rollout", "vllm_gpu_memory", "backend", "dtype",
-                       "logp_source", "steps", "prompt_epochs"}
+                       "logp_source", "steps", "prompt_epochs", "gradient_checkpointing"}
 
 
 def t975(df):
@@ -679,7 +679,8 @@ def mtbench_answers(model, tok, questions, max_new_tokens, seed=1234, batch_size
 # ---------------------------------------------------------------------------------------------------
 # Time per online batch (Table 8)
 # ---------------------------------------------------------------------------------------------------
-PHASES = ("sample", "judge", "logp", "update", "weight_sync")
+# perf/PHASE_s of metrics.jsonl; "logp" is pi_t and pi_0 together, as runs logged it before the two were split
+PHASES = ("sample", "judge", "logp", "logp_t", "logp_0", "values", "update", "weight_sync")
 
 
 def timing_table(run_dirs, out_dir, warmup=1, name="timing"):
@@ -712,11 +713,12 @@ def timing_table(run_dirs, out_dir, warmup=1, name="timing"):
 def print_timing(timing):
     dar_rows = [label for label in timing if label.split()[0] == "dar"]
     base = timing["dar" if "dar" in timing else dar_rows[0]]["total"] if dar_rows else None
-    print(f"\n{'experiment':36} {'s/batch':>8} {'vs dar':>7}" + "".join(f" {p:>11}" for p in PHASES))
+    phases = [p for p in PHASES if any(p in t for t in timing.values())]
+    print(f"\n{'experiment':36} {'s/batch':>8} {'vs dar':>7}" + "".join(f" {p:>11}" for p in phases))
     for label, t in timing.items():
         ratio = f"{t['total'] / base:7.2f}" if base else f"{'-':>7}"
         print(f"{label[:36]:36} {t['total']:8.2f} {ratio}" + "".join(
-            f" {t[p]:11.3f}" if p in t else f" {'-':>11}" for p in PHASES))
+            f" {t[p]:11.3f}" if p in t else f" {'-':>11}" for p in phases))
 
 
 # ---------------------------------------------------------------------------------------------------

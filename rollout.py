@@ -8,8 +8,8 @@ Layout of a batch of N = B*K sequences (responses to one prompt are adjacent: ro
     ended           [N]         True if the response emitted EOS, False if max_new_tokens cut it off
 
 Two samplers return this same structure: `generate` (transformers' generate on the policy itself) and
-`VllmSampler.generate` (a vLLM engine holding a copy of the policy, refreshed after every online batch;
-it also fills `sampler_logp` with vLLM's log-probs of the sampled tokens).
+`VllmSampler.generate` (a vLLM engine holding a copy of the policy, refreshed after every online batch).
+Both can fill `sampler_logp` with their log-probs of the sampled tokens (vLLM always, generate on request).
 """
 import os
 from dataclasses import dataclass
@@ -37,14 +37,22 @@ class Rollout:
                        None if self.sampler_logp is None else self.sampler_logp.to(device))
 
     def select(self, idx):
-        """The sub-batch of rows idx (a 1-D LongTensor), with all-padding response columns trimmed."""
+        """The sub-batch of rows idx (a 1-D LongTensor), with the columns that are padding in every one of its
+        rows trimmed: the prompts' common left padding and the responses' common right padding. Positions
+        count real tokens only (token_logps), so trimming changes no row's computation, only the waste."""
         keep = int(self.response_mask[idx].sum(1).max())  # longest response in the sub-batch
+        prompt_mask = self.attention_mask[idx, :self.prompt_len]
+        first = int((prompt_mask.cumsum(1) == 0).sum(1).min())  # leading columns padded in every row
         cut = self.prompt_len + keep
         rows = idx.tolist()
         return Rollout([self.prompts[i] for i in rows], [self.responses[i] for i in rows],
-                       self.input_ids[idx, :cut], self.attention_mask[idx, :cut],
-                       self.response_mask[idx, :keep], self.ended[idx], self.prompt_len,
+                       self.input_ids[idx, first:cut], self.attention_mask[idx, first:cut],
+                       self.response_mask[idx, :keep], self.ended[idx], self.prompt_len - first,
                        None if self.sampler_logp is None else self.sampler_logp[idx, :keep])
+
+    def lengths(self):
+        """Real tokens per row (prompt + response) [N]: what a forward pass over the row costs."""
+        return self.attention_mask.sum(1)
 
 
 def render_prompts(tokenizer, prompts):
@@ -88,13 +96,37 @@ def finish_responses(tokenizer, prompt_ids, prompt_mask, gen_ids, stop_ids, prom
                    torch.cat([prompt_mask, response_mask], 1), response_mask, ended, prompt_ids.shape[1])
 
 
+class _SampledLogps:
+    """A logits processor that keeps log pi(y_t | x, y_<t) of every sampled token, from the logits generate()
+    computes anyway (before the temperature is applied): the sampler's log-probs, without another forward pass.
+    At step t the token of step t-1 is the last column of input_ids; the last token is read in finish()."""
+
+    def __init__(self):
+        self.prev, self.steps = None, []
+
+    def __call__(self, input_ids, scores):
+        if self.prev is not None:
+            self.steps.append(self.prev.gather(1, input_ids[:, -1:]).squeeze(1))
+        self.prev = scores.float().log_softmax(-1)  # [N, V]: one step's distribution at a time
+        return scores
+
+    def finish(self, gen_ids):
+        """[N, R] for the generated ids [N, R]."""
+        if self.prev is not None and len(self.steps) < gen_ids.shape[1]:
+            self.steps.append(self.prev.gather(1, gen_ids[:, len(self.steps):len(self.steps) + 1]).squeeze(1))
+        return torch.stack(self.steps, 1)
+
+
 @torch.no_grad()
-def generate(model, tokenizer, prompts, k, max_new_tokens, temperature, greedy=False):
-    """K samples per prompt from the model's distribution at `temperature` (no top-k/top-p truncation), or
+def generate(model, tokenizer, prompts, k, max_new_tokens, temperature, greedy=False, record_logp=False):
+    """K samples per prompt from the model's distribution at `temperature` (no top-k/top-p truncation, no
+    repetition penalty even where the model's generation_config sets one: training needs samples of pi), or
     with greedy=True the greedy decoding (temperature unused; K identical rows, so callers pass k=1).
 
     model: an unwrapped causal LM (not the DDP wrapper); prompts: B user messages. Returns a Rollout
-    with N = B*K rows. Randomness comes from torch's global RNG, which the caller seeds.
+    with N = B*K rows. Randomness comes from torch's global RNG, which the caller seeds. record_logp: also
+    fill sampler_logp with the log-probs of the sampled tokens as generation computed them (--logp-source
+    sampler: no separate pi_t pass).
     """
     device = next(model.parameters()).device
     tokenizer.padding_side = "left"  # generation continues from the right edge of every row
@@ -105,14 +137,19 @@ def generate(model, tokenizer, prompts, k, max_new_tokens, temperature, greedy=F
     model.eval()
     sampling = dict(do_sample=False, temperature=None, top_k=None, top_p=None) if greedy else \
         dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0)
+    recorder = _SampledLogps() if record_logp else None
     out = model.generate(**enc, **sampling, max_new_tokens=max_new_tokens, num_return_sequences=k,
-                         eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id)
+                         repetition_penalty=1.0, eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id,
+                         logits_processor=[recorder] if recorder else None)
     model.train(was_training)
     P = enc["input_ids"].shape[1]
     prompt_ids = enc["input_ids"].repeat_interleave(k, 0)
     prompt_mask = enc["attention_mask"].repeat_interleave(k, 0)
     expanded = [p for p in prompts for _ in range(k)]
-    return finish_responses(tokenizer, prompt_ids, prompt_mask, out[:, P:], stop_ids, expanded)
+    batch = finish_responses(tokenizer, prompt_ids, prompt_mask, out[:, P:], stop_ids, expanded)
+    if recorder:
+        batch.sampler_logp = torch.where(batch.response_mask.bool(), recorder.finish(out[:, P:]), 0.0)
+    return batch
 
 
 def from_texts(tokenizer, prompts, responses, device="cpu"):
@@ -130,19 +167,49 @@ def from_texts(tokenizer, prompts, responses, device="cpu"):
     return batch.to(device)
 
 
+LOGP_CHUNK_TOKENS = 1024  # positions whose float32 log-softmax is computed at once (x vocabulary size floats)
+
+
+def _chunk_logps(logits, targets):
+    """log softmax(logits)[target] in float32 for one chunk: [n, r, V] (any dtype), [n, r] -> [n, r]."""
+    logits = logits.float()
+    return logits.gather(-1, targets[..., None]).squeeze(-1) - logits.logsumexp(-1)
+
+
+def selected_logps(logits, targets, chunk_tokens=LOGP_CHUNK_TOKENS):
+    """log p(targets) from logits [N, R, V] in the model's dtype -> [N, R] float32, a few rows at a time.
+
+    The straightforward logits.float().log_softmax(-1).gather(...) holds two float32 copies of the whole
+    [N, R, V] tensor (and autograd keeps one for backward): 2 x 4 bytes x 152k = 1.2 MB per token with
+    Qwen's vocabulary, 2.4 GB for a micro-batch of two 1,000-token responses. Here only one chunk of about
+    chunk_tokens positions is float32 at a time, and with gradients each chunk is recomputed in backward
+    (torch.utils.checkpoint) instead of kept: memory is the model's own logits plus one chunk.
+    """
+    N, R, _ = logits.shape
+    rows = max(1, chunk_tokens // max(R, 1))
+    keep_graph = torch.is_grad_enabled() and logits.requires_grad
+    out = []
+    for i in range(0, N, rows):
+        part, tgt = logits[i:i + rows], targets[i:i + rows]
+        if keep_graph:
+            out.append(torch.utils.checkpoint.checkpoint(_chunk_logps, part, tgt, use_reentrant=False))
+        else:
+            out.append(_chunk_logps(part, tgt))
+    return torch.cat(out)
+
+
 def token_logps(model, batch):
     """log pi(y_j | x, y_<j) for every response token of `batch` (a Rollout): [N, R], 0 where masked.
 
     Position ids count real tokens only, so a left-padded row sees the same positions as it did during
     generation. Only the last R+1 positions go through the LM head (`logits_to_keep`): the prompt's
-    logits are never needed.
+    logits are never needed; selected_logps reduces them without a float32 copy of the whole tensor.
     """
     ids, mask, R = batch.input_ids, batch.attention_mask, batch.response_mask.shape[1]
     position_ids = (mask.cumsum(1) - 1).clamp(min=0)
     logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids,
-                   logits_to_keep=R + 1, use_cache=False).logits[:, :-1]  # [N, R, V]: predicts y_1..y_R
-    targets = ids[:, -R:]
-    logp = logits.float().log_softmax(-1).gather(-1, targets[..., None]).squeeze(-1)
+                   logits_to_keep=R + 1, use_cache=False).logits  # [N, R+1, V]
+    logp = selected_logps(logits[:, :-1], ids[:, -R:])             # position j predicts y_{j+1}: [N, R]
     return torch.where(batch.response_mask.bool(), logp, 0.0)
 
 

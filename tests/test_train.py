@@ -144,7 +144,6 @@ def test_resume_refuses_changed_settings(toy_cache, tmp_path):
     (["--judge", "llm"], "--judge llm (this task's default) needs --judge-url"),
     (["--eval-judge", "reward_model"], "--judge reward_model needs --reward-model"),
     (["--rollout", "sglang"], "--rollout must be hf or vllm"),
-    (["--logp-source", "sampler"], "--logp-source sampler needs --rollout vllm"),
     (["--judge", "nope"], "unknown --judge 'nope'; valid judges: toy_gold, toy_proxy"),
     (["--alpha", "1.5"], "--alpha must lie in [0, 1]"),
     (["--beta", "0"], "--beta must be > 0"),

@@ -1,0 +1,377 @@
+"""Where the seconds of an online batch go, what the same work costs at the least, and how this project compares
+with its own baselines and with TRL (the paper's Table 8, and issue 7).
+
+    python bench.py                                   # every section this machine can run (~25 min on 2 CPU cores)
+    python bench.py --sections breakdown,floor        # some of them
+    python bench.py --batches 3 --warmup 1            # a quick look (figures are then noisier)
+    python bench.py --json bench.json                 # the figures as JSON too, to compare over time
+
+Sections, each one table in a fixed format:
+  breakdown  one DAR online batch on the toy model and on a small one (8 x 512 Qwen2, about 25M parameters,
+             128-token responses, where compute dominates): sampling, judging, the pi_t and pi_0 log-prob
+             passes, the updates, the weight sync (vLLM only)
+  floor      the same work done by a minimal loop in the same process: sampling the same prompts x K to the
+             same length, then one forward/backward and optimizer step per update on those tokens;
+             efficiency = floor / DAR
+  algos      DAR, GRPO, RLOO and PPO on identical settings (prompts, K, tokens, updates, one epoch): seconds
+             per online batch and peak memory, as ratios to DAR
+  trl        TRL's GRPOTrainer on the identical model, prompts, K, tokens, updates and precision, when `trl`
+             can be imported (it is not a dependency; nothing is installed): ours/TRL per online batch,
+             with the tokens each side generated
+  rollout    sampling throughput of transformers' generate and of vLLM (when importable), tokens per second
+
+Every figure is a median over --batches online batches after --warmup ones. Each measurement runs in its own
+process (peak memory is a per-process figure: max RSS on a CPU, torch's peak allocation on a GPU) with
+--threads threads; ratios are taken between measurements of the same invocation.
+"""
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+SMALL_MODEL = dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4,
+                   intermediate_size=1536, max_position_embeddings=1024, tie_word_embeddings=True)
+SMALL_TOKENS = 128
+# the online batch of each model: responses = prompts x K, updates = online_batch / minibatch
+SETTINGS = {
+    "toy": dict(k=4, online_batch=256, minibatch=64, micro_batch=64, max_new_tokens=16),
+    "small": dict(k=4, online_batch=32, minibatch=8, micro_batch=8, max_new_tokens=SMALL_TOKENS),
+}
+PHASES = ("sample", "judge", "logp_t", "logp_0", "values", "update", "weight_sync")
+RESULT = "BENCH-RESULT "
+
+
+# ---------------------------------------------------------------------------------------------------
+# Models: the toy pi_0 of dar.py, and a small random Qwen2 whose responses always run SMALL_TOKENS tokens
+# ---------------------------------------------------------------------------------------------------
+def model_dirs(cache):
+    """{"toy": the toy pi_0, "small": the small model}, built in the cache on first use."""
+    import dar
+    import tasks
+    cfg = dar.parse_config(["--cache-dir", cache])
+    _, toy = dar.ensure_toy_models(cfg, dar.Dist())
+    key = "x".join(str(SMALL_MODEL[k]) for k in ("num_hidden_layers", "hidden_size", "intermediate_size"))
+    small = os.path.join(os.path.expanduser(cache), f"bench-small-{key}-{SMALL_TOKENS}")
+    if not os.path.isfile(os.path.join(small, "config.json")):
+        import torch
+        from transformers import Qwen2Config, Qwen2ForCausalLM
+        tok = tasks.build_tokenizer()
+        config = Qwen2Config(vocab_size=-(-len(tok) // 8) * 8, bos_token_id=None, eos_token_id=tok.eos_token_id,
+                             pad_token_id=tok.pad_token_id, **SMALL_MODEL)
+        torch.manual_seed(0)
+        model = Qwen2ForCausalLM(config)
+        model.generation_config.eos_token_id = tok.eos_token_id
+        model.generation_config.pad_token_id = tok.pad_token_id
+        # random weights would stop after ~V tokens at random; the benchmark wants full-length responses
+        model.generation_config.min_new_tokens = SMALL_TOKENS
+        model.save_pretrained(small + ".tmp")
+        tok.save_pretrained(small + ".tmp")
+        os.replace(small + ".tmp", small)
+    return {"toy": toy, "small": small}
+
+
+def loop_flags(model, model_dir, algo, steps, out_dir, logp_source="policy"):
+    s = SETTINGS[model]
+    return ["--algo", algo, "--logp-source", logp_source, "--model", model_dir, "--judge", "toy_proxy", "--steps", str(steps), "--epochs", "1",
+            "--k", str(s["k"]), "--online-batch", str(s["online_batch"]), "--minibatch", str(s["minibatch"]),
+            "--micro-batch", str(s["micro_batch"]), "--max-new-tokens", str(s["max_new_tokens"]),
+            "--lr", "1e-5", "--out-dir", out_dir, "--save-every", str(10 ** 6), "--print-every", str(10 ** 6),
+            "--sample-every", str(10 ** 6), "--seed", "0"]
+
+
+def peak_memory_mb():
+    import torch
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+# ---------------------------------------------------------------------------------------------------
+# Workers: each runs in its own process and prints one RESULT line
+# ---------------------------------------------------------------------------------------------------
+def work_loop(job):
+    """An algorithm of this project through dar.train; with job["floor"], then the minimal loop."""
+    import dar
+    out = tempfile.mkdtemp(prefix="bench-")
+    steps = job["warmup"] + job["batches"]
+    cfg = dar.parse_config(loop_flags(job["model"], job["model_dir"], job["algo"], steps, out, job["logp_source"]))
+    ctx = dar.setup_distributed(cfg)
+    dar.check_config(cfg, 1)
+    run = dar.train(cfg, ctx)
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f][job["warmup"]:]
+    res = {"seconds": float(np.median([r["perf/seconds_per_batch"] for r in rows])),
+           "tokens": float(np.mean([r["train/response_len"] for r in rows])) * cfg.online_batch,
+           "memory_mb": peak_memory_mb()}
+    for p in PHASES:
+        if f"perf/{p}_s" in rows[0]:
+            res[p] = float(np.median([r[f"perf/{p}_s"] for r in rows]))
+    if job.get("floor"):
+        del run
+        res["floor"] = floor_loop(cfg, ctx, job["model_dir"], job["warmup"], job["batches"])
+    return res
+
+
+def floor_loop(cfg, ctx, model_dir, warmup, batches):
+    """The least work an online batch of these settings needs: sample the same prompts x K, then per update
+    one forward/backward on its responses (the plain log-softmax of the logits) and one optimizer step.
+    No judge, no pi_t or pi_0 pass, no metrics. Returns {"seconds", "sample", "update", "tokens"}."""
+    import torch
+    import dar
+    import rollout
+    import tasks
+    task = tasks.load_task(cfg.task)
+    policy, tok = dar.load_model(model_dir, cfg, ctx.device), dar.load_tokenizer(model_dir)
+    policy.config.use_cache = False
+    opt, _ = dar.optimizer_and_schedule(cfg, [policy])
+    n_prompts = cfg.online_batch // cfg.k
+    times, tokens = [], []
+    for step in range(warmup + batches):
+        t0 = time.time()
+        idx = dar.prompt_indices(step, n_prompts, len(task.train_prompts), cfg.seed)
+        batch = rollout.generate(policy, tok, [task.train_prompts[i] for i in idx], cfg.k, cfg.max_new_tokens,
+                                 cfg.temperature)
+        t1 = time.time()
+        order = torch.randperm(len(batch))
+        for u in range(cfg.online_batch // cfg.minibatch):
+            rows = order[u * cfg.minibatch:(u + 1) * cfg.minibatch]
+            for i in range(0, len(rows), cfg.micro_batch):
+                part = batch.select(rows[i:i + cfg.micro_batch]).to(ctx.device)
+                R = part.response_mask.shape[1]
+                logits = policy(input_ids=part.input_ids, attention_mask=part.attention_mask,
+                                logits_to_keep=R + 1).logits[:, :-1]
+                logp = logits.float().log_softmax(-1).gather(-1, part.input_ids[:, -R:, None]).squeeze(-1)
+                (-(logp * part.response_mask).sum() / len(rows)).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        if step >= warmup:
+            times.append((t1 - t0, time.time() - t1))
+            tokens.append(batch.response_mask.sum().item())
+    sample, update = (float(np.median(x)) for x in zip(*times))
+    return {"seconds": float(np.median([a + b for a, b in times])), "sample": sample, "update": update,
+            "tokens": float(np.mean(tokens))}
+
+
+def work_trl(job):
+    """TRL's GRPOTrainer on the same model, prompts, K, response length, updates per online batch and dtype:
+    one generation of online_batch completions every online_batch / minibatch optimizer steps."""
+    import torch
+    import datasets
+    import trl
+    import judge
+    import tasks
+    s = SETTINGS[job["model"]]
+    n_updates = s["online_batch"] // s["minibatch"]
+    steps = (job["warmup"] + job["batches"]) * n_updates
+    prompts = tasks.toy_task().train_prompts[:steps * s["online_batch"] // s["k"]]
+    data = datasets.Dataset.from_dict({"prompt": [[{"role": "user", "content": p}] for p in prompts]})
+
+    def toy_proxy(prompts, completions, **_):
+        return [judge.toy_proxy_score(p[-1]["content"], c[-1]["content"], True) for p, c in zip(prompts, completions)]
+
+    stamps = []
+
+    class Stamp(__import__("transformers").TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            stamps.append(time.time())
+
+    fields = trl.GRPOConfig.__dataclass_fields__
+    extra = {"generation_kwargs": {"min_new_tokens": s["max_new_tokens"]}} if "generation_kwargs" in fields else {}
+    config = trl.GRPOConfig(
+        output_dir=tempfile.mkdtemp(prefix="bench-trl-"), per_device_train_batch_size=s["minibatch"],
+        gradient_accumulation_steps=1, num_generations=s["k"], steps_per_generation=n_updates, num_iterations=1,
+        max_completion_length=s["max_new_tokens"], temperature=0.9, top_p=1.0, top_k=0, beta=0.04,
+        learning_rate=1e-5, max_steps=steps, optim="adafactor", lr_scheduler_type="constant", warmup_steps=0,
+        logging_steps=1, report_to="none", save_strategy="no", seed=0, bf16=job["dtype"] == "bfloat16",
+        use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0, shuffle_dataset=False, **extra)
+    trainer = trl.GRPOTrainer(model=job["model_dir"], reward_funcs=toy_proxy, args=config, train_dataset=data,
+                              callbacks=[Stamp()])
+    t0 = time.time()
+    trainer.train()
+    ends = [t0] + stamps[n_updates - 1::n_updates]  # the end of each online batch
+    per_batch = np.diff(ends)[job["warmup"]:]
+    lengths = [h["completions/mean_length"] for h in trainer.state.log_history if "completions/mean_length" in h]
+    return {"seconds": float(np.median(per_batch)), "tokens": float(np.mean(lengths)) * s["online_batch"],
+            "memory_mb": peak_memory_mb(), "trl_version": trl.__version__}
+
+
+def work_rollout(job):
+    """Tokens per second of one backend generating the small model's online batch."""
+    import torch
+    import dar
+    import rollout
+    import tasks
+    s = SETTINGS[job["model"]]
+    cfg = dar.parse_config(["--model", job["model_dir"]])
+    device = dar.setup_distributed(cfg).device
+    tok = dar.load_tokenizer(job["model_dir"])
+    prompts = tasks.toy_task().train_prompts[:s["online_batch"] // s["k"]]
+    if job["backend"] == "vllm":
+        sampler = rollout.VllmSampler(job["model_dir"], dar.model_dtype(cfg, device), 0, 1024)
+        stop = rollout.eos_ids(dar.load_model(job["model_dir"], cfg, "cpu"), tok)
+        gen = lambda: sampler.generate(tok, prompts, s["k"], s["max_new_tokens"], 0.9, stop)  # noqa: E731
+    else:
+        model = dar.load_model(job["model_dir"], cfg, device)
+        gen = lambda: rollout.generate(model, tok, prompts, s["k"], s["max_new_tokens"], 0.9)  # noqa: E731
+    rates = []
+    for i in range(job["warmup"] + job["batches"]):
+        torch.manual_seed(i)
+        t0 = time.time()
+        batch = gen()
+        if i >= job["warmup"]:
+            rates.append(batch.response_mask.sum().item() / (time.time() - t0))
+    return {"tokens_per_s": float(np.median(rates)), "tokens": float(batch.response_mask.sum().item())}
+
+
+WORKERS = {"loop": work_loop, "trl": work_trl, "rollout": work_rollout}
+
+
+def run_worker(job, threads):
+    """Run one job in a fresh process; its RESULT line as a dict, or {"error": ...}."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), TQDM_DISABLE="1",
+               PYTHONUNBUFFERED="1")
+    p = subprocess.run([job.pop("python", sys.executable), os.path.join(ROOT, "bench.py"), "--worker",
+                        json.dumps(job)], cwd=ROOT, env=env, capture_output=True, text=True)
+    for line in p.stdout.splitlines():
+        if line.startswith(RESULT):
+            return json.loads(line[len(RESULT):])
+    return {"error": (p.stderr.strip().splitlines() or ["no output"])[-1][:200]}
+
+
+# ---------------------------------------------------------------------------------------------------
+# The report
+# ---------------------------------------------------------------------------------------------------
+def fmt(x, spec=".3f"):
+    return format(x, spec) if isinstance(x, (int, float)) else "-"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--sections", default="breakdown,floor,algos,trl,rollout")
+    p.add_argument("--batches", type=int, default=10, help="measured online batches (median over them)")
+    p.add_argument("--warmup", type=int, default=3, help="online batches run first and not measured")
+    p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads of every worker")
+    p.add_argument("--cache-dir", default="~/.cache/dar", help="where the toy pi_0 and the small model are kept")
+    p.add_argument("--trl-python", default=sys.executable,
+                   help="interpreter for the TRL section (one that can import trl; default: this one)")
+    p.add_argument("--json", help="also write every figure to this JSON file")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        job = json.loads(args.worker)
+        sys.path.insert(0, ROOT)
+        import torch
+        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", os.cpu_count())))
+        print(RESULT + json.dumps(WORKERS[job["kind"]](job)), flush=True)
+        return
+    sections = set(args.sections.split(","))
+    import torch
+    import dar
+    dirs = model_dirs(args.cache_dir)
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    dtype = str(dar.model_dtype(dar.Config(), torch.device("cuda" if gpu else "cpu"))).replace("torch.", "")
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                            text=True).stdout.strip()
+    report = {"date": time.strftime("%Y-%m-%d %H:%M"), "commit": commit, "device": gpu or platform.processor()
+              or "cpu", "cpus": os.cpu_count(), "threads": args.threads, "torch": torch.__version__, "dtype": dtype,
+              "batches": args.batches, "warmup": args.warmup, "settings": SETTINGS}
+    print(f"bench.py  {report['date']}  commit {commit}  {report['device']}  {os.cpu_count()} CPUs, "
+          f"{args.threads} threads  torch {torch.__version__}  {dtype}  median of {args.batches} online batches "
+          f"after {args.warmup}")
+    for m, s in SETTINGS.items():
+        print(f"  {m}: {s['online_batch'] // s['k']} prompts x K {s['k']} = {s['online_batch']} responses of <= "
+              f"{s['max_new_tokens']} tokens, {s['online_batch'] // s['minibatch']} updates of {s['minibatch']}")
+    base = dict(warmup=args.warmup, batches=args.batches)
+    loops = {}
+
+    def loop(model, algo, floor=False, logp_source="policy"):
+        key = (model, algo, logp_source)
+        if key not in loops:
+            loops[key] = run_worker(dict(base, kind="loop", model=model, model_dir=dirs[model], algo=algo,
+                                         floor=floor, logp_source=logp_source), args.threads)
+        return loops[key]
+
+    if sections & {"breakdown", "floor"}:
+        print(f"\n[breakdown] seconds per DAR online batch, by phase")
+        print(f"{'model':8} {'total':>8}" + "".join(f" {ph:>11}" for ph in PHASES) + f" {'tokens':>8}")
+        for model in SETTINGS:
+            r = loop(model, "dar", floor=True)
+            report.setdefault("breakdown", {})[model] = r
+            if "error" in r:
+                print(f"{model:8} error: {r['error']}")
+                continue
+            print(f"{model:8} {r['seconds']:8.3f}" + "".join(f" {fmt(r.get(ph)):>11}" for ph in PHASES)
+                  + f" {r['tokens']:8.0f}")
+    if "floor" in sections:
+        print(f"\n[floor] the same sampling + one forward/backward per update; efficiency = floor / DAR")
+        print(f"{'model':8} {'DAR s':>8} {'floor s':>8} {'sample':>8} {'update':>8} {'efficiency':>10} "
+              f"{'tokens':>8}")
+        for model in SETTINGS:
+            r = loops[(model, "dar", "policy")]
+            if "error" in r:
+                continue
+            f = r["floor"]
+            report.setdefault("floor", {})[model] = dict(f, efficiency=f["seconds"] / r["seconds"])
+            print(f"{model:8} {r['seconds']:8.3f} {f['seconds']:8.3f} {f['sample']:8.3f} {f['update']:8.3f} "
+                  f"{f['seconds'] / r['seconds']:10.2f} {f['tokens']:8.0f}")
+        r = loop("small", "dar", logp_source="sampler")  # DAR without the pi_t pass
+        if "error" not in r and "error" not in loops[("small", "dar", "policy")]:
+            f = loops[("small", "dar", "policy")]["floor"]
+            report["floor"]["small, --logp-source sampler"] = dict(dar_seconds=r["seconds"],
+                                                                   efficiency=f["seconds"] / r["seconds"])
+            print(f"{'small*':8} {r['seconds']:8.3f} {f['seconds']:8.3f} {'':8} {'':8} "
+                  f"{f['seconds'] / r['seconds']:10.2f}   * DAR with --logp-source sampler: no pi_t pass")
+    if "algos" in sections:
+        print(f"\n[algos] small model, identical settings (one epoch): seconds per online batch, peak memory")
+        print(f"{'algo':8} {'s/batch':>8} {'vs DAR':>7} {'memory MB':>10} {'vs DAR':>7} {'tokens':>8}")
+        for algo in ("dar", "grpo", "rloo", "ppo"):
+            r = loop("small", algo)
+            report.setdefault("algos", {})[algo] = r
+            if "error" in r:
+                print(f"{algo:8} error: {r['error']}")
+                continue
+            d = loops[("small", "dar", "policy")]
+            print(f"{algo:8} {r['seconds']:8.3f} {r['seconds'] / d['seconds']:7.2f} {r['memory_mb']:10.0f} "
+                  f"{r['memory_mb'] / d['memory_mb']:7.2f} {r['tokens']:8.0f}")
+    if "trl" in sections:
+        print(f"\n[trl] GRPO per online batch, small model: this project vs TRL's GRPOTrainer")
+        r = run_worker(dict(base, kind="trl", model="small", model_dir=dirs["small"], dtype=dtype,
+                            python=args.trl_python), args.threads)
+        report["trl"] = r
+        if "error" in r:
+            print(f"TRL not measured: {r['error']}")
+        else:
+            print(f"{'':24} {'s/batch':>8} {'tokens':>8} {'memory MB':>10} {'ours/TRL':>8}")
+            print(f"{'TRL GRPOTrainer':24} {r['seconds']:8.3f} {r['tokens']:8.0f} {r['memory_mb']:10.0f} {'':8}   "
+                  f"(trl {r['trl_version']})")
+            for source in ("policy", "sampler"):
+                ours = loop("small", "grpo", logp_source=source)
+                if "error" in ours:
+                    print(f"ours, --logp-source {source}: error: {ours['error']}")
+                    continue
+                report["trl"][f"ratio_{source}"] = ours["seconds"] / r["seconds"]
+                print(f"{'ours, pi_t from ' + source:24} {ours['seconds']:8.3f} {ours['tokens']:8.0f} "
+                      f"{ours['memory_mb']:10.0f} {ours['seconds'] / r['seconds']:8.2f}")
+    if "rollout" in sections:
+        print(f"\n[rollout] sampling the small model's online batch: tokens per second")
+        for backend in ("hf", "vllm"):
+            r = run_worker(dict(base, kind="rollout", model="small", model_dir=dirs["small"], backend=backend),
+                           args.threads)
+            report.setdefault("rollout", {})[backend] = r
+            print(f"{backend:8} " + (f"error: {r['error']}" if "error" in r else
+                                     f"{r['tokens_per_s']:10.0f} tokens/s  ({r['tokens']:.0f} tokens a batch)"))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
