@@ -216,7 +216,7 @@ def work_rollout(job):
     prompts = tasks.toy_task().train_prompts[:s["online_batch"] // s["k"]]
     if job["backend"] == "vllm":
         sampler = rollout.VllmSampler(job["model_dir"], dar.model_dtype(cfg, device), 0, 1024)
-        stop = rollout.eos_ids(dar.load_model(job["model_dir"], cfg, "cpu"), tok)
+        stop = rollout.eos_ids(dar.load_model(job["model_dir"], cfg, torch.device("cpu")), tok)
         gen = lambda: sampler.generate(tok, prompts, s["k"], s["max_new_tokens"], 0.9, stop)  # noqa: E731
     else:
         model = dar.load_model(job["model_dir"], cfg, device)

@@ -1,7 +1,7 @@
 """Evaluation of trained policies against the initial policy pi_0, aggregation over seeds, and the paper's plots.
 
     python eval.py runs/toy-dar-s0 runs/toy-dar-s1 runs/toy-dar-s2            # final models, table over seeds
-    python eval.py runs/* --out results --n-prompts 256 --checkpoints          # every kept checkpoint too
+    python eval.py runs/* --out runs/eval --n-prompts 256 --checkpoints         # every kept checkpoint too
     python eval.py runs/helpful-dar-s0 --greedy                                # greedy decoding (MT-Bench setting)
 
 Reported per model (Section 5 of the paper; golden reward and KL estimator of the IS-DPO appendix, C-D):
