@@ -712,13 +712,14 @@ def sample(step, cfg, ctx, run):
 
 
 def pi_t_logps(cfg, ctx, run, batch):
-    """log pi_t(y_j | x, y_<j) of the batch [N, R], once per online batch, and with a vLLM sampler the mean
-    absolute difference between its log-probs and the policy's per sequence [N] (else None).
+    """log pi_t(y_j | x, y_<j) of the batch [N, R], once per online batch, and when the sampler gave its own
+    log-probs, the mean absolute difference between them and the policy's per sequence (else None).
 
     The policy's forward pass is the default source: the sampler's copy may differ (bf16 kernels, a
     missed weight sync), and training on its numbers would be silently off-policy. --logp-source sampler
-    uses vLLM's instead and saves that pass: the policy then scores only the first micro-batch, enough to
-    log the difference (rollout/logp_abs_diff, logged either way) and to see a missed weight sync.
+    uses the sampler's instead (vLLM's, or those transformers' generate recorded while sampling) and saves
+    that pass: the policy then scores only the first micro-batch, enough to log the difference
+    (rollout/logp_abs_diff, logged either way) and to see a missed weight sync.
     """
     if batch.sampler_logp is None:
         return score(run.policy, batch, cfg.micro_batch), None
