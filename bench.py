@@ -19,6 +19,8 @@ Sections, each one table in a fixed format:
              can be imported (it is not a dependency; nothing is installed): ours/TRL per online batch,
              with the tokens each side generated
   rollout    sampling throughput of transformers' generate and of vLLM (when importable), tokens per second
+  logps      peak memory and time of the chosen tokens' log-probs (with gradients) at Qwen2's vocabulary, for one
+             micro-batch of two 1,024-token responses: the float32 log-softmax against rollout.selected_logps
 
 Every figure is a median over --batches online batches after --warmup ones. Each measurement runs in its own
 process (peak memory is a per-process figure: max RSS on a CPU, torch's peak allocation on a GPU) with
@@ -231,7 +233,28 @@ def work_rollout(job):
     return {"tokens_per_s": float(np.median(rates)), "tokens": float(batch.response_mask.sum().item())}
 
 
-WORKERS = {"loop": work_loop, "trl": work_trl, "rollout": work_rollout}
+def work_logps(job):
+    """Peak memory and time of the log-probs of the chosen tokens, with gradients, at Qwen2's vocabulary:
+    one micro-batch of bf16 logits [rows, tokens, 151,936], by the straightforward float32 log-softmax or by
+    rollout.selected_logps. The logits are made before the peak is read, so the extra is what the method adds."""
+    import torch
+    import rollout
+    torch.manual_seed(0)
+    shape = (job["rows"], job["tokens"], 151936)
+    logits = torch.empty(shape, dtype=torch.bfloat16).normal_().requires_grad_()  # in place: no float32 temporary
+    targets = torch.randint(0, shape[2], shape[:2])
+    base = peak_memory_mb()
+    t0 = time.time()
+    if job["method"] == "straightforward":
+        logp = logits.float().log_softmax(-1).gather(-1, targets[..., None]).squeeze(-1)
+    else:
+        logp = rollout.selected_logps(logits, targets)
+    logp.sum().backward()
+    return {"seconds": time.time() - t0, "extra_mb": peak_memory_mb() - base,
+            "logits_mb": logits.numel() * 2 / 2 ** 20}
+
+
+WORKERS = {"loop": work_loop, "trl": work_trl, "rollout": work_rollout, "logps": work_logps}
 
 
 def run_worker(job, threads):
@@ -255,7 +278,7 @@ def fmt(x, spec=".3f"):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--sections", default="breakdown,floor,algos,trl,rollout")
+    p.add_argument("--sections", default="breakdown,floor,algos,trl,rollout,logps")
     p.add_argument("--batches", type=int, default=10, help="measured online batches (median over them)")
     p.add_argument("--warmup", type=int, default=3, help="online batches run first and not measured")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads of every worker")
@@ -368,6 +391,14 @@ def main(argv=None):
             report.setdefault("rollout", {})[backend] = r
             print(f"{backend:8} " + (f"error: {r['error']}" if "error" in r else
                                      f"{r['tokens_per_s']:10.0f} tokens/s  ({r['tokens']:.0f} tokens a batch)"))
+    if "logps" in sections:
+        print(f"\n[logps] log-probs of the chosen tokens with gradients, bf16 logits at Qwen2's 151,936-word vocabulary")
+        print(f"{'method':16} {'tokens':>7} {'logits MB':>10} {'extra peak MB':>14} {'seconds':>8}")
+        for method in ("straightforward", "chunked"):
+            r = run_worker(dict(kind="logps", method=method, rows=2, tokens=1024), args.threads)
+            report.setdefault("logps", {})[method] = r
+            print(f"{method:16} " + (f"error: {r['error']}" if "error" in r else
+                                     f"{2 * 1024:7d} {r['logits_mb']:10.0f} {r['extra_mb']:14.0f} {r['seconds']:8.2f}"))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)

@@ -167,35 +167,58 @@ def from_texts(tokenizer, prompts, responses, device="cpu"):
     return batch.to(device)
 
 
-LOGP_CHUNK_TOKENS = 1024  # positions whose float32 log-softmax is computed at once (x vocabulary size floats)
+LOGP_CHUNK_TOKENS = 256  # positions whose float32 log-softmax is computed at once (x vocabulary size floats)
 
 
-def _chunk_logps(logits, targets):
-    """log softmax(logits)[target] in float32 for one chunk: [n, r, V] (any dtype), [n, r] -> [n, r]."""
-    logits = logits.float()
-    return logits.gather(-1, targets[..., None]).squeeze(-1) - logits.logsumexp(-1)
+def _chunks(N, R, chunk_tokens):
+    """(rows, cols) slices covering [N, R] in blocks of about chunk_tokens positions: whole rows when they are
+    short, pieces of one row when they are long."""
+    rows, cols = max(1, chunk_tokens // max(R, 1)), max(1, min(R, chunk_tokens))
+    return [(slice(i, i + rows), slice(j, j + cols)) for i in range(0, N, rows) for j in range(0, R, cols)]
+
+
+class _SelectedLogps(torch.autograd.Function):
+    """log softmax(logits)[target] per position, forward and backward one chunk at a time in float32.
+
+    Backward writes d logp / d logits = onehot(target) - softmax(logits), times the incoming gradient, chunk by
+    chunk into one gradient tensor in the logits' dtype, from the saved logsumexp: nothing of size [N, R, V] is
+    ever float32, and autograd keeps only the logits (which exist anyway) and [N, R] floats.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, targets, chunk_tokens):
+        N, R, _ = logits.shape
+        out = torch.empty(N, R, dtype=torch.float32, device=logits.device)
+        lse = torch.empty_like(out)
+        for r, c in _chunks(N, R, chunk_tokens):
+            part = logits[r, c].float()
+            lse[r, c] = part.logsumexp(-1)
+            out[r, c] = part.gather(-1, targets[r, c, None]).squeeze(-1) - lse[r, c]
+        ctx.save_for_backward(logits, targets, lse)
+        ctx.chunk_tokens = chunk_tokens
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        logits, targets, lse = ctx.saved_tensors
+        grad = torch.empty_like(logits)
+        for r, c in _chunks(*lse.shape, ctx.chunk_tokens):
+            g = grad_out[r, c, None].float()                                      # [n, r, 1]
+            p = (logits[r, c].float() - lse[r, c, None]).exp_().mul_(-g)          # -g softmax
+            grad[r, c] = p.scatter_add_(-1, targets[r, c, None], g).to(grad.dtype)  # + g onehot(target)
+        return grad, None, None
 
 
 def selected_logps(logits, targets, chunk_tokens=LOGP_CHUNK_TOKENS):
-    """log p(targets) from logits [N, R, V] in the model's dtype -> [N, R] float32, a few rows at a time.
+    """log p(targets) from logits [N, R, V] in the model's dtype -> [N, R] float32, about chunk_tokens positions
+    at a time, with gradients (_SelectedLogps).
 
-    The straightforward logits.float().log_softmax(-1).gather(...) holds two float32 copies of the whole
-    [N, R, V] tensor (and autograd keeps one for backward): 2 x 4 bytes x 152k = 1.2 MB per token with
-    Qwen's vocabulary, 2.4 GB for a micro-batch of two 1,000-token responses. Here only one chunk of about
-    chunk_tokens positions is float32 at a time, and with gradients each chunk is recomputed in backward
-    (torch.utils.checkpoint) instead of kept: memory is the model's own logits plus one chunk.
+    The straightforward logits.float().log_softmax(-1).gather(...) holds float32 copies of the whole [N, R, V]
+    tensor, and autograd keeps one for backward: 4 bytes x 152k = 0.6 MB per token and copy with Qwen's
+    vocabulary, 1.2 GB a copy for a micro-batch of two 1,024-token responses. Here the float32 part is one
+    chunk (150 MB at 256 positions) at any time; `python bench.py --sections logps` measures both.
     """
-    N, R, _ = logits.shape
-    rows = max(1, chunk_tokens // max(R, 1))
-    keep_graph = torch.is_grad_enabled() and logits.requires_grad
-    out = []
-    for i in range(0, N, rows):
-        part, tgt = logits[i:i + rows], targets[i:i + rows]
-        if keep_graph:
-            out.append(torch.utils.checkpoint.checkpoint(_chunk_logps, part, tgt, use_reentrant=False))
-        else:
-            out.append(_chunk_logps(part, tgt))
-    return torch.cat(out)
+    return _SelectedLogps.apply(logits, targets, chunk_tokens)
 
 
 def token_logps(model, batch):
@@ -209,7 +232,10 @@ def token_logps(model, batch):
     position_ids = (mask.cumsum(1) - 1).clamp(min=0)
     logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids,
                    logits_to_keep=R + 1, use_cache=False).logits  # [N, R+1, V]
-    logp = selected_logps(logits[:, :-1], ids[:, -R:])             # position j predicts y_{j+1}: [N, R]
+    # position j predicts y_{j+1}; the last position predicts nothing (target 0, dropped). Taking all R+1
+    # positions, not the view logits[:, :-1], keeps backward from building a second [N, R+1, V] gradient.
+    targets = torch.nn.functional.pad(ids[:, -R:], (0, 1))
+    logp = selected_logps(logits, targets)[:, :-1]                                       # [N, R]
     return torch.where(batch.response_mask.bool(), logp, 0.0)
 
 
