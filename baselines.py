@@ -289,7 +289,7 @@ def sample_judge_score(step, cfg, ctx, run, timer):
     with dar.timed(timer, "sample"):
         batch = dar.sample(step, cfg, ctx, run)                                       # 1. y ~ pi_t   [N]
     with dar.timed(timer, "judge"):
-        rewards, invalid = dar.judge_batch(run, batch)                                # 2. r(x, y)    [N]
+        rewards, invalid = dar.judge_batch(cfg, ctx, run, batch)                                # 2. r(x, y)    [N]
     with dar.timed(timer, "logp_t"):
         logp_t_tok, logp_diff = dar.pi_t_logps(cfg, ctx, run, batch)                  # 3. [N, R]
     with dar.timed(timer, "logp_0"):

@@ -25,6 +25,9 @@ import math
 import os
 import random
 import shutil
+import signal
+import sys
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -132,11 +135,14 @@ class Config:
     logp_source: str = arg("policy", "log pi_t for the loss: policy (a forward pass of the trained model) or "
                                      "sampler (the sampler's log-probs of the sampled tokens: no pi_t pass)")
     backend: str = arg("", "torch.distributed backend; '' = nccl on GPU, gloo on CPU")
+    max_invalid_frac: float = arg(0.5, "stop (with a checkpoint) when more of an online batch's judgments than "
+                                       "this are invalid: an unreachable or broken judge, not noise to train on")
 
 
 # Fields a resumed run may change; any other difference from the checkpoint's config is an error.
 RESUMABLE_CHANGES = {"resume", "steps", "prompt_epochs", "save_every", "keep_checkpoints", "sample_every",
-                     "eval_prompts", "gradient_checkpointing"}
+                     "eval_prompts", "gradient_checkpointing", "max_invalid_frac", "judge_url",
+                     "judge_concurrency", "judge_timeout", "judge_retries"}
 
 
 def parse_config(argv=None):
@@ -591,6 +597,31 @@ def resolve_schedule(cfg, task):
         cfg.save_every = max(1, cfg.steps // 10)
 
 
+class TermSignal:
+    """Remembers a SIGTERM (a scheduler pre-empting the job, torchrun passing it on) instead of dying in the
+    middle of an update; the loop asks after each online batch, all ranks together so they stop at the same
+    batch. Only the main thread can install a handler; elsewhere (tests calling train()) nothing changes."""
+
+    def __init__(self):
+        self.seen, self.previous = False, None
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        self.seen = True
+
+    def received(self, ctx):
+        flag = torch.tensor([float(self.seen)], device=ctx.device)
+        if ctx.world > 1:
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def restore(self):
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+            self.previous = None
+
+
 def train(cfg, ctx):
     """Run cfg.algo for cfg.steps; returns the Run (policy trained). Resumes when cfg.resume."""
     from tqdm import tqdm
@@ -646,22 +677,42 @@ def train(cfg, ctx):
     step_fn = {"dar": dar_step, "sft": sft_step}.get(cfg.algo) or baselines.STEPS[cfg.algo]
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not ctx.master,
                desc=cfg.algo, dynamic_ncols=True)
-    for step in bar:
-        t0 = time.time()
-        metrics = step_fn(step, cfg, ctx, run)
-        if run.sampler is not None:  # step 7 for the vLLM sampler: pi_{t+1} <- pi_theta
-            t1 = time.time()
-            run.sampler.push_weights(policy)
-            metrics["perf/weight_sync_s"] = time.time() - t1
-        metrics.update({"step": step + 1, "perf/seconds_per_batch": time.time() - t0})
-        if not math.isfinite(metrics["train/loss"]):
-            raise SystemExit(f"error: non-finite loss at online batch {step + 1}; stopped. The last good "
-                             f"checkpoint is {latest_checkpoint(cfg)}: lower --lr or check the rewards, then --resume")
-        log.log(metrics)
-        if ctx.master and ((step + 1) % cfg.print_every == 0 or step + 1 == cfg.steps):
-            bar.write(summary_line(metrics))
-        if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
-            save_checkpoint(cfg, ctx, step + 1, run)
+    term = TermSignal()
+    try:
+        for step in bar:
+            t0, rng_before = time.time(), rng_state()
+            try:
+                metrics = step_fn(step, cfg, ctx, run)
+            except JudgeFailure as e:  # nothing of this batch was trained on: keep the work before it, stop
+                set_rng_state(rng_before)  # --resume then draws this batch again, as an uninterrupted run would
+                if step > start and step % cfg.save_every:
+                    save_checkpoint(cfg, ctx, step, run)
+                last = latest_checkpoint(cfg) or "none yet (no batch was trained)"
+                raise SystemExit(f"error: online batch {step + 1}: {e}. Stopped before training on it; the "
+                                 f"last checkpoint is {last}. Once the judge works, continue with --resume.")
+            if run.sampler is not None:  # step 7 for the vLLM sampler: pi_{t+1} <- pi_theta
+                t1 = time.time()
+                run.sampler.push_weights(policy)
+                metrics["perf/weight_sync_s"] = time.time() - t1
+            metrics.update({"step": step + 1, "perf/seconds_per_batch": time.time() - t0})
+            if not math.isfinite(metrics["train/loss"]):
+                raise SystemExit(f"error: non-finite loss at online batch {step + 1}; stopped. The last good "
+                                 f"checkpoint is {latest_checkpoint(cfg)}: lower --lr or check the rewards, "
+                                 f"then --resume")
+            log.log(metrics)
+            if ctx.master and ((step + 1) % cfg.print_every == 0 or step + 1 == cfg.steps):
+                bar.write(summary_line(metrics))
+            saved = (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps
+            if saved:
+                save_checkpoint(cfg, ctx, step + 1, run)
+            if term.received(ctx) and step + 1 < cfg.steps:  # pre-emption: keep this batch's work, then stop
+                if not saved:
+                    save_checkpoint(cfg, ctx, step + 1, run)
+                print(f"SIGTERM after online batch {step + 1}: checkpoint {latest_checkpoint(cfg)} written; "
+                      f"continue with --resume", file=sys.stderr, flush=True)
+                raise SystemExit(143)
+    finally:
+        term.restore()
     bar.close()
     for m in models:
         check_ranks_agree(ctx, m)
@@ -734,9 +785,25 @@ def pi_t_logps(cfg, ctx, run, batch):
     return torch.nn.functional.pad(logp, (0, sampler.shape[1] - R)), diff
 
 
-def judge_batch(run, batch):
-    """Step 2: rewards r(x, y_i) [N] (float64, NaN = invalid judgment) and the number of invalid ones."""
+class JudgeFailure(Exception):
+    """More invalid judgments in an online batch than --max-invalid-frac allows."""
+
+
+def judge_batch(cfg, ctx, run, batch):
+    """Step 2: rewards r(x, y_i) [N] (float64, NaN = invalid judgment) and the number of invalid ones.
+
+    Raises JudgeFailure (on every rank alike) when the share of invalid judgments over the whole online batch
+    exceeds cfg.max_invalid_frac: a judge that is down or answering garbage, whose batch must not be trained on.
+    """
     judged = run.judge(batch.prompts, batch.responses, batch.ended.tolist())
+    counts = gather(ctx, torch.tensor([float(judged.invalid), float(len(batch))], device=ctx.device)).view(-1, 2)
+    frac = (counts[:, 0].sum() / counts[:, 1].sum()).item()
+    if frac > cfg.max_invalid_frac:
+        where = {"llm": f"the annotator at {cfg.judge_url}", "reward_model": f"the reward model {cfg.reward_model}"}
+        reasons = ", ".join(f"{n} {why}" for why, n in judged.reasons.items()) or "no reasons given"
+        raise JudgeFailure(f"{frac:.0%} of its judgments are invalid, above --max-invalid-frac "
+                           f"{cfg.max_invalid_frac:g} ({where.get(cfg.judge, 'judge ' + cfg.judge)}; on this rank: "
+                           f"{reasons})")
     return torch.tensor(judged.rewards, dtype=torch.float64), judged.invalid
 
 
@@ -827,7 +894,7 @@ def dar_step(step, cfg, ctx, run):
 
     # 2. rewards r(x, y_i) from the judge; NaN = invalid judgment                       [N]
     with timed(timer, "judge"):
-        rewards, invalid = judge_batch(run, batch)
+        rewards, invalid = judge_batch(cfg, ctx, run, batch)
 
     # 3. advantages: A_i = r_i - mean_K r (per prompt, on this rank), then batch statistics mu_A, sigma_A over
     #    the whole online batch (all ranks), so the result does not depend on the number of ranks  [N]
@@ -942,6 +1009,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    import sys
     sys.modules.setdefault("dar", sys.modules["__main__"])  # baselines.py's `import dar` gets this module, not a copy
     main()

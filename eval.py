@@ -51,7 +51,7 @@ ABLATION_PARAMS = ("alpha", "beta", "k", "w_clip")  # Fig. 5(c)-(f)
 NOT_HYPERPARAMETERS = {"seed", "out_dir", "resume", "cache_dir", "print_every", "sample_every", "save_every",
                        "keep_checkpoints", "eval_prompts", "judge_url", "judge_api_key_env", "judge_concurrency",
                        "judge_timeout", "judge_retries", "rollout", "vllm_gpu_memory", "backend", "dtype",
-                       "logp_source", "steps", "prompt_epochs", "gradient_checkpointing"}
+                       "logp_source", "steps", "prompt_epochs", "gradient_checkpointing", "max_invalid_frac"}
 
 
 def t975(df):

@@ -1,0 +1,123 @@
+"""Faults during a run (issue 8, first part): a SIGTERM stops after the current online batch with a checkpoint,
+and a judge that stops giving valid judgments stops the run before it trains on them, keeping the work done;
+in both cases --resume ends where an uninterrupted run ends."""
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import dar
+import judge
+from conftest import ROOT, TINY, run_dar
+
+
+def final_metrics(out):
+    rows = [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl"))]
+    assert [r["step"] for r in rows] == list(range(1, len(rows) + 1))  # every batch once, none lost or doubled
+    return {k: v for k, v in rows[-1].items() if not k.startswith("perf/")}
+
+
+def test_sigterm_checkpoints_after_the_batch_and_resume_matches(toy_cache, tmp_path):
+    flags = TINY + ["--cache-dir", toy_cache, "--steps", "25", "--save-every", "1000", "--print-every", "1000"]
+    whole = tmp_path / "whole"
+    assert run_dar(flags + ["--out-dir", str(whole)], cwd=tmp_path).returncode == 0
+    out = tmp_path / "killed"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "dar.py"), *flags, "--out-dir", str(out)], cwd=tmp_path,
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 300
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3) and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-2000:]
+    done = len(metrics.read_text().splitlines())
+    assert 3 <= done < 25 and f"SIGTERM after online batch {done}" in err and "Traceback" not in err
+    assert open(out / "latest").read().strip() == f"ckpt-{done:06d}"  # the batch's work was kept
+    p = run_dar(flags + ["--out-dir", str(out), "--resume"], cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert final_metrics(out) == final_metrics(whole)
+
+
+class FailingAfter:
+    """The toy gold judge for `good` calls, then a judge whose every answer is invalid (a server gone away)."""
+
+    def __init__(self, good):
+        self.inner, self.calls, self.good = judge.make_judge("toy_gold"), 0, good
+
+    def __call__(self, prompts, responses, ended):
+        self.calls += 1
+        if self.calls <= self.good:
+            return self.inner(prompts, responses, ended)
+        return judge.Judgment([math.nan] * len(prompts), len(prompts), {"unreachable": len(prompts)})
+
+
+def params(run):
+    return torch.cat([p.detach().flatten() for p in run.policy.parameters()])
+
+
+def test_a_failing_judge_stops_before_training_on_it_and_resume_matches(toy_cache, tmp_path, monkeypatch):
+    base = TINY + ["--cache-dir", toy_cache, "--steps", "6", "--save-every", "1000", "--print-every", "1000",
+                   "--judge", "toy_gold"]
+    whole = dar.train(dar.parse_config(base + ["--out-dir", str(tmp_path / "whole")]), dar.Dist())
+    out = str(tmp_path / "cut")
+    failing = FailingAfter(4)
+    monkeypatch.setattr(dar, "make_judge", lambda *a, **k: failing)
+    with pytest.raises(SystemExit) as e:
+        dar.train(dar.parse_config(base + ["--out-dir", out]), dar.Dist())
+    msg = str(e.value)
+    assert "online batch 5" in msg and "100% of its judgments are invalid" in msg and "4 unreachable" not in msg
+    assert "unreachable" in msg and "--resume" in msg and "ckpt-000004" in msg
+    assert len(open(os.path.join(out, "metrics.jsonl")).readlines()) == 4  # batch 5 was not trained on
+    monkeypatch.undo()
+    resumed = dar.train(dar.parse_config(base + ["--out-dir", out, "--resume"]), dar.Dist())
+    assert final_metrics(out) == final_metrics(str(tmp_path / "whole"))
+    assert torch.equal(params(resumed), params(whole))
+
+
+def serve_annotator():
+    """A `judge.py --serve --task toy` on a free port: (process, base URL)."""
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "judge.py"), "--serve", "--task", "toy", "--port", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    line = proc.stdout.readline()
+    assert "http://" in line, line
+    return proc, line[line.index("http://"):].split()[0]
+
+
+def test_the_annotator_going_away_mid_run_stops_with_a_checkpoint_and_resume_continues(toy_cache, tmp_path):
+    """The issue's scenario over real HTTP: the server dies after some batches; the run names the endpoint,
+    keeps the batches done, and --resume against the restarted server (another port) finishes the run."""
+    out = tmp_path / "run"
+    flags = TINY + ["--cache-dir", toy_cache, "--out-dir", str(out), "--steps", "40", "--save-every", "1000",
+                    "--print-every", "1000", "--judge", "llm", "--judge-retries", "1", "--judge-timeout", "5",
+                    "--eval-judge", "toy_gold"]
+    server, url = serve_annotator()
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "dar.py"), *flags, "--judge-url", url], cwd=tmp_path,
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 300
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2) and time.time() < deadline:
+        time.sleep(0.05)
+    server.kill()
+    server.wait(10)
+    _, err = proc.communicate(timeout=300)
+    done = len(metrics.read_text().splitlines())
+    assert proc.returncode == 1 and "Traceback" not in err, err[-2000:]
+    assert f"online batch {done + 1}" in err and f"the annotator at {url}" in err and "--resume" in err
+    assert open(out / "latest").read().strip() == f"ckpt-{done:06d}"  # the batches done before are kept
+    server, url = serve_annotator()
+    try:
+        p = run_dar(flags + ["--judge-url", url, "--resume"], cwd=tmp_path)
+    finally:
+        server.terminate()
+        server.wait(10)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert final_metrics(str(out))["step"] == 40
