@@ -448,7 +448,12 @@ def save_checkpoint(cfg, ctx, step, run):
         name = f"ckpt-{step:06d}"
         state = dict(step=step, optimizer=run.opt.state_dict(), scheduler=run.sched.state_dict(), rng=states,
                      config=dataclasses.asdict(cfg))
-        save_model_dir(os.path.join(cfg.out_dir, name), run.policy, run.tok, state, value=run.value)
+        try:
+            save_model_dir(os.path.join(cfg.out_dir, name), run.policy, run.tok, state, value=run.value)
+        except OSError as e:  # a full disk, a quota: `latest` still names the previous, complete checkpoint
+            raise SystemExit(f"error: could not write checkpoint {name} ({e}); the previous checkpoint "
+                             f"{latest_checkpoint(cfg) or '(none)'} is intact. Free space or fix the cause, then "
+                             f"continue with --resume.") from e
         write_atomic(os.path.join(cfg.out_dir, "latest"), name)
         ckpts = sorted(d for d in os.listdir(cfg.out_dir) if d.startswith("ckpt-") and not d.endswith(".tmp"))
         for old in ckpts[:-cfg.keep_checkpoints]:
@@ -460,12 +465,16 @@ def save_model_dir(path, model, tok, state=None, value=None):
     """A Hugging Face model directory (plus state.pt and value/), written beside `path`, renamed into place."""
     tmp = path + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    if value is not None:
-        value.save_pretrained(os.path.join(tmp, "value"))
-    if state is not None:
-        torch.save(state, os.path.join(tmp, "state.pt"))
+    try:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        if value is not None:
+            value.save_pretrained(os.path.join(tmp, "value"))
+        if state is not None:
+            torch.save(state, os.path.join(tmp, "state.pt"))
+    except BaseException:  # a half-written directory is removed; what `path` held is untouched
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     shutil.rmtree(path, ignore_errors=True)
     os.replace(tmp, path)
 

@@ -121,3 +121,81 @@ def test_the_annotator_going_away_mid_run_stops_with_a_checkpoint_and_resume_con
         server.wait(10)
     assert p.returncode == 0, p.stderr[-2000:]
     assert final_metrics(str(out))["step"] == 40
+
+
+def test_a_checkpoint_write_that_fails_leaves_the_previous_one_loadable(toy_cache, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    cfg = dar.parse_config(TINY + ["--cache-dir", toy_cache, "--out-dir", str(out), "--steps", "4",
+                                   "--save-every", "2", "--print-every", "1000"])
+    real_save, calls = torch.save, []
+
+    def disk_full_on_second(obj, path, *a, **k):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return real_save(obj, path, *a, **k)
+    monkeypatch.setattr(torch, "save", disk_full_on_second)
+    with pytest.raises(SystemExit) as e:
+        dar.train(cfg, dar.Dist())
+    assert "could not write checkpoint ckpt-000004" in str(e.value) and "No space left" in str(e.value)
+    assert "ckpt-000002" in str(e.value) and "--resume" in str(e.value)
+    monkeypatch.undo()
+    assert open(out / "latest").read().strip() == "ckpt-000002"
+    assert sorted(os.listdir(out)) == ["ckpt-000002", "config.json", "latest", "metrics.jsonl"]  # no .tmp left
+    state = torch.load(out / "ckpt-000002" / "state.pt", weights_only=True)
+    assert state["step"] == 2
+    dar.load_model(str(out / "ckpt-000002"), cfg, torch.device("cpu"))  # loads
+    p = run_dar(TINY + ["--cache-dir", toy_cache, "--out-dir", str(out), "--steps", "4", "--save-every", "2",
+                        "--print-every", "1000", "--resume"], cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert final_metrics(str(out))["step"] == 4
+
+
+@pytest.mark.parametrize("trial", range(3))
+def test_sigkill_at_a_random_moment_then_resume_matches(toy_cache, tmp_path, trial):
+    """SIGKILL, no warning, at a random time (checkpoints every batch, so kills land in writes too): the newest
+    complete checkpoint resumes to the same final metrics as an uninterrupted run."""
+    import random
+    flags = TINY + ["--cache-dir", toy_cache, "--steps", "12", "--save-every", "1", "--print-every", "1000"]
+    whole = tmp_path / "whole"
+    assert run_dar(flags + ["--out-dir", str(whole)], cwd=tmp_path).returncode == 0
+    out = tmp_path / "killed"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "dar.py"), *flags, "--out-dir", str(out)], cwd=tmp_path,
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 300
+    while not metrics.exists() and time.time() < deadline:
+        time.sleep(0.01)
+    time.sleep(random.Random(trial).uniform(0.2, 2.0))
+    proc.kill()
+    proc.wait(30)
+    latest = out / "latest"
+    if latest.exists():  # whatever `latest` names is complete
+        ckpt = out / latest.read_text().strip()
+        assert (ckpt / "state.pt").is_file() and (ckpt / "config.json").is_file()
+    p = run_dar(flags + ["--out-dir", str(out), "--resume"], cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert final_metrics(str(out)) == final_metrics(str(whole))
+
+
+def test_the_api_key_appears_in_no_file_and_no_output(toy_cache, tmp_path):
+    """The annotator's key comes from the environment and is sent as a header, never written: a grep of the
+    whole run directory (configs, metrics, checkpoints, optimizer state) and of both output streams."""
+    secret = "sk-test-4c1d9e7f0a2b"
+    server, url = serve_annotator()
+    out = tmp_path / "run"
+    try:
+        p = run_dar(TINY + ["--cache-dir", toy_cache, "--out-dir", str(out), "--steps", "2", "--save-every", "1",
+                            "--judge", "llm", "--judge-url", url, "--eval-judge", "toy_gold"], cwd=tmp_path,
+                    env_extra={"DAR_JUDGE_API_KEY": secret})
+    finally:
+        server.terminate()
+        server.wait(10)
+    assert p.returncode == 0, p.stderr[-2000:]
+    files = [os.path.join(d, f) for d, _, fs in os.walk(out) for f in fs]
+    assert any(f.endswith("state.pt") for f in files) and any(f.endswith("config.json") for f in files)
+    for f in files:
+        assert secret.encode() not in open(f, "rb").read(), f
+    assert secret not in p.stdout and secret not in p.stderr
+    assert json.load(open(out / "config.json"))["judge_api_key_env"] == "DAR_JUDGE_API_KEY"  # the name only
