@@ -686,7 +686,7 @@ def train(cfg, ctx):
     step_fn = {"dar": dar_step, "sft": sft_step}.get(cfg.algo) or baselines.STEPS[cfg.algo]
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not ctx.master,
                desc=cfg.algo, dynamic_ncols=True)
-    term = TermSignal()
+    term, nonfinite_run = TermSignal(), 0
     try:
         for step in bar:
             t0, rng_before = time.time(), rng_state()
@@ -704,14 +704,22 @@ def train(cfg, ctx):
                 run.sampler.push_weights(policy)
                 metrics["perf/weight_sync_s"] = time.time() - t1
             metrics.update({"step": step + 1, "perf/seconds_per_batch": time.time() - t0})
-            if not math.isfinite(metrics["train/loss"]):
-                raise SystemExit(f"error: non-finite loss at online batch {step + 1}; stopped. The last good "
-                                 f"checkpoint is {latest_checkpoint(cfg)}: lower --lr or check the rewards, "
-                                 f"then --resume")
+            finite = math.isfinite(metrics["train/loss"])
+            nonfinite_run = 0 if finite else nonfinite_run + 1
+            metrics["train/nonfinite_batches_in_a_row"] = nonfinite_run
             log.log(metrics)
+            if not finite:  # optimizer_step skipped every update whose gradient was not finite
+                last = latest_checkpoint(cfg) or "none yet"
+                if nonfinite_run >= MAX_NONFINITE_BATCHES:
+                    raise SystemExit(f"error: non-finite loss in {nonfinite_run} online batches in a row (up to "
+                                     f"{step + 1}); stopped. The last good checkpoint is {last}: lower --lr or "
+                                     f"check the rewards, then --resume")
+                tqdm.write(f"warning: online batch {step + 1}: non-finite loss; its non-finite updates were "
+                           f"skipped and no checkpoint is written after it ({nonfinite_run} in a row; "
+                           f"{MAX_NONFINITE_BATCHES} stop the run)")
             if ctx.master and ((step + 1) % cfg.print_every == 0 or step + 1 == cfg.steps):
                 bar.write(summary_line(metrics))
-            saved = (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps
+            saved = finite and ((step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps)
             if saved:
                 save_checkpoint(cfg, ctx, step + 1, run)
             if term.received(ctx) and step + 1 < cfg.steps:  # pre-emption: keep this batch's work, then stop
@@ -794,18 +802,27 @@ def pi_t_logps(cfg, ctx, run, batch):
     return torch.nn.functional.pad(logp, (0, sampler.shape[1] - R)), diff
 
 
+MAX_NONFINITE_BATCHES = 3  # online batches in a row with a non-finite loss before the run stops
+
+
 class JudgeFailure(Exception):
     """More invalid judgments in an online batch than --max-invalid-frac allows."""
 
 
 def judge_batch(cfg, ctx, run, batch):
-    """Step 2: rewards r(x, y_i) [N] (float64, NaN = invalid judgment) and the number of invalid ones.
+    """Step 2: rewards r(x, y_i) [N] (float64, NaN = invalid judgment, an infinite one included) and the number
+    of invalid ones.
 
     Raises JudgeFailure (on every rank alike) when the share of invalid judgments over the whole online batch
     exceeds cfg.max_invalid_frac: a judge that is down or answering garbage, whose batch must not be trained on.
     """
     judged = run.judge(batch.prompts, batch.responses, batch.ended.tolist())
-    counts = gather(ctx, torch.tensor([float(judged.invalid), float(len(batch))], device=ctx.device)).view(-1, 2)
+    rewards = torch.tensor(judged.rewards, dtype=torch.float64)
+    if torch.isinf(rewards).any():  # an infinite reward (a reward model overflowing) is no judgment either
+        judged.reasons["infinite reward"] = int(torch.isinf(rewards).sum())
+        rewards = torch.where(torch.isinf(rewards), math.nan, rewards)
+    invalid = int(torch.isnan(rewards).sum())
+    counts = gather(ctx, torch.tensor([float(invalid), float(len(batch))], device=ctx.device)).view(-1, 2)
     frac = (counts[:, 0].sum() / counts[:, 1].sum()).item()
     if frac > cfg.max_invalid_frac:
         where = {"llm": f"the annotator at {cfg.judge_url}", "reward_model": f"the reward model {cfg.reward_model}"}
@@ -813,7 +830,7 @@ def judge_batch(cfg, ctx, run, batch):
         raise JudgeFailure(f"{frac:.0%} of its judgments are invalid, above --max-invalid-frac "
                            f"{cfg.max_invalid_frac:g} ({where.get(cfg.judge, 'judge ' + cfg.judge)}; on this rank: "
                            f"{reasons})")
-    return torch.tensor(judged.rewards, dtype=torch.float64), judged.invalid
+    return rewards, invalid
 
 
 def minibatch_updates(cfg, ctx, run, n_units, n_updates, micro_units, loss_fn, epochs, cost=None):

@@ -199,3 +199,44 @@ def test_the_api_key_appears_in_no_file_and_no_output(toy_cache, tmp_path):
         assert secret.encode() not in open(f, "rb").read(), f
     assert secret not in p.stdout and secret not in p.stderr
     assert json.load(open(out / "config.json"))["judge_api_key_env"] == "DAR_JUDGE_API_KEY"  # the name only
+
+
+def poison(monkeypatch, bad_batches):
+    """Make the loss NaN in the given online batches (1-based), as an overflow would."""
+    batch_no, real_sample, real_loss = [0], dar.sample, dar.dar_loss
+
+    def sample(*a, **k):
+        batch_no[0] += 1
+        return real_sample(*a, **k)
+
+    def loss(*a, **k):
+        out, w = real_loss(*a, **k)
+        return (out * math.nan if batch_no[0] in bad_batches else out), w
+    monkeypatch.setattr(dar, "sample", sample)
+    monkeypatch.setattr(dar, "dar_loss", loss)
+
+
+def test_a_nan_batch_is_skipped_and_reported(toy_cache, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    cfg = dar.parse_config(TINY + ["--cache-dir", toy_cache, "--out-dir", str(out), "--steps", "4",
+                                   "--save-every", "2", "--print-every", "1000"])
+    poison(monkeypatch, {2})
+    run = dar.train(cfg, dar.Dist())
+    rows = [json.loads(l) for l in open(out / "metrics.jsonl")]
+    assert [r["train/nonfinite_batches_in_a_row"] for r in rows] == [0, 1, 0, 0]
+    assert math.isnan(rows[1]["train/loss"]) and all(math.isfinite(r["train/loss"]) for r in rows[2:])
+    assert torch.isfinite(params(run)).all()  # the NaN updates never reached the weights
+    printed = capsys.readouterr()
+    assert "online batch 2: non-finite loss" in printed.out + printed.err
+    assert sorted(d for d in os.listdir(out) if d.startswith("ckpt-")) == ["ckpt-000004"]  # none after batch 2
+
+
+def test_repeated_nan_batches_stop_at_the_last_good_checkpoint(toy_cache, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    cfg = dar.parse_config(TINY + ["--cache-dir", toy_cache, "--out-dir", str(out), "--steps", "8",
+                                   "--save-every", "1", "--print-every", "1000"])
+    poison(monkeypatch, {3, 4, 5, 6, 7, 8})
+    with pytest.raises(SystemExit) as e:
+        dar.train(cfg, dar.Dist())
+    assert f"non-finite loss in {dar.MAX_NONFINITE_BATCHES} online batches in a row" in str(e.value)
+    assert "ckpt-000002" in str(e.value) and open(out / "latest").read().strip() == "ckpt-000002"
