@@ -714,9 +714,10 @@ def train(cfg, ctx):
                     raise SystemExit(f"error: non-finite loss in {nonfinite_run} online batches in a row (up to "
                                      f"{step + 1}); stopped. The last good checkpoint is {last}: lower --lr or "
                                      f"check the rewards, then --resume")
-                tqdm.write(f"warning: online batch {step + 1}: non-finite loss; its non-finite updates were "
-                           f"skipped and no checkpoint is written after it ({nonfinite_run} in a row; "
-                           f"{MAX_NONFINITE_BATCHES} stop the run)")
+                if ctx.master:
+                    tqdm.write(f"warning: online batch {step + 1}: non-finite loss; its non-finite updates were "
+                               f"skipped and no checkpoint is written at it ({nonfinite_run} in a row; "
+                               f"{MAX_NONFINITE_BATCHES} stop the run)")
             if ctx.master and ((step + 1) % cfg.print_every == 0 or step + 1 == cfg.steps):
                 bar.write(summary_line(metrics))
             saved = finite and ((step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps)
