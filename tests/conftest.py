@@ -25,11 +25,20 @@ def toy_cache(tmp_path_factory):
     return cache
 
 
+def dar_env(env_extra=None):
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **(env_extra or {}))
+
+
 def run_dar(args, cwd, env_extra=None, launcher=None, timeout=600):
     """Run dar.py in a subprocess (optionally under torchrun); returns the CompletedProcess."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **(env_extra or {}))
     cmd = (launcher or [sys.executable]) + [os.path.join(ROOT, "dar.py")] + args
-    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(cmd, cwd=cwd, env=dar_env(env_extra), capture_output=True, text=True, timeout=timeout)
+
+
+def start_dar(args, cwd):
+    """dar.py in a background subprocess, stdout discarded, stderr a pipe: the Popen (for faults to inject)."""
+    return subprocess.Popen([sys.executable, os.path.join(ROOT, "dar.py"), *args], cwd=cwd, env=dar_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
 def build_reward_model(path, padding_side="right"):

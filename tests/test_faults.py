@@ -14,7 +14,7 @@ import torch
 
 import dar
 import judge
-from conftest import ROOT, TINY, run_dar
+from conftest import ROOT, TINY, run_dar, start_dar
 
 
 def final_metrics(out):
@@ -23,18 +23,22 @@ def final_metrics(out):
     return {k: v for k, v in rows[-1].items() if not k.startswith("perf/")}
 
 
+def wait_for_batches(out, n, timeout=300):
+    """Block until the run in `out` has logged n online batches (n = 0: until its metrics file exists)."""
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + timeout
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= n) and time.time() < deadline:
+        time.sleep(0.01)
+    return metrics
+
+
 def test_sigterm_checkpoints_after_the_batch_and_resume_matches(toy_cache, tmp_path):
     flags = TINY + ["--cache-dir", toy_cache, "--steps", "25", "--save-every", "1000", "--print-every", "1000"]
     whole = tmp_path / "whole"
     assert run_dar(flags + ["--out-dir", str(whole)], cwd=tmp_path).returncode == 0
     out = tmp_path / "killed"
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "dar.py"), *flags, "--out-dir", str(out)], cwd=tmp_path,
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    metrics = out / "metrics.jsonl"
-    deadline = time.time() + 300
-    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3) and time.time() < deadline:
-        time.sleep(0.05)
+    proc = start_dar(flags + ["--out-dir", str(out)], tmp_path)
+    metrics = wait_for_batches(out, 3)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err[-2000:]
@@ -99,13 +103,8 @@ def test_the_annotator_going_away_mid_run_stops_with_a_checkpoint_and_resume_con
                     "--print-every", "1000", "--judge", "llm", "--judge-retries", "1", "--judge-timeout", "5",
                     "--eval-judge", "toy_gold"]
     server, url = serve_annotator()
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "dar.py"), *flags, "--judge-url", url], cwd=tmp_path,
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    metrics = out / "metrics.jsonl"
-    deadline = time.time() + 300
-    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2) and time.time() < deadline:
-        time.sleep(0.05)
+    proc = start_dar(flags + ["--judge-url", url], tmp_path)
+    metrics = wait_for_batches(out, 2)
     server.kill()
     server.wait(10)
     _, err = proc.communicate(timeout=300)
@@ -160,16 +159,11 @@ def test_sigkill_at_a_random_moment_then_resume_matches(toy_cache, tmp_path, tri
     whole = tmp_path / "whole"
     assert run_dar(flags + ["--out-dir", str(whole)], cwd=tmp_path).returncode == 0
     out = tmp_path / "killed"
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "dar.py"), *flags, "--out-dir", str(out)], cwd=tmp_path,
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    metrics = out / "metrics.jsonl"
-    deadline = time.time() + 300
-    while not metrics.exists() and time.time() < deadline:
-        time.sleep(0.01)
+    proc = start_dar(flags + ["--out-dir", str(out)], tmp_path)
+    wait_for_batches(out, 0)
     time.sleep(random.Random(trial).uniform(0.2, 2.0))
     proc.kill()
-    proc.wait(30)
+    proc.communicate(timeout=30)  # drains the stderr pipe too
     latest = out / "latest"
     if latest.exists():  # whatever `latest` names is complete
         ckpt = out / latest.read_text().strip()
