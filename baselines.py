@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 import dar
 import rollout
+import tasks
 
 
 def masked_mean(x, mask):
@@ -120,12 +121,13 @@ def load_value_model(path, cfg, device):
     """
     from transformers import AutoConfig, AutoModelForTokenClassification
     from transformers.utils import logging as hf_logging
-    config = AutoConfig.from_pretrained(path, num_labels=1, classifier_dropout=0.0)  # no dropout on values
+    config = tasks.load_pretrained(AutoConfig, path, cfg.trust_remote_code, num_labels=1,
+                                   classifier_dropout=0.0)  # no dropout on values
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the new head's "newly initialized" report is expected, not news
     try:
-        model = AutoModelForTokenClassification.from_pretrained(path, config=config,
-                                                                dtype=dar.model_dtype(cfg, device))
+        model = tasks.load_pretrained(AutoModelForTokenClassification, path, cfg.trust_remote_code, config=config,
+                                      dtype=dar.model_dtype(cfg, device))
     finally:
         hf_logging.set_verbosity(verbosity)
     if model.config.architectures and not model.config.architectures[0].endswith("TokenClassification"):

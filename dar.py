@@ -24,6 +24,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import signal
 import sys
@@ -135,6 +136,12 @@ class Config:
     logp_source: str = arg("policy", "log pi_t for the loss: policy (a forward pass of the trained model) or "
                                      "sampler (the sampler's log-probs of the sampled tokens: no pi_t pass)")
     backend: str = arg("", "torch.distributed backend; '' = nccl on GPU, gloo on CPU")
+    dist_timeout: float = arg(30.0, "minutes a rank waits in a collective for the others before the job fails "
+                                    "(a rank that died or hangs)")
+    trust_remote_code: bool = arg(False, "run Python code shipped with a model directory (its auto_map) when "
+                                         "loading it; only for code you have read")
+    max_prompt_tokens: int = arg(0, "longest prompt, in tokens with the chat template; longer ones are skipped "
+                                    "and counted; 0 = the context window minus --max-new-tokens")
     max_invalid_frac: float = arg(0.5, "stop (with a checkpoint) when more of an online batch's judgments than "
                                        "this are invalid: an unreachable or broken judge, not noise to train on")
 
@@ -142,7 +149,7 @@ class Config:
 # Fields a resumed run may change; any other difference from the checkpoint's config is an error.
 RESUMABLE_CHANGES = {"resume", "steps", "prompt_epochs", "save_every", "keep_checkpoints", "sample_every",
                      "eval_prompts", "gradient_checkpointing", "max_invalid_frac", "judge_url",
-                     "judge_concurrency", "judge_timeout", "judge_retries"}
+                     "judge_concurrency", "judge_timeout", "judge_retries", "dist_timeout", "trust_remote_code"}
 
 
 def parse_config(argv=None):
@@ -196,7 +203,7 @@ def check_config(cfg, world):
     for name in ("steps", "online_batch", "minibatch", "micro_batch", "epochs", "max_new_tokens", "warmup_steps"):
         if getattr(cfg, name) < 1:
             bad(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
-    for name in ("save_every", "prompt_epochs"):
+    for name in ("save_every", "prompt_epochs", "max_prompt_tokens"):
         if getattr(cfg, name) < 0:
             bad(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
     if cfg.online_batch % (cfg.k * world):
@@ -340,11 +347,14 @@ def setup_distributed(cfg):
         return Dist(device=torch.device("cuda", 0) if cuda else torch.device("cpu"))
     import datetime
     import torch.distributed as tdist
+    if not cfg.dist_timeout > 0:
+        raise SystemExit(f"error: --dist-timeout must be > 0 minutes, got {cfg.dist_timeout}")
     rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
     device = torch.device("cuda", local) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
-    tdist.init_process_group(cfg.backend or ("nccl" if cuda else "gloo"), timeout=datetime.timedelta(minutes=30))
+    tdist.init_process_group(cfg.backend or ("nccl" if cuda else "gloo"),
+                             timeout=datetime.timedelta(minutes=cfg.dist_timeout))
     return Dist(rank, world, local, device)
 
 
@@ -378,14 +388,14 @@ def load_model(path, cfg, device):
     from transformers import AutoModelForCausalLM
     import importlib.util
     flash = device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=model_dtype(cfg, device),
-                                                 attn_implementation="flash_attention_2" if flash else "sdpa")
+    model = tasks.load_pretrained(AutoModelForCausalLM, path, cfg.trust_remote_code, dtype=model_dtype(cfg, device),
+                                  attn_implementation="flash_attention_2" if flash else "sdpa")
     return model.to(device)
 
 
-def load_tokenizer(path):
+def load_tokenizer(path, trust_remote_code=False):
     from transformers import AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(path)
+    tok = tasks.load_pretrained(AutoTokenizer, path, trust_remote_code)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -459,6 +469,19 @@ def save_checkpoint(cfg, ctx, step, run):
         for old in ckpts[:-cfg.keep_checkpoints]:
             shutil.rmtree(os.path.join(cfg.out_dir, old), ignore_errors=True)
     barrier(ctx)
+
+
+def load_state(path):
+    """A checkpoint's state.pt: tensors and plain data only (weights_only), never arbitrary pickled objects,
+    whose loading can run any code."""
+    import pickle
+    try:
+        return torch.load(path, weights_only=True, map_location="cpu")
+    except pickle.UnpicklingError as e:
+        named = re.search(r"GLOBAL ([\w.]+)", str(e))
+        raise SystemExit(f"error: {path} holds objects other than tensors and plain data" +
+                         (f" ({named.group(1)})" if named else "") + ", and is not loaded: unpickling them could "
+                         "run any code. Resume from a checkpoint that dar.py wrote") from None
 
 
 def save_model_dir(path, model, tok, state=None, value=None):
@@ -606,6 +629,38 @@ def resolve_schedule(cfg, task):
         cfg.save_every = max(1, cfg.steps // 10)
 
 
+def context_window(cfg, model_config):
+    """Tokens a prompt and its response may fill together: the model's positions (vLLM's engine caps its
+    KV cache at 8192 per sequence, VllmSampler)."""
+    window = model_config.max_position_embeddings
+    return min(window, 8192) if cfg.rollout == "vllm" else window
+
+
+def fitting_task(cfg, task, tok, model_config):
+    """(task, skipped): the task without the prompts longer than --max-prompt-tokens (default: what the context
+    window leaves after --max-new-tokens), counted per list (tasks.without_long_prompts)."""
+    window = context_window(cfg, model_config)
+    limit = cfg.max_prompt_tokens or window - cfg.max_new_tokens
+    if limit < 1 or limit + cfg.max_new_tokens > window:
+        given = f"--max-prompt-tokens {limit} plus " if cfg.max_prompt_tokens else ""
+        raise SystemExit(f"error: {given}--max-new-tokens {cfg.max_new_tokens} leave no room in the model's context "
+                         f"window of {window} tokens; lower {'one of them' if given else 'it'}")
+    return tasks.without_long_prompts(task, tok, limit)
+
+
+def report_long_prompts(cfg, skipped):
+    """A note for the skipped prompts, and data.json in the run directory with the counts."""
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    with open(os.path.join(cfg.out_dir, "data.json"), "w") as f:
+        json.dump({"long_prompts_skipped": skipped}, f, indent=1)
+    if any(skipped.values()):
+        what = {"train_prompts": "training prompts", "eval_prompts": "evaluation prompts",
+                "sft_data": "SFT demonstrations", "pref_data": "preference pairs"}
+        print(f"note: skipped the prompts longer than --max-prompt-tokens: " +
+              ", ".join(f"{n} {what[name]}" for name, n in skipped.items() if n) +
+              f" (counts in {os.path.join(cfg.out_dir, 'data.json')})", flush=True)
+
+
 class TermSignal:
     """Remembers a SIGTERM (a scheduler pre-empting the job, torchrun passing it on) instead of dying in the
     middle of an update; the loop asks after each online batch, all ranks together so they stop at the same
@@ -641,14 +696,16 @@ def train(cfg, ctx):
         base, sft = ensure_toy_models(cfg, ctx)
         init = base if cfg.algo == "sft" else sft
     seed_everything(cfg.seed + 1000 * ctx.rank)  # after the (maybe) in-process SFT that made pi_0
-    task = tasks.load_task(cfg.task, cfg.data)
-    resolve_schedule(cfg, task)
-    tok = load_tokenizer(init)
+    tok = load_tokenizer(init, cfg.trust_remote_code)
     start, ckpt = 0, latest_checkpoint(cfg) if cfg.resume else None
     if cfg.resume and ckpt is None and ctx.master:
         print(f"--resume: no checkpoint in {cfg.out_dir}, starting from scratch", flush=True)
     policy = load_model(ckpt or init, cfg, ctx.device)
     policy.config.use_cache = False
+    task, skipped = fitting_task(cfg, tasks.load_task(cfg.task, cfg.data), tok, policy.config)
+    if ctx.master:
+        report_long_prompts(cfg, skipped)
+    resolve_schedule(cfg, task)
     value = None
     if cfg.algo in VALUE_MODEL:
         value = baselines.load_value_model(os.path.join(ckpt, "value") if ckpt else cfg.value_model or init, cfg,
@@ -659,7 +716,7 @@ def train(cfg, ctx):
             m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     opt, sched = optimizer_and_schedule(cfg, models)
     if ckpt:
-        state = torch.load(os.path.join(ckpt, "state.pt"), weights_only=True, map_location="cpu")
+        state = load_state(os.path.join(ckpt, "state.pt"))
         check_resumable(cfg, state["config"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
@@ -678,8 +735,8 @@ def train(cfg, ctx):
               opt, sched, value, wrapped[1] if value is not None else None)
     if cfg.rollout == "vllm" and cfg.algo not in OFFLINE:
         run.sampler = rollout.VllmSampler(ckpt or init, model_dtype(cfg, ctx.device), cfg.seed + 1000 * ctx.rank,
-                                          min(policy.config.max_position_embeddings, 8192), cfg.vllm_gpu_memory,
-                                          ctx.world)
+                                          context_window(cfg, policy.config), cfg.vllm_gpu_memory, ctx.world,
+                                          cfg.trust_remote_code)
     log = Logger(cfg, ctx, start)
     if ctx.master and start == 0:
         print("config: " + json.dumps(dataclasses.asdict(cfg)), flush=True)
@@ -729,6 +786,12 @@ def train(cfg, ctx):
                 print(f"SIGTERM after online batch {step + 1}: checkpoint {latest_checkpoint(cfg)} written; "
                       f"continue with --resume", file=sys.stderr, flush=True)
                 raise SystemExit(143)
+    except Exception as e:
+        if ctx.world > 1:  # a dead or hung peer surfaces here as a collective's error (or its --dist-timeout)
+            print(f"error: rank {ctx.rank} failed in online batch {step + 1} ({type(e).__name__}); torchrun stops "
+                  f"the other ranks. The last checkpoint is {latest_checkpoint(cfg) or 'none yet'}: once the cause "
+                  f"is fixed, continue with --resume", file=sys.stderr, flush=True)
+        raise
     finally:
         term.restore()
     bar.close()

@@ -260,9 +260,9 @@ def evaluate_checkpoint(run_dir, ckpt_dir, n_prompts, greedy=False, temperature=
     if not init:
         base, sft = dar.ensure_toy_models(cfg, dar.Dist(device=device))
         init = base if cfg.algo == "sft" else sft
-    task = tasks.load_task(cfg.task, cfg.data)
-    tok = dar.load_tokenizer(ckpt_dir)
+    tok = dar.load_tokenizer(ckpt_dir, cfg.trust_remote_code)
     policy = dar.load_model(ckpt_dir, cfg, device).eval()
+    task, _ = dar.fitting_task(cfg, tasks.load_task(cfg.task, cfg.data), tok, policy.config)  # the run's prompts
     ref = dar.load_model(init, cfg, device).eval()
     step = checkpoint_step(run_dir, ckpt_dir, cfg)
     prev, prev_step = None, None
@@ -787,7 +787,7 @@ def export_benchmarks(run_dir, out_dir, alpacaeval=None, mtbench=None, temperatu
     cfg = load_run_config(run_dir)
     device = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     final = os.path.join(run_dir, "final")
-    tok, model = dar.load_tokenizer(final), dar.load_model(final, cfg, device).eval()
+    tok, model = dar.load_tokenizer(final, cfg.trust_remote_code), dar.load_model(final, cfg, device).eval()
     name = os.path.basename(os.path.normpath(run_dir))
     written = []
     if alpacaeval:

@@ -602,13 +602,13 @@ class RewardModelJudge:
     """
     top = None  # an unbounded scale: no "best score" rate
 
-    def __init__(self, path, batch_size=8, device=None):
+    def __init__(self, path, batch_size=8, device=None, trust_remote_code=False):
         import torch
         from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
         if not os.path.isfile(os.path.join(path, "config.json")):
             raise SystemExit(f"error: --reward-model {path!r} is not a model directory (no config.json there); "
                              "give a local AutoModelForSequenceClassification directory")
-        archs = AutoConfig.from_pretrained(path).architectures or []
+        archs = tasks.load_pretrained(AutoConfig, path, trust_remote_code).architectures or []
         if not any(a.endswith("ForSequenceClassification") for a in archs):
             raise SystemExit(f"error: --reward-model {path!r} is not a sequence-classification reward model "
                              f"(architectures: {archs}); a causal LM here would get a randomly initialised head")
@@ -617,8 +617,9 @@ class RewardModelJudge:
             device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
         dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
         self.device, self.batch_size = device, batch_size
-        self.tok = AutoTokenizer.from_pretrained(path)
-        self.model = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype).to(device).eval()
+        self.tok = tasks.load_pretrained(AutoTokenizer, path, trust_remote_code)
+        self.model = tasks.load_pretrained(AutoModelForSequenceClassification, path, trust_remote_code,
+                                           dtype=dtype).to(device).eval()
         if self.model.config.num_labels != 1:
             raise SystemExit(f"error: --reward-model {path!r} has {self.model.config.num_labels} outputs; a reward "
                              "model has one scalar head (num_labels=1)")
@@ -696,7 +697,8 @@ def make_judge(name, task=None, cfg=None):
         if cfg is None or not cfg.reward_model:
             raise SystemExit("error: --judge reward_model needs --reward-model DIR, a local "
                              "AutoModelForSequenceClassification directory")
-        return RewardModelJudge(cfg.reward_model, batch_size=getattr(cfg, "judge_batch_size", 8))
+        return RewardModelJudge(cfg.reward_model, batch_size=getattr(cfg, "judge_batch_size", 8),
+                                trust_remote_code=cfg.trust_remote_code)
     raise SystemExit(f"error: unknown --judge {name!r}; valid judges: {', '.join(JUDGES)}")
 
 

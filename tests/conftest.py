@@ -35,10 +35,11 @@ def run_dar(args, cwd, env_extra=None, launcher=None, timeout=600):
     return subprocess.run(cmd, cwd=cwd, env=dar_env(env_extra), capture_output=True, text=True, timeout=timeout)
 
 
-def start_dar(args, cwd):
-    """dar.py in a background subprocess, stdout discarded, stderr a pipe: the Popen (for faults to inject)."""
-    return subprocess.Popen([sys.executable, os.path.join(ROOT, "dar.py"), *args], cwd=cwd, env=dar_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+def start_dar(args, cwd, launcher=None):
+    """dar.py in a background subprocess (optionally under torchrun), stdout discarded, stderr a pipe: the Popen
+    (for faults to inject)."""
+    return subprocess.Popen((launcher or [sys.executable]) + [os.path.join(ROOT, "dar.py"), *args], cwd=cwd,
+                            env=dar_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
 def build_reward_model(path, padding_side="right"):

@@ -140,7 +140,7 @@ def test_a_checkpoint_write_that_fails_leaves_the_previous_one_loadable(toy_cach
     assert "ckpt-000002" in str(e.value) and "--resume" in str(e.value)
     monkeypatch.undo()
     assert open(out / "latest").read().strip() == "ckpt-000002"
-    assert sorted(os.listdir(out)) == ["ckpt-000002", "config.json", "latest", "metrics.jsonl"]  # no .tmp left
+    assert sorted(os.listdir(out)) == ["ckpt-000002", "config.json", "data.json", "latest", "metrics.jsonl"]  # no .tmp
     state = torch.load(out / "ckpt-000002" / "state.pt", weights_only=True)
     assert state["step"] == 2
     dar.load_model(str(out / "ckpt-000002"), cfg, torch.device("cpu"))  # loads
@@ -234,3 +234,135 @@ def test_repeated_nan_batches_stop_at_the_last_good_checkpoint(toy_cache, tmp_pa
         dar.train(cfg, dar.Dist())
     assert f"non-finite loss in {dar.MAX_NONFINITE_BATCHES} online batches in a row" in str(e.value)
     assert "ckpt-000002" in str(e.value) and open(out / "latest").read().strip() == "ckpt-000002"
+
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+
+
+def worker(launcher_pid, rank):
+    """The pid of the torchrun worker (a child of launcher_pid) whose environment has RANK=rank (Linux /proc)."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            ppid = int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1])
+            env = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+        except OSError:  # gone, or not ours to read
+            continue
+        if ppid == launcher_pid and f"RANK={rank}".encode() in env:
+            return int(pid)
+    raise AssertionError(f"no worker with RANK={rank} under pid {launcher_pid}")
+
+
+def test_a_dead_rank_brings_the_job_down_and_resume_matches(toy_cache, tmp_path):
+    """SIGKILL one of two ranks: the other fails in its next collective, torchrun ends the job within seconds
+    (no hang), and --resume on two ranks ends where an uninterrupted two-rank run ends."""
+    flags = TINY + ["--cache-dir", toy_cache, "--steps", "10", "--save-every", "2", "--print-every", "1000"]
+    whole = tmp_path / "whole"
+    p = run_dar(flags + ["--out-dir", str(whole)], cwd=tmp_path, launcher=TORCHRUN)
+    assert p.returncode == 0, p.stderr[-2000:]
+    out = tmp_path / "killed"
+    proc = start_dar(flags + ["--out-dir", str(out)], tmp_path, launcher=TORCHRUN)
+    wait_for_batches(out, 3)
+    os.kill(worker(proc.pid, 1), signal.SIGKILL)
+    t0 = time.time()
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode != 0 and time.time() - t0 < 60, err[-2000:]
+    assert "error: rank 0 failed in online batch" in err and "--resume" in err, err[-2000:]
+    ckpt = out / (out / "latest").read_text().strip()
+    assert (ckpt / "state.pt").is_file() and (ckpt / "config.json").is_file()
+    p = run_dar(flags + ["--out-dir", str(out), "--resume"], cwd=tmp_path, launcher=TORCHRUN)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert final_metrics(str(out)) == final_metrics(str(whole))
+
+
+def test_a_hung_rank_ends_the_job_after_the_dist_timeout(toy_cache, tmp_path):
+    """SIGSTOP one of two ranks (a hang, not a death): the other gives up after --dist-timeout (15 s here) and
+    torchrun ends the job; without the timeout it would wait 30 minutes."""
+    out = tmp_path / "run"
+    proc = start_dar(TINY + ["--cache-dir", toy_cache, "--steps", "40", "--save-every", "2", "--print-every",
+                             "1000", "--dist-timeout", "0.25", "--out-dir", str(out)], tmp_path, launcher=TORCHRUN)
+    wait_for_batches(out, 3)
+    hung = worker(proc.pid, 1)
+    os.kill(hung, signal.SIGSTOP)
+    t0 = time.time()
+    try:
+        _, err = proc.communicate(timeout=300)
+    finally:
+        try:
+            os.kill(hung, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert proc.returncode != 0 and 15 <= time.time() - t0 < 150, err[-2000:]
+    assert "error: rank 0 failed in online batch" in err and "Timed out" in err, err[-2000:]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Untrusted artefacts and over-long prompts
+# ---------------------------------------------------------------------------------------------------
+def model_with_its_own_code(path, marker):
+    """The toy model re-declared as a custom architecture (an auto_map to a modeling file shipped beside the
+    weights), whose code touches `marker` when it runs."""
+    import tasks
+    tasks.build_toy_model(str(path), seed=0)
+    config = json.loads((path / "config.json").read_text())
+    config.update(model_type="dar_custom", architectures=["CustomForCausalLM"],
+                  auto_map={"AutoConfig": "modeling_custom.CustomConfig",
+                            "AutoModelForCausalLM": "modeling_custom.CustomForCausalLM"})
+    (path / "config.json").write_text(json.dumps(config))
+    (path / "modeling_custom.py").write_text(
+        f"open({str(marker)!r}, 'w').close()\n"
+        "from transformers import Qwen2Config, Qwen2ForCausalLM\n"
+        "class CustomConfig(Qwen2Config):\n    model_type = 'dar_custom'\n"
+        "class CustomForCausalLM(Qwen2ForCausalLM):\n    config_class = CustomConfig\n")
+
+
+def test_a_model_s_own_code_runs_only_with_trust_remote_code(tmp_path):
+    path, marker = tmp_path / "custom", tmp_path / "code-ran"
+    model_with_its_own_code(path, marker)
+    with pytest.raises(SystemExit, match="ships its own Python code.*--trust-remote-code"):
+        dar.load_model(str(path), dar.Config(), torch.device("cpu"))
+    assert not marker.exists()  # refused without running a line of it
+    model = dar.load_model(str(path), dar.Config(trust_remote_code=True), torch.device("cpu"))
+    assert type(model).__name__ == "CustomForCausalLM" and marker.exists()
+
+
+def test_a_checkpoint_holding_pickled_code_is_refused(toy_cache, tmp_path):
+    out, marker = tmp_path / "run", tmp_path / "code-ran"
+    flags = TINY + ["--cache-dir", toy_cache, "--out-dir", str(out), "--save-every", "1", "--print-every", "1000"]
+    dar.train(dar.parse_config(flags + ["--steps", "1"]), dar.Dist())
+    state = out / "ckpt-000001" / "state.pt"
+
+    class Payload:  # what a tampered checkpoint could hold: a call made while unpickling
+        def __reduce__(self):
+            return os.system, (f"touch {marker}",)
+    torch.save({**torch.load(state, weights_only=True), "extra": Payload()}, state)
+    with pytest.raises(SystemExit, match=r"state.pt holds objects other than tensors.*posix.system.*not loaded"):
+        dar.train(dar.parse_config(flags + ["--steps", "2", "--resume"]), dar.Dist())
+    assert not marker.exists()
+
+
+def test_the_served_annotator_listens_on_localhost_only():
+    server, url = serve_annotator()
+    server.terminate()
+    server.wait(10)
+    assert url.startswith("http://127.0.0.1:"), url
+
+
+def test_prompts_longer_than_the_limit_are_skipped_and_counted(toy_cache, tmp_path):
+    import rollout
+    import tasks
+    out = tmp_path / "run"
+    p = run_dar(TINY + ["--cache-dir", toy_cache, "--out-dir", str(out), "--steps", "2", "--print-every", "1000",
+                        "--max-prompt-tokens", "33"], cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-2000:]
+    task, tok = tasks.toy_task(), tasks.build_tokenizer()
+    longer = lambda prompts: sum(len(ids) > 33 for ids in tok(rollout.render_prompts(tok, prompts),
+                                                                add_special_tokens=False)["input_ids"])
+    skipped = json.load(open(out / "data.json"))["long_prompts_skipped"]
+    assert skipped["train_prompts"] == longer(task.train_prompts) > 0
+    assert skipped["eval_prompts"] == longer(task.eval_prompts) > 0
+    assert f"{skipped['train_prompts']} training prompts, {skipped['eval_prompts']} evaluation prompts" in p.stdout
+    # the window (512 positions) minus the response must hold the limit
+    p = run_dar(TINY + ["--cache-dir", toy_cache, "--out-dir", str(tmp_path / "too-long"), "--steps", "1",
+                        "--max-prompt-tokens", "510"], cwd=tmp_path)
+    assert p.returncode == 1 and "--max-prompt-tokens 510 plus --max-new-tokens 12 leave no room in the model's " \
+                                 "context window of 512 tokens" in p.stderr, p.stderr[-2000:]

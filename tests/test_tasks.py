@@ -242,6 +242,21 @@ def test_fitting_prompts_measures_the_rendered_prompt():
 # ---------------------------------------------------------------------------------------------------
 # Bad --data files: every error names the file and the line
 # ---------------------------------------------------------------------------------------------------
+def test_long_prompts_leave_every_list_that_holds_them():
+    tok = tasks.build_tokenizer()
+    short, long_ = "hi", [user("a much longer first message"), assistant("ok"), user("and more")]
+    limit = len(tok(rollout.render_prompts(tok, [short]), add_special_tokens=False)["input_ids"][0])
+    t = tasks.Task("helpful", [short, long_], [long_, short], [(long_, "a"), (short, "b")],
+                   [(short, "c", "d"), (long_, "e", "f")], "helpful", ["ref-long", "ref-short"])
+    fit, skipped = tasks.without_long_prompts(t, tok, limit)
+    assert (fit.train_prompts, fit.eval_prompts, fit.references) == ([short], [short], ["ref-short"])
+    assert fit.sft_data == [(short, "b")] and fit.pref_data == [(short, "c", "d")]
+    assert skipped == {"train_prompts": 1, "eval_prompts": 1, "sft_data": 1, "pref_data": 1}
+    assert tasks.without_long_prompts(t, tok, 10**6) == (t, dict.fromkeys(skipped, 0))
+    with pytest.raises(SystemExit, match="none of the 2 train prompts fits in --max-prompt-tokens"):
+        tasks.without_long_prompts(t, tok, limit - 1)
+
+
 def test_bad_json_line(tmp_path):
     rows = [json.dumps(r) for r in lines(HELPFUL)]
     path = write(tmp_path / "bad.jsonl", rows[:2] + ['{"chosen": "\\n\\nHuman: hi", '] + rows[2:])
