@@ -696,13 +696,14 @@ def train(cfg, ctx):
         base, sft = ensure_toy_models(cfg, ctx)
         init = base if cfg.algo == "sft" else sft
     seed_everything(cfg.seed + 1000 * ctx.rank)  # after the (maybe) in-process SFT that made pi_0
+    task = tasks.load_task(cfg.task, cfg.data)  # bad data stops the run before any model is loaded
     tok = load_tokenizer(init, cfg.trust_remote_code)
     start, ckpt = 0, latest_checkpoint(cfg) if cfg.resume else None
     if cfg.resume and ckpt is None and ctx.master:
         print(f"--resume: no checkpoint in {cfg.out_dir}, starting from scratch", flush=True)
     policy = load_model(ckpt or init, cfg, ctx.device)
     policy.config.use_cache = False
-    task, skipped = fitting_task(cfg, tasks.load_task(cfg.task, cfg.data), tok, policy.config)
+    task, skipped = fitting_task(cfg, task, tok, policy.config)
     if ctx.master:
         report_long_prompts(cfg, skipped)
     resolve_schedule(cfg, task)

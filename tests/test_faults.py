@@ -1,6 +1,7 @@
-"""Faults during a run (issue 8, first part): a SIGTERM stops after the current online batch with a checkpoint,
-and a judge that stops giving valid judgments stops the run before it trains on them, keeping the work done;
-in both cases --resume ends where an uninterrupted run ends."""
+"""Faults injected into real runs (issue 8): signals, a failing disk, a judge that goes away, NaN losses, a dead
+or hung rank under torchrun, prompts too long for the context window, and untrusted artefacts (a model's own
+code, a checkpoint holding pickled code). Each shows that the run keeps working or stops cleanly, naming what
+to do, and that --resume ends where an uninterrupted run ends."""
 import json
 import math
 import os
