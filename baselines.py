@@ -113,7 +113,7 @@ def value_loss(values, values_old, returns, mask, value_clip):
     return masked_mean(0.5 * torch.max((values - returns) ** 2, (v_clipped - returns) ** 2), mask)
 
 
-def load_value_model(path, cfg, device):
+def load_value_model(path, cfg, device, sharded=False):
     """V(x, y_<i): a causal LM body with a scalar head read at every position (the PPO family's critic).
 
     From `path` (a causal LM, e.g. pi_0, whose LM head is dropped) the head starts at zero, so the first
@@ -134,7 +134,7 @@ def load_value_model(path, cfg, device):
         torch.nn.init.zeros_(model.score.weight)
         torch.nn.init.zeros_(model.score.bias)
     model.config.use_cache = False
-    return model.to(device)
+    return dar.shard(model, cfg) if sharded else model.to(device)
 
 
 def token_values(value_model, batch):

@@ -136,6 +136,12 @@ class Config:
     logp_source: str = arg("policy", "log pi_t for the loss: policy (a forward pass of the trained model) or "
                                      "sampler (the sampler's log-probs of the sampled tokens: no pi_t pass)")
     backend: str = arg("", "torch.distributed backend; '' = nccl on GPU, gloo on CPU")
+    fsdp: bool = arg(False, "shard parameters, gradients and optimizer state over the ranks (FSDP2, per decoder "
+                            "layer) instead of a full copy per rank (DDP); pi_0 and PPO's value model too")
+    export_hf: str = arg("", "write this checkpoint (ckpt-N, sharded or not) as an ordinary Hugging Face model "
+                             "directory at --out-dir and exit")
+    fsdp_offload: bool = arg(False, "--fsdp: keep the shards and optimizer state in CPU memory (slower; for "
+                                    "models whose shards do not fit the GPUs)")
     dist_timeout: float = arg(30.0, "minutes a rank waits in a collective for the others before the job fails "
                                     "(a rank that died or hangs)")
     trust_remote_code: bool = arg(False, "run Python code shipped with a model directory (its auto_map) when "
@@ -149,7 +155,8 @@ class Config:
 # Fields a resumed run may change; any other difference from the checkpoint's config is an error.
 RESUMABLE_CHANGES = {"resume", "steps", "prompt_epochs", "save_every", "keep_checkpoints", "sample_every",
                      "eval_prompts", "gradient_checkpointing", "max_invalid_frac", "judge_url",
-                     "judge_concurrency", "judge_timeout", "judge_retries", "dist_timeout", "trust_remote_code"}
+                     "judge_concurrency", "judge_timeout", "judge_retries", "dist_timeout", "trust_remote_code",
+                     "fsdp_offload", "export_hf", "out_dir"}
 
 
 def parse_config(argv=None):
@@ -171,6 +178,8 @@ def parse_config(argv=None):
     task, algo = given.get("task", Config.task), given.get("algo", Config.algo)
     if "steps" in given and given.get("prompt_epochs", 0) > 0:
         p.error("give --steps or --prompt-epochs, not both")
+    if "export_hf" in given and "out_dir" not in given:
+        p.error("--export-hf needs --out-dir, the new directory to write the model to")
     if "steps" in given:  # an explicit length wins over the task's passes over the prompts
         given["prompt_epochs"] = 0.0
     cfg = Config(**{**tasks.TASK_DEFAULTS.get(task, {}), **ALGO_DEFAULTS.get(algo, {}),
@@ -236,6 +245,10 @@ def check_config(cfg, world):
         bad(f"--rollout must be hf or vllm, got {cfg.rollout!r}")
     if cfg.logp_source not in ("policy", "sampler"):
         bad(f"--logp-source must be policy or sampler, got {cfg.logp_source!r}")
+    if cfg.fsdp_offload and not cfg.fsdp:
+        bad("--fsdp-offload offloads the shards of --fsdp; add --fsdp")
+    if cfg.fsdp_offload and not torch.cuda.is_available():
+        bad("--fsdp-offload moves shards between GPU and CPU memory; without a GPU they are in CPU memory already")
     if not 0 < cfg.vllm_gpu_memory <= 1:
         bad(f"--vllm-gpu-memory is a share of the GPU's memory in (0, 1], got {cfg.vllm_gpu_memory}")
 
@@ -341,20 +354,22 @@ class Dist:
 
 
 def setup_distributed(cfg):
-    """Read RANK / WORLD_SIZE / LOCAL_RANK from torchrun; one process without them."""
+    """Read RANK / WORLD_SIZE / LOCAL_RANK from torchrun; one process without them (with --fsdp, a process
+    group of one, since sharded modules need one)."""
     cuda = torch.cuda.is_available()
-    if "RANK" not in os.environ:
+    if "RANK" not in os.environ and not cfg.fsdp:
         return Dist(device=torch.device("cuda", 0) if cuda else torch.device("cpu"))
     import datetime
     import torch.distributed as tdist
     if not cfg.dist_timeout > 0:
         raise SystemExit(f"error: --dist-timeout must be > 0 minutes, got {cfg.dist_timeout}")
-    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    rank, world, local = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
     device = torch.device("cuda", local) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
+    store = {} if "RANK" in os.environ else dict(store=tdist.HashStore(), rank=0, world_size=1)
     tdist.init_process_group(cfg.backend or ("nccl" if cuda else "gloo"),
-                             timeout=datetime.timedelta(minutes=cfg.dist_timeout))
+                             timeout=datetime.timedelta(minutes=cfg.dist_timeout), **store)
     return Dist(rank, world, local, device)
 
 
@@ -384,13 +399,21 @@ def model_dtype(cfg, device):
     return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
 
 
-def load_model(path, cfg, device):
+def load_model(path, cfg, device, sharded=False, frozen=False):
+    """A causal LM from a model directory or a checkpoint (sharded ones too), on `device`; frozen: eval mode,
+    no gradients. sharded (--fsdp): read into CPU memory and sharded over the ranks, so that no GPU ever
+    holds the whole model; the shards land on `device`."""
     from transformers import AutoModelForCausalLM
     import importlib.util
     flash = device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None
-    model = tasks.load_pretrained(AutoModelForCausalLM, path, cfg.trust_remote_code, dtype=model_dtype(cfg, device),
-                                  attn_implementation="flash_attention_2" if flash else "sdpa")
-    return model.to(device)
+    kwargs = dict(dtype=model_dtype(cfg, device), attn_implementation="flash_attention_2" if flash else "sdpa")
+    if is_sharded_checkpoint(path):
+        model = load_sharded_checkpoint_whole(path, cfg, AutoModelForCausalLM, kwargs)
+    else:
+        model = tasks.load_pretrained(AutoModelForCausalLM, path, cfg.trust_remote_code, **kwargs)
+    if frozen:
+        model.eval().requires_grad_(False)
+    return shard(model, cfg) if sharded else model.to(device)
 
 
 def load_tokenizer(path, trust_remote_code=False):
@@ -399,6 +422,108 @@ def load_tokenizer(path, trust_remote_code=False):
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
+
+
+# ---------------------------------------------------------------------------------------------------
+# Sharding (--fsdp, PyTorch's FSDP2): each rank keeps 1/world of every parameter, gradient and optimizer
+# state; a decoder layer's whole parameters exist only while it runs (all-gathered before, freed after).
+# ---------------------------------------------------------------------------------------------------
+def decoder_layers(model):
+    """The repeated blocks of a transformers model: instances of the classes it names in _no_split_modules."""
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    layers = [m for m in model.modules() if type(m).__name__ in names]
+    if not layers:
+        raise SystemExit(f"error: --fsdp: {type(model).__name__} names no decoder layer class (_no_split_modules) "
+                         "to shard by")
+    return layers
+
+
+def shard(model, cfg):
+    """fully_shard every decoder layer, then the root (embeddings, final norm, head: one group). Parameters stay
+    in the model's dtype (bf16 on GPUs) and gradients are reduce-scattered in float32; --fsdp-offload keeps the
+    shards (and so the optimizer's work) in CPU memory."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+    from torch.distributed.tensor import Shard
+    dtype, world = next(model.parameters()).dtype, torch.distributed.get_world_size()
+
+    def placement(p):  # rows, unless there are fewer rows than ranks (PPO's value head [1, d]): then columns
+        return Shard(1) if p.dim() > 1 and p.shape[0] < world <= p.shape[1] else Shard(0)
+    kwargs = dict(mp_policy=MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32),
+                  shard_placement_fn=placement)
+    if cfg.fsdp_offload:
+        kwargs["offload_policy"] = CPUOffloadPolicy()
+    for layer in decoder_layers(model):
+        fully_shard(layer, **kwargs)
+    fully_shard(model, **kwargs)
+    return model
+
+
+def trained_modules(policy, value):
+    """The models the optimizer updates as one module (keys policy.*, value.*): the unit of a sharded
+    checkpoint, whose optimizer state spans both."""
+    return torch.nn.ModuleDict({"policy": policy, **({"value": value} if value is not None else {})})
+
+
+def is_sharded_checkpoint(path):
+    return os.path.isdir(os.path.join(path, "dcp"))
+
+
+def save_sharded_checkpoint(ctx, path, run, state):
+    """A checkpoint of an --fsdp run, written by every rank: its shards of the models and the optimizer state
+    (torch.distributed.checkpoint, in dcp/, loadable on any number of ranks), and from rank 0 state.pt, the
+    tokenizer and the models' configs. Written beside `path` and renamed into place once all ranks succeeded;
+    if any failed, nothing of it is left and every rank raises the error."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    tmp, error = path + ".tmp", None
+    if ctx.master:
+        shutil.rmtree(tmp, ignore_errors=True)
+    barrier(ctx)
+    try:
+        model_sd, optim_sd = get_state_dict(trained_modules(run.policy, run.value), run.opt)
+        dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=os.path.join(tmp, "dcp"))
+        if ctx.master:
+            run.policy.config.save_pretrained(tmp)
+            run.policy.generation_config.save_pretrained(tmp)
+            run.tok.save_pretrained(tmp)
+            if run.value is not None:
+                run.value.config.save_pretrained(os.path.join(tmp, "value"))
+            torch.save(state, os.path.join(tmp, "state.pt"))
+    except (OSError, dcp.api.CheckpointException) as e:
+        error = e
+    failed = torch.tensor([float(error is not None)], device=ctx.device)
+    torch.distributed.all_reduce(failed, op=torch.distributed.ReduceOp.MAX)
+    if failed.item():
+        if ctx.master:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise error or OSError(f"another rank failed to write its shards of {os.path.basename(path)}")
+    if ctx.master:
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(tmp, path)
+
+
+def load_sharded_checkpoint(path, modules, opt):
+    """Restore the shards of the models (trained_modules) and the optimizer state from a sharded checkpoint,
+    resharded for this run's ranks (their number may differ from the run that wrote it)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    model_sd, optim_sd = get_state_dict(modules, opt)
+    dcp.load({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=os.path.join(path, "dcp"))
+    set_state_dict(modules, opt, model_state_dict=model_sd, optim_state_dict=optim_sd)
+
+
+def load_sharded_checkpoint_whole(path, cfg, cls, kwargs, prefix="policy."):
+    """One process reads a sharded checkpoint's model into an ordinary (unsharded) model: for evaluation and
+    for --export-hf. The architecture comes from the config.json beside the shards."""
+    import torch.distributed.checkpoint as dcp
+    from transformers import AutoConfig
+    config = tasks.load_pretrained(AutoConfig, path, cfg.trust_remote_code)
+    model = cls.from_config(config, trust_remote_code=cfg.trust_remote_code, **kwargs)
+    saved = dcp.FileSystemReader(os.path.join(path, "dcp")).read_metadata().state_dict_metadata
+    # tied weights (embeddings = head) may be saved under one name; loading it fills both
+    weights = {prefix + k: v for k, v in model.state_dict().items() if f"model.{prefix}{k}" in saved}
+    dcp.load({"model": weights}, checkpoint_id=os.path.join(path, "dcp"), no_dist=True)  # this process alone
+    return model
 
 
 def toy_paths(cfg):
@@ -454,16 +579,19 @@ def save_checkpoint(cfg, ctx, step, run):
         torch.distributed.all_gather_object(states, rng_state())
     else:
         states = [rng_state()]
+    name = f"ckpt-{step:06d}"
+    state = dict(step=step, scheduler=run.sched.state_dict(), rng=states, config=dataclasses.asdict(cfg))
+    try:
+        if cfg.fsdp:
+            save_sharded_checkpoint(ctx, os.path.join(cfg.out_dir, name), run, state)
+        elif ctx.master:
+            save_model_dir(os.path.join(cfg.out_dir, name), run.policy, run.tok,
+                           dict(state, optimizer=run.opt.state_dict()), value=run.value)
+    except OSError as e:  # a full disk, a quota: `latest` still names the previous, complete checkpoint
+        raise SystemExit(f"error: could not write checkpoint {name} ({e}); the previous checkpoint "
+                         f"{latest_checkpoint(cfg) or '(none)'} is intact. Free space or fix the cause, then "
+                         f"continue with --resume.") from e
     if ctx.master:
-        name = f"ckpt-{step:06d}"
-        state = dict(step=step, optimizer=run.opt.state_dict(), scheduler=run.sched.state_dict(), rng=states,
-                     config=dataclasses.asdict(cfg))
-        try:
-            save_model_dir(os.path.join(cfg.out_dir, name), run.policy, run.tok, state, value=run.value)
-        except OSError as e:  # a full disk, a quota: `latest` still names the previous, complete checkpoint
-            raise SystemExit(f"error: could not write checkpoint {name} ({e}); the previous checkpoint "
-                             f"{latest_checkpoint(cfg) or '(none)'} is intact. Free space or fix the cause, then "
-                             f"continue with --resume.") from e
         write_atomic(os.path.join(cfg.out_dir, "latest"), name)
         ckpts = sorted(d for d in os.listdir(cfg.out_dir) if d.startswith("ckpt-") and not d.endswith(".tmp"))
         for old in ckpts[:-cfg.keep_checkpoints]:
@@ -484,12 +612,13 @@ def load_state(path):
                          "run any code. Resume from a checkpoint that dar.py wrote") from None
 
 
-def save_model_dir(path, model, tok, state=None, value=None):
-    """A Hugging Face model directory (plus state.pt and value/), written beside `path`, renamed into place."""
+def save_model_dir(path, model, tok, state=None, value=None, weights=None):
+    """A Hugging Face model directory (plus state.pt and value/), written beside `path`, renamed into place.
+    weights: the model's whole state dict when the model itself is sharded (--fsdp)."""
     tmp = path + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, state_dict=weights)
         tok.save_pretrained(tmp)
         if value is not None:
             value.save_pretrained(os.path.join(tmp, "value"))
@@ -500,6 +629,24 @@ def save_model_dir(path, model, tok, state=None, value=None):
         raise
     shutil.rmtree(path, ignore_errors=True)
     os.replace(tmp, path)
+
+
+def export_hf(ckpt, out):
+    """A checkpoint (a sharded one too) as an ordinary Hugging Face model directory at `out`, in the dtype it was
+    trained in: for evaluation elsewhere and for release. One process, no GPU needed."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    if not os.path.isfile(os.path.join(ckpt, "state.pt")):
+        raise SystemExit(f"error: {ckpt} is not a checkpoint of dar.py (no state.pt there)")
+    if os.path.exists(out) and os.listdir(out):
+        raise SystemExit(f"error: {out} exists and is not empty; give a new directory to export to")
+    saved = load_state(os.path.join(ckpt, "state.pt"))["config"]
+    cfg = Config(**{k: v for k, v in saved.items() if k in {f.name for f in dataclasses.fields(Config)}})
+    if is_sharded_checkpoint(ckpt):
+        dtype = tasks.load_pretrained(AutoConfig, ckpt, cfg.trust_remote_code).dtype
+        model = load_sharded_checkpoint_whole(ckpt, cfg, AutoModelForCausalLM, dict(dtype=dtype))
+    else:
+        model = tasks.load_pretrained(AutoModelForCausalLM, ckpt, cfg.trust_remote_code, dtype="auto")
+    save_model_dir(out, model, load_tokenizer(ckpt, cfg.trust_remote_code))
 
 
 def write_atomic(path, text):
@@ -581,8 +728,29 @@ def optimizer_and_schedule(cfg, models):
     params = [p for m in models for p in m.parameters()]
     opt = Adafactor(params, lr=cfg.lr, scale_parameter=False, relative_step=False, warmup_init=False,
                     weight_decay=cfg.weight_decay)
+    if cfg.fsdp:
+        opt.register_step_pre_hook(shard_adafactor_state)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / cfg.warmup_steps))
     return opt, sched
+
+
+def shard_adafactor_state(opt, args, kwargs):
+    """Before an Adafactor step under --fsdp: transformers' Adafactor makes its factored second-moment statistics
+    as plain tensors, which cannot meet a sharded (DTensor) gradient. Made here as DTensors instead (sharded
+    where they keep the gradient's sharded dimension, else whole), every step is computed on the global
+    tensors, so the update is the one an unsharded Adafactor makes."""
+    from torch.distributed.tensor import DTensor, Replicate
+
+    def settled(t):  # a mean over the sharded dimension is a pending sum (Partial): make it a whole one
+        return t.redistribute(placements=[Replicate() if p.is_partial() else p for p in t.placements])
+    for group in opt.param_groups:
+        for p in group["params"]:
+            state = opt.state[p]
+            if state or not isinstance(p.grad, DTensor) or p.grad.dim() < 2:
+                continue
+            g = p.grad.float()
+            state.update(step=0, RMS=0, exp_avg_sq_row=torch.zeros_like(settled(g.mean(dim=-1))),
+                         exp_avg_sq_col=torch.zeros_like(settled(g.mean(dim=-2))))
 
 
 def optimizer_step(cfg, models, opt, sched):
@@ -592,6 +760,7 @@ def optimizer_step(cfg, models, opt, sched):
     step. Returns the policy's gradient norm (the first model's).
     """
     norms = [torch.nn.utils.clip_grad_norm_(m.parameters(), cfg.max_grad_norm or float("inf")) for m in models]
+    norms = [n.full_tensor() if hasattr(n, "full_tensor") else n for n in norms]  # --fsdp: a DTensor
     if all(torch.isfinite(n) for n in norms):
         opt.step()
         sched.step()
@@ -613,6 +782,7 @@ class Run:
     value: object = None     # the PPO family's value model, unwrapped
     value_ddp: object = None
     sampler: object = None   # a rollout.VllmSampler with --rollout vllm; None = transformers generate on the policy
+    init: str = ""           # pi_0's model directory
 
     @property
     def trained(self):
@@ -701,7 +871,9 @@ def train(cfg, ctx):
     start, ckpt = 0, latest_checkpoint(cfg) if cfg.resume else None
     if cfg.resume and ckpt is None and ctx.master:
         print(f"--resume: no checkpoint in {cfg.out_dir}, starting from scratch", flush=True)
-    policy = load_model(ckpt or init, cfg, ctx.device)
+    sharded_ckpt = ckpt is not None and is_sharded_checkpoint(ckpt)  # its weights are read in after sharding
+    weights = init if sharded_ckpt else ckpt or init
+    policy = load_model(weights, cfg, ctx.device, sharded=cfg.fsdp)
     policy.config.use_cache = False
     task, skipped = fitting_task(cfg, task, tok, policy.config)
     if ctx.master:
@@ -709,8 +881,8 @@ def train(cfg, ctx):
     resolve_schedule(cfg, task)
     value = None
     if cfg.algo in VALUE_MODEL:
-        value = baselines.load_value_model(os.path.join(ckpt, "value") if ckpt else cfg.value_model or init, cfg,
-                                           ctx.device)
+        value = baselines.load_value_model(os.path.join(ckpt, "value") if ckpt and not sharded_ckpt
+                                           else cfg.value_model or init, cfg, ctx.device, sharded=cfg.fsdp)
     models = [m for m in (policy, value) if m is not None]
     if cfg.gradient_checkpointing:  # active in train mode only: the no-grad passes (eval mode) are unaffected
         for m in models:
@@ -719,25 +891,30 @@ def train(cfg, ctx):
     if ckpt:
         state = load_state(os.path.join(ckpt, "state.pt"))
         check_resumable(cfg, state["config"])
-        opt.load_state_dict(state["optimizer"])
+        if sharded_ckpt:
+            load_sharded_checkpoint(ckpt, trained_modules(policy, value), opt)
+        else:
+            opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         start = state["step"]
         if len(state["rng"]) == ctx.world:
             set_rng_state(state["rng"][ctx.rank])
-    wrapped = models
-    if ctx.world > 1:
+    wrapped = models  # a sharded model is called as it is: FSDP2 has no wrapper
+    if ctx.world > 1 and not cfg.fsdp:
         from torch.nn.parallel import DistributedDataParallel
         ids = [ctx.device.index] if ctx.device.type == "cuda" else None
         wrapped = [DistributedDataParallel(m, device_ids=ids) for m in models]
     ref = None
     if cfg.algo != "sft":  # pi_0: a frozen copy of the initial policy
-        ref = load_model(init, cfg, ctx.device).eval().requires_grad_(False)
+        ref = load_model(init, cfg, ctx.device, sharded=cfg.fsdp, frozen=True)
     run = Run(task, tok, make_judge(cfg.judge, task, cfg) if cfg.algo not in OFFLINE else None, policy, wrapped[0], ref,
-              opt, sched, value, wrapped[1] if value is not None else None)
+              opt, sched, value, wrapped[1] if value is not None else None, init=init)
     if cfg.rollout == "vllm" and cfg.algo not in OFFLINE:
-        run.sampler = rollout.VllmSampler(ckpt or init, model_dtype(cfg, ctx.device), cfg.seed + 1000 * ctx.rank,
+        run.sampler = rollout.VllmSampler(weights, model_dtype(cfg, ctx.device), cfg.seed + 1000 * ctx.rank,
                                           context_window(cfg, policy.config), cfg.vllm_gpu_memory, ctx.world,
                                           cfg.trust_remote_code)
+        if sharded_ckpt:
+            run.sampler.push_weights(policy)
     log = Logger(cfg, ctx, start)
     if ctx.master and start == 0:
         print("config: " + json.dumps(dataclasses.asdict(cfg)), flush=True)
@@ -796,10 +973,19 @@ def train(cfg, ctx):
     finally:
         term.restore()
     bar.close()
-    for m in models:
-        check_ranks_agree(ctx, m)
-    if ctx.master:
-        save_model_dir(os.path.join(cfg.out_dir, "final"), policy, tok)
+    if cfg.fsdp:  # the final model as an ordinary Hugging Face directory, gathered onto rank 0's CPU
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        whole = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if getattr(policy.config, "tie_word_embeddings", False):  # the head is the embedding: saved once
+            for name in getattr(policy, "_tied_weights_keys", None) or ():
+                whole.pop(name, None)
+        if ctx.master:
+            save_model_dir(os.path.join(cfg.out_dir, "final"), policy, tok, weights=whole)
+    else:
+        for m in models:
+            check_ranks_agree(ctx, m)
+        if ctx.master:
+            save_model_dir(os.path.join(cfg.out_dir, "final"), policy, tok)
     barrier(ctx)
     return run
 
@@ -841,7 +1027,7 @@ def sample(step, cfg, ctx, run):
         run.sampler.sleep()  # on GPUs: the engine's memory is the updates' until the weight sync wakes it
         return batch
     return rollout.generate(run.policy, run.tok, prompts, cfg.k, cfg.max_new_tokens, cfg.temperature,
-                            record_logp=cfg.logp_source == "sampler")
+                            record_logp=cfg.logp_source == "sampler", synced=cfg.fsdp and ctx.world > 1)
 
 
 def pi_t_logps(cfg, ctx, run, batch):
@@ -923,7 +1109,7 @@ def minibatch_updates(cfg, ctx, run, n_units, n_updates, micro_units, loss_fn, e
                 with contextlib.ExitStack() as stack:
                     if ctx.world > 1 and j < len(micro) - 1:
                         for m in run.trained:
-                            stack.enter_context(m.no_sync())
+                            stack.enter_context(local_gradients(m))
                     loss, info = loss_fn(mb)
                     (loss / per_update).backward()
                 loss_sum += loss.item() / per_update
@@ -966,6 +1152,21 @@ def rank_means(ctx, stats):
     names = sorted(stats)
     local = torch.tensor([stats[k] for k in names], dtype=torch.float64, device=ctx.device)
     return {k: v.item() for k, v in zip(names, gather(ctx, local).view(ctx.world, -1).mean(0))}
+
+
+@contextlib.contextmanager
+def local_gradients(model):
+    """Accumulate this micro-batch's gradients on the rank, without syncing them (DDP's no_sync; FSDP2's
+    set_requires_gradient_sync): only a minibatch's last micro-batch pays for the reduction."""
+    if hasattr(model, "no_sync"):
+        with model.no_sync():
+            yield
+        return
+    model.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)
 
 
 @contextlib.contextmanager
@@ -1039,13 +1240,16 @@ def score(model, batch, micro_batch, per_token=rollout.token_logps):
 
     Rows go through in order of length, so each micro-batch holds rows of similar length and select() trims
     the padding they share; the results are put back in the batch's order. Inference mode: no autograd
-    bookkeeping at all; the returned tensor is an ordinary one (a clone), usable in later losses.
+    bookkeeping at all; the returned tensor is an ordinary one (a clone), usable in later losses. A sharded
+    model (--fsdp) runs under no_grad instead: FSDP2 keeps the buffers its all-gathers fill and trains
+    through them later, which a tensor made in inference mode cannot be.
     """
+    from torch.distributed.fsdp import FSDPModule
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     order = torch.argsort(batch.lengths(), stable=True)
-    with torch.inference_mode():
+    with torch.no_grad() if isinstance(model, FSDPModule) else torch.inference_mode():
         out = torch.zeros(batch.response_mask.shape, dtype=torch.float32, device=device)
         for i in range(0, len(batch), micro_batch):
             rows = order[i:i + micro_batch]
@@ -1079,14 +1283,22 @@ def main(argv=None):
     import transformers
     transformers.utils.logging.disable_progress_bar()  # one tqdm bar: ours
     cfg = parse_config(argv)
+    if cfg.export_hf:
+        export_hf(cfg.export_hf, cfg.out_dir)
+        print(f"wrote {cfg.out_dir}", flush=True)
+        return
     ctx = setup_distributed(cfg)
     check_config(cfg, ctx.world)
     run = None
     try:
         run = train(cfg, ctx)
-        if cfg.algo != "sft" and ctx.master:
+        if cfg.algo != "sft" and ctx.master and cfg.eval_prompts > 0:
             from eval import compare_with_reference, print_report
-            report = compare_with_reference(run.policy, run.ref, run.tok, run.task.eval_prompts[:cfg.eval_prompts], cfg,
+            policy, ref = run.policy, run.ref
+            if cfg.fsdp:  # sharded models answer only when every rank calls them: rank 0 evaluates whole copies
+                policy = load_model(os.path.join(cfg.out_dir, "final"), cfg, ctx.device, frozen=True)
+                ref = load_model(run.init, cfg, ctx.device, frozen=True)
+            report = compare_with_reference(policy, ref, run.tok, run.task.eval_prompts[:cfg.eval_prompts], cfg,
                                             task=run.task)
             with open(os.path.join(cfg.out_dir, "eval.json"), "w") as f:
                 json.dump(report, f, indent=1)
@@ -1095,7 +1307,7 @@ def main(argv=None):
     finally:
         if run is not None and run.sampler is not None:
             run.sampler.close()  # vLLM's shutdown may take the default process group down with it
-        if ctx.world > 1 and torch.distributed.is_initialized():
+        if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 
 

@@ -118,7 +118,8 @@ class _SampledLogps:
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompts, k, max_new_tokens, temperature, greedy=False, record_logp=False):
+def generate(model, tokenizer, prompts, k, max_new_tokens, temperature, greedy=False, record_logp=False,
+             synced=False):
     """K samples per prompt from the model's distribution at `temperature` (no top-k/top-p truncation, no
     repetition penalty even where the model's generation_config sets one: training needs samples of pi), or
     with greedy=True the greedy decoding (temperature unused; K identical rows, so callers pass k=1).
@@ -126,7 +127,9 @@ def generate(model, tokenizer, prompts, k, max_new_tokens, temperature, greedy=F
     model: an unwrapped causal LM (not the DDP wrapper); prompts: B user messages. Returns a Rollout
     with N = B*K rows. Randomness comes from torch's global RNG, which the caller seeds. record_logp: also
     fill sampler_logp with the log-probs of the sampled tokens as generation computed them (--logp-source
-    sampler: no separate pi_t pass).
+    sampler: no separate pi_t pass). synced: every rank runs each decoding step until all ranks are done
+    (a sharded model answers only when all ranks call it together); a rank that is done samples nothing, so
+    the samples and the random stream are those of an unsynced run.
     """
     device = next(model.parameters()).device
     tokenizer.padding_side = "left"  # generation continues from the right edge of every row
@@ -140,7 +143,7 @@ def generate(model, tokenizer, prompts, k, max_new_tokens, temperature, greedy=F
     recorder = _SampledLogps() if record_logp else None
     out = model.generate(**enc, **sampling, max_new_tokens=max_new_tokens, num_return_sequences=k,
                          repetition_penalty=1.0, eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id,
-                         logits_processor=[recorder] if recorder else None)
+                         logits_processor=[recorder] if recorder else None, synced_gpus=synced)
     model.train(was_training)
     P = enc["input_ids"].shape[1]
     prompt_ids = enc["input_ids"].repeat_interleave(k, 0)
@@ -243,6 +246,13 @@ def token_logps(model, batch):
 # vLLM backend (--rollout vllm): a colocated engine per rank, refreshed with the policy's weights after
 # every online batch. The same Rollout comes out, plus vLLM's log-probs of the sampled tokens.
 # ---------------------------------------------------------------------------------------------------
+def full_weights(model):
+    """(name, tensor) of every weight, whole: a sharded (--fsdp) weight is all-gathered as it is asked for, so no
+    rank ever holds a full copy of the model at once. Every rank must go through all of them, in order."""
+    for name, w in model.state_dict().items():
+        yield name, w.full_tensor() if hasattr(w, "full_tensor") else w
+
+
 class VllmSampler:
     """A vLLM engine in this process, sampling from a copy of the policy.
 
@@ -319,7 +329,7 @@ class VllmSampler:
         policy's current weights; the prefix cache is dropped, its entries belong to the old policy."""
         if self.cuda:
             self.llm.wake_up()
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(model.state_dict().items())})
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": full_weights(model)})
         self.llm.reset_prefix_cache()
 
     def sleep(self):
