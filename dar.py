@@ -496,7 +496,7 @@ def save_sharded_checkpoint(ctx, path, run, state):
     if failed.item():
         if ctx.master:
             shutil.rmtree(tmp, ignore_errors=True)
-        raise error or OSError(f"another rank failed to write its shards of {os.path.basename(path)}")
+        raise OSError(f"{type(error).__name__}: {error}" if error else "another rank could not write its shards")
     if ctx.master:
         shutil.rmtree(path, ignore_errors=True)
         os.replace(tmp, path)

@@ -93,3 +93,20 @@ def test_the_final_model_is_an_ordinary_hugging_face_directory(toy_cache, tmp_pa
     ckpt = os.path.join(out, "ckpt-000001")
     read = dar.load_model(ckpt, dar.Config(), torch.device("cpu")).state_dict()
     assert all(torch.equal(read[k], v) for k, v in model.state_dict().items())
+
+
+def test_a_sharded_checkpoint_that_cannot_be_written_leaves_the_previous_one(toy_cache, tmp_path):
+    """A file where checkpoint 4's temporary directory must go makes every rank's write fail (as a full disk
+    or a lost mount would): all ranks stop, naming the intact checkpoint 2, and --resume finishes the run."""
+    out = tmp_path / "run"
+    args = ["--cache-dir", toy_cache, "--fsdp", "--save-every", "2", "--steps", "4", "--out-dir", str(out)]
+    out.mkdir()
+    (out / "ckpt-000004.tmp").write_text("in the way")
+    p = run_dar(FLAGS + args, cwd=tmp_path, launcher=TORCHRUN)
+    assert p.returncode != 0 and "could not write checkpoint ckpt-000004" in p.stderr, p.stderr[-3000:]
+    assert "the previous checkpoint" in p.stderr and "ckpt-000002 is intact" in p.stderr
+    assert (out / "latest").read_text().strip() == "ckpt-000002"
+    (out / "ckpt-000004.tmp").unlink()
+    p = run_dar(FLAGS + args + ["--resume"], cwd=tmp_path, launcher=TORCHRUN)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert [m["step"] for m in metrics(str(out))] == [1, 2, 3, 4]

@@ -150,6 +150,7 @@ def test_resume_refuses_changed_settings(toy_cache, tmp_path):
     (["--k", "1"], "--k must be >= 2"),
     (["--online-batch", "30"], "--online-batch 30 must be a multiple of K x ranks = 4 x 1"),
     (["--model", "/no/such/dir"], "--model '/no/such/dir' is not a model directory"),
+    (["--fsdp-offload"], "--fsdp-offload offloads the shards of --fsdp; add --fsdp"),
 ])
 def test_bad_input_is_a_clear_error(args, message, capsys):
     with pytest.raises(SystemExit) as e:

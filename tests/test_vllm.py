@@ -92,3 +92,21 @@ def test_one_vllm_engine_per_rank_under_torchrun(toy_cache, tmp_path):
     assert "parameters identical on all 2 ranks" in p.stdout and "Traceback" not in p.stderr
     rows = [json.loads(l) for l in open(out / "metrics.jsonl")]
     assert all(r["rollout/logp_abs_diff"] < 1e-4 for r in rows)
+
+
+def test_sharded_policy_pushes_its_weights_to_each_rank_s_engine(toy_cache, tmp_path):
+    """--fsdp: every rank's engine receives the whole weights, all-gathered one tensor at a time, after every
+    online batch, and after a resume from a sharded checkpoint (the engine starts from pi_0's files, then the
+    restored weights are pushed)."""
+    import sys
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    out = tmp_path / "fsdp"
+    args = TINY + ["--cache-dir", toy_cache, "--out-dir", str(out), "--rollout", "vllm", "--fsdp", "--dtype",
+                   "float32", "--save-every", "2"]
+    p = run_dar(args + ["--steps", "2"], cwd=tmp_path, launcher=launcher)
+    assert p.returncode == 0, p.stderr[-3000:]
+    p = run_dar(args + ["--steps", "3", "--resume"], cwd=tmp_path, launcher=launcher)
+    assert p.returncode == 0 and "Traceback" not in p.stderr, p.stderr[-3000:]
+    rows = [json.loads(l) for l in open(out / "metrics.jsonl")]
+    assert [r["step"] for r in rows] == [1, 2, 3] and rows[-1]["train/kl_pi0"] > 0
+    assert all(r["rollout/logp_abs_diff"] < 1e-4 for r in rows)
