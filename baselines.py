@@ -123,18 +123,25 @@ def load_value_model(path, cfg, device, sharded=False):
     from transformers.utils import logging as hf_logging
     config = tasks.load_pretrained(AutoConfig, path, cfg.trust_remote_code, num_labels=1,
                                    classifier_dropout=0.0)  # no dropout on values
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # the new head's "newly initialized" report is expected, not news
-    try:
-        model = tasks.load_pretrained(AutoModelForTokenClassification, path, cfg.trust_remote_code, config=config,
-                                      dtype=dar.model_dtype(cfg, device))
-    finally:
-        hf_logging.set_verbosity(verbosity)
-    if model.config.architectures and not model.config.architectures[0].endswith("TokenClassification"):
-        torch.nn.init.zeros_(model.score.weight)
-        torch.nn.init.zeros_(model.score.bias)
-    model.config.use_cache = False
-    return dar.shard(model, cfg) if sharded else model.to(device)
+    fresh_head = not (config.architectures or [""])[0].endswith("TokenClassification")
+    dtype = dar.model_dtype(cfg, device)
+
+    def read():
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # the new head's "newly initialized" report is expected, not news
+        try:
+            return tasks.load_pretrained(AutoModelForTokenClassification, path, cfg.trust_remote_code, config=config,
+                                         dtype=dtype)
+        finally:
+            hf_logging.set_verbosity(verbosity)
+
+    def prepare(model):
+        if fresh_head:
+            torch.nn.init.zeros_(model.score.weight)
+            torch.nn.init.zeros_(model.score.bias)
+        model.config.use_cache = False
+    return dar.place(read, lambda: AutoModelForTokenClassification.from_config(
+        config, trust_remote_code=cfg.trust_remote_code, dtype=dtype), cfg, device, sharded, prepare)
 
 
 def token_values(value_model, batch):

@@ -400,20 +400,56 @@ def model_dtype(cfg, device):
 
 
 def load_model(path, cfg, device, sharded=False, frozen=False):
-    """A causal LM from a model directory or a checkpoint (sharded ones too), on `device`; frozen: eval mode,
-    no gradients. sharded (--fsdp): read into CPU memory and sharded over the ranks, so that no GPU ever
-    holds the whole model; the shards land on `device`."""
-    from transformers import AutoModelForCausalLM
+    """A causal LM from a model directory or a checkpoint (sharded ones too), on `device`, or sharded over the
+    ranks (--fsdp: place); frozen: eval mode, no gradients."""
+    from transformers import AutoConfig, AutoModelForCausalLM
     import importlib.util
     flash = device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None
     kwargs = dict(dtype=model_dtype(cfg, device), attn_implementation="flash_attention_2" if flash else "sdpa")
-    if is_sharded_checkpoint(path):
-        model = load_sharded_checkpoint_whole(path, cfg, AutoModelForCausalLM, kwargs)
-    else:
-        model = tasks.load_pretrained(AutoModelForCausalLM, path, cfg.trust_remote_code, **kwargs)
-    if frozen:
-        model.eval().requires_grad_(False)
-    return shard(model, cfg) if sharded else model.to(device)
+
+    def read():
+        if is_sharded_checkpoint(path):
+            return load_sharded_checkpoint_whole(path, cfg, AutoModelForCausalLM, kwargs)
+        return tasks.load_pretrained(AutoModelForCausalLM, path, cfg.trust_remote_code, **kwargs)
+
+    def build():
+        from transformers import GenerationConfig
+        config = tasks.load_pretrained(AutoConfig, path, cfg.trust_remote_code)
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.trust_remote_code, **kwargs)
+        if os.path.isfile(os.path.join(path, "generation_config.json")):  # stop tokens, as read() has them
+            model.generation_config = GenerationConfig.from_pretrained(path)
+        return model
+    return place(read, build, cfg, device, sharded, lambda m: m.eval().requires_grad_(False) if frozen else None)
+
+
+def place(read, build, cfg, device, sharded, prepare):
+    """A model on `device`, or sharded over the ranks (--fsdp). read() loads it (weights and all); build() makes
+    the same architecture without its weights; prepare(model) runs before placing (freezing, a fresh head).
+
+    Sharded, the model is read from disk once: rank 0 reads it into CPU memory, the other ranks build it on
+    the meta device (no memory), shard it, and receive their shards from rank 0. Host memory at load is then
+    one copy of the model, not one per rank, and no GPU ever holds the whole model."""
+    with torch.random.fork_rng(devices=[]):  # a fresh head's initialisation must not shift the run's stream
+        if not sharded:
+            model = read()
+            prepare(model)
+            return model.to(device)
+        master = torch.distributed.get_rank() == 0
+        if master:
+            model = read()
+        else:
+            with torch.device("meta"):
+                model = build().eval()  # as from_pretrained leaves it: dropout off
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    prepare(model)
+    whole = model.state_dict() if master else {}
+    shard(model, cfg)
+    if not master:
+        model.to_empty(device="cpu" if cfg.fsdp_offload else device)
+    set_model_state_dict(model, whole, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    for buffer in model.buffers():  # outside the state dict (rotary frequencies): rank 0's are the real ones
+        torch.distributed.broadcast(buffer, src=0)
+    return model
 
 
 def load_tokenizer(path, trust_remote_code=False):
