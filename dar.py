@@ -130,7 +130,7 @@ class Config:
     eval_prompts: int = arg(256, "held-out prompts for the final comparison with pi_0")
     dtype: str = arg("auto", "auto (bf16 on GPUs that have it, else float32), float32 or bfloat16")
     gradient_checkpointing: bool = arg(False, "recompute the layers' activations in backward: less memory for "
-                                              "long responses, about a third more update time")
+                                              "long responses, one more forward pass of the layers per update")
     rollout: str = arg("hf", "sampler: hf (transformers generate) or vllm (a colocated engine per rank)")
     vllm_gpu_memory: float = arg(0.3, "share of GPU memory vLLM may take (weights + KV cache), --rollout vllm")
     logp_source: str = arg("policy", "log pi_t for the loss: policy (a forward pass of the trained model) or "
@@ -758,6 +758,18 @@ def prompt_indices(step, per_step, n, seed):
     return out
 
 
+def no_dropout(model):
+    """Dropout off everywhere (as TRL does for RLHF): the loss's log-probs must be the function that pi_t's and
+    pi_0's no-grad passes computed. transformers' from_pretrained leaves models in eval mode, where dropout is
+    off anyway; the loop trains in train mode, which gradient checkpointing needs."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+        if isinstance(getattr(m, "attention_dropout", None), float):
+            m.attention_dropout = 0.0
+    return model
+
+
 def optimizer_and_schedule(cfg, models):
     """One Adafactor over every trained model (the policy, and PPO's value model), warm-up then constant."""
     from transformers.optimization import Adafactor
@@ -920,7 +932,9 @@ def train(cfg, ctx):
         value = baselines.load_value_model(os.path.join(ckpt, "value") if ckpt and not sharded_ckpt
                                            else cfg.value_model or init, cfg, ctx.device, sharded=cfg.fsdp)
     models = [m for m in (policy, value) if m is not None]
-    if cfg.gradient_checkpointing:  # active in train mode only: the no-grad passes (eval mode) are unaffected
+    for m in models:  # the loss's passes run in train mode (where gradient checkpointing acts), dropout off
+        no_dropout(m).train()
+    if cfg.gradient_checkpointing:  # the no-grad passes (eval mode: score, generate) keep their activations
         for m in models:
             m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     opt, sched = optimizer_and_schedule(cfg, models)

@@ -88,13 +88,24 @@ def one_dar_run(toy_cache, out, *flags):
     return torch.cat([p.detach().flatten() for p in run.policy.parameters()]), run
 
 
-def test_length_ordered_micro_batches_and_gradient_checkpointing_give_the_same_update(toy_cache, tmp_path):
+def test_length_ordered_micro_batches_and_gradient_checkpointing_give_the_same_update(toy_cache, tmp_path,
+                                                                                      monkeypatch):
     """TINY: minibatches of 16 in micro-batches of 8, ordered by length; one micro-batch of 16 is the
-    straightforward computation; gradient checkpointing recomputes the same activations."""
+    straightforward computation; gradient checkpointing recomputes the same activations: each decoder layer
+    runs twice per micro-batch with gradients (forward, and again in backward), not once."""
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer
+    calls, forward = [], Qwen2DecoderLayer.forward
+
+    def counted(self, *a, **k):
+        calls.append(torch.is_grad_enabled())
+        return forward(self, *a, **k)
+    monkeypatch.setattr(Qwen2DecoderLayer, "forward", counted)
     plain, _ = one_dar_run(toy_cache, tmp_path / "plain", "--micro-batch", "16")
+    before = sum(calls)
     ordered, _ = one_dar_run(toy_cache, tmp_path / "ordered")
+    once = sum(calls) - before
     ckpt, run = one_dar_run(toy_cache, tmp_path / "ckpt", "--gradient-checkpointing")
-    assert run.policy.is_gradient_checkpointing
+    assert once > 0 and sum(calls) - before - once == 2 * once
     pi0 = torch.cat([p.detach().flatten() for p in run.ref.parameters()])
     assert (ordered - pi0).abs().max() > 1e-3  # two updates moved the policy: the comparison has teeth
     torch.testing.assert_close(ordered, plain, rtol=0, atol=2e-5)
