@@ -122,7 +122,7 @@ def load_value_model(path, cfg, device, sharded=False):
     from transformers import AutoConfig, AutoModelForTokenClassification
     from transformers.utils import logging as hf_logging
     config = tasks.load_pretrained(AutoConfig, path, cfg.trust_remote_code, num_labels=1,
-                                   classifier_dropout=0.0)  # no dropout on values
+                                   classifier_dropout=0.0)  # no dropout on values (and dar.no_dropout)
     fresh_head = not (config.architectures or [""])[0].endswith("TokenClassification")
     dtype = dar.model_dtype(cfg, device)
 
