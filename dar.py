@@ -159,6 +159,13 @@ RESUMABLE_CHANGES = {"resume", "steps", "prompt_epochs", "save_every", "keep_che
                      "fsdp_offload", "export_hf", "out_dir"}
 
 
+def config_from_dict(saved):
+    """The Config a run saved (its config.json, a checkpoint's state.pt); fields this version does not know
+    are ignored."""
+    known = {f.name for f in dataclasses.fields(Config)}
+    return Config(**{k: v for k, v in saved.items() if k in known})
+
+
 def parse_config(argv=None):
     """Each setting comes from, in order of precedence: the command line; the paper's setting for this task
     and algorithm (tasks.TASK_ALGO_DEFAULTS); for this algorithm (ALGO_DEFAULTS); for this task
@@ -408,8 +415,8 @@ def load_model(path, cfg, device, sharded=False, frozen=False):
     kwargs = dict(dtype=model_dtype(cfg, device), attn_implementation="flash_attention_2" if flash else "sdpa")
 
     def read():
-        if is_sharded_checkpoint(path):
-            return load_sharded_checkpoint_whole(path, cfg, AutoModelForCausalLM, kwargs)
+        if is_sharded_checkpoint(path):  # one process reading a sharded checkpoint: eval.py, --export-hf
+            return load_sharded_weights(path, build())
         return tasks.load_pretrained(AutoModelForCausalLM, path, cfg.trust_remote_code, **kwargs)
 
     def build():
@@ -548,13 +555,10 @@ def load_sharded_checkpoint(path, modules, opt):
     set_state_dict(modules, opt, model_state_dict=model_sd, optim_state_dict=optim_sd)
 
 
-def load_sharded_checkpoint_whole(path, cfg, cls, kwargs, prefix="policy."):
-    """One process reads a sharded checkpoint's model into an ordinary (unsharded) model: for evaluation and
-    for --export-hf. The architecture comes from the config.json beside the shards."""
+def load_sharded_weights(path, model, prefix="policy."):
+    """Read a sharded checkpoint's weights of one model (prefix: its key in trained_modules) into an ordinary,
+    unsharded `model` of the same architecture, in this process alone."""
     import torch.distributed.checkpoint as dcp
-    from transformers import AutoConfig
-    config = tasks.load_pretrained(AutoConfig, path, cfg.trust_remote_code)
-    model = cls.from_config(config, trust_remote_code=cfg.trust_remote_code, **kwargs)
     saved = dcp.FileSystemReader(os.path.join(path, "dcp")).read_metadata().state_dict_metadata
     # tied weights (embeddings = head) may be saved under one name; loading it fills both
     weights = {prefix + k: v for k, v in model.state_dict().items() if f"model.{prefix}{k}" in saved}
@@ -670,19 +674,15 @@ def save_model_dir(path, model, tok, state=None, value=None, weights=None):
 def export_hf(ckpt, out):
     """A checkpoint (a sharded one too) as an ordinary Hugging Face model directory at `out`, in the dtype it was
     trained in: for evaluation elsewhere and for release. One process, no GPU needed."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
     if not os.path.isfile(os.path.join(ckpt, "state.pt")):
         raise SystemExit(f"error: {ckpt} is not a checkpoint of dar.py (no state.pt there)")
     if os.path.exists(out) and os.listdir(out):
         raise SystemExit(f"error: {out} exists and is not empty; give a new directory to export to")
-    saved = load_state(os.path.join(ckpt, "state.pt"))["config"]
-    cfg = Config(**{k: v for k, v in saved.items() if k in {f.name for f in dataclasses.fields(Config)}})
-    if is_sharded_checkpoint(ckpt):
-        dtype = tasks.load_pretrained(AutoConfig, ckpt, cfg.trust_remote_code).dtype
-        model = load_sharded_checkpoint_whole(ckpt, cfg, AutoModelForCausalLM, dict(dtype=dtype))
-    else:
-        model = tasks.load_pretrained(AutoModelForCausalLM, ckpt, cfg.trust_remote_code, dtype="auto")
-    save_model_dir(out, model, load_tokenizer(ckpt, cfg.trust_remote_code))
+    cfg = config_from_dict(load_state(os.path.join(ckpt, "state.pt"))["config"])
+    trained_in = tasks.load_pretrained(AutoConfig, ckpt, cfg.trust_remote_code).dtype
+    cfg = dataclasses.replace(cfg, dtype=str(trained_in or torch.float32).removeprefix("torch."))
+    save_model_dir(out, load_model(ckpt, cfg, torch.device("cpu")), load_tokenizer(ckpt, cfg.trust_remote_code))
 
 
 def write_atomic(path, text):

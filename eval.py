@@ -217,9 +217,7 @@ def load_run_config(run_dir):
     """The run's dar.Config from its config.json (fields this version does not know are ignored)."""
     import dar
     with open(os.path.join(run_dir, "config.json")) as f:
-        saved = json.load(f)
-    known = {f.name for f in dataclasses.fields(dar.Config)}
-    return dar.Config(**{k: v for k, v in saved.items() if k in known})
+        return dar.config_from_dict(json.load(f))
 
 
 def checkpoint_step(run_dir, ckpt_dir, cfg):
