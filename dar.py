@@ -874,7 +874,7 @@ def report_long_prompts(cfg, skipped):
     if any(skipped.values()):
         what = {"train_prompts": "training prompts", "eval_prompts": "evaluation prompts",
                 "sft_data": "SFT demonstrations", "pref_data": "preference pairs"}
-        print(f"note: skipped the prompts longer than --max-prompt-tokens: " +
+        print("note: skipped the prompts longer than --max-prompt-tokens: " +
               ", ".join(f"{n} {what[name]}" for name, n in skipped.items() if n) +
               f" (counts in {os.path.join(cfg.out_dir, 'data.json')})", flush=True)
 

@@ -25,6 +25,22 @@ def toy_cache(tmp_path_factory):
     return cache
 
 
+# two ranks on this machine (gloo on CPU): the launcher for run_dar / start_dar
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+
+
+def read_metrics(out):
+    """A run's metrics.jsonl: one dict per logged online batch."""
+    import json
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def comparable(rows):
+    """Metrics rows without their timings (perf/*), which differ between otherwise identical runs."""
+    return [{k: v for k, v in r.items() if not k.startswith("perf/")} for r in rows]
+
+
 def dar_env(env_extra=None):
     return dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **(env_extra or {}))
 

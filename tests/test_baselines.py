@@ -3,14 +3,13 @@ and every algorithm training for a few online batches on the toy task through da
 import json
 import math
 import os
-import sys
 
 import pytest
 import torch
 
 import baselines as B
 import dar
-from conftest import TINY, run_dar
+from conftest import TINY, TORCHRUN, comparable, read_metrics, run_dar
 
 T = torch.tensor
 
@@ -241,18 +240,14 @@ def test_ppo_resumes_with_its_value_model_to_the_same_metrics(toy_cache, tmp_pat
     go(tmp_path / "a", 2)
     go(tmp_path / "b", 1)
     run = go(tmp_path / "b", 2, resume=True)
-    a = [json.loads(l) for l in open(tmp_path / "a" / "metrics.jsonl")]
-    b = [json.loads(l) for l in open(tmp_path / "b" / "metrics.jsonl")]
-    drop = lambda m: {k: v for k, v in m.items() if not k.startswith("perf/")}
-    assert [drop(m) for m in a] == [drop(m) for m in b]
+    assert comparable(read_metrics(tmp_path / "a")) == comparable(read_metrics(tmp_path / "b"))
     assert run.value is not None
 
 
 @pytest.mark.parametrize("algo", ["ppo", "grpo", "iter_sft", "online_dpo", "dpo"])   # one per step function
 def test_baselines_run_under_torchrun_with_identical_replicas(algo, toy_cache, tmp_path):
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     p = run_dar(TINY + ["--algo", algo, "--cache-dir", toy_cache, "--out-dir", str(tmp_path / algo), "--steps", "2"],
-                cwd=tmp_path, launcher=launcher)
+                cwd=tmp_path, launcher=TORCHRUN)
     assert p.returncode == 0, p.stderr[-3000:]
     # the policy, and PPO's value model too
     assert p.stdout.count("parameters identical on all 2 ranks") == (2 if algo == "ppo" else 1)

@@ -15,13 +15,13 @@ import torch
 
 import dar
 import judge
-from conftest import ROOT, TINY, run_dar, start_dar
+from conftest import ROOT, TINY, TORCHRUN, comparable, read_metrics, run_dar, start_dar
 
 
 def final_metrics(out):
-    rows = [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl"))]
+    rows = read_metrics(out)
     assert [r["step"] for r in rows] == list(range(1, len(rows) + 1))  # every batch once, none lost or doubled
-    return {k: v for k, v in rows[-1].items() if not k.startswith("perf/")}
+    return comparable(rows)[-1]
 
 
 def wait_for_batches(out, n, timeout=300):
@@ -217,7 +217,7 @@ def test_a_nan_batch_is_skipped_and_reported(toy_cache, tmp_path, monkeypatch, c
                                    "--save-every", "2", "--print-every", "1000"])
     poison(monkeypatch, {2})
     run = dar.train(cfg, dar.Dist())
-    rows = [json.loads(l) for l in open(out / "metrics.jsonl")]
+    rows = read_metrics(out)
     assert [r["train/nonfinite_batches_in_a_row"] for r in rows] == [0, 1, 0, 0]
     assert math.isnan(rows[1]["train/loss"]) and all(math.isfinite(r["train/loss"]) for r in rows[2:])
     assert torch.isfinite(params(run)).all()  # the NaN updates never reached the weights
@@ -235,9 +235,6 @@ def test_repeated_nan_batches_stop_at_the_last_good_checkpoint(toy_cache, tmp_pa
         dar.train(cfg, dar.Dist())
     assert f"non-finite loss in {dar.MAX_NONFINITE_BATCHES} online batches in a row" in str(e.value)
     assert "ckpt-000002" in str(e.value) and open(out / "latest").read().strip() == "ckpt-000002"
-
-
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 
 
 def worker(launcher_pid, rank):

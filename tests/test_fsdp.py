@@ -10,15 +10,10 @@ import torch
 from safetensors.torch import load_file
 
 import dar
-from conftest import TINY, run_dar
+from conftest import TINY, TORCHRUN, comparable, read_metrics, run_dar
 
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 # micro-batches of 4 on a rank's minibatch of 8: gradients accumulate without a sync on the first
 FLAGS = TINY + ["--micro-batch", "4", "--print-every", "1000", "--sample-every", "1000", "--eval-prompts", "8"]
-
-
-def metrics(out):
-    return [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl"))]
 
 
 def weights(model_dir):
@@ -41,20 +36,17 @@ def test_fsdp_makes_the_updates_ddp_makes(algo, extra, toy_cache, tmp_path):
     head [1, d] is sharded by columns."""
     args = ["--cache-dir", toy_cache, "--algo", algo, "--steps", "3", "--save-every", "1000"] + extra
     ddp, fsdp = train(tmp_path, "ddp", args), train(tmp_path, "fsdp", args + ["--fsdp"])
-    for a, b in zip(metrics(ddp), metrics(fsdp), strict=True):
+    for a, b in zip(read_metrics(ddp), read_metrics(fsdp), strict=True):
         assert "train/loss" in a and a.keys() == b.keys()
         for key in (k for k in a if k.startswith("train/")):
             assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), (a["step"], key)
     w_ddp, w_fsdp = weights(os.path.join(ddp, "final")), weights(os.path.join(fsdp, "final"))
     assert w_ddp.keys() == w_fsdp.keys()  # tied embeddings saved once, as save_pretrained does
-    moved = max((w_ddp[k] - weights(os.path.join(dar.toy_paths(dar.parse_config(
-        ["--cache-dir", toy_cache, "--sft-steps", "40"]))[1], "final"))[k]).abs().max().item() for k in w_ddp)
+    pi_0 = weights(os.path.join(dar.toy_paths(dar.parse_config(["--cache-dir", toy_cache, "--sft-steps", "40"]))[1],
+                                "final"))
+    moved = max((w_ddp[k] - pi_0[k]).abs().max().item() for k in w_ddp)
     assert moved > 1e-3  # the runs trained
     assert max((w_ddp[k] - w_fsdp[k]).abs().max().item() for k in w_ddp) < 1e-4
-
-
-def strip(rows):
-    return [{k: v for k, v in r.items() if not k.startswith("perf/")} for r in rows]
 
 
 def test_a_sharded_checkpoint_resumes_on_two_ranks_and_on_one(toy_cache, tmp_path):
@@ -72,7 +64,7 @@ def test_a_sharded_checkpoint_resumes_on_two_ranks_and_on_one(toy_cache, tmp_pat
     shutil.copytree(cut, one)  # a moved run directory resumes too
     # two ranks: the same run as one that never stopped
     train(tmp_path, "cut", args + ["--steps", "3", "--resume"])
-    assert strip(metrics(cut)) == strip(metrics(whole))
+    assert comparable(read_metrics(cut)) == comparable(read_metrics(whole))
     # one process (a process group of one, no torchrun) reads the 2 ranks' shards; --steps 2 leaves nothing to
     # train, so its final/ is what it read
     train(tmp_path, "one", args + ["--steps", "2", "--resume"], launcher=[sys.executable])
@@ -80,7 +72,7 @@ def test_a_sharded_checkpoint_resumes_on_two_ranks_and_on_one(toy_cache, tmp_pat
     assert w_one.keys() == at_2.keys() and all(torch.equal(w_one[k], at_2[k]) for k in at_2)
     # and on to the end on one rank, from the optimizer state the 2 ranks left
     train(tmp_path, "one", args + ["--steps", "3", "--resume"], launcher=[sys.executable])
-    assert [m["step"] for m in metrics(one)] == [1, 2, 3]
+    assert [m["step"] for m in read_metrics(one)] == [1, 2, 3]
 
 
 def test_the_final_model_is_an_ordinary_hugging_face_directory(toy_cache, tmp_path):
@@ -113,4 +105,4 @@ def test_a_sharded_checkpoint_that_cannot_be_written_leaves_the_previous_one(toy
     (out / "ckpt-000004.tmp").unlink()
     p = run_dar(FLAGS + args + ["--resume"], cwd=tmp_path, launcher=TORCHRUN)
     assert p.returncode == 0, p.stderr[-3000:]
-    assert [m["step"] for m in metrics(str(out))] == [1, 2, 3, 4]
+    assert [m["step"] for m in read_metrics(out)] == [1, 2, 3, 4]

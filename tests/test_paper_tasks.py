@@ -12,7 +12,7 @@ import sys
 import pytest
 
 import dar
-from conftest import ROOT, build_reward_model, run_dar
+from conftest import ROOT, build_reward_model, read_metrics, run_dar
 
 FIXTURES = os.path.join(ROOT, "tests", "fixtures")
 SMALL = ["--online-batch", "8", "--minibatch", "8", "--micro-batch", "8", "--max-new-tokens", "8",
@@ -37,10 +37,6 @@ def pi_0(toy_cache):
     return os.path.join(dar.toy_paths(dar.parse_config(["--cache-dir", toy_cache, "--sft-steps", "40"]))[1], "final")
 
 
-def metrics(out):
-    return [json.loads(l) for l in open(out / "metrics.jsonl")]
-
-
 @pytest.mark.parametrize("task, data", [("tldr", "tldr_sft.jsonl"), ("helpful", "hh_helpful.jsonl"),
                                         ("harmless", "hh_harmless.jsonl.gz")])
 def test_direct_ai_alignment_task_trains_against_the_http_annotator(task, data, annotator, pi_0, tmp_path):
@@ -50,7 +46,7 @@ def test_direct_ai_alignment_task_trains_against_the_http_annotator(task, data, 
     assert p.returncode == 0, p.stderr[-3000:]
     cfg = json.load(open(out / "config.json"))
     assert cfg["judge"] == "llm" and cfg["eval_judge"] == "llm"                  # the task's defaults
-    rows = metrics(out)
+    rows = read_metrics(out)
     assert [r["step"] for r in rows] == [1, 2]
     assert all(r["train/invalid_judgments"] == 0 for r in rows)                  # every reply was parsed
     assert all(1 <= r["train/reward_mean"] <= 10 for r in rows)                  # the 1-10 annotator scale
@@ -62,7 +58,7 @@ def test_offline_dpo_trains_on_the_hh_preference_pairs(annotator, pi_0, tmp_path
     p = run_dar(SMALL + ["--task", "helpful", "--algo", "dpo", "--data", os.path.join(FIXTURES, "hh_helpful.jsonl"),
                          "--model", pi_0, "--judge-url", annotator, "--out-dir", str(out)], cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
-    assert [r["step"] for r in metrics(out)] == [1, 2]
+    assert [r["step"] for r in read_metrics(out)] == [1, 2]
 
 
 @pytest.fixture(scope="module")
@@ -77,5 +73,5 @@ def test_helpsteer2_trains_with_a_reward_model_and_its_paper_defaults(reward_mod
     assert p.returncode == 0, p.stderr[-3000:]
     cfg = json.load(open(out / "config.json"))
     assert (cfg["judge"], cfg["alpha"], cfg["beta"], cfg["weight_decay"]) == ("reward_model", 0.5, 0.5, 0.01)
-    rows = metrics(out)
+    rows = read_metrics(out)
     assert [r["step"] for r in rows] == [1, 2] and all(r["train/invalid_judgments"] == 0 for r in rows)

@@ -13,7 +13,7 @@ import torch
 import dar
 import rollout
 import tasks
-from conftest import ROOT, SFT_STEPS, TINY, run_dar
+from conftest import ROOT, SFT_STEPS, TINY, TORCHRUN, comparable, read_metrics, run_dar
 
 
 def tiny_cfg(toy_cache, out, *extra):
@@ -59,11 +59,6 @@ REQUIRED_KEYS = {"step", "train/reward_mean", "train/reward_std", "train/adv_mea
                  "train/missing_eos", "perf/tokens_per_s", "perf/seconds_per_batch", "train/invalid_judgments"}
 
 
-def read_metrics(out):
-    with open(os.path.join(out, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
-
-
 def test_dar_runs_end_to_end_in_a_subprocess(toy_cache, tmp_path):
     out = tmp_path / "run"
     p = run_dar(TINY + ["--cache-dir", toy_cache, "--out-dir", str(out), "--steps", "3"], cwd=tmp_path)
@@ -80,17 +75,12 @@ def test_dar_runs_end_to_end_in_a_subprocess(toy_cache, tmp_path):
 
 def test_torchrun_two_ranks_keep_identical_parameters(toy_cache, tmp_path):
     out = tmp_path / "ddp"
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     p = run_dar(TINY + ["--cache-dir", toy_cache, "--out-dir", str(out), "--steps", "2"], cwd=tmp_path,
-                launcher=launcher)
+                launcher=TORCHRUN)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "parameters identical on all 2 ranks" in p.stdout
     rows = read_metrics(out)
     assert [r["step"] for r in rows] == [1, 2]  # rank 0 alone writes the log
-
-
-def comparable(rows):
-    return [{k: v for k, v in r.items() if not k.startswith("perf/")} for r in rows]
 
 
 def test_killed_run_resumes_to_the_same_metrics(toy_cache, tmp_path):

