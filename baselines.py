@@ -1,12 +1,12 @@
-"""Baselines: every method the DAR paper compares with (and IS-DPO), as losses for dar.py's online loop.
+"""Baselines: every method the DAR paper compares with (and IS-DPO), as losses for the online loop of loop.py.
 
     python dar.py --algo grpo                        # any name below, with the paper's hyperparameters
     torchrun --nproc_per_node 2 dar.py --algo ppo    # the same sampling, judging, logging, checkpoints, DDP
 
 Each algorithm is one loss function headed by the equation it implements, and one step function that
 follows the same numbered steps as dar.dar_step (sample, judge, log-probs, advantages, updates); the
-plumbing (sampling, judging, minibatch updates, metrics) lives once in dar.py. Per-algorithm defaults
-(Appendix B.3, Table 5) are dar.ALGO_DEFAULTS.
+pieces they share (sampling, judging, minibatch updates, metrics) live once in loop.py. Per-algorithm defaults
+(Appendix B.3, Table 5) are config.ALGO_DEFAULTS.
 
   RL with a value model   ppo, dual_ppo, dual_ppo_clip, dual_mix_ppo   token-level rewards, GAE, Eq. 2
   RL without a critic     dao, dao_ppo, rloo, grpo                      K samples per prompt as the baseline
@@ -24,9 +24,9 @@ import math
 import torch
 import torch.nn.functional as F
 
-import dar
+import infra
+import loop
 import rollout
-import tasks
 
 
 def masked_mean(x, mask):
@@ -111,37 +111,6 @@ def value_loss(values, values_old, returns, mask, value_clip):
     loss of PPO as in TRL (Appendix B.3: "a clip range of 0.2, including on the value"). [N]"""
     v_clipped = values_old + (values - values_old).clamp(-value_clip, value_clip)
     return masked_mean(0.5 * torch.max((values - returns) ** 2, (v_clipped - returns) ** 2), mask)
-
-
-def load_value_model(path, cfg, device, sharded=False):
-    """V(x, y_<i): a causal LM body with a scalar head read at every position (the PPO family's critic).
-
-    From `path` (a causal LM, e.g. pi_0, whose LM head is dropped) the head starts at zero, so the first
-    values are 0; from a saved value model (a checkpoint's value/) it is restored as trained.
-    """
-    from transformers import AutoConfig, AutoModelForTokenClassification
-    from transformers.utils import logging as hf_logging
-    config = tasks.load_pretrained(AutoConfig, path, cfg.trust_remote_code, num_labels=1,
-                                   classifier_dropout=0.0)  # no dropout on values (and dar.no_dropout)
-    fresh_head = not (config.architectures or [""])[0].endswith("TokenClassification")
-    dtype = dar.model_dtype(cfg, device)
-
-    def read():
-        verbosity = hf_logging.get_verbosity()
-        hf_logging.set_verbosity_error()  # the new head's "newly initialized" report is expected, not news
-        try:
-            return tasks.load_pretrained(AutoModelForTokenClassification, path, cfg.trust_remote_code, config=config,
-                                         dtype=dtype)
-        finally:
-            hf_logging.set_verbosity(verbosity)
-
-    def prepare(model):
-        if fresh_head:
-            torch.nn.init.zeros_(model.score.weight)
-            torch.nn.init.zeros_(model.score.bias)
-        model.config.use_cache = False
-    return dar.place(read, lambda: AutoModelForTokenClassification.from_config(
-        config, trust_remote_code=cfg.trust_remote_code, dtype=dtype), cfg, device, sharded, prepare)
 
 
 def token_values(value_model, batch):
@@ -289,20 +258,20 @@ PAIR_LOSSES = {"online_dpo": dpo_loss, "ipo": ipo_loss, "slic": slic_loss}
 
 # ---------------------------------------------------------------------------------------------------
 # Step functions: one online batch (or, offline, one minibatch of the data set) each, numbered like
-# dar.dar_step. They return the metrics dar.train logs.
+# dar.dar_step. They return the metrics loop.train logs.
 # ---------------------------------------------------------------------------------------------------
 def sample_judge_score(step, cfg, ctx, run, timer):
     """Steps 1, 2 and the log-probs of every online algorithm: the Rollout, rewards [N] (NaN = invalid),
     the invalid count, log pi_t, log pi_0 per token [N, R] (once per online batch, before any update), and
     the sampler-vs-policy log-prob difference [N] (None without vLLM)."""
-    with dar.timed(timer, "sample"):
-        batch = dar.sample(step, cfg, ctx, run)                                       # 1. y ~ pi_t   [N]
-    with dar.timed(timer, "judge"):
-        rewards, invalid = dar.judge_batch(cfg, ctx, run, batch)                                # 2. r(x, y)    [N]
-    with dar.timed(timer, "logp_t"):
-        logp_t_tok, logp_diff = dar.pi_t_logps(cfg, ctx, run, batch)                  # 3. [N, R]
-    with dar.timed(timer, "logp_0"):
-        logp_0_tok = dar.score(run.ref, batch, cfg.micro_batch)
+    with infra.timed(timer, "sample"):
+        batch = loop.sample(step, cfg, ctx, run)                                       # 1. y ~ pi_t   [N]
+    with infra.timed(timer, "judge"):
+        rewards, invalid = loop.judge_batch(cfg, ctx, run, batch)                                # 2. r(x, y)    [N]
+    with infra.timed(timer, "logp_t"):
+        logp_t_tok, logp_diff = loop.pi_t_logps(cfg, ctx, run, batch)                  # 3. [N, R]
+    with infra.timed(timer, "logp_0"):
+        logp_0_tok = loop.score(run.ref, batch, cfg.micro_batch)
     return batch, rewards, invalid, logp_t_tok, logp_0_tok, logp_diff
 
 
@@ -319,8 +288,8 @@ def ppo_step(step, cfg, ctx, run):
     score = torch.nan_to_num(score)
 
     # 3b. V_old(x, y_<i) of the value model at sampling time                              [N, R]
-    with dar.timed(timer, "values"):
-        values_old = dar.score(run.value, batch, cfg.micro_batch, per_token=token_values).to(dev)
+    with infra.timed(timer, "values"):
+        values_old = loop.score(run.value, batch, cfg.micro_batch, per_token=token_values).to(dev)
 
     # 4. token rewards as a function of the trained policy's log-probs (only the dual variants use them),
     #    GAE, and whitening statistics of the advantages at sampling time (pi = pi_t), over all ranks
@@ -334,7 +303,7 @@ def ppo_step(step, cfg, ctx, run):
     all_rows = torch.arange(len(batch))
     adv0, _ = gae(shaped(all_rows, logp_t_tok, mask.shape[1]), values_old, mask, cfg.gamma, cfg.gae_lambda)
     tok_valid = mask.bool() & valid[:, None]
-    moments = dar.gather(ctx, torch.stack([adv0[tok_valid].sum(), (adv0[tok_valid] ** 2).sum(),
+    moments = infra.gather(ctx, torch.stack([adv0[tok_valid].sum(), (adv0[tok_valid] ** 2).sum(),
                                            tok_valid.sum().float()]).double()).view(-1, 3).sum(0)
     adv_mean = (moments[0] / moments[2]).item()
     adv_std = (moments[1] / moments[2] - adv_mean ** 2).clamp(min=0).sqrt().item()
@@ -357,10 +326,10 @@ def ppo_step(step, cfg, ctx, run):
                             "ratio_clip_frac": masked_mean(((ratio - 1).abs() > cfg.clip_eps).float(), m).mean().item(),
                             "kl_pi_t": (logp_t_tok[mb, :R] - logp_tok.detach()).sum(1).mean().item()}
 
-    with dar.timed(timer, "update"):
-        upd = dar.minibatch_updates(cfg, ctx, run, len(batch), cfg.online_batch // cfg.minibatch, cfg.micro_batch,
+    with infra.timed(timer, "update"):
+        upd = loop.minibatch_updates(cfg, ctx, run, len(batch), cfg.online_batch // cfg.minibatch, cfg.micro_batch,
                                     loss_fn, cfg.epochs, cost=batch.lengths())
-    return dar.online_metrics(step, cfg, ctx, run, batch, rewards, invalid, logp_t_tok, logp_0_tok, upd, timer,
+    return loop.online_metrics(step, cfg, ctx, run, batch, rewards, invalid, logp_t_tok, logp_0_tok, upd, timer,
                               logp_diff=logp_diff, extra={"train/adv_mean": adv_mean, "train/adv_std": adv_std})
 
 
@@ -377,9 +346,9 @@ def sequence_step(step, cfg, ctx, run):
     elif cfg.algo == "grpo":
         adv = grpo_advantages(rewards, cfg.k)
     else:  # DAO: DAR's Monte-Carlo advantage and batch normalisation (Algorithm 1)
-        adv = dar.group_advantages(rewards, cfg.k)
+        adv = loop.group_advantages(rewards, cfg.k)
         if cfg.normalize_adv:
-            mu, sigma = dar.advantage_stats(dar.gather(ctx, adv.to(ctx.device)).cpu())
+            mu, sigma = loop.advantage_stats(infra.gather(ctx, adv.to(ctx.device)).cpu())
             adv = (adv - mu) / (sigma + 1e-8)
     valid = ~torch.isnan(adv)
     adv = torch.nan_to_num(adv).float()                       # invalid: A = 0, and masked out of the loss below
@@ -403,12 +372,12 @@ def sequence_step(step, cfg, ctx, run):
         loss = torch.where(valid[mb].to(logp.device), loss, 0.0)
         return loss.sum(), {"kl_pi_t": (lt - logp.detach()).mean().item()}
 
-    with dar.timed(timer, "update"):
-        upd = dar.minibatch_updates(cfg, ctx, run, len(batch), cfg.online_batch // cfg.minibatch, cfg.micro_batch,
+    with infra.timed(timer, "update"):
+        upd = loop.minibatch_updates(cfg, ctx, run, len(batch), cfg.online_batch // cfg.minibatch, cfg.micro_batch,
                                     loss_fn, cfg.epochs, cost=batch.lengths())
-    A = dar.gather(ctx, torch.where(valid, adv.double(), math.nan).to(ctx.device)).cpu()
+    A = infra.gather(ctx, torch.where(valid, adv.double(), math.nan).to(ctx.device)).cpu()
     A = A[~torch.isnan(A)]
-    return dar.online_metrics(step, cfg, ctx, run, batch, rewards, invalid, logp_t_tok, logp_0_tok, upd, timer,
+    return loop.online_metrics(step, cfg, ctx, run, batch, rewards, invalid, logp_t_tok, logp_0_tok, upd, timer,
                               logp_diff=logp_diff, extra={"train/adv_abs_mean": A.abs().mean().item(),
                                "train/adv_zero_frac": (A == 0).double().mean().item()})
 
@@ -424,13 +393,13 @@ def iter_sft_step(step, cfg, ctx, run):
     # 5. one optimizer step: SFT (weight 1) on the B best responses, micro-batched
     def loss_fn(mb):
         logp = rollout.token_logps(run.ddp, batch.select(best[mb]).to(ctx.device)).sum(1)
-        return dar.weighted_sft_loss(logp, has_valid[mb].float().to(logp.device), cfg.max_new_tokens).sum(), {}
+        return (loop.sft_loss(logp, cfg.max_new_tokens) * has_valid[mb].float().to(logp.device)).sum(), {}
 
-    with dar.timed(timer, "update"):
-        upd = dar.minibatch_updates(cfg, ctx, run, len(best), 1, cfg.micro_batch, loss_fn, epochs=1,
+    with infra.timed(timer, "update"):
+        upd = loop.minibatch_updates(cfg, ctx, run, len(best), 1, cfg.micro_batch, loss_fn, epochs=1,
                                     cost=batch.lengths()[best])
-    best_r = dar.gather(ctx, rewards[best].to(ctx.device)).cpu()
-    return dar.online_metrics(step, cfg, ctx, run, batch, rewards, invalid, logp_t_tok, logp_0_tok, upd, timer,
+    best_r = infra.gather(ctx, rewards[best].to(ctx.device)).cpu()
+    return loop.online_metrics(step, cfg, ctx, run, batch, rewards, invalid, logp_t_tok, logp_0_tok, upd, timer,
                               logp_diff=logp_diff, extra={"train/best_reward_mean": best_r[~torch.isnan(best_r)].mean().item()})
 
 
@@ -454,12 +423,12 @@ def pair_step(step, cfg, ctx, run):
         return loss.sum(), {"margin": ((lw - rw) - (ll - rl)).detach()[has_pref[mb]].mean().item()
                             if has_pref[mb].any() else 0.0}
 
-    with dar.timed(timer, "update"):
-        upd = dar.minibatch_updates(cfg, ctx, run, len(chosen), cfg.online_batch // cfg.minibatch,
+    with infra.timed(timer, "update"):
+        upd = loop.minibatch_updates(cfg, ctx, run, len(chosen), cfg.online_batch // cfg.minibatch,
                                     max(1, cfg.micro_batch // 2), loss_fn, cfg.epochs,
                                     cost=torch.maximum(batch.lengths()[chosen], batch.lengths()[rejected]))
-    pref = dar.gather(ctx, has_pref.double().to(ctx.device)).cpu()
-    return dar.online_metrics(step, cfg, ctx, run, batch, rewards, invalid, logp_t_tok, logp_0_tok, upd, timer,
+    pref = infra.gather(ctx, has_pref.double().to(ctx.device)).cpu()
+    return loop.online_metrics(step, cfg, ctx, run, batch, rewards, invalid, logp_t_tok, logp_0_tok, upd, timer,
                               logp_diff=logp_diff, extra={"pairs/with_preference_frac": pref.mean().item()})
 
 
@@ -467,11 +436,11 @@ def offline_pair_step(step, cfg, ctx, run):
     """Offline DPO, SimPO, IS-DPO: one optimizer step on a minibatch of the task's preference data set."""
     per_rank = cfg.minibatch // 2 // ctx.world                                 # pairs on this rank
     data = run.task.pref_data
-    idx = dar.prompt_indices(step, cfg.minibatch // 2, len(data), cfg.seed)[ctx.rank * per_rank:(ctx.rank + 1) * per_rank]
+    idx = loop.prompt_indices(step, cfg.minibatch // 2, len(data), cfg.seed)[ctx.rank * per_rank:(ctx.rank + 1) * per_rank]
     prompts, chosen, rejected = zip(*(data[i] for i in idx))
     # rows 0..n-1 hold y_w, rows n..2n-1 hold y_l of the same prompts
     batch = rollout.from_texts(run.tok, list(prompts) * 2, list(chosen) + list(rejected))
-    ref = dar.score(run.ref, batch, cfg.micro_batch).sum(1)                                # log pi_0  [2n]
+    ref = loop.score(run.ref, batch, cfg.micro_batch).sum(1)                                # log pi_0  [2n]
     lengths = batch.response_mask.sum(1).float()
 
     def loss_fn(mb):
@@ -490,8 +459,8 @@ def offline_pair_step(step, cfg, ctx, run):
         return loss.sum(), {"margin": margin.mean().item(), "pair_accuracy": (margin > 0).float().mean().item(),
                             "is_weight": is_weights(lw, ll, rw, rl, cfg.is_clip).mean().item()}
 
-    upd = dar.minibatch_updates(cfg, ctx, run, per_rank, 1, max(1, cfg.micro_batch // 2), loss_fn, epochs=1)
-    return {**{f"train/{k}": v for k, v in dar.rank_means(ctx, upd).items()}, "train/lr": run.sched.get_last_lr()[0]}
+    upd = loop.minibatch_updates(cfg, ctx, run, per_rank, 1, max(1, cfg.micro_batch // 2), loss_fn, epochs=1)
+    return {**{f"train/{k}": v for k, v in infra.rank_means(ctx, upd).items()}, "train/lr": run.sched.get_last_lr()[0]}
 
 
 STEPS = {"ppo": ppo_step, "dual_ppo": ppo_step, "dual_ppo_clip": ppo_step, "dual_mix_ppo": ppo_step,

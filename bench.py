@@ -31,12 +31,22 @@ import json
 import os
 import platform
 import resource
+import runpy
 import subprocess
 import sys
 import tempfile
 import time
 
 import numpy as np
+import torch
+import transformers
+from transformers import Qwen2Config, Qwen2ForCausalLM
+
+import rollout
+import tasks
+from config import Config, parse_config
+from infra import Dist, load_model, load_tokenizer, model_dtype, optimizer_and_schedule, setup_distributed
+from loop import ensure_toy_models, prompt_indices
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 SMALL_MODEL = dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4,
@@ -56,15 +66,11 @@ RESULT = "BENCH-RESULT "
 # ---------------------------------------------------------------------------------------------------
 def model_dirs(cache):
     """{"toy": the toy pi_0, "small": the small model}, built in the cache on first use."""
-    import dar
-    import tasks
-    cfg = dar.parse_config(["--cache-dir", cache])
-    _, toy = dar.ensure_toy_models(cfg, dar.Dist())
+    cfg = parse_config(["--cache-dir", cache])
+    _, toy = ensure_toy_models(cfg, Dist())
     key = "x".join(str(SMALL_MODEL[k]) for k in ("num_hidden_layers", "hidden_size", "intermediate_size"))
     small = os.path.join(os.path.expanduser(cache), f"bench-small-{key}-{SMALL_TOKENS}")
     if not os.path.isfile(os.path.join(small, "config.json")):
-        import torch
-        from transformers import Qwen2Config, Qwen2ForCausalLM
         tok = tasks.build_tokenizer()
         config = Qwen2Config(vocab_size=-(-len(tok) // 8) * 8, bos_token_id=None, eos_token_id=tok.eos_token_id,
                              pad_token_id=tok.pad_token_id, **SMALL_MODEL)
@@ -86,11 +92,10 @@ def loop_flags(model, model_dir, algo, steps, out_dir, logp_source="policy"):
             "--k", str(s["k"]), "--online-batch", str(s["online_batch"]), "--minibatch", str(s["minibatch"]),
             "--micro-batch", str(s["micro_batch"]), "--max-new-tokens", str(s["max_new_tokens"]),
             "--lr", "1e-5", "--out-dir", out_dir, "--save-every", str(10 ** 6), "--print-every", str(10 ** 6),
-            "--sample-every", str(10 ** 6), "--seed", "0"]
+            "--sample-every", str(10 ** 6), "--eval-prompts", "0", "--seed", "0"]
 
 
 def peak_memory_mb():
-    import torch
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2 ** 20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
@@ -100,14 +105,15 @@ def peak_memory_mb():
 # Workers: each runs in its own process and prints one RESULT line
 # ---------------------------------------------------------------------------------------------------
 def work_loop(job):
-    """An algorithm of this project through dar.train; with job["floor"], then the minimal loop."""
-    import dar
+    """An algorithm of this project, run as the program `python dar.py FLAGS` inside this worker process (runpy:
+    the script is run as __main__, never imported), so the process's peak memory is the run's; with
+    job["floor"], then the minimal loop."""
     out = tempfile.mkdtemp(prefix="bench-")
     steps = job["warmup"] + job["batches"]
-    cfg = dar.parse_config(loop_flags(job["model"], job["model_dir"], job["algo"], steps, out, job["logp_source"]))
-    ctx = dar.setup_distributed(cfg)
-    dar.check_config(cfg, 1)
-    run = dar.train(cfg, ctx)
+    flags = loop_flags(job["model"], job["model_dir"], job["algo"], steps, out, job["logp_source"])
+    sys.argv = [os.path.join(ROOT, "dar.py"), *flags]
+    runpy.run_path(sys.argv[0], run_name="__main__")
+    cfg = parse_config(flags)
     with open(os.path.join(out, "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f][job["warmup"]:]
     res = {"seconds": float(np.median([r["perf/seconds_per_batch"] for r in rows])),
@@ -117,8 +123,7 @@ def work_loop(job):
         if f"perf/{p}_s" in rows[0]:
             res[p] = float(np.median([r[f"perf/{p}_s"] for r in rows]))
     if job.get("floor"):
-        del run
-        res["floor"] = floor_loop(cfg, ctx, job["model_dir"], job["warmup"], job["batches"])
+        res["floor"] = floor_loop(cfg, setup_distributed(cfg), job["model_dir"], job["warmup"], job["batches"])
     return res
 
 
@@ -126,19 +131,15 @@ def floor_loop(cfg, ctx, model_dir, warmup, batches):
     """The least work an online batch of these settings needs: sample the same prompts x K, then per update
     one forward/backward on its responses (the plain log-softmax of the logits) and one optimizer step.
     No judge, no pi_t or pi_0 pass, no metrics. Returns {"seconds", "sample", "update", "tokens"}."""
-    import torch
-    import dar
-    import rollout
-    import tasks
     task = tasks.load_task(cfg.task)
-    policy, tok = dar.load_model(model_dir, cfg, ctx.device), dar.load_tokenizer(model_dir)
+    policy, tok = load_model(model_dir, cfg, ctx.device), load_tokenizer(model_dir)
     policy.config.use_cache = False
-    opt, _ = dar.optimizer_and_schedule(cfg, [policy])
+    opt, _ = optimizer_and_schedule(cfg, [policy])
     n_prompts = cfg.online_batch // cfg.k
     times, tokens = [], []
     for step in range(warmup + batches):
         t0 = time.time()
-        idx = dar.prompt_indices(step, n_prompts, len(task.train_prompts), cfg.seed)
+        idx = prompt_indices(step, n_prompts, len(task.train_prompts), cfg.seed)
         batch = rollout.generate(policy, tok, [task.train_prompts[i] for i in idx], cfg.k, cfg.max_new_tokens,
                                  cfg.temperature)
         t1 = time.time()
@@ -165,11 +166,8 @@ def floor_loop(cfg, ctx, model_dir, warmup, batches):
 def work_trl(job):
     """TRL's GRPOTrainer on the same model, prompts, K, response length, updates per online batch and dtype:
     one generation of online_batch completions every online_batch / minibatch optimizer steps."""
-    import torch
-    import datasets
-    import trl
-    import judge
-    import tasks
+    import datasets  # optional: only the TRL section needs it, as trl does
+    import trl  # optional: TRL is not a dependency of this project; the section reports when it is missing
     s = SETTINGS[job["model"]]
     n_updates = s["online_batch"] // s["minibatch"]
     steps = (job["warmup"] + job["batches"]) * n_updates
@@ -177,11 +175,11 @@ def work_trl(job):
     data = datasets.Dataset.from_dict({"prompt": [[{"role": "user", "content": p}] for p in prompts]})
 
     def toy_proxy(prompts, completions, **_):
-        return [judge.toy_proxy_score(p[-1]["content"], c[-1]["content"], True) for p, c in zip(prompts, completions)]
+        return [tasks.toy_proxy_score(p[-1]["content"], c[-1]["content"], True) for p, c in zip(prompts, completions)]
 
     stamps = []
 
-    class Stamp(__import__("transformers").TrainerCallback):
+    class Stamp(transformers.TrainerCallback):
         def on_step_end(self, args, state, control, **kw):
             stamps.append(time.time())
 
@@ -207,21 +205,17 @@ def work_trl(job):
 
 def work_rollout(job):
     """Tokens per second of one backend generating the small model's online batch."""
-    import torch
-    import dar
-    import rollout
-    import tasks
     s = SETTINGS[job["model"]]
-    cfg = dar.parse_config(["--model", job["model_dir"]])
-    device = dar.setup_distributed(cfg).device
-    tok = dar.load_tokenizer(job["model_dir"])
+    cfg = parse_config(["--model", job["model_dir"]])
+    device = setup_distributed(cfg).device
+    tok = load_tokenizer(job["model_dir"])
     prompts = tasks.toy_task().train_prompts[:s["online_batch"] // s["k"]]
     if job["backend"] == "vllm":
-        sampler = rollout.VllmSampler(job["model_dir"], dar.model_dtype(cfg, device), 0, 1024)
-        stop = rollout.eos_ids(dar.load_model(job["model_dir"], cfg, torch.device("cpu")), tok)
+        sampler = rollout.VllmSampler(job["model_dir"], model_dtype(cfg, device), 0, 1024)
+        stop = rollout.eos_ids(load_model(job["model_dir"], cfg, torch.device("cpu")), tok)
         gen = lambda: sampler.generate(tok, prompts, s["k"], s["max_new_tokens"], 0.9, stop)  # noqa: E731
     else:
-        model = dar.load_model(job["model_dir"], cfg, device)
+        model = load_model(job["model_dir"], cfg, device)
         gen = lambda: rollout.generate(model, tok, prompts, s["k"], s["max_new_tokens"], 0.9)  # noqa: E731
     rates = []
     for i in range(job["warmup"] + job["batches"]):
@@ -237,8 +231,6 @@ def work_logps(job):
     """Peak memory and time of the log-probs of the chosen tokens, with gradients, at Qwen2's vocabulary:
     one micro-batch of bf16 logits [rows, tokens, 151,936], by the straightforward float32 log-softmax or by
     rollout.selected_logps. The logits are made before the peak is read, so the extra is what the method adds."""
-    import torch
-    import rollout
     torch.manual_seed(0)
     shape = (job["rows"], job["tokens"], 151936)
     logits = torch.empty(shape, dtype=torch.bfloat16).normal_().requires_grad_()  # in place: no float32 temporary
@@ -276,31 +268,33 @@ def fmt(x, spec=".3f"):
     return format(x, spec) if isinstance(x, (int, float)) else "-"
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--sections", default="breakdown,floor,algos,trl,rollout,logps")
+def arg_parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--sections", default="breakdown,floor,algos,trl,rollout,logps",
+                   help="the sections to run, comma-separated (the module docstring says what each measures)")
     p.add_argument("--batches", type=int, default=10, help="measured online batches (median over them)")
     p.add_argument("--warmup", type=int, default=3, help="online batches run first and not measured")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads of every worker")
     p.add_argument("--cache-dir", default="~/.cache/dar", help="where the toy pi_0 and the small model are kept")
     p.add_argument("--trl-python", default=sys.executable,
-                   help="interpreter for the TRL section (one that can import trl; default: this one)")
+                   help="interpreter for the TRL section: one that can import trl (this one by default)")
     p.add_argument("--json", help="also write every figure to this JSON file")
     p.add_argument("--worker", help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None):
+    args = arg_parser().parse_args(argv)
     if args.worker:
         job = json.loads(args.worker)
-        sys.path.insert(0, ROOT)
-        import torch
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", os.cpu_count())))
         print(RESULT + json.dumps(WORKERS[job["kind"]](job)), flush=True)
         return
     sections = set(args.sections.split(","))
-    import torch
-    import dar
     dirs = model_dirs(args.cache_dir)
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    dtype = str(dar.model_dtype(dar.Config(), torch.device("cuda" if gpu else "cpu"))).replace("torch.", "")
+    dtype = str(model_dtype(Config(), torch.device("cuda" if gpu else "cpu"))).replace("torch.", "")
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                             text=True).stdout.strip()
     report = {"date": time.strftime("%Y-%m-%d %H:%M"), "commit": commit, "device": gpu or platform.processor()
@@ -323,7 +317,7 @@ def main(argv=None):
         return loops[key]
 
     if sections & {"breakdown", "floor"}:
-        print(f"\n[breakdown] seconds per DAR online batch, by phase")
+        print("\n[breakdown] seconds per DAR online batch, by phase")
         print(f"{'model':8} {'total':>8}" + "".join(f" {ph:>11}" for ph in PHASES) + f" {'tokens':>8}")
         for model in SETTINGS:
             r = loop(model, "dar", floor=True)
@@ -334,7 +328,7 @@ def main(argv=None):
             print(f"{model:8} {r['seconds']:8.3f}" + "".join(f" {fmt(r.get(ph)):>11}" for ph in PHASES)
                   + f" {r['tokens']:8.0f}")
     if "floor" in sections:
-        print(f"\n[floor] the same sampling + one forward/backward per update; efficiency = floor / DAR")
+        print("\n[floor] the same sampling + one forward/backward per update; efficiency = floor / DAR")
         print(f"{'model':8} {'DAR s':>8} {'floor s':>8} {'sample':>8} {'update':>8} {'efficiency':>10} "
               f"{'tokens':>8}")
         for model in SETTINGS:
@@ -353,7 +347,7 @@ def main(argv=None):
             print(f"{'small*':8} {r['seconds']:8.3f} {f['seconds']:8.3f} {'':8} {'':8} "
                   f"{f['seconds'] / r['seconds']:10.2f}   * DAR with --logp-source sampler: no pi_t pass")
     if "algos" in sections:
-        print(f"\n[algos] small model, identical settings (one epoch): seconds per online batch, peak memory")
+        print("\n[algos] small model, identical settings (one epoch): seconds per online batch, peak memory")
         print(f"{'algo':8} {'s/batch':>8} {'vs DAR':>7} {'memory MB':>10} {'vs DAR':>7} {'tokens':>8}")
         for algo in ("dar", "grpo", "rloo", "ppo"):
             r = loop("small", algo)
@@ -365,7 +359,7 @@ def main(argv=None):
             print(f"{algo:8} {r['seconds']:8.3f} {r['seconds'] / d['seconds']:7.2f} {r['memory_mb']:10.0f} "
                   f"{r['memory_mb'] / d['memory_mb']:7.2f} {r['tokens']:8.0f}")
     if "trl" in sections:
-        print(f"\n[trl] GRPO per online batch, small model: this project vs TRL's GRPOTrainer")
+        print("\n[trl] GRPO per online batch, small model: this project vs TRL's GRPOTrainer")
         r = run_worker(dict(base, kind="trl", model="small", model_dir=dirs["small"], dtype=dtype,
                             python=args.trl_python), args.threads)
         report["trl"] = r
@@ -384,7 +378,7 @@ def main(argv=None):
                 print(f"{'ours, pi_t from ' + source:24} {ours['seconds']:8.3f} {ours['tokens']:8.0f} "
                       f"{ours['memory_mb']:10.0f} {ours['seconds'] / r['seconds']:8.2f}")
     if "rollout" in sections:
-        print(f"\n[rollout] sampling the small model's online batch: tokens per second")
+        print("\n[rollout] sampling the small model's online batch: tokens per second")
         for backend in ("hf", "vllm"):
             r = run_worker(dict(base, kind="rollout", model="small", model_dir=dirs["small"], backend=backend),
                            args.threads)
@@ -392,7 +386,7 @@ def main(argv=None):
             print(f"{backend:8} " + (f"error: {r['error']}" if "error" in r else
                                      f"{r['tokens_per_s']:10.0f} tokens/s  ({r['tokens']:.0f} tokens a batch)"))
     if "logps" in sections:
-        print(f"\n[logps] log-probs of the chosen tokens with gradients, bf16 logits at Qwen2's 151,936-word vocabulary")
+        print("\n[logps] log-probs of the chosen tokens with gradients, bf16 logits at Qwen2's 151,936-word vocabulary")
         print(f"{'method':16} {'tokens':>7} {'logits MB':>10} {'extra peak MB':>14} {'seconds':>8}")
         for method in ("straightforward", "chunked"):
             r = run_worker(dict(kind="logps", method=method, rows=2, tokens=1024), args.threads)

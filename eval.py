@@ -38,9 +38,14 @@ import uuid
 
 import numpy as np
 import torch
+import transformers
 
 import rollout
+import tasks
+from config import config_from_dict
+from infra import Dist, load_model, load_tokenizer
 from judge import make_judge
+from loop import ensure_toy_models, fitting_task, k3, score
 
 # 97.5% quantile of Student's t with df = 1..30 degrees of freedom (standard tables)
 T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
@@ -117,7 +122,6 @@ def alpha_kl(logp, logp_0, logp_prev, mask, alpha):
     previous checkpoint (save_every batches earlier), so KL(pi_theta || pi_prev) is an upper-ish proxy of the
     one-batch KL. With alpha = 1 this is KL(pi_theta || pi_0), the x-axis of the baselines in Fig. 4.
     """
-    from dar import k3
     return alpha * k3(logp, logp_0, mask) + (1 - alpha) * k3(logp, logp_prev, mask)
 
 
@@ -132,7 +136,6 @@ def compare_with_reference(policy, ref, tok, prompts, cfg, task=None, seed=1234,
     DAR's alpha, for the alpha-interpolated KL (alpha_kl). Runs in its own RNG stream (fork_rng), so an
     evaluation never changes what training samples next.
     """
-    from dar import k3, score
     temperature = cfg.temperature if temperature is None else temperature
     judge = make_judge(cfg.eval_judge, task, cfg)
     # The training judge too when it is another one (the paper's annotator vs. its stronger evaluator; the toy
@@ -214,10 +217,9 @@ def print_report(r):
 # One run directory: rebuild its config, load pi_0, the checkpoint and the previous checkpoint
 # ---------------------------------------------------------------------------------------------------
 def load_run_config(run_dir):
-    """The run's dar.Config from its config.json (fields this version does not know are ignored)."""
-    import dar
+    """The run's config.Config from its config.json (fields this version does not know are ignored)."""
     with open(os.path.join(run_dir, "config.json")) as f:
-        return dar.config_from_dict(json.load(f))
+        return config_from_dict(json.load(f))
 
 
 def checkpoint_step(run_dir, ckpt_dir, cfg):
@@ -250,25 +252,23 @@ def evaluate_checkpoint(run_dir, ckpt_dir, n_prompts, greedy=False, temperature=
     alpha-interpolated KL against the previous kept checkpoint (kl_alpha; absent when there is none), and
     "run" (task, algo, seed, step, checkpoint and the run's config) for grouping.
     """
-    import dar
-    import tasks
     cfg = load_run_config(run_dir)
     device = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     init = cfg.model
     if not init:
-        base, sft = dar.ensure_toy_models(cfg, dar.Dist(device=device))
+        base, sft = ensure_toy_models(cfg, Dist(device=device))
         init = base if cfg.algo == "sft" else sft
-    tok = dar.load_tokenizer(ckpt_dir, cfg.trust_remote_code)
-    policy = dar.load_model(ckpt_dir, cfg, device).eval()
-    task, _ = dar.fitting_task(cfg, tasks.load_task(cfg.task, cfg.data), tok, policy.config)  # the run's prompts
-    ref = dar.load_model(init, cfg, device).eval()
+    tok = load_tokenizer(ckpt_dir, cfg.trust_remote_code)
+    policy = load_model(ckpt_dir, cfg, device).eval()
+    task, _ = fitting_task(cfg, tasks.load_task(cfg.task, cfg.data), tok, policy.config)  # the run's prompts
+    ref = load_model(init, cfg, device).eval()
     step = checkpoint_step(run_dir, ckpt_dir, cfg)
     prev, prev_step = None, None
     if cfg.algo == "dar":
         earlier = [(s, p) for s, p in checkpoints(run_dir) if s < step]
         if earlier:
             prev_step, path = earlier[-1]
-            prev = dar.load_model(path, cfg, device).eval()
+            prev = load_model(path, cfg, device).eval()
     n = min(n_prompts, len(task.eval_prompts))
     refs = task.references[:n] if task.references else None
     report = compare_with_reference(policy, ref, tok, task.eval_prompts[:n], cfg, task=task, seed=seed, greedy=greedy,
@@ -370,9 +370,9 @@ def _write_csv(path, header, rows):
 
 
 def _pyplot():
-    import matplotlib
+    import matplotlib  # optional: only the plots need it (and the Agg backend, which needs no display)
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # optional, as above
     return plt
 
 
@@ -781,11 +781,10 @@ def export_benchmarks(run_dir, out_dir, alpacaeval=None, mtbench=None, temperatu
     """The final model's answers to AlpacaEval instructions and MT-Bench questions (already loaded), written as
     OUT/NAME-alpacaeval.json and OUT/NAME-mtbench.jsonl (model id NAME), at most the run's max_new_tokens each.
     AlpacaEval uses `temperature` (0 greedy), MT-Bench its per-category temperatures."""
-    import dar
     cfg = load_run_config(run_dir)
     device = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     final = os.path.join(run_dir, "final")
-    tok, model = dar.load_tokenizer(final, cfg.trust_remote_code), dar.load_model(final, cfg, device).eval()
+    tok, model = load_tokenizer(final, cfg.trust_remote_code), load_model(final, cfg, device).eval()
     name = os.path.basename(os.path.normpath(run_dir))
     written = []
     if alpacaeval:
@@ -799,8 +798,9 @@ def export_benchmarks(run_dir, out_dir, alpacaeval=None, mtbench=None, temperatu
     return written
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description="Evaluate DAR runs against pi_0; aggregate over seeds; plots.")
+def arg_parser():
+    p = argparse.ArgumentParser(description="Evaluate DAR runs against pi_0; aggregate over seeds; plots.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("run_dirs", nargs="+", help="run directories (runs/TASK-ALGO-sSEED) holding config.json and final/")
     p.add_argument("--out", default="eval_out", help="where per-run JSON, summary.json, CSV and PNG files go")
     p.add_argument("--n-prompts", type=int, default=256, help="held-out prompts per evaluation")
@@ -816,14 +816,17 @@ def main(argv=None):
                    help="AlpacaEval's alpaca_eval.json: write each final model's answers for alpaca_eval")
     p.add_argument("--mtbench", metavar="FILE",
                    help="MT-Bench's question.jsonl: write each final model's answers for FastChat's gen_judgment")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None):
+    args = arg_parser().parse_args(argv)
     alpaca = load_alpacaeval(args.alpacaeval) if args.alpacaeval else None
     mtbench = load_mtbench(args.mtbench) if args.mtbench else None
     for d in args.run_dirs:
         if not os.path.isfile(os.path.join(d, "final", "config.json")):
             raise SystemExit(f"error: {d} has no final/ model; a run writes it when it finishes (resume it with "
                              f"`python dar.py --out-dir {d} --resume`)")
-    import transformers
     transformers.utils.logging.disable_progress_bar()
     os.makedirs(args.out, exist_ok=True)
     finals, every = [], []

@@ -42,22 +42,32 @@ tasks also run end to end against a real endpoint on a CPU; it is a plumbing che
     # fault injection for tests: --delay S --drop-every N --garbage-every N --status-every N:CODE
     #                            --retry-after S --position-bias --record   (see `main`)
 """
+import argparse
 import json
 import math
 import os
 import random
 import re
+import socket
 import sys
 import threading
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from email.utils import parsedate_to_datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+# the HTTP client of the annotator: connection pooling and timeouts; httpx2 is the maintained successor of httpx
+# (same API), which huggingface_hub 2 installs too
+import httpx2 as httpx
+import torch
+from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
 import tasks
+from rollout import plain_dialogue
 
 JUDGES = ("toy_gold", "toy_proxy", "llm", "reward_model")
-PROXY_LENGTH_BONUS = 1.0  # proxy points per character past the target's length
 
 
 @dataclass
@@ -79,30 +89,8 @@ def prefer_by_score(r_a, r_b):
 
 
 # ---------------------------------------------------------------------------------------------------
-# The toy task's judges: exact rules
+# The toy task's judges: its scoring rules (tasks.toy_gold_score, tasks.toy_proxy_score) as judges
 # ---------------------------------------------------------------------------------------------------
-def toy_gold_score(prompt, response, ended):
-    """The exact rule. prompt: the user message; response: decoded text without EOS; ended: saw EOS."""
-    word = tasks.toy_word_of(prompt)
-    if word is None:
-        return math.nan  # not a toy prompt: no judgment possible
-    if not ended:
-        return 0.0
-    target = tasks.toy_target(word)
-    hits = sum(a == b for a, b in zip(response, target))
-    return 10.0 * hits / max(len(response), len(target))
-
-
-def toy_proxy_score(prompt, response, ended):
-    """The length-biased annotator (see the module docstring); `ended` is ignored on purpose."""
-    word = tasks.toy_word_of(prompt)
-    if word is None:
-        return math.nan
-    target = tasks.toy_target(word)
-    hits = sum(a == b for a, b in zip(response, target))
-    return 10.0 * hits / len(target) + PROXY_LENGTH_BONUS * max(0, len(response) - len(target))
-
-
 class RuleJudge:
     """A judge from a per-sample scoring rule (the toy task's judges). top: the scale's best score, when the
     scale has one (the gold rule's 10 = exact answer; the proxy's length bonus has no ceiling)."""
@@ -308,7 +296,6 @@ def _as_conversation(prompt):
 def _sample_fields(family, prompt):
     """The prompt's part of the sample: TL;DR's {text} is the post (SUBREDDIT, TITLE, POST) without the
     trailing "TL;DR:" cue; the others' {context} is the conversation as "Human: ...\n\nAssistant: ..."."""
-    from rollout import plain_dialogue  # lazy: rollout imports torch
     if family == "tldr" and isinstance(prompt, str):
         return {"text": re.sub(r"\s*TL;DR:\s*\Z", "", prompt)}
     key = "text" if family == "tldr" else "context"
@@ -395,14 +382,6 @@ def preference_from_choices(first, second, family):
 ANNOTATOR_MAX_TOKENS = 256  # Appendix B.1: judgments of at most 256 tokens, at temperature 0
 
 
-def _httpx():
-    try:
-        import httpx2 as httpx  # the maintained successor of httpx (same API) that huggingface_hub 2 installs
-    except ImportError:
-        import httpx
-    return httpx
-
-
 class _Secret:
     """A string (the API key) that never shows in a repr, str or log line."""
     __slots__ = ("_value",)
@@ -427,7 +406,6 @@ def _retry_after(value):
         return max(0.0, float(value))
     except ValueError:
         pass
-    from email.utils import parsedate_to_datetime
     try:
         return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
     except (TypeError, ValueError):
@@ -450,7 +428,6 @@ class LLMJudge:
 
     def __init__(self, url, family, model="", api_key_env="DAR_JUDGE_API_KEY", concurrency=16, timeout=120.0,
                  retries=5, backoff=1.0, max_backoff=60.0):
-        httpx = _httpx()
         if family not in REWARD_PROMPTS:
             raise SystemExit(f"error: no annotator prompts for family {family!r}; families: "
                              f"{', '.join(REWARD_PROMPTS)}")
@@ -493,10 +470,9 @@ class LLMJudge:
     def _probe(self, model):
         """One request before training: GET {url}/models. Exit with the fix if the endpoint is unreachable,
         rejects the key, or does not serve `model`; with no model given, use the one the endpoint serves."""
-        httpx = _httpx()
-        fix = (f"start an OpenAI-compatible server there (e.g. `vllm serve Qwen/Qwen2-72B-Instruct --port 8000`, "
-               f"or the toy stand-in `python judge.py --serve --task toy --port 8000`) or pass the right "
-               f"--judge-url (the base URL, ending in /v1)")
+        fix = ("start an OpenAI-compatible server there (e.g. `vllm serve Qwen/Qwen2-72B-Instruct --port 8000`, "
+               "or the toy stand-in `python judge.py --serve --task toy --port 8000`) or pass the right "
+               "--judge-url (the base URL, ending in /v1)")
         try:
             r = self._http.get(self.url + "/models", headers=self._headers())
         except httpx.HTTPError as e:
@@ -523,7 +499,6 @@ class LLMJudge:
 
     def _post(self, payload):
         """POST one chat completion with retries -> (parsed JSON body, None) or (None, why it failed)."""
-        httpx = _httpx()
         for attempt in range(self.retries + 1):
             wait = 0.0
             try:
@@ -603,8 +578,6 @@ class RewardModelJudge:
     top = None  # an unbounded scale: no "best score" rate
 
     def __init__(self, path, batch_size=8, device=None, trust_remote_code=False):
-        import torch
-        from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
         if not os.path.isfile(os.path.join(path, "config.json")):
             raise SystemExit(f"error: --reward-model {path!r} is not a model directory (no config.json there); "
                              "give a local AutoModelForSequenceClassification directory")
@@ -635,11 +608,9 @@ class RewardModelJudge:
             return self.tok.apply_chat_template(turns, tokenize=False)
         if isinstance(prompt, str):
             return prompt + response
-        from rollout import plain_dialogue
         return plain_dialogue(turns)
 
     def scores(self, prompts, responses):
-        import torch
         texts = [self.render(p, r) for p, r in zip(prompts, responses)]
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
         out = [math.nan] * len(texts)
@@ -681,9 +652,9 @@ def reward_family(task=None, cfg=None):
 
 def make_judge(name, task=None, cfg=None):
     if name == "toy_gold":
-        return RuleJudge(toy_gold_score, top=10.0)
+        return RuleJudge(tasks.toy_gold_score, top=10.0)
     if name == "toy_proxy":
-        return RuleJudge(toy_proxy_score)
+        return RuleJudge(tasks.toy_proxy_score)
     if name == "llm":
         if cfg is None or not cfg.judge_url:
             raise SystemExit("error: --judge llm needs --judge-url, the base URL of an OpenAI-compatible endpoint "
@@ -775,11 +746,9 @@ def toy_annotate(message, score, position_bias=False):
 
 def serve(args):
     """Run the toy annotator's OpenAI-compatible server until interrupted (see `main` for the flags)."""
-    import socket
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
     model_id = f"toy-{args.annotator}"
-    score = toy_gold_score if args.annotator == "gold" else toy_proxy_score
+    score = tasks.toy_gold_score if args.annotator == "gold" else tasks.toy_proxy_score
     lock, state = threading.Lock(), {"requests": 0, "authorization": None, "request": None}
     status_n, status_code = args.status_every or (0, 0)
 
@@ -867,20 +836,21 @@ def serve(args):
         server.server_close()
 
 
-def main(argv=None):
-    import argparse
+def every_status(text):
+    """--status-every N:CODE as (N, CODE)."""
+    m = re.fullmatch(r"(\d+):(\d{3})", text)
+    if not m or int(m.group(1)) < 1:
+        raise argparse.ArgumentTypeError(f"expected N:CODE, e.g. 3:503, got {text!r}")
+    return int(m.group(1)), int(m.group(2))
 
-    def every_status(text):
-        m = re.fullmatch(r"(\d+):(\d{3})", text)
-        if not m or int(m.group(1)) < 1:
-            raise argparse.ArgumentTypeError(f"expected N:CODE, e.g. 3:503, got {text!r}")
-        return int(m.group(1)), int(m.group(2))
 
+def arg_parser():
     p = argparse.ArgumentParser(description="Serve the toy task's annotator behind an OpenAI-compatible "
-                                            "chat-completions endpoint (a stand-in for an LLM judge).")
+                                            "chat-completions endpoint (a stand-in for an LLM judge).",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--serve", action="store_true", help="run the server (the only action)")
     p.add_argument("--task", default="toy", choices=["toy"], help="whose annotator to serve")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: local only)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (local only by default)")
     p.add_argument("--port", type=int, default=8000, help="port; 0 = any free one (the address is printed)")
     p.add_argument("--annotator", default="gold", choices=["gold", "proxy"],
                    help="the scorer behind the replies: toy_gold_score or the length-biased toy_proxy_score")
@@ -895,6 +865,11 @@ def main(argv=None):
     f.add_argument("--position-bias", action="store_true", help="always prefer the first response")
     f.add_argument("--record", action="store_true",
                    help="GET /debug/last returns the last chat request, its Authorization header and the count")
+    return p
+
+
+def main(argv=None):
+    p = arg_parser()
     args = p.parse_args(argv)
     if not args.serve:
         p.error("nothing to do: pass --serve")

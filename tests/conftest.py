@@ -9,6 +9,11 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+import config  # noqa: E402  (the project's modules, from ROOT)
+import dar  # noqa: E402
+import infra  # noqa: E402
+import loop  # noqa: E402
+
 SFT_STEPS = 40
 TINY = ["--online-batch", "32", "--minibatch", "16", "--micro-batch", "8", "--eval-prompts", "16",
         "--sft-steps", str(SFT_STEPS), "--max-new-tokens", "12", "--lr", "1e-3"]
@@ -18,11 +23,16 @@ TINY = ["--online-batch", "32", "--minibatch", "16", "--micro-batch", "8", "--ev
 def toy_cache(tmp_path_factory):
     """A cache directory holding the built toy model and a (briefly) supervised pi_0."""
     cache = str(tmp_path_factory.mktemp("cache"))
-    import dar
-    cfg = dar.parse_config(["--cache-dir", cache, "--sft-steps", str(SFT_STEPS), "--print-every", "1000"])
-    base, sft = dar.ensure_toy_models(cfg, dar.Dist())
+    cfg = config.parse_config(["--cache-dir", cache, "--sft-steps", str(SFT_STEPS), "--print-every", "1000"])
+    base, sft = loop.ensure_toy_models(cfg, infra.Dist())
     assert os.path.isfile(os.path.join(sft, "config.json"))
     return cache
+
+
+def train(cfg):
+    """A run in this process, as `python dar.py` makes it (minus the final evaluation): loop.train with the
+    algorithm's step function from dar.STEPS. Returns the Run."""
+    return loop.train(cfg, infra.Dist(), dar.STEPS[cfg.algo])
 
 
 # two ranks on this machine (gloo on CPU): the launcher for run_dar / start_dar

@@ -1,5 +1,5 @@
 """Every baseline loss of baselines.py against a hand computation on small tensors (values and gradients),
-and every algorithm training for a few online batches on the toy task through dar.train."""
+and every algorithm training for a few online batches on the toy task through loop.train (conftest.train)."""
 import json
 import math
 import os
@@ -8,8 +8,10 @@ import pytest
 import torch
 
 import baselines as B
-import dar
-from conftest import TINY, TORCHRUN, comparable, read_metrics, run_dar
+import config
+import infra
+import loop
+from conftest import TINY, TORCHRUN, comparable, read_metrics, run_dar, train
 
 T = torch.tensor
 
@@ -211,32 +213,32 @@ def params(model):
     return torch.cat([p.detach().flatten().clone() for p in model.parameters()])
 
 
-@pytest.mark.parametrize("algo", dar.ALGOS)
+@pytest.mark.parametrize("algo", config.ALGOS)
 def test_every_algorithm_trains_on_the_toy_task(algo, toy_cache, tmp_path):
     out = tmp_path / algo
-    cfg = dar.parse_config(TINY + ["--algo", algo, "--steps", "3", "--cache-dir", toy_cache, "--out-dir", str(out),
+    cfg = config.parse_config(TINY + ["--algo", algo, "--steps", "3", "--cache-dir", toy_cache, "--out-dir", str(out),
                                    "--print-every", "1000", "--save-every", "2"])
-    assert cfg.beta == dar.ALGO_DEFAULTS.get(algo, {}).get("beta", dar.Config.beta)   # the paper's default
-    base, sft = dar.toy_paths(cfg)
-    start = params(dar.load_model(base if algo == "sft" else os.path.join(sft, "final"), cfg, torch.device("cpu")))
-    run = dar.train(cfg, dar.Dist())
+    assert cfg.beta == config.ALGO_DEFAULTS.get(algo, {}).get("beta", config.Config.beta)   # the paper's default
+    base, sft = loop.toy_paths(cfg)
+    start = params(infra.load_model(base if algo == "sft" else os.path.join(sft, "final"), cfg, torch.device("cpu")))
+    run = train(cfg)
     assert not torch.allclose(params(run.policy), start)                       # the policy moved
     lines = [json.loads(l) for l in open(out / "metrics.jsonl")]
     assert [l["step"] for l in lines] == [1, 2, 3]
     assert all(math.isfinite(l["train/loss"]) and math.isfinite(l["train/grad_norm"]) for l in lines)
     assert os.path.isfile(out / "final" / "config.json")
     ckpt = out / open(out / "latest").read().strip()
-    assert (ckpt / "value" / "config.json").is_file() == (algo in dar.VALUE_MODEL)
+    assert (ckpt / "value" / "config.json").is_file() == (algo in config.VALUE_MODEL)
     if run.ref is not None:
         assert torch.allclose(params(run.ref), start)                         # pi_0 stays frozen
 
 
 def test_ppo_resumes_with_its_value_model_to_the_same_metrics(toy_cache, tmp_path):
     def go(out, steps, resume=False):
-        cfg = dar.parse_config(TINY + ["--algo", "ppo", "--steps", str(steps), "--cache-dir", toy_cache,
+        cfg = config.parse_config(TINY + ["--algo", "ppo", "--steps", str(steps), "--cache-dir", toy_cache,
                                        "--out-dir", str(out), "--print-every", "1000", "--save-every", "1"]
                                + (["--resume"] if resume else []))
-        return dar.train(cfg, dar.Dist())
+        return train(cfg)
     go(tmp_path / "a", 2)
     go(tmp_path / "b", 1)
     run = go(tmp_path / "b", 2, resume=True)

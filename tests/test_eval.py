@@ -13,8 +13,10 @@ import numpy as np
 import pytest
 import torch
 
-import dar
+import config
 import eval as ev
+import infra
+import loop
 import rollout
 from conftest import ROOT, TINY, run_dar
 
@@ -65,7 +67,7 @@ def test_alpha_kl_mixes_the_two_k3_estimates():
     logp_0 = torch.tensor([[-1.5, -1.0], [-0.7, -3.0]])
     logp_prev = torch.tensor([[-1.1, -2.2], [-0.4, -0.1]])
     mask = torch.tensor([[1, 1], [1, 0]])
-    kl0, klp = dar.k3(logp, logp_0, mask), dar.k3(logp, logp_prev, mask)
+    kl0, klp = loop.k3(logp, logp_0, mask), loop.k3(logp, logp_prev, mask)
     assert torch.allclose(ev.alpha_kl(logp, logp_0, logp_prev, mask, 0.1), 0.1 * kl0 + 0.9 * klp)
     assert torch.allclose(ev.alpha_kl(logp, logp_0, logp_prev, mask, 1.0), kl0)
     d = -0.5  # row 0 token 0 vs pi_0: exp(d) - 1 - d
@@ -91,7 +93,7 @@ def test_pareto_fit_recovers_a_known_quadratic(tmp_path):
 
 
 def fake_report(algo, seed, win, **config):
-    cfg = dict(dar.Config().__dict__, algo=algo, seed=seed, **config)
+    cfg = dict(config.Config().__dict__, algo=algo, seed=seed, **config)
     return {"win_rate": win, "kl_pi0": 0.1, "policy/reward": win, "run": {"config": cfg, "seed": seed}}
 
 
@@ -126,7 +128,7 @@ def test_sweeps_around_one_base_run():
 
 def test_labels_name_what_differs_from_the_base_run():
     base = dict(alpha=0.5, beta=0.5, k=4, online_batch=256)
-    configs = [dict(dar.Config().__dict__, **c) for c in
+    configs = [dict(config.Config().__dict__, **c) for c in
                (base, dict(base, alpha=0.0), dict(base, alpha=0.9), dict(base, k=8, online_batch=512))]
     assert [ev.experiment_label(c, configs) for c in configs] == [
         "dar", "dar alpha=0", "dar alpha=0.9", "dar k=8 online_batch=512"]
@@ -144,7 +146,7 @@ def test_group_runs_counts_a_seed_once(capsys):
 def write_run(root, name, config, rows):
     d = root / name
     d.mkdir()
-    (d / "config.json").write_text(json.dumps(dict(dar.Config().__dict__, **config)))
+    (d / "config.json").write_text(json.dumps(dict(config.Config().__dict__, **config)))
     (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return str(d)
 
@@ -270,10 +272,10 @@ def test_export_mtbench_format(tmp_path):
 # ---------------------------------------------------------------------------------------------------
 def test_greedy_decoding_ignores_the_seed(toy_cache):
     import tasks
-    cfg = dar.parse_config(["--cache-dir", toy_cache] + TINY)
-    _, sft = dar.toy_paths(cfg)
+    cfg = config.parse_config(["--cache-dir", toy_cache] + TINY)
+    _, sft = loop.toy_paths(cfg)
     path = os.path.join(sft, "final")
-    model, tok = dar.load_model(path, cfg, torch.device("cpu")), dar.load_tokenizer(path)
+    model, tok = infra.load_model(path, cfg, torch.device("cpu")), infra.load_tokenizer(path)
     prompts = tasks.toy_task().eval_prompts[:6]
     outs = []
     for seed in (0, 1):

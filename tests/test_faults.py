@@ -13,9 +13,12 @@ import time
 import pytest
 import torch
 
+import config
 import dar
+import infra
 import judge
-from conftest import ROOT, TINY, TORCHRUN, comparable, read_metrics, run_dar, start_dar
+import loop
+from conftest import ROOT, TINY, TORCHRUN, comparable, read_metrics, run_dar, start_dar, train
 
 
 def final_metrics(out):
@@ -71,18 +74,18 @@ def params(run):
 def test_a_failing_judge_stops_before_training_on_it_and_resume_matches(toy_cache, tmp_path, monkeypatch):
     base = TINY + ["--cache-dir", toy_cache, "--steps", "6", "--save-every", "1000", "--print-every", "1000",
                    "--judge", "toy_gold"]
-    whole = dar.train(dar.parse_config(base + ["--out-dir", str(tmp_path / "whole")]), dar.Dist())
+    whole = train(config.parse_config(base + ["--out-dir", str(tmp_path / "whole")]))
     out = str(tmp_path / "cut")
     failing = FailingAfter(4)
-    monkeypatch.setattr(dar, "make_judge", lambda *a, **k: failing)
+    monkeypatch.setattr(loop, "make_judge", lambda *a, **k: failing)
     with pytest.raises(SystemExit) as e:
-        dar.train(dar.parse_config(base + ["--out-dir", out]), dar.Dist())
+        train(config.parse_config(base + ["--out-dir", out]))
     msg = str(e.value)
     assert "online batch 5" in msg and "100% of its judgments are invalid" in msg and "4 unreachable" not in msg
     assert "unreachable" in msg and "--resume" in msg and "ckpt-000004" in msg
     assert len(open(os.path.join(out, "metrics.jsonl")).readlines()) == 4  # batch 5 was not trained on
     monkeypatch.undo()
-    resumed = dar.train(dar.parse_config(base + ["--out-dir", out, "--resume"]), dar.Dist())
+    resumed = train(config.parse_config(base + ["--out-dir", out, "--resume"]))
     assert final_metrics(out) == final_metrics(str(tmp_path / "whole"))
     assert torch.equal(params(resumed), params(whole))
 
@@ -125,7 +128,7 @@ def test_the_annotator_going_away_mid_run_stops_with_a_checkpoint_and_resume_con
 
 def test_a_checkpoint_write_that_fails_leaves_the_previous_one_loadable(toy_cache, tmp_path, monkeypatch):
     out = tmp_path / "run"
-    cfg = dar.parse_config(TINY + ["--cache-dir", toy_cache, "--out-dir", str(out), "--steps", "4",
+    cfg = config.parse_config(TINY + ["--cache-dir", toy_cache, "--out-dir", str(out), "--steps", "4",
                                    "--save-every", "2", "--print-every", "1000"])
     real_save, calls = torch.save, []
 
@@ -136,7 +139,7 @@ def test_a_checkpoint_write_that_fails_leaves_the_previous_one_loadable(toy_cach
         return real_save(obj, path, *a, **k)
     monkeypatch.setattr(torch, "save", disk_full_on_second)
     with pytest.raises(SystemExit) as e:
-        dar.train(cfg, dar.Dist())
+        train(cfg)
     assert "could not write checkpoint ckpt-000004" in str(e.value) and "No space left" in str(e.value)
     assert "ckpt-000002" in str(e.value) and "--resume" in str(e.value)
     monkeypatch.undo()
@@ -144,7 +147,7 @@ def test_a_checkpoint_write_that_fails_leaves_the_previous_one_loadable(toy_cach
     assert sorted(os.listdir(out)) == ["ckpt-000002", "config.json", "data.json", "latest", "metrics.jsonl"]  # no .tmp
     state = torch.load(out / "ckpt-000002" / "state.pt", weights_only=True)
     assert state["step"] == 2
-    dar.load_model(str(out / "ckpt-000002"), cfg, torch.device("cpu"))  # loads
+    infra.load_model(str(out / "ckpt-000002"), cfg, torch.device("cpu"))  # loads
     p = run_dar(TINY + ["--cache-dir", toy_cache, "--out-dir", str(out), "--steps", "4", "--save-every", "2",
                         "--print-every", "1000", "--resume"], cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-2000:]
@@ -198,25 +201,25 @@ def test_the_api_key_appears_in_no_file_and_no_output(toy_cache, tmp_path):
 
 def poison(monkeypatch, bad_batches):
     """Make the loss NaN in the given online batches (1-based), as an overflow would."""
-    batch_no, real_sample, real_loss = [0], dar.sample, dar.dar_loss
+    batch_no, real_sample, real_loss = [0], dar.sample, dar.weighted_sft_loss
 
     def sample(*a, **k):
         batch_no[0] += 1
         return real_sample(*a, **k)
 
     def loss(*a, **k):
-        out, w = real_loss(*a, **k)
-        return (out * math.nan if batch_no[0] in bad_batches else out), w
+        out = real_loss(*a, **k)
+        return out * math.nan if batch_no[0] in bad_batches else out
     monkeypatch.setattr(dar, "sample", sample)
-    monkeypatch.setattr(dar, "dar_loss", loss)
+    monkeypatch.setattr(dar, "weighted_sft_loss", loss)
 
 
 def test_a_nan_batch_is_skipped_and_reported(toy_cache, tmp_path, monkeypatch, capsys):
     out = tmp_path / "run"
-    cfg = dar.parse_config(TINY + ["--cache-dir", toy_cache, "--out-dir", str(out), "--steps", "4",
+    cfg = config.parse_config(TINY + ["--cache-dir", toy_cache, "--out-dir", str(out), "--steps", "4",
                                    "--save-every", "2", "--print-every", "1000"])
     poison(monkeypatch, {2})
-    run = dar.train(cfg, dar.Dist())
+    run = train(cfg)
     rows = read_metrics(out)
     assert [r["train/nonfinite_batches_in_a_row"] for r in rows] == [0, 1, 0, 0]
     assert math.isnan(rows[1]["train/loss"]) and all(math.isfinite(r["train/loss"]) for r in rows[2:])
@@ -228,12 +231,12 @@ def test_a_nan_batch_is_skipped_and_reported(toy_cache, tmp_path, monkeypatch, c
 
 def test_repeated_nan_batches_stop_at_the_last_good_checkpoint(toy_cache, tmp_path, monkeypatch):
     out = tmp_path / "run"
-    cfg = dar.parse_config(TINY + ["--cache-dir", toy_cache, "--out-dir", str(out), "--steps", "8",
+    cfg = config.parse_config(TINY + ["--cache-dir", toy_cache, "--out-dir", str(out), "--steps", "8",
                                    "--save-every", "1", "--print-every", "1000"])
     poison(monkeypatch, {3, 4, 5, 6, 7, 8})
     with pytest.raises(SystemExit) as e:
-        dar.train(cfg, dar.Dist())
-    assert f"non-finite loss in {dar.MAX_NONFINITE_BATCHES} online batches in a row" in str(e.value)
+        train(cfg)
+    assert f"non-finite loss in {loop.MAX_NONFINITE_BATCHES} online batches in a row" in str(e.value)
     assert "ckpt-000002" in str(e.value) and open(out / "latest").read().strip() == "ckpt-000002"
 
 
@@ -317,16 +320,16 @@ def test_a_model_s_own_code_runs_only_with_trust_remote_code(tmp_path):
     path, marker = tmp_path / "custom", tmp_path / "code-ran"
     model_with_its_own_code(path, marker)
     with pytest.raises(SystemExit, match="ships its own Python code.*--trust-remote-code"):
-        dar.load_model(str(path), dar.Config(), torch.device("cpu"))
+        infra.load_model(str(path), config.Config(), torch.device("cpu"))
     assert not marker.exists()  # refused without running a line of it
-    model = dar.load_model(str(path), dar.Config(trust_remote_code=True), torch.device("cpu"))
+    model = infra.load_model(str(path), config.Config(trust_remote_code=True), torch.device("cpu"))
     assert type(model).__name__ == "CustomForCausalLM" and marker.exists()
 
 
 def test_a_checkpoint_holding_pickled_code_is_refused(toy_cache, tmp_path):
     out, marker = tmp_path / "run", tmp_path / "code-ran"
     flags = TINY + ["--cache-dir", toy_cache, "--out-dir", str(out), "--save-every", "1", "--print-every", "1000"]
-    dar.train(dar.parse_config(flags + ["--steps", "1"]), dar.Dist())
+    train(config.parse_config(flags + ["--steps", "1"]))
     state = out / "ckpt-000001" / "state.pt"
 
     class Payload:  # what a tampered checkpoint could hold: a call made while unpickling
@@ -334,7 +337,7 @@ def test_a_checkpoint_holding_pickled_code_is_refused(toy_cache, tmp_path):
             return os.system, (f"touch {marker}",)
     torch.save({**torch.load(state, weights_only=True), "extra": Payload()}, state)
     with pytest.raises(SystemExit, match=r"state.pt holds objects other than tensors.*posix.system.*not loaded"):
-        dar.train(dar.parse_config(flags + ["--steps", "2", "--resume"]), dar.Dist())
+        train(config.parse_config(flags + ["--steps", "2", "--resume"]))
     assert not marker.exists()
 
 

@@ -9,7 +9,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import dar
+import config
+import infra
+import loop
 from conftest import TINY, TORCHRUN, comparable, read_metrics, run_dar
 
 # micro-batches of 4 on a rank's minibatch of 8: gradients accumulate without a sync on the first
@@ -42,7 +44,7 @@ def test_fsdp_makes_the_updates_ddp_makes(algo, extra, toy_cache, tmp_path):
             assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), (a["step"], key)
     w_ddp, w_fsdp = weights(os.path.join(ddp, "final")), weights(os.path.join(fsdp, "final"))
     assert w_ddp.keys() == w_fsdp.keys()  # tied embeddings saved once, as save_pretrained does
-    pi_0 = weights(os.path.join(dar.toy_paths(dar.parse_config(["--cache-dir", toy_cache, "--sft-steps", "40"]))[1],
+    pi_0 = weights(os.path.join(loop.toy_paths(config.parse_config(["--cache-dir", toy_cache, "--sft-steps", "40"]))[1],
                                 "final"))
     moved = max((w_ddp[k] - pi_0[k]).abs().max().item() for k in w_ddp)
     assert moved > 1e-3  # the runs trained
@@ -87,7 +89,7 @@ def test_the_final_model_is_an_ordinary_hugging_face_directory(toy_cache, tmp_pa
     assert out_ids.shape[1] > ids["input_ids"].shape[1]  # it generates
     # eval.py reads the sharded checkpoints in place: the same weights as the export
     ckpt = os.path.join(out, "ckpt-000001")
-    read = dar.load_model(ckpt, dar.Config(), torch.device("cpu")).state_dict()
+    read = infra.load_model(ckpt, config.Config(), torch.device("cpu")).state_dict()
     assert all(torch.equal(read[k], v) for k, v in model.state_dict().items())
 
 

@@ -16,12 +16,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import dar
+import config
 import judge
 import tasks
 from conftest import build_reward_model
 from judge import (LLMJudge, RuleJudge, make_judge, parse_preference, parse_reward, parse_score,
-                   preference_from_choices, toy_gold_score, toy_proxy_score, toy_score_to_scale)
+                   preference_from_choices, toy_score_to_scale)
+from tasks import toy_gold_score, toy_proxy_score
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SECRET = "sk-test-7f3a9c1e5b"
@@ -186,7 +187,7 @@ def test_family_resolution():
 # The client against the toy annotator server
 # ---------------------------------------------------------------------------------------------------
 def test_llm_rewards_match_the_toy_scorer(gold_url):
-    cfg = dar.Config(judge="llm", judge_url=gold_url, judge_timeout=5.0, judge_retries=1)
+    cfg = config.Config(judge="llm", judge_url=gold_url, judge_timeout=5.0, judge_retries=1)
     j = make_judge("llm", SimpleNamespace(name="toy", reward_prompt="toy"), cfg)
     assert j.model == "toy-gold" and j.family == "toy"  # the only model served, picked by the probe
     out = j(PROMPTS, RESPONSES, [True, True, True, True, False, True])
@@ -289,13 +290,13 @@ def test_client_errors_are_not_retried(start_server):
 def test_unreachable_url_at_start_exits_naming_the_url():
     url = f"http://127.0.0.1:{free_port()}/v1"
     with pytest.raises(SystemExit, match=re.escape(url)) as e:
-        make_judge("llm", None, dar.Config(judge="llm", judge_url=url, judge_timeout=2.0))
+        make_judge("llm", None, config.Config(judge="llm", judge_url=url, judge_timeout=2.0))
     assert "judge.py --serve" in str(e.value) and "--judge-url" in str(e.value)
 
 
 def test_llm_without_url_exits():
     with pytest.raises(SystemExit, match="--judge llm needs --judge-url"):
-        make_judge("llm", None, dar.Config(judge="llm"))
+        make_judge("llm", None, config.Config(judge="llm"))
 
 
 def test_unknown_model_exits(gold_url):
@@ -305,7 +306,7 @@ def test_unknown_model_exits(gold_url):
 
 def test_api_key_is_sent_but_never_shown(gold_url, monkeypatch, capsys):
     monkeypatch.setenv("DAR_TEST_JUDGE_KEY", SECRET)
-    cfg = dar.Config(judge="llm", judge_url=gold_url, judge_api_key_env="DAR_TEST_JUDGE_KEY")
+    cfg = config.Config(judge="llm", judge_url=gold_url, judge_api_key_env="DAR_TEST_JUDGE_KEY")
     j = make_judge("llm", None, cfg)
     out = j(PROMPTS[:1], RESPONSES[:1], [True])
     assert out.invalid == 0 and last_request(gold_url)["authorization"] == f"Bearer {SECRET}"
@@ -314,7 +315,7 @@ def test_api_key_is_sent_but_never_shown(gold_url, monkeypatch, capsys):
     j.url = gold_url + "/nowhere"
     shown += list(j(PROMPTS[:1], RESPONSES[:1], [True]).reasons)
     with pytest.raises(SystemExit) as e:
-        make_judge("llm", None, dar.Config(judge="llm", judge_url=f"http://127.0.0.1:{free_port()}/v1",
+        make_judge("llm", None, config.Config(judge="llm", judge_url=f"http://127.0.0.1:{free_port()}/v1",
                                            judge_api_key_env="DAR_TEST_JUDGE_KEY", task="toy"))
     shown.append(str(e.value))
     captured = capsys.readouterr()
@@ -362,7 +363,7 @@ RM_RESPONSES = ["ba", "hgfedcba and then some more text", "zyx", ""]
 
 
 def test_reward_model_scores_are_deterministic_and_padding_invariant(reward_model_dir):
-    cfg = dar.Config(judge="reward_model", reward_model=reward_model_dir)
+    cfg = config.Config(judge="reward_model", reward_model=reward_model_dir)
     j = make_judge("reward_model", None, cfg)
     out = j(RM_PROMPTS, RM_RESPONSES, [True, False, True, True])
     assert out.invalid == 0 and len(set(out.rewards)) == 4
@@ -376,7 +377,7 @@ def test_reward_model_scores_are_deterministic_and_padding_invariant(reward_mode
 
 def test_reward_model_reads_the_chat_template_rendering(reward_model_dir):
     from transformers import AutoModelForSequenceClassification
-    j = make_judge("reward_model", None, dar.Config(judge="reward_model", reward_model=reward_model_dir))
+    j = make_judge("reward_model", None, config.Config(judge="reward_model", reward_model=reward_model_dir))
     tok, model = tasks.build_tokenizer(), AutoModelForSequenceClassification.from_pretrained(reward_model_dir)
     text = tok.apply_chat_template([{"role": "user", "content": "reverse: ab"}, {"role": "assistant", "content": "ba"}],
                                    tokenize=False)
@@ -389,6 +390,6 @@ def test_reward_model_reads_the_chat_template_rendering(reward_model_dir):
 def test_reward_model_directory_errors(tmp_path, reward_model_dir):
     missing = str(tmp_path / "no-such-model")
     with pytest.raises(SystemExit, match=re.escape(missing) + ".*not a model directory"):
-        make_judge("reward_model", None, dar.Config(judge="reward_model", reward_model=missing))
+        make_judge("reward_model", None, config.Config(judge="reward_model", reward_model=missing))
     with pytest.raises(SystemExit, match="needs --reward-model"):
-        make_judge("reward_model", None, dar.Config(judge="reward_model"))
+        make_judge("reward_model", None, config.Config(judge="reward_model"))

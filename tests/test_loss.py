@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from dar import advantage_stats, dar_loss, dar_weights, group_advantages, k3, weighted_sft_loss
+from dar import dar_loss, dar_weights, weighted_sft_loss
+from loop import advantage_stats, group_advantages, k3
 
 ALPHA, BETA, CLIP = 0.1, 0.05, 20.0
 

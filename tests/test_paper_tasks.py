@@ -11,7 +11,8 @@ import sys
 
 import pytest
 
-import dar
+import config
+import loop
 from conftest import ROOT, build_reward_model, read_metrics, run_dar
 
 FIXTURES = os.path.join(ROOT, "tests", "fixtures")
@@ -34,7 +35,7 @@ def annotator():
 
 @pytest.fixture(scope="module")
 def pi_0(toy_cache):
-    return os.path.join(dar.toy_paths(dar.parse_config(["--cache-dir", toy_cache, "--sft-steps", "40"]))[1], "final")
+    return os.path.join(loop.toy_paths(config.parse_config(["--cache-dir", toy_cache, "--sft-steps", "40"]))[1], "final")
 
 
 @pytest.mark.parametrize("task, data", [("tldr", "tldr_sft.jsonl"), ("helpful", "hh_helpful.jsonl"),

@@ -8,10 +8,13 @@ import os
 import pytest
 import torch
 
+import config
 import dar
+import infra
+import loop
 import rollout
 import tasks
-from conftest import TINY
+from conftest import TINY, train
 
 
 def straightforward_logps(model, batch):
@@ -25,10 +28,10 @@ def straightforward_logps(model, batch):
 
 @pytest.fixture(scope="module")
 def policy_and_batch(toy_cache):
-    cfg = dar.parse_config(["--cache-dir", toy_cache] + TINY)
-    _, sft = dar.toy_paths(cfg)
+    cfg = config.parse_config(["--cache-dir", toy_cache] + TINY)
+    _, sft = loop.toy_paths(cfg)
     path = os.path.join(sft, "final")
-    model, tok = dar.load_model(path, cfg, torch.device("cpu")), dar.load_tokenizer(path)
+    model, tok = infra.load_model(path, cfg, torch.device("cpu")), infra.load_tokenizer(path)
     prompts = tasks.toy_task().train_prompts[:10]  # words of 3 to 8 letters: prompts of several lengths
     torch.manual_seed(0)
     batch = rollout.generate(model, tok, prompts, 2, 12, 1.0)
@@ -73,7 +76,7 @@ def test_score_orders_by_length_and_returns_an_ordinary_tensor(policy_and_batch)
     with torch.no_grad():
         ref = straightforward_logps(model, batch)
     for micro in (1, 3, 64):
-        out = dar.score(model, batch, micro)
+        out = loop.score(model, batch, micro)
         torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
     assert not out.is_inference()
     x = torch.ones(out.shape, requires_grad=True)
@@ -82,9 +85,9 @@ def test_score_orders_by_length_and_returns_an_ordinary_tensor(policy_and_batch)
 
 
 def one_dar_run(toy_cache, out, *flags):
-    cfg = dar.parse_config(["--cache-dir", toy_cache, "--out-dir", str(out), "--steps", "2", "--print-every", "1000",
+    cfg = config.parse_config(["--cache-dir", toy_cache, "--out-dir", str(out), "--steps", "2", "--print-every", "1000",
                             "--seed", "3"] + TINY + list(flags))
-    run = dar.train(cfg, dar.Dist())
+    run = train(cfg)
     return torch.cat([p.detach().flatten() for p in run.policy.parameters()]), run
 
 
@@ -116,7 +119,7 @@ def test_generate_records_the_sampled_tokens_log_probs(policy_and_batch):
     """--logp-source sampler with transformers: the log-probs generate() computed while sampling equal a
     teacher-forced forward pass of the same sequences (float32: to rounding)."""
     model, batch = policy_and_batch
-    tok = dar.load_tokenizer(model.name_or_path)
+    tok = infra.load_tokenizer(model.name_or_path)
     torch.manual_seed(1)
     rec = rollout.generate(model, tok, batch.prompts[::2], 2, 12, 0.9, record_logp=True)
     assert rec.sampler_logp.shape == rec.response_mask.shape
@@ -128,12 +131,13 @@ def test_generate_records_the_sampled_tokens_log_probs(policy_and_batch):
 
 def test_sampler_log_probs_skip_the_pi_t_pass(toy_cache, tmp_path, monkeypatch):
     """With --logp-source sampler the policy scores one micro-batch (the logged check), not the batch."""
-    scored, real = [], dar.score
+    scored, real = [], loop.score
 
     def score(model, batch, *a, **kw):
         scored.append(len(batch))
         return real(model, batch, *a, **kw)
-    monkeypatch.setattr(dar, "score", score)
+    for module in (loop, dar):  # pi_t is scored in loop.pi_t_logps, pi_0 in dar.dar_step
+        monkeypatch.setattr(module, "score", score)
     _, run = one_dar_run(toy_cache, tmp_path / "sampler", "--logp-source", "sampler", "--steps", "1")
     assert scored == [8, 32]  # the policy on micro_batch rows, then pi_0 on the whole batch
     first = json.loads(open(tmp_path / "sampler" / "metrics.jsonl").readline())

@@ -1,23 +1,25 @@
 """Rollout layout (left padding, EOS, masks), log-probs under padding, the toy task and its judges."""
 import math
 import os
-import random
 
 import pytest
 import torch
 
-import dar
+import config
+import infra
+import loop
 import rollout
 import tasks
-from judge import make_judge, toy_gold_score, toy_proxy_score
+from judge import make_judge
+from tasks import toy_gold_score, toy_proxy_score
 
 
 @pytest.fixture(scope="module")
 def pi0(toy_cache):
-    cfg = dar.parse_config(["--cache-dir", toy_cache, "--sft-steps", "40"])
-    _, sft = dar.toy_paths(cfg)
+    cfg = config.parse_config(["--cache-dir", toy_cache, "--sft-steps", "40"])
+    _, sft = loop.toy_paths(cfg)
     path = os.path.join(sft, "final")
-    return dar.load_model(path, cfg, torch.device("cpu")).eval(), dar.load_tokenizer(path)
+    return infra.load_model(path, cfg, torch.device("cpu")).eval(), infra.load_tokenizer(path)
 
 
 def test_generate_returns_k_grouped_responses_cut_at_eos(pi0):

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-import dar
+import config
 import rollout
 import tasks
 
@@ -395,20 +395,20 @@ def test_hub_files_collects_the_shards_of_one_split(monkeypatch, tmp_path):
 # Task defaults reach the config
 # ---------------------------------------------------------------------------------------------------
 def test_helpsteer2_defaults_and_flags_win():
-    cfg = dar.parse_config(["--task", "helpsteer2", "--algo", "dar"])
+    cfg = config.parse_config(["--task", "helpsteer2", "--algo", "dar"])
     assert (cfg.alpha, cfg.beta, cfg.max_new_tokens, cfg.weight_decay) == (0.5, 0.5, 1000, 0.01)
     assert cfg.judge == cfg.eval_judge == "reward_model"
-    cfg = dar.parse_config(["--task", "helpsteer2", "--algo", "dar", "--beta", "0.1", "--max-new-tokens", "32"])
+    cfg = config.parse_config(["--task", "helpsteer2", "--algo", "dar", "--beta", "0.1", "--max-new-tokens", "32"])
     assert (cfg.alpha, cfg.beta, cfg.max_new_tokens) == (0.5, 0.1, 32)
-    grpo = dar.parse_config(["--task", "helpsteer2", "--algo", "grpo"])
+    grpo = config.parse_config(["--task", "helpsteer2", "--algo", "grpo"])
     assert grpo.beta == 0.03 and grpo.clip_eps == 0.2  # the task's KL coefficient over GRPO's, its clip kept
-    assert dar.parse_config(["--task", "helpsteer2", "--algo", "rloo"]).beta == 0.05
-    assert dar.parse_config(["--task", "tldr", "--algo", "grpo"]).beta == 0.04  # direct AI alignment: GRPO's own
+    assert config.parse_config(["--task", "helpsteer2", "--algo", "rloo"]).beta == 0.05
+    assert config.parse_config(["--task", "tldr", "--algo", "grpo"]).beta == 0.04  # direct AI alignment: GRPO's own
 
 
 @pytest.mark.parametrize("task,tokens", [("tldr", 64), ("helpful", 256), ("harmless", 256)])
 def test_direct_ai_alignment_defaults(task, tokens):
-    cfg = dar.parse_config(["--task", task])
+    cfg = config.parse_config(["--task", task])
     assert cfg.max_new_tokens == tokens and cfg.judge == cfg.eval_judge == "llm"
     assert (cfg.alpha, cfg.beta, cfg.weight_decay) == (0.1, 0.05, 0.0)  # DAR's direct-alignment values (B.2)
 
@@ -418,24 +418,24 @@ def test_paper_schedule_defaults_and_length_in_passes_over_prompts():
     in passes over the prompts (RLHF 1 on TL;DR, 2 on HH; online DAP 5), 10 checkpoints a run."""
     class FakeTask:
         train_prompts = ["p"] * 1000
-    cfg = dar.parse_config(["--task", "helpful"])
+    cfg = config.parse_config(["--task", "helpful"])
     assert (cfg.online_batch, cfg.minibatch, cfg.lr, cfg.prompt_epochs) == (512, 128, 1e-6, 2)
-    dar.resolve_schedule(cfg, FakeTask())
+    config.resolve_schedule(cfg, FakeTask())
     assert cfg.steps == 16 and cfg.save_every == 1  # ceil(2 x 1000 / 128 prompts per batch); 16 // 10
-    cfg = dar.parse_config(["--task", "tldr", "--algo", "online_dpo"])
+    cfg = config.parse_config(["--task", "tldr", "--algo", "online_dpo"])
     assert (cfg.lr, cfg.prompt_epochs) == (5e-7, 5)
-    dar.resolve_schedule(cfg, FakeTask())
+    config.resolve_schedule(cfg, FakeTask())
     assert cfg.steps == math.ceil(5 * 1000 / (512 // cfg.k))  # online DPO: K 2, 256 prompts per batch
-    assert dar.parse_config(["--task", "harmless", "--algo", "dual_ppo"]).lr == 3e-6
-    dpo = dar.parse_config(["--task", "helpful", "--algo", "dpo", "--steps", "7"])
-    dar.resolve_schedule(dpo, FakeTask())
+    assert config.parse_config(["--task", "harmless", "--algo", "dual_ppo"]).lr == 3e-6
+    dpo = config.parse_config(["--task", "helpful", "--algo", "dpo", "--steps", "7"])
+    config.resolve_schedule(dpo, FakeTask())
     assert (dpo.lr, dpo.steps) == (5e-7, 7)
-    explicit = dar.parse_config(["--task", "helpful", "--steps", "3", "--save-every", "2"])
-    dar.resolve_schedule(explicit, FakeTask())
+    explicit = config.parse_config(["--task", "helpful", "--steps", "3", "--save-every", "2"])
+    config.resolve_schedule(explicit, FakeTask())
     assert (explicit.steps, explicit.save_every, explicit.prompt_epochs) == (3, 2, 0)  # the flag wins
     with pytest.raises(SystemExit):
-        dar.parse_config(["--task", "helpful", "--steps", "3", "--prompt-epochs", "1"])
-    toy = dar.parse_config([])
+        config.parse_config(["--task", "helpful", "--steps", "3", "--prompt-epochs", "1"])
+    toy = config.parse_config([])
     assert (toy.online_batch, toy.lr, toy.prompt_epochs, toy.save_every) == (256, 3e-4, 0, 20)  # toy unchanged
 
 
@@ -443,10 +443,10 @@ def test_check_config_accepts_every_task(tmp_path):
     (tmp_path / "config.json").write_text("{}")  # stands for the SFT policy's model directory
     for name in tasks.TASKS:
         model = [] if name == "toy" else ["--model", str(tmp_path)]
-        cfg = dar.parse_config(["--task", name, "--judge", "toy_gold", "--eval-judge", "toy_gold"] + model)
-        dar.check_config(cfg, 1)
+        cfg = config.parse_config(["--task", name, "--judge", "toy_gold", "--eval-judge", "toy_gold"] + model)
+        config.check_config(cfg, 1)
         if name != "toy":  # the paper's tasks start from a given pi_0; only the toy task builds its own
             with pytest.raises(SystemExit, match=f"--task {name} needs --model"):
-                dar.check_config(dar.parse_config(["--task", name, "--judge", "toy_gold", "--eval-judge", "toy_gold"]), 1)
+                config.check_config(config.parse_config(["--task", name, "--judge", "toy_gold", "--eval-judge", "toy_gold"]), 1)
     with pytest.raises(SystemExit, match="valid tasks: toy, tldr, helpful, harmless, helpsteer2"):
-        dar.check_config(dar.parse_config(["--task", "summaries"]), 1)
+        config.check_config(config.parse_config(["--task", "summaries"]), 1)

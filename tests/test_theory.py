@@ -25,7 +25,7 @@ Claims checked (section / equation of the paper):
   6. DAO (App. A.4, baselines.dao_loss): the REINFORCE-style gradient is the exact gradient of Eq. 3.
   7. Dual-PPO (App. B.3, baselines.dual_ppo_rewards): the shaped per-token reward sums to the sequence-level
      dual-KL penalty, and its expected return is Eq. 3; Dual-Mix-PPO's (Eq. 9) is a per-token forward KL.
-  8. The k3 estimator used for evaluation (dar.k3) is unbiased for KL(pi || pi_ref), also for sequences
+  8. The k3 estimator used for evaluation (loop.k3) is unbiased for KL(pi || pi_ref), also for sequences
      (per-token k3 summed over tokens), and non-negative per sample, unlike log(pi/pi_ref).
   9. IS-DPO (IS-DPO appendix, Theorem 1; baselines.is_dpo_loss): importance weighting makes the loss on
      pi_ref's pairs an unbiased estimate of online DPO, and the weighted squared loss has the gradient of
@@ -41,7 +41,8 @@ import pytest
 import torch
 
 from baselines import dao_loss, dpo_loss, dual_mix_ppo_rewards, dual_ppo_rewards, ipo_loss, is_dpo_loss, is_weights
-from dar import dar_loss, dar_weights, k3, weighted_sft_loss
+from dar import dar_loss, dar_weights, weighted_sft_loss
+from loop import k3
 
 DT = torch.float64
 SEEDS = [0, 1, 2]
@@ -592,7 +593,7 @@ def test_clip_below_every_weight_stalls_the_iteration(seed):
 @space_params
 @pytest.mark.parametrize("seed", SEEDS)
 def test_k3_is_exactly_unbiased_for_the_sequence_kl(space, seed):
-    """Schulman's k3 (dar.k3; README "train/kl_pi0"): per token, with rho = pi_ref(y_i|y_<i) / pi(y_i|y_<i),
+    """Schulman's k3 (loop.k3; README "train/kl_pi0"): per token, with rho = pi_ref(y_i|y_<i) / pi(y_i|y_<i),
     k3_i = (rho - 1) - log rho >= 0 and E_{y_i ~ pi(.|y_<i)}[rho] = 1, so E[k3_i | y_<i] = KL of the
     conditionals; summed over tokens, by the chain rule sum_y pi(y) sum_i k3_i(y) = KL(pi || pi_ref) of the
     sequence distributions. The naive estimator log(pi(y)/pi_ref(y)) has the same mean but is negative on

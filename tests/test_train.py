@@ -2,6 +2,7 @@
 a killed run resumes to the same metrics, and bad input stops with a clear message."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -10,14 +11,17 @@ import time
 import pytest
 import torch
 
+import config
 import dar
+import infra
+import loop
 import rollout
 import tasks
-from conftest import ROOT, SFT_STEPS, TINY, TORCHRUN, comparable, read_metrics, run_dar
+from conftest import ROOT, TINY, TORCHRUN, comparable, read_metrics, run_dar, train
 
 
 def tiny_cfg(toy_cache, out, *extra):
-    return dar.parse_config(TINY + ["--cache-dir", toy_cache, "--out-dir", str(out), "--print-every", "1000",
+    return config.parse_config(TINY + ["--cache-dir", toy_cache, "--out-dir", str(out), "--print-every", "1000",
                                     *extra])
 
 
@@ -27,9 +31,9 @@ def params(model):
 
 def test_one_dar_step_changes_the_parameters(toy_cache, tmp_path):
     cfg = tiny_cfg(toy_cache, tmp_path / "run", "--steps", "1")
-    _, sft = dar.toy_paths(cfg)
-    before = params(dar.load_model(os.path.join(sft, "final"), cfg, torch.device("cpu")))
-    run = dar.train(cfg, dar.Dist())
+    _, sft = loop.toy_paths(cfg)
+    before = params(infra.load_model(os.path.join(sft, "final"), cfg, torch.device("cpu")))
+    run = train(cfg)
     policy, ref = run.policy, run.ref
     after = params(policy)
     assert any(not torch.equal(before[k], after[k]) for k in before)
@@ -38,18 +42,18 @@ def test_one_dar_step_changes_the_parameters(toy_cache, tmp_path):
 
 def test_sft_reduces_nll_on_its_data(toy_cache, tmp_path):
     cfg = tiny_cfg(toy_cache, tmp_path / "sft", "--algo", "sft", "--steps", "15", "--minibatch", "32")
-    base, _ = dar.toy_paths(cfg)
+    base, _ = loop.toy_paths(cfg)
     task = tasks.load_task("toy")
     pairs = task.sft_data[:64]
-    tok = dar.load_tokenizer(base)
+    tok = infra.load_tokenizer(base)
     batch = rollout.from_texts(tok, [p for p, _ in pairs], [r for _, r in pairs])
 
     def nll(model):
         with torch.no_grad():
             return -rollout.token_logps(model.eval(), batch).sum().item() / batch.response_mask.sum().item()
 
-    before = nll(dar.load_model(base, cfg, torch.device("cpu")))
-    policy = dar.train(cfg, dar.Dist()).policy
+    before = nll(infra.load_model(base, cfg, torch.device("cpu")))
+    policy = train(cfg).policy
     assert nll(policy) < before - 0.5, "15 SFT steps at lr 1e-3 should cut the per-token NLL of random init"
 
 
@@ -114,6 +118,32 @@ def test_killed_run_resumes_to_the_same_metrics(toy_cache, tmp_path):
     assert fa["step"] == fb["step"] == 6
 
 
+OLD_RUN = os.path.join(ROOT, "tests", "fixtures", "run-before-layout")
+OLD_RUN_FLAGS = ["--model", "tests/fixtures/run-before-layout/pi0", "--online-batch", "32", "--minibatch", "16",
+                 "--micro-batch", "8", "--max-new-tokens", "12", "--lr", "1e-3", "--eval-prompts", "0",
+                 "--save-every", "2", "--keep-checkpoints", "2", "--print-every", "1000", "--sample-every", "1000"]
+
+
+def test_a_checkpoint_written_before_the_file_split_resumes_to_its_numbers(tmp_path):
+    """run/ is what dar.py wrote at commit dff6d8b, before dar.py was split into config, infra and loop:
+    `OMP_NUM_THREADS=1 python dar.py OLD_RUN_FLAGS --steps 2` in the repository root (pi0/ is the toy pi_0 of
+    that commit's `python dar.py`; the run's final/ is left out). expected-steps-3-4.jsonl holds online batches
+    3 and 4 of the same command with --steps 4, uninterrupted, at that commit. Today's code resumes the
+    checkpoint and continues to those numbers."""
+    out = tmp_path / "run"
+    shutil.copytree(os.path.join(OLD_RUN, "run"), out)
+    p = run_dar(OLD_RUN_FLAGS + ["--steps", "4", "--out-dir", str(out), "--resume"], cwd=ROOT)
+    assert p.returncode == 0, p.stderr[-3000:]
+    rows = comparable(read_metrics(out))
+    with open(os.path.join(OLD_RUN, "expected-steps-3-4.jsonl")) as f:
+        expected = comparable([json.loads(line) for line in f])
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    for got, want in zip(rows[2:], expected):
+        assert got.keys() == want.keys()
+        for k in want:
+            assert got[k] == pytest.approx(want[k], rel=1e-5, abs=1e-6), (want["step"], k)
+
+
 def test_resume_refuses_changed_settings(toy_cache, tmp_path):
     out = tmp_path / "r"
     p = run_dar(TINY + ["--cache-dir", toy_cache, "--out-dir", str(out), "--steps", "1"], cwd=tmp_path)
@@ -157,36 +187,45 @@ def test_bad_flag_prints_a_message_not_a_traceback(tmp_path):
 def test_pi_t_logps_are_computed_once_before_the_updates_and_reused(toy_cache, tmp_path, monkeypatch):
     """Every update of an online batch uses log pi_t of the policy that sampled the batch."""
     cfg = tiny_cfg(toy_cache, tmp_path / "once", "--steps", "1")  # 32 responses, 2 updates of 16
-    calls, seen = [], []
-    real_score, real_loss = dar.score, dar.dar_loss
+    calls, weighed, seen = [], [], []
+    real_score, real_weights, real_loss = loop.score, dar.dar_weights, dar.weighted_sft_loss
 
     def score(model, batch, *a):
         out = real_score(model, batch, *a)
         calls.append((model, batch, out.sum(1).cpu()))
         return out
 
-    def loss(logp, logp_t, *a, **kw):
-        seen.append(logp_t.clone())
-        return real_loss(logp, logp_t, *a, **kw)
+    def weights(adv, logp_t, *a, **kw):
+        w, parts = real_weights(adv, logp_t, *a, **kw)
+        weighed.append((logp_t.clone(), w.clone()))
+        return w, parts
 
-    monkeypatch.setattr(dar, "score", score)
-    monkeypatch.setattr(dar, "dar_loss", loss)
-    run = dar.train(cfg, dar.Dist())
+    def loss(logp, w, *a, **kw):
+        seen.append(w.detach().cpu().clone())
+        return real_loss(logp, w, *a, **kw)
+
+    for module in (loop, dar):  # pi_t is scored in loop.pi_t_logps, pi_0 in dar.dar_step
+        monkeypatch.setattr(module, "score", score)
+    monkeypatch.setattr(dar, "dar_weights", weights)
+    monkeypatch.setattr(dar, "weighted_sft_loss", loss)
+    run = train(cfg)
     policy, ref = run.policy, run.ref
     assert len(calls) == 2 and calls[0][0] is policy and calls[1][0] is ref  # pi_t and pi_0, once each
-    assert len(seen) == 4  # 2 optimizer steps x 2 micro-batches of 8
     logp_t_before_updates = calls[0][2]
+    # the weights are made once, from the pi_t log-probs computed before the first update
+    assert len(weighed) == 1 and torch.equal(weighed[0][0], logp_t_before_updates)
+    assert len(seen) == 4  # 2 optimizer steps x 2 micro-batches of 8
     used = torch.cat(seen)
-    # each of the 32 rows used exactly once per epoch, with the value computed before the first update
-    assert torch.equal(used.sort().values, logp_t_before_updates.sort().values)
+    # each of the 32 rows' weight used exactly once per epoch
+    assert torch.equal(used.sort().values, weighed[0][1].sort().values)
     # the policy has moved on since: log-probs recomputed now would be other numbers
     assert not torch.allclose(real_score(policy, calls[0][1], cfg.micro_batch).sum(1), logp_t_before_updates)
 
 
 def test_warmup_then_constant_learning_rate():
-    cfg = dar.parse_config(["--lr", "1e-3", "--warmup-steps", "15"])
+    cfg = config.parse_config(["--lr", "1e-3", "--warmup-steps", "15"])
     model = torch.nn.Linear(2, 1)
-    opt, sched = dar.optimizer_and_schedule(cfg, [model])
+    opt, sched = infra.optimizer_and_schedule(cfg, [model])
     lrs = []
     for _ in range(20):
         lrs.append(sched.get_last_lr()[0])
@@ -200,7 +239,7 @@ def test_warmup_then_constant_learning_rate():
 
 def test_prompt_order_is_a_fresh_permutation_each_epoch_and_stateless():
     n, per = 10, 4
-    stream = sum((dar.prompt_indices(t, per, n, seed=3) for t in range(5)), [])  # 20 draws = 2 epochs
+    stream = sum((loop.prompt_indices(t, per, n, seed=3) for t in range(5)), [])  # 20 draws = 2 epochs
     assert sorted(stream[:10]) == list(range(10)) and sorted(stream[10:]) == list(range(10))
     assert stream[:10] != stream[10:]
-    assert dar.prompt_indices(3, per, n, seed=3) == stream[12:16]
+    assert loop.prompt_indices(3, per, n, seed=3) == stream[12:16]

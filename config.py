@@ -1,0 +1,266 @@
+"""Every setting of a run, in one flat dataclass, and the rules around it: the paper's defaults per algorithm
+and per task, the checks that reject a bad setting before any model loads, and what a resumed run may change.
+
+A learner can skip this file: `python dar.py --help` prints every flag with its default, DAR's own first.
+Each setting comes from, in order of precedence: the command line; the paper's setting for this task and
+algorithm (tasks.TASK_ALGO_DEFAULTS); for this algorithm (ALGO_DEFAULTS); for this task (tasks.TASK_DEFAULTS:
+lengths, judge); else Config's default. The whole config is saved with the run and with every checkpoint.
+"""
+import argparse
+import dataclasses
+import math
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+import tasks
+from judge import JUDGES
+
+ALGOS = ("dar", "sft",                                           # dar.py, loop.py (SFT)
+         "ppo", "dual_ppo", "dual_ppo_clip", "dual_mix_ppo",      # baselines.py: RL with a value model
+         "dao", "dao_ppo", "rloo", "grpo", "iter_sft",            # RL from K samples per prompt, no critic
+         "online_dpo", "ipo", "slic",                             # online direct alignment, pairs from K samples
+         "dpo", "simpo", "is_dpo")                                # offline direct alignment on a preference set
+OFFLINE = ("sft", "dpo", "simpo", "is_dpo")             # train on a fixed data set: no sampling, no judge
+VALUE_MODEL = ("ppo", "dual_ppo", "dual_ppo_clip", "dual_mix_ppo")   # need a learned value V(x, y_<i)
+
+# The paper's hyperparameters per algorithm (Appendix B.2-B.3, Table 5), over the Config defaults (DAR's);
+# a flag given on the command line wins over both. beta is each method's regularisation strength. Learning
+# rates stay the toy task's (the paper's are for 7B models: 5e-7 online DAP, 1e-6 RLHF, 3e-6 Dual-PPO).
+ALGO_DEFAULTS = {
+    "ppo": dict(beta=0.03, epochs=4, clip_eps=0.2),
+    "dual_ppo": dict(alpha=0.3, beta=0.02, epochs=1, clip_eps=math.inf),
+    "dual_ppo_clip": dict(alpha=0.9, beta=0.01, epochs=1, clip_eps=0.2),
+    "dual_mix_ppo": dict(alpha=0.3, beta=0.02, epochs=1, clip_eps=math.inf),
+    "rloo": dict(beta=0.03),
+    "grpo": dict(beta=0.04, clip_eps=0.2),
+    "online_dpo": dict(beta=0.1, k=2), "ipo": dict(beta=1.0, k=2), "slic": dict(beta=0.002, k=2),
+    "dpo": dict(beta=0.1), "simpo": dict(beta=2.0), "is_dpo": dict(beta=0.1),
+}
+
+
+def arg(default, help):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class Config:
+    # DAR (Section 4.3 and Appendix B.2; paper values)
+    alpha: float = arg(0.1, "trade-off between KL(pi||pi_0) (alpha) and KL(pi||pi_t) (1 - alpha), Eq. 3")
+    beta: float = arg(0.05, "regularisation strength: DAR/DAO w_adv = exp(A_norm / beta) (Eq. 4); KL coefficient "
+                            "of ppo/rloo/grpo; beta of dpo/ipo/slic/simpo/is_dpo (per-algorithm defaults: --help)")
+    w_clip: float = arg(20.0, "clip threshold on the product w_reg * w_adv")
+    normalize_adv: bool = arg(True, "batch normalisation of the Monte-Carlo advantage (Algorithm 1)")
+    # what to train
+    task: str = arg("toy", "prompt set and judge; 'toy' is built in (tasks.py)")
+    algo: str = arg("dar", f"training algorithm: {', '.join(ALGOS)}")
+    model: str = arg("", "initial policy pi_0, a Hugging Face model directory; '' = the toy task's own")
+    judge: str = arg("toy_gold", "reward r(x, y) used for training (judge.py): " + ", ".join(JUDGES))
+    eval_judge: str = arg("toy_gold", "reward used for the final evaluation against pi_0")
+    data: str = arg("", "a local JSONL(.gz) or parquet file in the task's data set schema, used instead of the "
+                        "Hub (5% of prompts held out by hash), or TRAIN,EVAL: two such files")
+    # the LLM annotator behind an OpenAI-compatible HTTP endpoint (--judge llm) and reward models
+    judge_url: str = arg("", "base URL of the annotator's endpoint, e.g. http://127.0.0.1:8000/v1 (--judge llm)")
+    judge_model: str = arg("", "model name sent to the endpoint (paper: Qwen2-72B-Instruct, Qwen3-32B)")
+    judge_api_key_env: str = arg("DAR_JUDGE_API_KEY", "environment variable that holds the endpoint's API key")
+    judge_concurrency: int = arg(16, "annotator requests in flight at once")
+    judge_timeout: float = arg(120.0, "seconds allowed per annotator request")
+    judge_retries: int = arg(5, "retries per request on connection errors, timeouts, 429 and 5xx (backoff)")
+    reward_model: str = arg("", "a sequence-classification reward model directory (--judge reward_model)")
+    # baselines (baselines.py, Appendix B.3)
+    clip_eps: float = arg(0.2, "policy-ratio clip range of ppo, dual_ppo_clip, grpo; inf = no clipping")
+    vf_coef: float = arg(10.0, "PPO value-loss coefficient (paper: 10)")
+    value_clip: float = arg(0.2, "PPO value clipping range around the rollout's values")
+    gae_lambda: float = arg(0.95, "PPO GAE lambda")
+    gamma: float = arg(1.0, "PPO discount per token")
+    missing_eos_penalty: float = arg(1.0, "PPO family: subtracted from the reward of a response without EOS")
+    value_model: str = arg("", "PPO value model: a Hugging Face directory; '' = pi_0's network, fresh scalar head")
+    simpo_gamma: float = arg(1.6, "SimPO target reward margin gamma")
+    is_clip: float = arg(1.0, "IS-DPO: upper clip of the importance ratio pi_theta/pi_0 of a pair")
+    # online sampling (Appendix B.1)
+    k: int = arg(4, "responses sampled per prompt, the Monte-Carlo sample size K")
+    temperature: float = arg(0.9, "sampling temperature for online data and evaluation")
+    max_new_tokens: int = arg(16, "longest response, in tokens (paper: 64 TL;DR, 256 HH, 1000 HelpSteer2)")
+    # batch sizes, counted in responses over all ranks (Appendix B.1: 512 / 128)
+    steps: int = arg(60, "online batches T (for --algo sft: optimizer steps)")
+    prompt_epochs: float = arg(0.0, "passes over the training prompts; > 0 sets --steps to prompt_epochs x prompts "
+                                    "/ prompts per online batch (paper: 1 TL;DR, 2 HH for RLHF; 5 for online DAP)")
+    online_batch: int = arg(256, "responses per online batch = prompts x K (paper: 512)")
+    minibatch: int = arg(64, "responses per optimizer step; online_batch / minibatch steps per batch (paper: 128)")
+    micro_batch: int = arg(64, "responses per forward/backward on one rank; gradients accumulate to a minibatch")
+    epochs: int = arg(1, "passes over each online batch")
+    # optimisation (Appendix B.1: Adafactor without relative step, 15 warm-up steps, constant LR)
+    lr: float = arg(3e-4, "learning rate after warm-up (paper, 7B: 5e-7 to 1e-6)")
+    warmup_steps: int = arg(15, "optimizer steps of linear warm-up")
+    weight_decay: float = arg(0.0, "Adafactor weight decay")
+    max_grad_norm: float = arg(1.0, "gradient norm clip; 0 = no clipping")
+    # the toy task's pi_0: SFT of the freshly built model on the sloppy demonstrations
+    sft_steps: int = arg(1500, "SFT optimizer steps that make the toy pi_0")
+    sft_lr: float = arg(3e-3, "SFT learning rate for the toy pi_0")
+    cache_dir: str = arg("~/.cache/dar", "where the built toy model and its SFT pi_0 are kept and reused")
+    # bookkeeping
+    seed: int = arg(0, "seed for python, numpy and torch; rank r uses seed + 1000 r")
+    out_dir: str = arg("", "run directory (metrics.jsonl, checkpoints, final/); '' = runs/TASK-ALGO-sSEED")
+    resume: bool = arg(False, "continue from the last checkpoint in --out-dir")
+    save_every: int = arg(20, "checkpoint every N online batches (and at the end); 0 = 10 checkpoints a run")
+    keep_checkpoints: int = arg(2, "how many recent checkpoints to keep")
+    print_every: int = arg(1, "print a one-line summary every N steps (the toy pi_0's SFT prints every 100)")
+    sample_every: int = arg(20, "print a table of sample prompt / response / reward every N batches")
+    eval_prompts: int = arg(256, "held-out prompts for the final comparison with pi_0")
+    dtype: str = arg("auto", "auto (bf16 on GPUs that have it, else float32), float32 or bfloat16")
+    gradient_checkpointing: bool = arg(False, "recompute the layers' activations in backward: less memory for "
+                                              "long responses, one more forward pass of the layers per update")
+    rollout: str = arg("hf", "sampler: hf (transformers generate) or vllm (a colocated engine per rank)")
+    vllm_gpu_memory: float = arg(0.3, "share of GPU memory vLLM may take (weights + KV cache), --rollout vllm")
+    logp_source: str = arg("policy", "log pi_t for the loss: policy (a forward pass of the trained model) or "
+                                     "sampler (the sampler's log-probs of the sampled tokens: no pi_t pass)")
+    backend: str = arg("", "torch.distributed backend; '' = nccl on GPU, gloo on CPU")
+    fsdp: bool = arg(False, "shard parameters, gradients and optimizer state over the ranks (FSDP2, per decoder "
+                            "layer) instead of a full copy per rank (DDP); pi_0 and PPO's value model too")
+    export_hf: str = arg("", "write this checkpoint (ckpt-N, sharded or not) as an ordinary Hugging Face model "
+                             "directory at --out-dir and exit")
+    fsdp_offload: bool = arg(False, "--fsdp: keep the shards and optimizer state in CPU memory (slower; for "
+                                    "models whose shards do not fit the GPUs)")
+    dist_timeout: float = arg(30.0, "minutes a rank waits in a collective for the others before the job fails "
+                                    "(a rank that died or hangs)")
+    trust_remote_code: bool = arg(False, "run Python code shipped with a model directory (its auto_map) when "
+                                         "loading it; only for code you have read")
+    max_prompt_tokens: int = arg(0, "longest prompt, in tokens with the chat template; longer ones are skipped "
+                                    "and counted; 0 = the context window minus --max-new-tokens")
+    max_invalid_frac: float = arg(0.5, "stop (with a checkpoint) when more of an online batch's judgments than "
+                                       "this are invalid: an unreachable or broken judge, not noise to train on")
+
+
+# Fields a resumed run may change; any other difference from the checkpoint's config is an error.
+RESUMABLE_CHANGES = {"resume", "steps", "prompt_epochs", "save_every", "keep_checkpoints", "sample_every",
+                     "eval_prompts", "gradient_checkpointing", "max_invalid_frac", "judge_url",
+                     "judge_concurrency", "judge_timeout", "judge_retries", "dist_timeout", "trust_remote_code",
+                     "fsdp_offload", "export_hf", "out_dir"}
+
+
+def config_from_dict(saved):
+    """The Config a run saved (its config.json, a checkpoint's state.pt); fields this version does not know
+    are ignored."""
+    known = {f.name for f in dataclasses.fields(Config)}
+    return Config(**{k: v for k, v in saved.items() if k in known})
+
+
+def arg_parser():
+    """A flag per Config field, --name-with-dashes, with its help and default (argparse formats help strings
+    with %, so a literal % is doubled); the per-algorithm defaults in the epilog."""
+    epilog = "per-algorithm defaults: " + "; ".join(
+        f"{a}: " + ", ".join(f"{k}={v}" for k, v in d.items()) for a, d in ALGO_DEFAULTS.items())
+    p = argparse.ArgumentParser(prog="dar.py", epilog=epilog, description="DAR: Dual-regularized Advantage "
+                                "Regression (ICLR 2026) and the baselines it is compared with, in one online loop.")
+    for f in dataclasses.fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        help = f"{f.metadata['help']} (default: {f.default})".replace("%", "%%")
+        if f.type in (bool, "bool"):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help)
+        else:
+            typ = {"int": int, "float": float, "str": str}.get(f.type, f.type)
+            p.add_argument(flag, type=typ, default=argparse.SUPPRESS, help=help)
+    return p
+
+
+def parse_config(argv=None):
+    """The run's Config from the command line over the defaults (the precedence in this file's docstring)."""
+    p = arg_parser()
+    given = vars(p.parse_args(argv))
+    task, algo = given.get("task", Config.task), given.get("algo", Config.algo)
+    if "steps" in given and given.get("prompt_epochs", 0) > 0:
+        p.error("give --steps or --prompt-epochs, not both")
+    if "export_hf" in given and "out_dir" not in given:
+        p.error("--export-hf needs --out-dir, the new directory to write the model to")
+    if "steps" in given:  # an explicit length wins over the task's passes over the prompts
+        given["prompt_epochs"] = 0.0
+    cfg = Config(**{**tasks.TASK_DEFAULTS.get(task, {}), **ALGO_DEFAULTS.get(algo, {}),
+                    **tasks.TASK_ALGO_DEFAULTS.get((task, algo), {}), **given})
+    if not cfg.out_dir:
+        cfg.out_dir = f"runs/{cfg.task}-{cfg.algo}-s{cfg.seed}"
+    return cfg
+
+
+def check_config(cfg, world):
+    """Reject bad settings with a message that names the flag, before any model is loaded."""
+    def bad(msg):
+        raise SystemExit(f"error: {msg}")
+    if cfg.algo not in ALGOS:
+        bad(f"unknown --algo {cfg.algo!r}; valid algorithms: {', '.join(ALGOS)}")
+    if cfg.task not in tasks.TASKS:
+        bad(f"unknown --task {cfg.task!r}; valid tasks: {', '.join(tasks.TASKS)}")
+    for flag, name in (("--judge", cfg.judge), ("--eval-judge", cfg.eval_judge)):
+        if name not in JUDGES:
+            bad(f"unknown {flag} {name!r}; valid judges: {', '.join(JUDGES)}")
+    if not 0.0 <= cfg.alpha <= 1.0:
+        bad(f"--alpha must lie in [0, 1] (it weighs KL to pi_0 against KL to pi_t), got {cfg.alpha}")
+    for name in ("beta", "w_clip", "clip_eps", "is_clip"):
+        if not getattr(cfg, name) > 0:
+            bad(f"--{name.replace('_', '-')} must be > 0, got {getattr(cfg, name)}")
+    if cfg.k < 2:
+        bad(f"--k must be >= 2: the Monte-Carlo baseline needs several responses per prompt, got {cfg.k}")
+    if not cfg.temperature > 0:
+        bad(f"--temperature must be > 0, got {cfg.temperature}")
+    for name in ("steps", "online_batch", "minibatch", "micro_batch", "epochs", "max_new_tokens", "warmup_steps"):
+        if getattr(cfg, name) < 1:
+            bad(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
+    for name in ("save_every", "prompt_epochs", "max_prompt_tokens"):
+        if getattr(cfg, name) < 0:
+            bad(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
+    if cfg.online_batch % (cfg.k * world):
+        bad(f"--online-batch {cfg.online_batch} must be a multiple of K x ranks = {cfg.k} x {world}")
+    if cfg.online_batch % cfg.minibatch:
+        bad(f"--online-batch {cfg.online_batch} must be a multiple of --minibatch {cfg.minibatch}")
+    # online pair methods update on whole prompts (K responses each), offline pair methods on pairs
+    unit = cfg.k if cfg.algo in ("online_dpo", "ipo", "slic") else 2 if cfg.algo in ("dpo", "simpo", "is_dpo") else 1
+    if cfg.minibatch % (world * unit):
+        bad(f"--minibatch {cfg.minibatch} must split evenly into {world} ranks" +
+            (f" in whole groups of {unit} responses" if unit > 1 else ""))
+    used = ([cfg.judge] if cfg.algo not in OFFLINE else []) + ([cfg.eval_judge] if cfg.algo != "sft" else [])
+    if "llm" in used and not cfg.judge_url:
+        bad("--judge llm (this task's default) needs --judge-url, the annotator's OpenAI-compatible endpoint, e.g. "
+            "http://127.0.0.1:8000/v1 (python judge.py --serve --task toy --port 8000 starts a stand-in)")
+    if "reward_model" in used and not os.path.isfile(os.path.join(cfg.reward_model, "config.json")):
+        bad(f"--judge reward_model needs --reward-model, a sequence-classification model directory "
+            f"(got {cfg.reward_model!r})")
+    if cfg.task != "toy" and not cfg.model:
+        bad(f"--task {cfg.task} needs --model, the SFT policy pi_0 as a Hugging Face model directory "
+            "(the paper: Qwen2-7B fine-tuned on the task's demonstrations; --algo sft makes one)")
+    if cfg.model and not os.path.isfile(os.path.join(cfg.model, "config.json")):
+        bad(f"--model {cfg.model!r} is not a model directory (no config.json there); give the path of a "
+            "Hugging Face model directory, or omit --model on the toy task to build one")
+    if cfg.value_model and not os.path.isfile(os.path.join(cfg.value_model, "config.json")):
+        bad(f"--value-model {cfg.value_model!r} is not a model directory (no config.json there)")
+    if cfg.dtype not in ("auto", "float32", "bfloat16"):
+        bad(f"--dtype must be auto, float32 or bfloat16, got {cfg.dtype!r}")
+    if cfg.rollout not in ("hf", "vllm"):
+        bad(f"--rollout must be hf or vllm, got {cfg.rollout!r}")
+    if cfg.logp_source not in ("policy", "sampler"):
+        bad(f"--logp-source must be policy or sampler, got {cfg.logp_source!r}")
+    if cfg.fsdp_offload and not cfg.fsdp:
+        bad("--fsdp-offload offloads the shards of --fsdp; add --fsdp")
+    if cfg.fsdp_offload and not torch.cuda.is_available():
+        bad("--fsdp-offload moves shards between GPU and CPU memory; without a GPU they are in CPU memory already")
+    if not 0 < cfg.vllm_gpu_memory <= 1:
+        bad(f"--vllm-gpu-memory is a share of the GPU's memory in (0, 1], got {cfg.vllm_gpu_memory}")
+
+
+
+def check_resumable(cfg, saved):
+    """Stop a --resume whose settings differ from the checkpoint's in a field outside RESUMABLE_CHANGES."""
+    diff = [k for k, v in saved.items() if k not in RESUMABLE_CHANGES and getattr(cfg, k, v) != v]
+    if diff:
+        raise SystemExit("error: --resume with settings that differ from the checkpoint's: " +
+                         ", ".join(f"--{k.replace('_', '-')} {getattr(cfg, k)!r} (was {saved[k]!r})" for k in diff) +
+                         "; resume with the original flags, or start a new run with another --out-dir")
+
+
+def resolve_schedule(cfg, task):
+    """The run's length from passes over the training prompts (prompt_epochs > 0; Appendix B.1 counts epochs),
+    and save_every 0 as 10 checkpoints a run (B.1). Offline methods keep --steps: they read pairs, not prompts."""
+    if cfg.prompt_epochs > 0 and cfg.algo not in OFFLINE:
+        cfg.steps = max(1, math.ceil(cfg.prompt_epochs * len(task.train_prompts) / (cfg.online_batch // cfg.k)))
+    if cfg.save_every == 0:
+        cfg.save_every = max(1, cfg.steps // 10)
+

@@ -1,0 +1,544 @@
+"""The plumbing under the loop: processes and collectives, model loading and placement, FSDP2 sharding, the
+optimizer, checkpoints (DCP, export, RNG state), logging and signals.
+
+TRY NOT TO MODIFY, and a learner may skip it: nothing here is part of Algorithm 1. It is what lets the same
+loop run as one CPU process, under DDP on 8 GPUs, or sharded over many nodes, and survive being killed.
+loop.py is the training loop and the pieces every algorithm shares; dar.py is the algorithm.
+"""
+import contextlib
+import dataclasses
+import datetime
+import importlib.util
+import json
+import os
+import pickle
+import random
+import re
+import shutil
+import signal
+import threading
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as tdist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                     set_model_state_dict, set_state_dict)
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor, Replicate, Shard
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForTokenClassification, AutoTokenizer,
+                          GenerationConfig)
+from transformers.optimization import Adafactor
+from transformers.utils import logging as hf_logging
+
+import tasks
+from config import config_from_dict
+
+# ---------------------------------------------------------------------------------------------------
+# Processes, seeds, models
+# ---------------------------------------------------------------------------------------------------
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def master(self):
+        return self.rank == 0
+
+
+def setup_distributed(cfg):
+    """Read RANK / WORLD_SIZE / LOCAL_RANK from torchrun; one process without them (with --fsdp, a process
+    group of one, since sharded modules need one)."""
+    cuda = torch.cuda.is_available()
+    if "RANK" not in os.environ and not cfg.fsdp:
+        return Dist(device=torch.device("cuda", 0) if cuda else torch.device("cpu"))
+    if not cfg.dist_timeout > 0:
+        raise SystemExit(f"error: --dist-timeout must be > 0 minutes, got {cfg.dist_timeout}")
+    rank, world, local = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
+    device = torch.device("cuda", local) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    store = {} if "RANK" in os.environ else dict(store=tdist.HashStore(), rank=0, world_size=1)
+    tdist.init_process_group(cfg.backend or ("nccl" if cuda else "gloo"),
+                             timeout=datetime.timedelta(minutes=cfg.dist_timeout), **store)
+    return Dist(rank, world, local, device)
+
+
+def barrier(ctx):
+    if ctx.world > 1:
+        torch.distributed.barrier()
+
+
+def gather(ctx, t):
+    """Concatenate a 1-D tensor from every rank (same length everywhere), rank order: [world * n]."""
+    if ctx.world == 1:
+        return t
+    parts = [torch.empty_like(t) for _ in range(ctx.world)]
+    torch.distributed.all_gather(parts, t.contiguous())
+    return torch.cat(parts)
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def model_dtype(cfg, device):
+    if cfg.dtype != "auto":
+        return getattr(torch, cfg.dtype)
+    return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+
+
+def load_model(path, cfg, device, sharded=False, frozen=False):
+    """A causal LM from a model directory or a checkpoint (sharded ones too), on `device`, or sharded over the
+    ranks (--fsdp: place); frozen: eval mode, no gradients."""
+    flash = device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None
+    kwargs = dict(dtype=model_dtype(cfg, device), attn_implementation="flash_attention_2" if flash else "sdpa")
+
+    def read():
+        if is_sharded_checkpoint(path):  # one process reading a sharded checkpoint: eval.py, --export-hf
+            return load_sharded_weights(path, build())
+        return tasks.load_pretrained(AutoModelForCausalLM, path, cfg.trust_remote_code, **kwargs)
+
+    def build():
+        config = tasks.load_pretrained(AutoConfig, path, cfg.trust_remote_code)
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.trust_remote_code, **kwargs)
+        if os.path.isfile(os.path.join(path, "generation_config.json")):  # stop tokens, as read() has them
+            model.generation_config = GenerationConfig.from_pretrained(path)
+        return model
+    return place(read, build, cfg, device, sharded, lambda m: m.eval().requires_grad_(False) if frozen else None)
+
+
+def place(read, build, cfg, device, sharded, prepare):
+    """A model on `device`, or sharded over the ranks (--fsdp). read() loads it (weights and all); build() makes
+    the same architecture without its weights; prepare(model) runs before placing (freezing, a fresh head).
+
+    Sharded, the model is read from disk once: rank 0 reads it into CPU memory, the other ranks build it on
+    the meta device (no memory), shard it, and receive their shards from rank 0. Host memory at load is then
+    one copy of the model, not one per rank, and no GPU ever holds the whole model."""
+    with torch.random.fork_rng(devices=[]):  # a fresh head's initialisation must not shift the run's stream
+        if not sharded:
+            model = read()
+            prepare(model)
+            return model.to(device)
+        master = torch.distributed.get_rank() == 0
+        if master:
+            model = read()
+        else:
+            with torch.device("meta"):
+                model = build().eval()  # as from_pretrained leaves it: dropout off
+    prepare(model)
+    whole = model.state_dict() if master else {}
+    shard(model, cfg)
+    if not master:
+        model.to_empty(device="cpu" if cfg.fsdp_offload else device)
+    set_model_state_dict(model, whole, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    for buffer in model.buffers():  # outside the state dict (rotary frequencies): rank 0's are the real ones
+        torch.distributed.broadcast(buffer, src=0)
+    return model
+
+
+def load_value_model(path, cfg, device, sharded=False):
+    """V(x, y_<i): a causal LM body with a scalar head read at every position (the PPO family's critic).
+
+    From `path` (a causal LM, e.g. pi_0, whose LM head is dropped) the head starts at zero, so the first
+    values are 0; from a saved value model (a checkpoint's value/) it is restored as trained.
+    """
+    config = tasks.load_pretrained(AutoConfig, path, cfg.trust_remote_code, num_labels=1,
+                                   classifier_dropout=0.0)  # no dropout on values (and no_dropout)
+    fresh_head = not (config.architectures or [""])[0].endswith("TokenClassification")
+    dtype = model_dtype(cfg, device)
+
+    def read():
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # the new head's "newly initialized" report is expected, not news
+        try:
+            return tasks.load_pretrained(AutoModelForTokenClassification, path, cfg.trust_remote_code, config=config,
+                                         dtype=dtype)
+        finally:
+            hf_logging.set_verbosity(verbosity)
+
+    def prepare(model):
+        if fresh_head:
+            torch.nn.init.zeros_(model.score.weight)
+            torch.nn.init.zeros_(model.score.bias)
+        model.config.use_cache = False
+    return place(read, lambda: AutoModelForTokenClassification.from_config(
+        config, trust_remote_code=cfg.trust_remote_code, dtype=dtype), cfg, device, sharded, prepare)
+
+
+def load_tokenizer(path, trust_remote_code=False):
+    tok = tasks.load_pretrained(AutoTokenizer, path, trust_remote_code)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+# ---------------------------------------------------------------------------------------------------
+# Sharding (--fsdp, PyTorch's FSDP2): each rank keeps 1/world of every parameter, gradient and optimizer
+# state; a decoder layer's whole parameters exist only while it runs (all-gathered before, freed after).
+# ---------------------------------------------------------------------------------------------------
+def decoder_layers(model):
+    """The repeated blocks of a transformers model: instances of the classes it names in _no_split_modules."""
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    layers = [m for m in model.modules() if type(m).__name__ in names]
+    if not layers:
+        raise SystemExit(f"error: --fsdp: {type(model).__name__} names no decoder layer class (_no_split_modules) "
+                         "to shard by")
+    return layers
+
+
+def shard(model, cfg):
+    """fully_shard every decoder layer, then the root (embeddings, final norm, head: one group). Parameters stay
+    in the model's dtype (bf16 on GPUs) and gradients are reduce-scattered in float32; --fsdp-offload keeps the
+    shards (and so the optimizer's work) in CPU memory."""
+    dtype, world = next(model.parameters()).dtype, torch.distributed.get_world_size()
+
+    def placement(p):  # rows, unless there are fewer rows than ranks (PPO's value head [1, d]): then columns
+        return Shard(1) if p.dim() > 1 and p.shape[0] < world <= p.shape[1] else Shard(0)
+    kwargs = dict(mp_policy=MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32),
+                  shard_placement_fn=placement)
+    if cfg.fsdp_offload:
+        kwargs["offload_policy"] = CPUOffloadPolicy()
+    for layer in decoder_layers(model):
+        fully_shard(layer, **kwargs)
+    fully_shard(model, **kwargs)
+    return model
+
+
+def trained_modules(policy, value):
+    """The models the optimizer updates as one module (keys policy.*, value.*): the unit of a sharded
+    checkpoint, whose optimizer state spans both."""
+    return torch.nn.ModuleDict({"policy": policy, **({"value": value} if value is not None else {})})
+
+
+def is_sharded_checkpoint(path):
+    return os.path.isdir(os.path.join(path, "dcp"))
+
+
+def save_sharded_checkpoint(ctx, path, run, state):
+    """A checkpoint of an --fsdp run, written by every rank: its shards of the models and the optimizer state
+    (torch.distributed.checkpoint, in dcp/, loadable on any number of ranks), and from rank 0 state.pt, the
+    tokenizer and the models' configs. Written beside `path` and renamed into place once all ranks succeeded;
+    if any failed, nothing of it is left and every rank raises the error."""
+    tmp, error = path + ".tmp", None
+    if ctx.master:
+        shutil.rmtree(tmp, ignore_errors=True)
+    barrier(ctx)
+    try:
+        model_sd, optim_sd = get_state_dict(trained_modules(run.policy, run.value), run.opt)
+        dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=os.path.join(tmp, "dcp"))
+        if ctx.master:
+            run.policy.config.save_pretrained(tmp)
+            run.policy.generation_config.save_pretrained(tmp)
+            run.tok.save_pretrained(tmp)
+            if run.value is not None:
+                run.value.config.save_pretrained(os.path.join(tmp, "value"))
+            torch.save(state, os.path.join(tmp, "state.pt"))
+    except (OSError, dcp.api.CheckpointException) as e:
+        error = e
+    failed = torch.tensor([float(error is not None)], device=ctx.device)
+    torch.distributed.all_reduce(failed, op=torch.distributed.ReduceOp.MAX)
+    if failed.item():
+        if ctx.master:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise OSError(f"{type(error).__name__}: {error}" if error else "another rank could not write its shards")
+    if ctx.master:
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(tmp, path)
+
+
+def load_sharded_checkpoint(path, modules, opt):
+    """Restore the shards of the models (trained_modules) and the optimizer state from a sharded checkpoint,
+    resharded for this run's ranks (their number may differ from the run that wrote it)."""
+    model_sd, optim_sd = get_state_dict(modules, opt)
+    dcp.load({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=os.path.join(path, "dcp"))
+    set_state_dict(modules, opt, model_state_dict=model_sd, optim_state_dict=optim_sd)
+
+
+def load_sharded_weights(path, model, prefix="policy."):
+    """Read a sharded checkpoint's weights of one model (prefix: its key in trained_modules) into an ordinary,
+    unsharded `model` of the same architecture, in this process alone."""
+    saved = dcp.FileSystemReader(os.path.join(path, "dcp")).read_metadata().state_dict_metadata
+    # tied weights (embeddings = head) may be saved under one name; loading it fills both
+    weights = {prefix + k: v for k, v in model.state_dict().items() if f"model.{prefix}{k}" in saved}
+    dcp.load({"model": weights}, checkpoint_id=os.path.join(path, "dcp"), no_dist=True)  # this process alone
+    return model
+
+
+# ---------------------------------------------------------------------------------------------------
+# Checkpoints: written to a temporary directory, then renamed; `latest` names the newest complete one
+# ---------------------------------------------------------------------------------------------------
+def rng_state():
+    py = random.getstate()
+    np_state = np.random.get_state(legacy=False)
+    np_state["state"]["key"] = np_state["state"]["key"].tolist()  # plain lists load with weights_only=True
+    return dict(python=py, numpy=np_state, torch=torch.get_rng_state(),
+                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
+
+
+def set_rng_state(s):
+    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in s["python"]))
+    n = dict(s["numpy"])
+    n["state"] = dict(n["state"], key=np.array(n["state"]["key"], dtype=np.uint32))
+    np.random.set_state(n)
+    torch.set_rng_state(s["torch"])
+    if s["cuda"]:
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def save_checkpoint(cfg, ctx, step, run):
+    states = [None] * ctx.world
+    if ctx.world > 1:
+        torch.distributed.all_gather_object(states, rng_state())
+    else:
+        states = [rng_state()]
+    name = f"ckpt-{step:06d}"
+    state = dict(step=step, scheduler=run.sched.state_dict(), rng=states, config=dataclasses.asdict(cfg))
+    try:
+        if cfg.fsdp:
+            save_sharded_checkpoint(ctx, os.path.join(cfg.out_dir, name), run, state)
+        elif ctx.master:
+            save_model_dir(os.path.join(cfg.out_dir, name), run.policy, run.tok,
+                           dict(state, optimizer=run.opt.state_dict()), value=run.value)
+    except OSError as e:  # a full disk, a quota: `latest` still names the previous, complete checkpoint
+        raise SystemExit(f"error: could not write checkpoint {name} ({e}); the previous checkpoint "
+                         f"{latest_checkpoint(cfg) or '(none)'} is intact. Free space or fix the cause, then "
+                         f"continue with --resume.") from e
+    if ctx.master:
+        write_atomic(os.path.join(cfg.out_dir, "latest"), name)
+        ckpts = sorted(d for d in os.listdir(cfg.out_dir) if d.startswith("ckpt-") and not d.endswith(".tmp"))
+        for old in ckpts[:-cfg.keep_checkpoints]:
+            shutil.rmtree(os.path.join(cfg.out_dir, old), ignore_errors=True)
+    barrier(ctx)
+
+
+def load_state(path):
+    """A checkpoint's state.pt: tensors and plain data only (weights_only), never arbitrary pickled objects,
+    whose loading can run any code."""
+    try:
+        return torch.load(path, weights_only=True, map_location="cpu")
+    except pickle.UnpicklingError as e:
+        named = re.search(r"GLOBAL ([\w.]+)", str(e))
+        raise SystemExit(f"error: {path} holds objects other than tensors and plain data" +
+                         (f" ({named.group(1)})" if named else "") + ", and is not loaded: unpickling them could "
+                         "run any code. Resume from a checkpoint that dar.py wrote") from None
+
+
+def save_model_dir(path, model, tok, state=None, value=None, weights=None):
+    """A Hugging Face model directory (plus state.pt and value/), written beside `path`, renamed into place.
+    weights: the model's whole state dict when the model itself is sharded (--fsdp)."""
+    tmp = path + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        model.save_pretrained(tmp, state_dict=weights)
+        tok.save_pretrained(tmp)
+        if value is not None:
+            value.save_pretrained(os.path.join(tmp, "value"))
+        if state is not None:
+            torch.save(state, os.path.join(tmp, "state.pt"))
+    except BaseException:  # a half-written directory is removed; what `path` held is untouched
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(path, ignore_errors=True)
+    os.replace(tmp, path)
+
+
+def export_hf(ckpt, out):
+    """A checkpoint (a sharded one too) as an ordinary Hugging Face model directory at `out`, in the dtype it was
+    trained in: for evaluation elsewhere and for release. One process, no GPU needed."""
+    if not os.path.isfile(os.path.join(ckpt, "state.pt")):
+        raise SystemExit(f"error: {ckpt} is not a checkpoint of dar.py (no state.pt there)")
+    if os.path.exists(out) and os.listdir(out):
+        raise SystemExit(f"error: {out} exists and is not empty; give a new directory to export to")
+    cfg = config_from_dict(load_state(os.path.join(ckpt, "state.pt"))["config"])
+    trained_in = tasks.load_pretrained(AutoConfig, ckpt, cfg.trust_remote_code).dtype
+    cfg = dataclasses.replace(cfg, dtype=str(trained_in or torch.float32).removeprefix("torch."))
+    save_model_dir(out, load_model(ckpt, cfg, torch.device("cpu")), load_tokenizer(ckpt, cfg.trust_remote_code))
+
+
+def write_atomic(path, text):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def latest_checkpoint(cfg):
+    pointer = os.path.join(cfg.out_dir, "latest")
+    if not os.path.isfile(pointer):
+        return None
+    return os.path.join(cfg.out_dir, open(pointer).read().strip())
+
+
+# ---------------------------------------------------------------------------------------------------
+# Logging: stable, namespaced keys; one JSON line per online batch (README lists every key)
+# ---------------------------------------------------------------------------------------------------
+class Logger:
+    def __init__(self, cfg, ctx, start_step):
+        self.ctx, self.path = ctx, os.path.join(cfg.out_dir, "metrics.jsonl")
+        if ctx.master:
+            os.makedirs(cfg.out_dir, exist_ok=True)
+            kept = []
+            if start_step > 0 and os.path.exists(self.path):  # drop lines past the resumed checkpoint
+                kept = [l for l in open(self.path) if l.strip() and json.loads(l)["step"] <= start_step]
+            with open(self.path, "w") as f:
+                f.writelines(kept)
+            with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
+                json.dump(dataclasses.asdict(cfg), f, indent=1)
+
+    def log(self, metrics):
+        if self.ctx.master:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(metrics) + "\n")
+
+
+def no_dropout(model):
+    """Dropout off everywhere (as TRL does for RLHF): the loss's log-probs must be the function that pi_t's and
+    pi_0's no-grad passes computed. transformers' from_pretrained leaves models in eval mode, where dropout is
+    off anyway; the loop trains in train mode, which gradient checkpointing needs."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+        if isinstance(getattr(m, "attention_dropout", None), float):
+            m.attention_dropout = 0.0
+    return model
+
+
+def optimizer_and_schedule(cfg, models):
+    """One Adafactor over every trained model (the policy, and PPO's value model), warm-up then constant."""
+    params = [p for m in models for p in m.parameters()]
+    opt = Adafactor(params, lr=cfg.lr, scale_parameter=False, relative_step=False, warmup_init=False,
+                    weight_decay=cfg.weight_decay)
+    if cfg.fsdp:
+        opt.register_step_pre_hook(shard_adafactor_state)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / cfg.warmup_steps))
+    return opt, sched
+
+
+def shard_adafactor_state(opt, args, kwargs):
+    """Before an Adafactor step under --fsdp: transformers' Adafactor makes its factored second-moment statistics
+    as plain tensors, which cannot meet a sharded (DTensor) gradient. Made here as DTensors instead (sharded
+    where they keep the gradient's sharded dimension, else whole), every step is computed on the global
+    tensors, so the update is the one an unsharded Adafactor makes."""
+
+    def settled(t):  # a mean over the sharded dimension is a pending sum (Partial): make it a whole one
+        return t.redistribute(placements=[Replicate() if p.is_partial() else p for p in t.placements])
+    for group in opt.param_groups:
+        for p in group["params"]:
+            state = opt.state[p]
+            if state or not isinstance(p.grad, DTensor) or p.grad.dim() < 2:
+                continue
+            g = p.grad.float()
+            state.update(step=0, RMS=0, exp_avg_sq_row=torch.zeros_like(settled(g.mean(dim=-1))),
+                         exp_avg_sq_col=torch.zeros_like(settled(g.mean(dim=-2))))
+
+
+def optimizer_step(cfg, models, opt, sched):
+    """Clip each model's gradient norm on its own, then step; a non-finite gradient skips the step.
+
+    Clipping per model keeps PPO's value loss (large on a 0-10 reward scale) from shrinking the policy's
+    step. Returns the policy's gradient norm (the first model's).
+    """
+    norms = [torch.nn.utils.clip_grad_norm_(m.parameters(), cfg.max_grad_norm or float("inf")) for m in models]
+    norms = [n.full_tensor() if hasattr(n, "full_tensor") else n for n in norms]  # --fsdp: a DTensor
+    if all(torch.isfinite(n) for n in norms):
+        opt.step()
+        sched.step()
+    opt.zero_grad(set_to_none=True)
+    return norms[0].item()
+
+
+class TermSignal:
+    """Remembers a SIGTERM (a scheduler pre-empting the job, torchrun passing it on) instead of dying in the
+    middle of an update; the loop asks after each online batch, all ranks together so they stop at the same
+    batch. Only the main thread can install a handler; elsewhere (tests calling train()) nothing changes."""
+
+    def __init__(self):
+        self.seen, self.previous = False, None
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        self.seen = True
+
+    def received(self, ctx):
+        flag = torch.tensor([float(self.seen)], device=ctx.device)
+        if ctx.world > 1:
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def restore(self):
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+            self.previous = None
+
+
+def check_ranks_agree(ctx, model):
+    """DDP keeps every rank's replica identical; check it at the end of a run (one number per tensor)."""
+    if ctx.world == 1:
+        return
+    sums = torch.stack([p.detach().double().sum() for p in model.parameters()]).to(ctx.device)
+    per_rank = gather(ctx, sums).view(ctx.world, -1)
+    diff = (per_rank - per_rank[0]).abs().max().item()
+    if diff > 0:
+        raise SystemExit(f"error: parameters differ across ranks (max checksum difference {diff:g})")
+    if ctx.master:
+        print(f"parameters identical on all {ctx.world} ranks", flush=True)
+
+
+def save_final(cfg, ctx, models, tok):
+    """The trained policy (models[0]) as an ordinary Hugging Face directory, out_dir/final. Under --fsdp it is
+    gathered onto rank 0's CPU first; under DDP every model is first checked to be identical on all ranks."""
+    policy, final = models[0], os.path.join(cfg.out_dir, "final")
+    if cfg.fsdp:
+        whole = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if getattr(policy.config, "tie_word_embeddings", False):  # the head is the embedding: saved once
+            for name in getattr(policy, "_tied_weights_keys", None) or ():
+                whole.pop(name, None)
+        if ctx.master:
+            save_model_dir(final, policy, tok, weights=whole)
+    else:
+        for m in models:
+            check_ranks_agree(ctx, m)
+        if ctx.master:
+            save_model_dir(final, policy, tok)
+    barrier(ctx)
+
+
+def rank_means(ctx, stats):
+    """{name: mean over ranks} of per-rank float statistics (every rank reports the same names)."""
+    names = sorted(stats)
+    local = torch.tensor([stats[k] for k in names], dtype=torch.float64, device=ctx.device)
+    return {k: v.item() for k, v in zip(names, gather(ctx, local).view(ctx.world, -1).mean(0))}
+
+
+@contextlib.contextmanager
+def local_gradients(model):
+    """Accumulate this micro-batch's gradients on the rank, without syncing them (DDP's no_sync; FSDP2's
+    set_requires_gradient_sync): only a minibatch's last micro-batch pays for the reduction."""
+    if hasattr(model, "no_sync"):
+        with model.no_sync():
+            yield
+        return
+    model.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)
+
+
+@contextlib.contextmanager
+def timed(timer, name):
+    t = time.time()
+    yield
+    timer[name] = timer.get(name, 0.0) + time.time() - t
+

@@ -1,0 +1,495 @@
+"""The online loop every algorithm shares, and the pieces of Algorithm 1 that are not DAR's own.
+
+    train(cfg, ctx, step_fn)   load pi_0 (and pi_theta, and PPO's value model), then one step_fn per online
+                               batch, with checkpoints, resume, logging and the fault policy
+    sample, judge_batch        steps 1 and 2: K responses per prompt from pi_t, and their rewards
+    group_advantages           step 3: A_i = r_i - mean_K r
+    pi_t_logps, score          step 4: log pi_t and log pi_0 of the sampled tokens, once per batch
+    minibatch_updates          step 6's optimizer steps, with gradient accumulation under DDP / FSDP2
+    online_metrics             what every online algorithm logs
+    sft_step                   supervised fine-tuning (the toy task's pi_0 is made with it)
+
+A reader of dar.py can take these by their names; infra.py below holds what a learner can skip entirely.
+"""
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.distributed.fsdp import FSDPModule
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+import rollout
+import tasks
+from config import OFFLINE, VALUE_MODEL, Config, check_resumable, resolve_schedule
+from infra import (Dist, Logger, TermSignal, barrier, gather, is_sharded_checkpoint, latest_checkpoint,
+                   load_model, load_sharded_checkpoint, load_state, load_tokenizer, load_value_model, local_gradients,
+                   model_dtype, no_dropout, optimizer_and_schedule, optimizer_step, rank_means, rng_state,
+                   save_checkpoint, save_final, seed_everything, set_rng_state, trained_modules)
+from judge import make_judge
+
+
+# ---------------------------------------------------------------------------------------------------
+# Pieces of Algorithm 1 that the baselines share. Per-sequence tensors, shape [N]. Every loss in this project
+# returns one term per sequence (or per pair): the objective is their mean over the online batch, and the loop
+# divides a minibatch's sum by its size.
+# ---------------------------------------------------------------------------------------------------
+def group_advantages(rewards, k):
+    """Monte-Carlo advantage of Algorithm 1: A(x, y_i) = r(x, y_i) - (1/K) sum_j r(x, y_j).
+
+    rewards: [B*K], the K responses of a prompt adjacent; NaN marks an invalid judgment. Invalid samples
+    are left out of their group's mean and get A = NaN (the loss gives them zero weight). When all K
+    rewards of a prompt tie, every A is 0: that group carries no preference signal.
+    """
+    r = rewards.view(-1, k)                                                   # [B, K]
+    valid = ~torch.isnan(r)
+    mean = torch.where(valid, r, 0.0).sum(1, keepdim=True) / valid.sum(1, keepdim=True).clamp(min=1)
+    return torch.where(valid, r - mean, math.nan).view(-1)                    # [B*K]
+
+
+def advantage_stats(adv):
+    """(mu_A, sigma_A) over the valid entries of adv (Algorithm 1's batch-based mean and std)."""
+    a = adv[~torch.isnan(adv)].double()
+    if a.numel() < 2:
+        return 0.0, 1.0
+    return a.mean().item(), a.std(correction=0).item()
+
+
+def k3(logp, logp_ref, mask):
+    """Schulman's k3 estimate of KL(pi || pi_ref) per sequence, from tokens sampled from pi: [N].
+
+    Per token, with r = pi_ref/pi: (r - 1) - log r >= 0, unbiased for that token's KL; summed over the
+    response (chain rule) it estimates the sequence-level KL. expm1 keeps it accurate when the policies
+    are close (exp(d) - 1 - d in float32 loses most digits at |d| ~ 1e-3).
+    """
+    d = logp_ref - logp
+    return torch.where(mask.bool(), torch.expm1(d) - d, 0.0).sum(1)
+
+
+def sft_loss(logp, length_norm=1.0):
+    """-log pi_theta(y_i|x_i) / length_norm per sequence [N]: supervised fine-tuning (DAR's weighted SFT with
+    every w_i = 1). logp: token sums with gradient; length_norm: a constant (the loop uses max_new_tokens)."""
+    return -logp / length_norm
+
+
+# ---------------------------------------------------------------------------------------------------
+# The run: what a step works on, and the loop over online batches with its fault policy
+# ---------------------------------------------------------------------------------------------------
+@dataclass
+class Run:
+    """What a training step works on besides the config and the process group."""
+    task: object
+    tok: object
+    judge: object            # None for offline algorithms
+    policy: torch.nn.Module  # pi_theta, unwrapped
+    ddp: torch.nn.Module     # pi_theta, DDP-wrapped when there are several ranks (the one to call for gradients)
+    ref: object              # pi_0, frozen; None for --algo sft
+    opt: object
+    sched: object
+    value: object = None     # the PPO family's value model, unwrapped
+    value_ddp: object = None
+    sampler: object = None   # a rollout.VllmSampler with --rollout vllm; None = transformers generate on the policy
+    init: str = ""           # pi_0's model directory
+
+    @property
+    def trained(self):
+        """The modules the optimizer updates, as called for gradients (DDP-wrapped)."""
+        return [m for m in (self.ddp, self.value_ddp) if m is not None]
+
+
+MAX_NONFINITE_BATCHES = 3  # online batches in a row with a non-finite loss before the run stops
+
+
+class JudgeFailure(Exception):
+    """More invalid judgments in an online batch than --max-invalid-frac allows."""
+
+
+def train(cfg, ctx, step_fn):
+    """Run cfg.algo for cfg.steps, one step_fn(step, cfg, ctx, run) -> metrics per online batch (dar.dar_step,
+    baselines.STEPS, sft_step); returns the Run (policy trained). Resumes when cfg.resume."""
+    init = cfg.model
+    if not init:
+        base, sft = ensure_toy_models(cfg, ctx)
+        init = base if cfg.algo == "sft" else sft
+    seed_everything(cfg.seed + 1000 * ctx.rank)  # after the (maybe) in-process SFT that made pi_0
+    task = tasks.load_task(cfg.task, cfg.data)  # bad data stops the run before any model is loaded
+    tok = load_tokenizer(init, cfg.trust_remote_code)
+    start, ckpt = 0, latest_checkpoint(cfg) if cfg.resume else None
+    if cfg.resume and ckpt is None and ctx.master:
+        print(f"--resume: no checkpoint in {cfg.out_dir}, starting from scratch", flush=True)
+    sharded_ckpt = ckpt is not None and is_sharded_checkpoint(ckpt)  # its weights are read in after sharding
+    weights = init if sharded_ckpt else ckpt or init
+    policy = load_model(weights, cfg, ctx.device, sharded=cfg.fsdp)
+    policy.config.use_cache = False
+    task, skipped = fitting_task(cfg, task, tok, policy.config)
+    if ctx.master:
+        report_long_prompts(cfg, skipped)
+    resolve_schedule(cfg, task)
+    value = None
+    if cfg.algo in VALUE_MODEL:
+        value = load_value_model(os.path.join(ckpt, "value") if ckpt and not sharded_ckpt
+                                 else cfg.value_model or init, cfg, ctx.device, sharded=cfg.fsdp)
+    models = [m for m in (policy, value) if m is not None]
+    for m in models:  # the loss's passes run in train mode (where gradient checkpointing acts), dropout off
+        no_dropout(m).train()
+    if cfg.gradient_checkpointing:  # the no-grad passes (eval mode: score, generate) keep their activations
+        for m in models:
+            m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    opt, sched = optimizer_and_schedule(cfg, models)
+    if ckpt:
+        state = load_state(os.path.join(ckpt, "state.pt"))
+        check_resumable(cfg, state["config"])
+        if sharded_ckpt:
+            load_sharded_checkpoint(ckpt, trained_modules(policy, value), opt)
+        else:
+            opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        start = state["step"]
+        if len(state["rng"]) == ctx.world:
+            set_rng_state(state["rng"][ctx.rank])
+    wrapped = models  # a sharded model is called as it is: FSDP2 has no wrapper
+    if ctx.world > 1 and not cfg.fsdp:
+        ids = [ctx.device.index] if ctx.device.type == "cuda" else None
+        wrapped = [DistributedDataParallel(m, device_ids=ids) for m in models]
+    ref = None
+    if cfg.algo != "sft":  # pi_0: a frozen copy of the initial policy
+        ref = load_model(init, cfg, ctx.device, sharded=cfg.fsdp, frozen=True)
+    run = Run(task, tok, make_judge(cfg.judge, task, cfg) if cfg.algo not in OFFLINE else None, policy, wrapped[0], ref,
+              opt, sched, value, wrapped[1] if value is not None else None, init=init)
+    if cfg.rollout == "vllm" and cfg.algo not in OFFLINE:
+        run.sampler = rollout.VllmSampler(weights, model_dtype(cfg, ctx.device), cfg.seed + 1000 * ctx.rank,
+                                          context_window(cfg, policy.config), cfg.vllm_gpu_memory, ctx.world,
+                                          cfg.trust_remote_code)
+        if sharded_ckpt:
+            run.sampler.push_weights(policy)
+    log = Logger(cfg, ctx, start)
+    if ctx.master and start == 0:
+        print("config: " + json.dumps(dataclasses.asdict(cfg)), flush=True)
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not ctx.master,
+               desc=cfg.algo, dynamic_ncols=True)
+    term, nonfinite_run = TermSignal(), 0
+    try:
+        for step in bar:
+            t0, rng_before = time.time(), rng_state()
+            try:
+                metrics = step_fn(step, cfg, ctx, run)
+            except JudgeFailure as e:  # nothing of this batch was trained on: keep the work before it, stop
+                set_rng_state(rng_before)  # --resume then draws this batch again, as an uninterrupted run would
+                if step > start and step % cfg.save_every:
+                    save_checkpoint(cfg, ctx, step, run)
+                last = latest_checkpoint(cfg) or "none yet (no batch was trained)"
+                raise SystemExit(f"error: online batch {step + 1}: {e}. Stopped before training on it; the "
+                                 f"last checkpoint is {last}. Once the judge works, continue with --resume.")
+            if run.sampler is not None:  # step 7 for the vLLM sampler: pi_{t+1} <- pi_theta
+                t1 = time.time()
+                run.sampler.push_weights(policy)
+                metrics["perf/weight_sync_s"] = time.time() - t1
+            metrics.update({"step": step + 1, "perf/seconds_per_batch": time.time() - t0})
+            finite = math.isfinite(metrics["train/loss"])
+            nonfinite_run = 0 if finite else nonfinite_run + 1
+            metrics["train/nonfinite_batches_in_a_row"] = nonfinite_run
+            log.log(metrics)
+            if not finite:  # optimizer_step skipped every update whose gradient was not finite
+                last = latest_checkpoint(cfg) or "none yet"
+                if nonfinite_run >= MAX_NONFINITE_BATCHES:
+                    raise SystemExit(f"error: non-finite loss in {nonfinite_run} online batches in a row (up to "
+                                     f"{step + 1}); stopped. The last good checkpoint is {last}: lower --lr or "
+                                     f"check the rewards, then --resume")
+                if ctx.master:
+                    tqdm.write(f"warning: online batch {step + 1}: non-finite loss; its non-finite updates were "
+                               f"skipped and no checkpoint is written at it ({nonfinite_run} in a row; "
+                               f"{MAX_NONFINITE_BATCHES} stop the run)")
+            if ctx.master and ((step + 1) % cfg.print_every == 0 or step + 1 == cfg.steps):
+                bar.write(summary_line(metrics))
+            saved = finite and ((step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps)
+            if saved:
+                save_checkpoint(cfg, ctx, step + 1, run)
+            if term.received(ctx) and step + 1 < cfg.steps:  # pre-emption: keep this batch's work, then stop
+                if not saved:
+                    save_checkpoint(cfg, ctx, step + 1, run)
+                print(f"SIGTERM after online batch {step + 1}: checkpoint {latest_checkpoint(cfg)} written; "
+                      f"continue with --resume", file=sys.stderr, flush=True)
+                raise SystemExit(143)
+    except Exception as e:
+        if ctx.world > 1:  # a dead or hung peer surfaces here as a collective's error (or its --dist-timeout)
+            print(f"error: rank {ctx.rank} failed in online batch {step + 1} ({type(e).__name__}); torchrun stops "
+                  f"the other ranks. The last checkpoint is {latest_checkpoint(cfg) or 'none yet'}: once the cause "
+                  f"is fixed, continue with --resume", file=sys.stderr, flush=True)
+        raise
+    finally:
+        term.restore()
+    bar.close()
+    save_final(cfg, ctx, models, tok)
+    return run
+
+
+# ---------------------------------------------------------------------------------------------------
+# What every online algorithm's step does the same way (baselines.py uses these too): sample, judge, the
+# log-probs of pi_t and pi_0, minibatch updates with gradient accumulation under DDP, the common metrics
+# ---------------------------------------------------------------------------------------------------
+def sample(step, cfg, ctx, run):
+    """Step 1: this rank's share of the online batch's prompts, K responses each from pi_t: a Rollout [N]."""
+    per_rank_prompts = cfg.online_batch // cfg.k // ctx.world
+    idx = prompt_indices(step, cfg.online_batch // cfg.k, len(run.task.train_prompts), cfg.seed)
+    idx = idx[ctx.rank * per_rank_prompts:(ctx.rank + 1) * per_rank_prompts]
+    prompts = [run.task.train_prompts[i] for i in idx]
+    if run.sampler is not None:
+        batch = run.sampler.generate(run.tok, prompts, cfg.k, cfg.max_new_tokens, cfg.temperature,
+                                     rollout.eos_ids(run.policy, run.tok))
+        run.sampler.sleep()  # on GPUs: the engine's memory is the updates' until the weight sync wakes it
+        return batch
+    return rollout.generate(run.policy, run.tok, prompts, cfg.k, cfg.max_new_tokens, cfg.temperature,
+                            record_logp=cfg.logp_source == "sampler", synced=cfg.fsdp and ctx.world > 1)
+
+
+def judge_batch(cfg, ctx, run, batch):
+    """Step 2: rewards r(x, y_i) [N] (float64, NaN = invalid judgment, an infinite one included) and the number
+    of invalid ones.
+
+    Raises JudgeFailure (on every rank alike) when the share of invalid judgments over the whole online batch
+    exceeds cfg.max_invalid_frac: a judge that is down or answering garbage, whose batch must not be trained on.
+    """
+    judged = run.judge(batch.prompts, batch.responses, batch.ended.tolist())
+    rewards = torch.tensor(judged.rewards, dtype=torch.float64)
+    if torch.isinf(rewards).any():  # an infinite reward (a reward model overflowing) is no judgment either
+        judged.reasons["infinite reward"] = int(torch.isinf(rewards).sum())
+        rewards = torch.where(torch.isinf(rewards), math.nan, rewards)
+    invalid = int(torch.isnan(rewards).sum())
+    counts = gather(ctx, torch.tensor([float(invalid), float(len(batch))], device=ctx.device)).view(-1, 2)
+    frac = (counts[:, 0].sum() / counts[:, 1].sum()).item()
+    if frac > cfg.max_invalid_frac:
+        where = {"llm": f"the annotator at {cfg.judge_url}", "reward_model": f"the reward model {cfg.reward_model}"}
+        reasons = ", ".join(f"{n} {why}" for why, n in judged.reasons.items()) or "no reasons given"
+        raise JudgeFailure(f"{frac:.0%} of its judgments are invalid, above --max-invalid-frac "
+                           f"{cfg.max_invalid_frac:g} ({where.get(cfg.judge, 'judge ' + cfg.judge)}; on this rank: "
+                           f"{reasons})")
+    return rewards, invalid
+
+
+def pi_t_logps(cfg, ctx, run, batch):
+    """log pi_t(y_j | x, y_<j) of the batch [N, R], once per online batch, and when the sampler gave its own
+    log-probs, the mean absolute difference between them and the policy's per sequence (else None).
+
+    The policy's forward pass is the default source: the sampler's copy may differ (bf16 kernels, a
+    missed weight sync), and training on its numbers would be silently off-policy. --logp-source sampler
+    uses the sampler's instead (vLLM's, or those transformers' generate recorded while sampling) and saves
+    that pass: the policy then scores only the first micro-batch, enough to log the difference
+    (rollout/logp_abs_diff, logged either way) and to see a missed weight sync.
+    """
+    if batch.sampler_logp is None:
+        return score(run.policy, batch, cfg.micro_batch), None
+    sampler = batch.sampler_logp.to(ctx.device).float()
+    rows = slice(None) if cfg.logp_source == "policy" else slice(0, min(cfg.micro_batch, len(batch)))
+    logp = score(run.policy, batch.select(torch.arange(len(batch))[rows]), cfg.micro_batch)
+    R = logp.shape[1]  # select() trims the columns that are padding in every row
+    mask = batch.response_mask[rows, :R].to(logp.device)
+    diff = ((sampler[rows, :R] - logp).abs() * mask).sum(1) / mask.sum(1).clamp(min=1)
+    if cfg.logp_source == "sampler":
+        return sampler, diff
+    return torch.nn.functional.pad(logp, (0, sampler.shape[1] - R)), diff
+
+
+def score(model, batch, micro_batch, per_token=rollout.token_logps):
+    """Token log-probs (or any per_token(model, batch) -> [n, R], e.g. PPO's values) of a whole batch under a
+    frozen view of `model`, in micro-batches: [N, R].
+
+    Rows go through in order of length, so each micro-batch holds rows of similar length and select() trims
+    the padding they share; the results are put back in the batch's order. Inference mode: no autograd
+    bookkeeping at all; the returned tensor is an ordinary one (a clone), usable in later losses. A sharded
+    model (--fsdp) runs under no_grad instead: FSDP2 keeps the buffers its all-gathers fill and trains
+    through them later, which a tensor made in inference mode cannot be.
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    order = torch.argsort(batch.lengths(), stable=True)
+    with torch.no_grad() if isinstance(model, FSDPModule) else torch.inference_mode():
+        out = torch.zeros(batch.response_mask.shape, dtype=torch.float32, device=device)
+        for i in range(0, len(batch), micro_batch):
+            rows = order[i:i + micro_batch]
+            part = batch.select(rows).to(device)
+            out[rows.to(device), :part.response_mask.shape[1]] = per_token(model, part).float()
+    model.train(was_training)
+    return out.clone()
+
+
+def minibatch_updates(cfg, ctx, run, n_units, n_updates, micro_units, loss_fn, epochs, cost=None):
+    """Optimizer steps on one online batch: per epoch, a fresh shuffle of this rank's n_units units (a
+    sequence, or a prompt's group), split into n_updates minibatches; each minibatch in micro-batches
+    of micro_units units whose gradients accumulate (DDP syncs on the last one only).
+
+    loss_fn(rows) -> (sum of the per-unit losses of units `rows`, {name: float}); the minibatch loss
+    is that sum over the minibatch size, so micro-batching never changes the gradient. cost: tokens per
+    unit [n_units]; a minibatch's units are then cut into micro-batches in order of cost, so each
+    micro-batch pads to similar lengths (the minibatch, hence the update, is the same). Returns
+    {"loss", "grad_norm", and the mean of every reported stat}.
+    """
+    per_update = n_units // n_updates
+    losses, norms, stats = [], [], {}
+    for _ in range(epochs):
+        order = torch.randperm(n_units)
+        for u in range(n_updates):
+            rows = order[u * per_update:(u + 1) * per_update]
+            if cost is not None:
+                rows = rows[torch.argsort(cost[rows], stable=True)]
+            micro = [rows[i:i + micro_units] for i in range(0, len(rows), max(1, micro_units))]
+            loss_sum = 0.0
+            for j, mb in enumerate(micro):
+                with contextlib.ExitStack() as stack:
+                    if ctx.world > 1 and j < len(micro) - 1:
+                        for m in run.trained:
+                            stack.enter_context(local_gradients(m))
+                    loss, info = loss_fn(mb)
+                    (loss / per_update).backward()
+                loss_sum += loss.item() / per_update
+                for k, v in info.items():
+                    stats.setdefault(k, []).append(v)
+            losses.append(loss_sum)
+            norms.append(optimizer_step(cfg, run.trained, run.opt, run.sched))
+    return {"loss": float(np.mean(losses)), "grad_norm": float(np.mean(norms)),
+            **{k: float(np.mean(v)) for k, v in stats.items()}}
+
+
+def online_metrics(step, cfg, ctx, run, batch, rewards, invalid, logp_t_tok, logp_0_tok, upd, timer, extra,
+                   logp_diff=None):
+    """The metrics every online algorithm logs, over the whole online batch (all ranks), plus `extra`
+    (already global) and every stat minibatch_updates reported (averaged over ranks) as train/<name>."""
+    g = lambda x: gather(ctx, x.to(ctx.device, torch.float64)).cpu()
+    R = g(rewards)
+    valid = ~torch.isnan(R)
+    lengths, ended = g(batch.response_mask.sum(1)), g(batch.ended)
+    kl0 = g(k3(logp_t_tok, logp_0_tok, batch.response_mask.to(logp_t_tok.device)))
+    n_invalid = g(torch.tensor([float(invalid)]))
+    if ctx.master and (step + 1) % cfg.sample_every == 0:
+        print_samples(batch, rewards.tolist())
+    return {
+        "train/reward_mean": R[valid].mean().item(), "train/reward_std": R[valid].std(correction=0).item(),
+        "train/invalid_judgments": int(n_invalid.sum().item()),
+        **{f"train/{k}": v for k, v in rank_means(ctx, upd).items()},
+        "train/kl_pi0": kl0.mean().item(),
+        "train/response_len": lengths.mean().item(), "train/missing_eos": 1 - ended.mean().item(),
+        "train/lr": run.sched.get_last_lr()[0],
+        **({} if logp_diff is None else {"rollout/logp_abs_diff": g(logp_diff).mean().item()}),
+        **extra,
+        "perf/tokens_per_s": lengths.sum().item() / max(timer["sample"], 1e-9),
+        **{f"perf/{k}_s": v for k, v in timer.items()},
+    }
+
+
+def sft_step(step, cfg, ctx, run):
+    """Supervised fine-tuning on the task's demonstrations: the weighted-SFT loss with every w_i = 1."""
+    per_rank = cfg.minibatch // ctx.world
+    idx = prompt_indices(step, cfg.minibatch, len(run.task.sft_data), cfg.seed)[ctx.rank * per_rank:(ctx.rank + 1) * per_rank]
+    pairs = [run.task.sft_data[i] for i in idx]
+    batch = rollout.from_texts(run.tok, [p for p, _ in pairs], [r for _, r in pairs])
+
+    def loss_fn(mb):
+        part = batch.select(mb).to(ctx.device)
+        logp_tok = rollout.token_logps(run.ddp, part)                                          # [n, R]
+        loss = sft_loss(logp_tok.sum(1), cfg.max_new_tokens)
+        return loss.sum(), {"nll_sum": -logp_tok.detach().sum().item(), "tokens": part.response_mask.sum().item()}
+
+    upd = minibatch_updates(cfg, ctx, run, per_rank, 1, cfg.micro_batch, loss_fn, epochs=1)
+    s = gather(ctx, torch.tensor([upd["loss"], upd["nll_sum"], upd["tokens"], upd["grad_norm"]],
+                                 dtype=torch.float64, device=ctx.device)).view(-1, 4)
+    return {"train/loss": s[:, 0].mean().item(), "train/nll_per_token": (s[:, 1].sum() / s[:, 2].sum()).item(),
+            "train/grad_norm": s[:, 3].mean().item(), "train/lr": run.sched.get_last_lr()[0]}
+
+
+# ---------------------------------------------------------------------------------------------------
+# The run's prompts, the toy pi_0, printing
+# ---------------------------------------------------------------------------------------------------
+def prompt_indices(step, per_step, n, seed):
+    """Indices of the prompts of online batch `step`: a fresh permutation of all n prompts every epoch.
+
+    Stateless (a function of step and seed), so a resumed run draws exactly the prompts it would have.
+    """
+    perms, out = {}, []
+    for pos in range(step * per_step, (step + 1) * per_step):
+        epoch, i = divmod(pos, n)
+        if epoch not in perms:
+            perms[epoch] = np.random.default_rng([seed, epoch]).permutation(n)
+        out.append(int(perms[epoch][i]))
+    return out
+
+
+def toy_paths(cfg):
+    """(random-init toy model, its SFT pi_0) directories in the cache, keyed by what makes them."""
+    cache = os.path.expanduser(cfg.cache_dir)
+    key = f"{tasks.TOY_MODEL['hidden_size']}x{tasks.TOY_MODEL['num_hidden_layers']}"
+    return os.path.join(cache, f"toy-base-{key}"), os.path.join(cache, f"toy-sft-{key}-{cfg.sft_steps}-{cfg.sft_lr:g}")
+
+
+def ensure_toy_models(cfg, ctx):
+    """Build the toy model and SFT it into pi_0 once (rank 0, single process); every rank then reuses it."""
+    base, sft = toy_paths(cfg)
+    if ctx.master:
+        if not os.path.isfile(os.path.join(base, "config.json")):
+            print(f"building the toy Qwen2 model at {base}", flush=True)
+            os.makedirs(os.path.dirname(base), exist_ok=True)
+            tasks.build_toy_model(base, seed=0)
+        if cfg.algo != "sft" and not os.path.isfile(os.path.join(sft, "final", "config.json")):
+            print(f"making the toy pi_0: {cfg.sft_steps} SFT steps on sloppy demonstrations -> {sft}", flush=True)
+            # pi_0 depends on the SFT settings alone (the cache key), never on this run's other flags
+            sft_cfg = Config(algo="sft", model=base, steps=cfg.sft_steps, lr=cfg.sft_lr, sft_steps=cfg.sft_steps,
+                             sft_lr=cfg.sft_lr, cache_dir=cfg.cache_dir, dtype=cfg.dtype, out_dir=sft,
+                             resume=os.path.isdir(sft), save_every=500, print_every=100)
+            train(sft_cfg, Dist(device=ctx.device), sft_step)
+    barrier(ctx)
+    return base, os.path.join(sft, "final")
+
+
+def context_window(cfg, model_config):
+    """Tokens a prompt and its response may fill together: the model's positions (vLLM's engine caps its
+    KV cache at 8192 per sequence, VllmSampler)."""
+    window = model_config.max_position_embeddings
+    return min(window, 8192) if cfg.rollout == "vllm" else window
+
+
+def fitting_task(cfg, task, tok, model_config):
+    """(task, skipped): the task without the prompts longer than --max-prompt-tokens (default: what the context
+    window leaves after --max-new-tokens), counted per list (tasks.without_long_prompts)."""
+    window = context_window(cfg, model_config)
+    limit = cfg.max_prompt_tokens or window - cfg.max_new_tokens
+    if limit < 1 or limit + cfg.max_new_tokens > window:
+        given = f"--max-prompt-tokens {limit} plus " if cfg.max_prompt_tokens else ""
+        raise SystemExit(f"error: {given}--max-new-tokens {cfg.max_new_tokens} leave no room in the model's context "
+                         f"window of {window} tokens; lower {'one of them' if given else 'it'}")
+    return tasks.without_long_prompts(task, tok, limit)
+
+
+def report_long_prompts(cfg, skipped):
+    """A note for the skipped prompts, and data.json in the run directory with the counts."""
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    with open(os.path.join(cfg.out_dir, "data.json"), "w") as f:
+        json.dump({"long_prompts_skipped": skipped}, f, indent=1)
+    if any(skipped.values()):
+        what = {"train_prompts": "training prompts", "eval_prompts": "evaluation prompts",
+                "sft_data": "SFT demonstrations", "pref_data": "preference pairs"}
+        print("note: skipped the prompts longer than --max-prompt-tokens: " +
+              ", ".join(f"{n} {what[name]}" for name, n in skipped.items() if n) +
+              f" (counts in {os.path.join(cfg.out_dir, 'data.json')})", flush=True)
+
+
+def print_samples(batch, rewards, n=4):
+    rows = [f"  {'prompt':<22} | {'response':<24} | reward"]
+    for i in range(0, len(batch), max(1, len(batch) // n))[:n]:
+        resp = batch.responses[i] + ("" if batch.ended[i] else " [no EOS]")
+        prompt = batch.prompts[i] if isinstance(batch.prompts[i], str) else rollout.plain_dialogue(batch.prompts[i])
+        rows.append(f"  {prompt.strip()[-22:]:<22} | {resp[:24]!r:<24} | {rewards[i]:.2f}")
+    tqdm.write("\n".join(rows))
+
+
+def summary_line(m):
+    keys = [("step", "step", "d"), ("train/reward_mean", "reward", ".3f"), ("train/nll_per_token", "nll", ".4f"),
+            ("weights/w_mean", "w", ".2f"), ("weights/clip_frac", "clip", ".2f"), ("train/kl_pi0", "kl0", ".3f"),
+            ("train/response_len", "len", ".1f"), ("train/missing_eos", "noeos", ".2f"),
+            ("train/loss", "loss", ".4f"), ("train/grad_norm", "gnorm", ".2f"), ("perf/seconds_per_batch", "s", ".2f")]
+    return "  ".join(f"{short} {m[k]:{fmt}}" for k, short, fmt in keys if k in m)
