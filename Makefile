@@ -3,7 +3,6 @@
 #   make test   - the test suite (what CI runs)
 VENV ?= .venv
 PY := $(VENV)/bin/python
-TEST_DEPS := pytest==9.2.0
 # The --rollout vllm tests need vLLM: its CPU build where there is no CUDA (CI). It must not replace the
 # pinned torch/transformers (-c), and the torchvision/torchaudio/torchcodec builds it pulls in break
 # transformers' model imports here (../shared/NOTES.md), so they are removed again.
@@ -17,7 +16,6 @@ $(VENV)/.installed: requirements.txt
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed
-	$(PY) -m pip install --quiet --disable-pip-version-check $(TEST_DEPS)
 	if command -v nvidia-smi >/dev/null 2>&1; then \
 	  echo "CUDA machine: the vLLM tests need vllm built for torch $$($(PY) -c 'import torch; print(torch.__version__)')"; \
 	else \

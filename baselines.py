@@ -304,7 +304,7 @@ def ppo_step(step, cfg, ctx, run):
     adv0, _ = gae(shaped(all_rows, logp_t_tok, mask.shape[1]), values_old, mask, cfg.gamma, cfg.gae_lambda)
     tok_valid = mask.bool() & valid[:, None]
     moments = infra.gather(ctx, torch.stack([adv0[tok_valid].sum(), (adv0[tok_valid] ** 2).sum(),
-                                           tok_valid.sum().float()]).double()).view(-1, 3).sum(0)
+                                             tok_valid.sum().float()]).double()).view(-1, 3).sum(0)
     adv_mean = (moments[0] / moments[2]).item()
     adv_std = (moments[1] / moments[2] - adv_mean ** 2).clamp(min=0).sqrt().item()
 
@@ -328,9 +328,9 @@ def ppo_step(step, cfg, ctx, run):
 
     with infra.timed(timer, "update"):
         upd = loop.minibatch_updates(cfg, ctx, run, len(batch), cfg.online_batch // cfg.minibatch, cfg.micro_batch,
-                                    loss_fn, cfg.epochs, cost=batch.lengths())
+                                     loss_fn, cfg.epochs, cost=batch.lengths())
     return loop.online_metrics(step, cfg, ctx, run, batch, rewards, invalid, logp_t_tok, logp_0_tok, upd, timer,
-                              logp_diff=logp_diff, extra={"train/adv_mean": adv_mean, "train/adv_std": adv_std})
+                               logp_diff=logp_diff, extra={"train/adv_mean": adv_mean, "train/adv_std": adv_std})
 
 
 def sequence_step(step, cfg, ctx, run):
@@ -374,12 +374,12 @@ def sequence_step(step, cfg, ctx, run):
 
     with infra.timed(timer, "update"):
         upd = loop.minibatch_updates(cfg, ctx, run, len(batch), cfg.online_batch // cfg.minibatch, cfg.micro_batch,
-                                    loss_fn, cfg.epochs, cost=batch.lengths())
+                                     loss_fn, cfg.epochs, cost=batch.lengths())
     A = infra.gather(ctx, torch.where(valid, adv.double(), math.nan).to(ctx.device)).cpu()
     A = A[~torch.isnan(A)]
     return loop.online_metrics(step, cfg, ctx, run, batch, rewards, invalid, logp_t_tok, logp_0_tok, upd, timer,
-                              logp_diff=logp_diff, extra={"train/adv_abs_mean": A.abs().mean().item(),
-                               "train/adv_zero_frac": (A == 0).double().mean().item()})
+                               logp_diff=logp_diff, extra={"train/adv_abs_mean": A.abs().mean().item(),
+                                "train/adv_zero_frac": (A == 0).double().mean().item()})
 
 
 def iter_sft_step(step, cfg, ctx, run):
@@ -397,10 +397,10 @@ def iter_sft_step(step, cfg, ctx, run):
 
     with infra.timed(timer, "update"):
         upd = loop.minibatch_updates(cfg, ctx, run, len(best), 1, cfg.micro_batch, loss_fn, epochs=1,
-                                    cost=batch.lengths()[best])
+                                     cost=batch.lengths()[best])
     best_r = infra.gather(ctx, rewards[best].to(ctx.device)).cpu()
     return loop.online_metrics(step, cfg, ctx, run, batch, rewards, invalid, logp_t_tok, logp_0_tok, upd, timer,
-                              logp_diff=logp_diff, extra={"train/best_reward_mean": best_r[~torch.isnan(best_r)].mean().item()})
+                               logp_diff=logp_diff, extra={"train/best_reward_mean": best_r[~torch.isnan(best_r)].mean().item()})
 
 
 def pair_step(step, cfg, ctx, run):
@@ -425,11 +425,11 @@ def pair_step(step, cfg, ctx, run):
 
     with infra.timed(timer, "update"):
         upd = loop.minibatch_updates(cfg, ctx, run, len(chosen), cfg.online_batch // cfg.minibatch,
-                                    max(1, cfg.micro_batch // 2), loss_fn, cfg.epochs,
-                                    cost=torch.maximum(batch.lengths()[chosen], batch.lengths()[rejected]))
+                                     max(1, cfg.micro_batch // 2), loss_fn, cfg.epochs,
+                                     cost=torch.maximum(batch.lengths()[chosen], batch.lengths()[rejected]))
     pref = infra.gather(ctx, has_pref.double().to(ctx.device)).cpu()
     return loop.online_metrics(step, cfg, ctx, run, batch, rewards, invalid, logp_t_tok, logp_0_tok, upd, timer,
-                              logp_diff=logp_diff, extra={"pairs/with_preference_frac": pref.mean().item()})
+                               logp_diff=logp_diff, extra={"pairs/with_preference_frac": pref.mean().item()})
 
 
 def offline_pair_step(step, cfg, ctx, run):

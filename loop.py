@@ -111,9 +111,9 @@ class JudgeFailure(Exception):
     """More invalid judgments in an online batch than --max-invalid-frac allows."""
 
 
-def train(cfg, ctx, step_fn):
-    """Run cfg.algo for cfg.steps, one step_fn(step, cfg, ctx, run) -> metrics per online batch (dar.dar_step,
-    baselines.STEPS, sft_step); returns the Run (policy trained). Resumes when cfg.resume."""
+def start_run(cfg, ctx):
+    """(Run, first step): the task, the tokenizer, pi_theta (from the last checkpoint with --resume, with its
+    optimizer, schedule and RNG state), PPO's value model, pi_0, the judge and the sampler, placed for this rank."""
     init = cfg.model
     if not init:
         base, sft = ensure_toy_models(cfg, ctx)
@@ -169,6 +169,17 @@ def train(cfg, ctx, step_fn):
                                           cfg.trust_remote_code)
         if sharded_ckpt:
             run.sampler.push_weights(policy)
+    return run, start
+
+
+def train(cfg, ctx, step_fn):
+    """Run cfg.algo for cfg.steps, one step_fn(step, cfg, ctx, run) -> metrics per online batch (dar.dar_step,
+    baselines.STEPS, sft_step); returns the Run (policy trained). Resumes when cfg.resume.
+
+    The fault policy: a batch whose judgments are mostly invalid stops the run before training on it (with a
+    checkpoint of the batches before); a non-finite loss skips that batch's updates and its checkpoint, and
+    MAX_NONFINITE_BATCHES in a row stop the run; SIGTERM finishes the batch, checkpoints and exits 143."""
+    run, start = start_run(cfg, ctx)
     log = Logger(cfg, ctx, start)
     if ctx.master and start == 0:
         print("config: " + json.dumps(dataclasses.asdict(cfg)), flush=True)
@@ -189,7 +200,7 @@ def train(cfg, ctx, step_fn):
                                  f"last checkpoint is {last}. Once the judge works, continue with --resume.")
             if run.sampler is not None:  # step 7 for the vLLM sampler: pi_{t+1} <- pi_theta
                 t1 = time.time()
-                run.sampler.push_weights(policy)
+                run.sampler.push_weights(run.policy)
                 metrics["perf/weight_sync_s"] = time.time() - t1
             metrics.update({"step": step + 1, "perf/seconds_per_batch": time.time() - t0})
             finite = math.isfinite(metrics["train/loss"])
@@ -226,7 +237,7 @@ def train(cfg, ctx, step_fn):
     finally:
         term.restore()
     bar.close()
-    save_final(cfg, ctx, models, tok)
+    save_final(cfg, ctx, [m for m in (run.policy, run.value) if m is not None], run.tok)
     return run
 
 

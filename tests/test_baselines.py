@@ -217,7 +217,7 @@ def params(model):
 def test_every_algorithm_trains_on_the_toy_task(algo, toy_cache, tmp_path):
     out = tmp_path / algo
     cfg = config.parse_config(TINY + ["--algo", algo, "--steps", "3", "--cache-dir", toy_cache, "--out-dir", str(out),
-                                   "--print-every", "1000", "--save-every", "2"])
+                                      "--print-every", "1000", "--save-every", "2"])
     assert cfg.beta == config.ALGO_DEFAULTS.get(algo, {}).get("beta", config.Config.beta)   # the paper's default
     base, sft = loop.toy_paths(cfg)
     start = params(infra.load_model(base if algo == "sft" else os.path.join(sft, "final"), cfg, torch.device("cpu")))
@@ -236,8 +236,8 @@ def test_every_algorithm_trains_on_the_toy_task(algo, toy_cache, tmp_path):
 def test_ppo_resumes_with_its_value_model_to_the_same_metrics(toy_cache, tmp_path):
     def go(out, steps, resume=False):
         cfg = config.parse_config(TINY + ["--algo", "ppo", "--steps", str(steps), "--cache-dir", toy_cache,
-                                       "--out-dir", str(out), "--print-every", "1000", "--save-every", "1"]
-                               + (["--resume"] if resume else []))
+                                          "--out-dir", str(out), "--print-every", "1000", "--save-every", "1"]
+                                  + (["--resume"] if resume else []))
         return train(cfg)
     go(tmp_path / "a", 2)
     go(tmp_path / "b", 1)

@@ -129,7 +129,7 @@ def test_sweeps_around_one_base_run():
 def test_labels_name_what_differs_from_the_base_run():
     base = dict(alpha=0.5, beta=0.5, k=4, online_batch=256)
     configs = [dict(config.Config().__dict__, **c) for c in
-               (base, dict(base, alpha=0.0), dict(base, alpha=0.9), dict(base, k=8, online_batch=512))]
+                  (base, dict(base, alpha=0.0), dict(base, alpha=0.9), dict(base, k=8, online_batch=512))]
     assert [ev.experiment_label(c, configs) for c in configs] == [
         "dar", "dar alpha=0", "dar alpha=0.9", "dar k=8 online_batch=512"]
     two = configs[:2]  # no usual value: both show theirs

@@ -129,7 +129,7 @@ def test_the_annotator_going_away_mid_run_stops_with_a_checkpoint_and_resume_con
 def test_a_checkpoint_write_that_fails_leaves_the_previous_one_loadable(toy_cache, tmp_path, monkeypatch):
     out = tmp_path / "run"
     cfg = config.parse_config(TINY + ["--cache-dir", toy_cache, "--out-dir", str(out), "--steps", "4",
-                                   "--save-every", "2", "--print-every", "1000"])
+                                      "--save-every", "2", "--print-every", "1000"])
     real_save, calls = torch.save, []
 
     def disk_full_on_second(obj, path, *a, **k):
@@ -217,7 +217,7 @@ def poison(monkeypatch, bad_batches):
 def test_a_nan_batch_is_skipped_and_reported(toy_cache, tmp_path, monkeypatch, capsys):
     out = tmp_path / "run"
     cfg = config.parse_config(TINY + ["--cache-dir", toy_cache, "--out-dir", str(out), "--steps", "4",
-                                   "--save-every", "2", "--print-every", "1000"])
+                                      "--save-every", "2", "--print-every", "1000"])
     poison(monkeypatch, {2})
     run = train(cfg)
     rows = read_metrics(out)
@@ -232,7 +232,7 @@ def test_a_nan_batch_is_skipped_and_reported(toy_cache, tmp_path, monkeypatch, c
 def test_repeated_nan_batches_stop_at_the_last_good_checkpoint(toy_cache, tmp_path, monkeypatch):
     out = tmp_path / "run"
     cfg = config.parse_config(TINY + ["--cache-dir", toy_cache, "--out-dir", str(out), "--steps", "8",
-                                   "--save-every", "1", "--print-every", "1000"])
+                                      "--save-every", "1", "--print-every", "1000"])
     poison(monkeypatch, {3, 4, 5, 6, 7, 8})
     with pytest.raises(SystemExit) as e:
         train(cfg)

@@ -45,7 +45,7 @@ def test_fsdp_makes_the_updates_ddp_makes(algo, extra, toy_cache, tmp_path):
     w_ddp, w_fsdp = weights(os.path.join(ddp, "final")), weights(os.path.join(fsdp, "final"))
     assert w_ddp.keys() == w_fsdp.keys()  # tied embeddings saved once, as save_pretrained does
     pi_0 = weights(os.path.join(loop.toy_paths(config.parse_config(["--cache-dir", toy_cache, "--sft-steps", "40"]))[1],
-                                "final"))
+                                    "final"))
     moved = max((w_ddp[k] - pi_0[k]).abs().max().item() for k in w_ddp)
     assert moved > 1e-3  # the runs trained
     assert max((w_ddp[k] - w_fsdp[k]).abs().max().item() for k in w_ddp) < 1e-4

@@ -316,7 +316,7 @@ def test_api_key_is_sent_but_never_shown(gold_url, monkeypatch, capsys):
     shown += list(j(PROMPTS[:1], RESPONSES[:1], [True]).reasons)
     with pytest.raises(SystemExit) as e:
         make_judge("llm", None, config.Config(judge="llm", judge_url=f"http://127.0.0.1:{free_port()}/v1",
-                                           judge_api_key_env="DAR_TEST_JUDGE_KEY", task="toy"))
+                                              judge_api_key_env="DAR_TEST_JUDGE_KEY", task="toy"))
     shown.append(str(e.value))
     captured = capsys.readouterr()
     shown += [captured.out, captured.err]

@@ -86,7 +86,7 @@ def test_score_orders_by_length_and_returns_an_ordinary_tensor(policy_and_batch)
 
 def one_dar_run(toy_cache, out, *flags):
     cfg = config.parse_config(["--cache-dir", toy_cache, "--out-dir", str(out), "--steps", "2", "--print-every", "1000",
-                            "--seed", "3"] + TINY + list(flags))
+                               "--seed", "3"] + TINY + list(flags))
     run = train(cfg)
     return torch.cat([p.detach().flatten() for p in run.policy.parameters()]), run
 

@@ -22,7 +22,7 @@ from conftest import ROOT, TINY, TORCHRUN, comparable, read_metrics, run_dar, tr
 
 def tiny_cfg(toy_cache, out, *extra):
     return config.parse_config(TINY + ["--cache-dir", toy_cache, "--out-dir", str(out), "--print-every", "1000",
-                                    *extra])
+                                       *extra])
 
 
 def params(model):
