@@ -15,6 +15,11 @@ import infra  # noqa: E402
 import loop  # noqa: E402
 
 SFT_STEPS = 40
+
+
+def pytest_configure(config):  # pytest's name for its own config object (not config.py)
+    config.addinivalue_line("markers", "slow: trains a model, starts processes or servers, or runs vLLM; "
+                                       "`pytest -m 'not slow'` leaves these out, `make test` runs everything")
 TINY = ["--online-batch", "32", "--minibatch", "16", "--micro-batch", "8", "--eval-prompts", "16",
         "--sft-steps", str(SFT_STEPS), "--max-new-tokens", "12", "--lr", "1e-3"]
 

@@ -213,6 +213,7 @@ def params(model):
     return torch.cat([p.detach().flatten().clone() for p in model.parameters()])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("algo", config.ALGOS)
 def test_every_algorithm_trains_on_the_toy_task(algo, toy_cache, tmp_path):
     out = tmp_path / algo
@@ -233,6 +234,7 @@ def test_every_algorithm_trains_on_the_toy_task(algo, toy_cache, tmp_path):
         assert torch.allclose(params(run.ref), start)                         # pi_0 stays frozen
 
 
+@pytest.mark.slow
 def test_ppo_resumes_with_its_value_model_to_the_same_metrics(toy_cache, tmp_path):
     def go(out, steps, resume=False):
         cfg = config.parse_config(TINY + ["--algo", "ppo", "--steps", str(steps), "--cache-dir", toy_cache,
@@ -246,6 +248,7 @@ def test_ppo_resumes_with_its_value_model_to_the_same_metrics(toy_cache, tmp_pat
     assert run.value is not None
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("algo", ["ppo", "grpo", "iter_sft", "online_dpo", "dpo"])   # one per step function
 def test_baselines_run_under_torchrun_with_identical_replicas(algo, toy_cache, tmp_path):
     p = run_dar(TINY + ["--algo", algo, "--cache-dir", toy_cache, "--out-dir", str(tmp_path / algo), "--steps", "2"],

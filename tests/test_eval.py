@@ -92,8 +92,8 @@ def test_pareto_fit_recovers_a_known_quadratic(tmp_path):
     assert sum(r["row"] == "point" for r in rows) == 11 and sum(r["row"] == "fit" for r in rows) == 2
 
 
-def fake_report(algo, seed, win, **config):
-    cfg = dict(config.Config().__dict__, algo=algo, seed=seed, **config)
+def fake_report(algo, seed, win, **settings):
+    cfg = dict(config.Config().__dict__, algo=algo, seed=seed, **settings)
     return {"win_rate": win, "kl_pi0": 0.1, "policy/reward": win, "run": {"config": cfg, "seed": seed}}
 
 
@@ -143,10 +143,10 @@ def test_group_runs_counts_a_seed_once(capsys):
     assert "seed 0" in capsys.readouterr().out
 
 
-def write_run(root, name, config, rows):
+def write_run(root, name, settings, rows):
     d = root / name
     d.mkdir()
-    (d / "config.json").write_text(json.dumps(dict(config.Config().__dict__, **config)))
+    (d / "config.json").write_text(json.dumps(dict(config.Config().__dict__, **settings)))
     (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return str(d)
 
@@ -284,6 +284,7 @@ def test_greedy_decoding_ignores_the_seed(toy_cache):
     assert outs[0] == outs[1] and len(outs[0]) == 6
 
 
+@pytest.mark.slow
 def test_dar_then_eval_end_to_end(toy_cache, tmp_path, monkeypatch, capsys):
     runs = []
     for seed in (0, 1):

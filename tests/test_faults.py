@@ -36,6 +36,7 @@ def wait_for_batches(out, n, timeout=300):
     return metrics
 
 
+@pytest.mark.slow
 def test_sigterm_checkpoints_after_the_batch_and_resume_matches(toy_cache, tmp_path):
     flags = TINY + ["--cache-dir", toy_cache, "--steps", "25", "--save-every", "1000", "--print-every", "1000"]
     whole = tmp_path / "whole"
@@ -71,6 +72,7 @@ def params(run):
     return torch.cat([p.detach().flatten() for p in run.policy.parameters()])
 
 
+@pytest.mark.slow
 def test_a_failing_judge_stops_before_training_on_it_and_resume_matches(toy_cache, tmp_path, monkeypatch):
     base = TINY + ["--cache-dir", toy_cache, "--steps", "6", "--save-every", "1000", "--print-every", "1000",
                    "--judge", "toy_gold"]
@@ -99,6 +101,7 @@ def serve_annotator():
     return proc, line[line.index("http://"):].split()[0]
 
 
+@pytest.mark.slow
 def test_the_annotator_going_away_mid_run_stops_with_a_checkpoint_and_resume_continues(toy_cache, tmp_path):
     """The issue's scenario over real HTTP: the server dies after some batches; the run names the endpoint,
     keeps the batches done, and --resume against the restarted server (another port) finishes the run."""
@@ -126,6 +129,7 @@ def test_the_annotator_going_away_mid_run_stops_with_a_checkpoint_and_resume_con
     assert final_metrics(str(out))["step"] == 40
 
 
+@pytest.mark.slow
 def test_a_checkpoint_write_that_fails_leaves_the_previous_one_loadable(toy_cache, tmp_path, monkeypatch):
     out = tmp_path / "run"
     cfg = config.parse_config(TINY + ["--cache-dir", toy_cache, "--out-dir", str(out), "--steps", "4",
@@ -154,6 +158,7 @@ def test_a_checkpoint_write_that_fails_leaves_the_previous_one_loadable(toy_cach
     assert final_metrics(str(out))["step"] == 4
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("trial", range(3))
 def test_sigkill_at_a_random_moment_then_resume_matches(toy_cache, tmp_path, trial):
     """SIGKILL, no warning, at a random time (checkpoints every batch, so kills land in writes too): the newest
@@ -177,6 +182,7 @@ def test_sigkill_at_a_random_moment_then_resume_matches(toy_cache, tmp_path, tri
     assert final_metrics(str(out)) == final_metrics(str(whole))
 
 
+@pytest.mark.slow
 def test_the_api_key_appears_in_no_file_and_no_output(toy_cache, tmp_path):
     """The annotator's key comes from the environment and is sent as a header, never written: a grep of the
     whole run directory (configs, metrics, checkpoints, optimizer state) and of both output streams."""
@@ -214,6 +220,7 @@ def poison(monkeypatch, bad_batches):
     monkeypatch.setattr(dar, "weighted_sft_loss", loss)
 
 
+@pytest.mark.slow
 def test_a_nan_batch_is_skipped_and_reported(toy_cache, tmp_path, monkeypatch, capsys):
     out = tmp_path / "run"
     cfg = config.parse_config(TINY + ["--cache-dir", toy_cache, "--out-dir", str(out), "--steps", "4",
@@ -229,6 +236,7 @@ def test_a_nan_batch_is_skipped_and_reported(toy_cache, tmp_path, monkeypatch, c
     assert sorted(d for d in os.listdir(out) if d.startswith("ckpt-")) == ["ckpt-000004"]  # none after batch 2
 
 
+@pytest.mark.slow
 def test_repeated_nan_batches_stop_at_the_last_good_checkpoint(toy_cache, tmp_path, monkeypatch):
     out = tmp_path / "run"
     cfg = config.parse_config(TINY + ["--cache-dir", toy_cache, "--out-dir", str(out), "--steps", "8",
@@ -253,6 +261,7 @@ def worker(launcher_pid, rank):
     raise AssertionError(f"no worker with RANK={rank} under pid {launcher_pid}")
 
 
+@pytest.mark.slow
 def test_a_dead_rank_brings_the_job_down_and_resume_matches(toy_cache, tmp_path):
     """SIGKILL one of two ranks: the other fails in its next collective, torchrun ends the job within seconds
     (no hang), and --resume on two ranks ends where an uninterrupted two-rank run ends."""
@@ -275,6 +284,7 @@ def test_a_dead_rank_brings_the_job_down_and_resume_matches(toy_cache, tmp_path)
     assert final_metrics(str(out)) == final_metrics(str(whole))
 
 
+@pytest.mark.slow
 def test_a_hung_rank_ends_the_job_after_the_dist_timeout(toy_cache, tmp_path):
     """SIGSTOP one of two ranks (a hang, not a death): the other gives up after --dist-timeout (15 s here) and
     torchrun ends the job; without the timeout it would wait 30 minutes."""
@@ -326,6 +336,7 @@ def test_a_model_s_own_code_runs_only_with_trust_remote_code(tmp_path):
     assert type(model).__name__ == "CustomForCausalLM" and marker.exists()
 
 
+@pytest.mark.slow
 def test_a_checkpoint_holding_pickled_code_is_refused(toy_cache, tmp_path):
     out, marker = tmp_path / "run", tmp_path / "code-ran"
     flags = TINY + ["--cache-dir", toy_cache, "--out-dir", str(out), "--save-every", "1", "--print-every", "1000"]
@@ -341,6 +352,7 @@ def test_a_checkpoint_holding_pickled_code_is_refused(toy_cache, tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.slow
 def test_the_served_annotator_listens_on_localhost_only():
     server, url = serve_annotator()
     server.terminate()
@@ -348,6 +360,7 @@ def test_the_served_annotator_listens_on_localhost_only():
     assert url.startswith("http://127.0.0.1:"), url
 
 
+@pytest.mark.slow
 def test_prompts_longer_than_the_limit_are_skipped_and_counted(toy_cache, tmp_path):
     import rollout
     import tasks

@@ -14,6 +14,8 @@ import infra
 import loop
 from conftest import TINY, TORCHRUN, comparable, read_metrics, run_dar
 
+pytestmark = pytest.mark.slow  # every test here starts torchrun (FSDP2 across 2 ranks)
+
 # micro-batches of 4 on a rank's minibatch of 8: gradients accumulate without a sync on the first
 FLAGS = TINY + ["--micro-batch", "4", "--print-every", "1000", "--sample-every", "1000", "--eval-prompts", "8"]
 

@@ -38,6 +38,7 @@ def pi_0(toy_cache):
     return os.path.join(loop.toy_paths(config.parse_config(["--cache-dir", toy_cache, "--sft-steps", "40"]))[1], "final")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("task, data", [("tldr", "tldr_sft.jsonl"), ("helpful", "hh_helpful.jsonl"),
                                         ("harmless", "hh_harmless.jsonl.gz")])
 def test_direct_ai_alignment_task_trains_against_the_http_annotator(task, data, annotator, pi_0, tmp_path):
@@ -54,6 +55,7 @@ def test_direct_ai_alignment_task_trains_against_the_http_annotator(task, data, 
     assert json.load(open(out / "eval.json"))["judge"] == "llm"
 
 
+@pytest.mark.slow
 def test_offline_dpo_trains_on_the_hh_preference_pairs(annotator, pi_0, tmp_path):
     out = tmp_path / "dpo"
     p = run_dar(SMALL + ["--task", "helpful", "--algo", "dpo", "--data", os.path.join(FIXTURES, "hh_helpful.jsonl"),
@@ -67,6 +69,7 @@ def reward_model(tmp_path_factory):
     return build_reward_model(str(tmp_path_factory.mktemp("rm")))
 
 
+@pytest.mark.slow
 def test_helpsteer2_trains_with_a_reward_model_and_its_paper_defaults(reward_model, pi_0, tmp_path):
     out = tmp_path / "hs2"
     p = run_dar(SMALL + ["--task", "helpsteer2", "--data", os.path.join(FIXTURES, "helpsteer2.jsonl"),

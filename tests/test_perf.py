@@ -91,6 +91,7 @@ def one_dar_run(toy_cache, out, *flags):
     return torch.cat([p.detach().flatten() for p in run.policy.parameters()]), run
 
 
+@pytest.mark.slow
 def test_length_ordered_micro_batches_and_gradient_checkpointing_give_the_same_update(toy_cache, tmp_path,
                                                                                       monkeypatch):
     """TINY: minibatches of 16 in micro-batches of 8, ordered by length; one micro-batch of 16 is the

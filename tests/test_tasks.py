@@ -326,6 +326,7 @@ def test_unusable_conversation_is_skipped_and_counted(tmp_path, capsys):
 # ---------------------------------------------------------------------------------------------------
 # The Hub path
 # ---------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_without_network_the_error_names_the_data_set_and_says_data(tmp_path):
     """A fresh cache and huggingface_hub's offline mode: the same failure as no network, without its retries."""
     code = ("import tasks\n"

@@ -40,6 +40,7 @@ def test_one_dar_step_changes_the_parameters(toy_cache, tmp_path):
     assert all(torch.equal(before[k], v) for k, v in params(ref).items())  # pi_0 stays frozen
 
 
+@pytest.mark.slow
 def test_sft_reduces_nll_on_its_data(toy_cache, tmp_path):
     cfg = tiny_cfg(toy_cache, tmp_path / "sft", "--algo", "sft", "--steps", "15", "--minibatch", "32")
     base, _ = loop.toy_paths(cfg)
@@ -63,6 +64,7 @@ REQUIRED_KEYS = {"step", "train/reward_mean", "train/reward_std", "train/adv_mea
                  "train/missing_eos", "perf/tokens_per_s", "perf/seconds_per_batch", "train/invalid_judgments"}
 
 
+@pytest.mark.slow
 def test_dar_runs_end_to_end_in_a_subprocess(toy_cache, tmp_path):
     out = tmp_path / "run"
     p = run_dar(TINY + ["--cache-dir", toy_cache, "--out-dir", str(out), "--steps", "3"], cwd=tmp_path)
@@ -77,6 +79,7 @@ def test_dar_runs_end_to_end_in_a_subprocess(toy_cache, tmp_path):
     assert os.path.isfile(out / "final" / "model.safetensors")
 
 
+@pytest.mark.slow
 def test_torchrun_two_ranks_keep_identical_parameters(toy_cache, tmp_path):
     out = tmp_path / "ddp"
     p = run_dar(TINY + ["--cache-dir", toy_cache, "--out-dir", str(out), "--steps", "2"], cwd=tmp_path,
@@ -87,6 +90,7 @@ def test_torchrun_two_ranks_keep_identical_parameters(toy_cache, tmp_path):
     assert [r["step"] for r in rows] == [1, 2]  # rank 0 alone writes the log
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_same_metrics(toy_cache, tmp_path):
     steps = ["--steps", "6", "--save-every", "1"]
     base = TINY + ["--cache-dir", toy_cache] + steps
@@ -124,6 +128,7 @@ OLD_RUN_FLAGS = ["--model", "tests/fixtures/run-before-layout/pi0", "--online-ba
                  "--save-every", "2", "--keep-checkpoints", "2", "--print-every", "1000", "--sample-every", "1000"]
 
 
+@pytest.mark.slow
 def test_a_checkpoint_written_before_the_file_split_resumes_to_its_numbers(tmp_path):
     """run/ is what dar.py wrote at commit dff6d8b, before dar.py was split into config, infra and loop:
     `OMP_NUM_THREADS=1 python dar.py OLD_RUN_FLAGS --steps 2` in the repository root (pi0/ is the toy pi_0 of
@@ -144,6 +149,7 @@ def test_a_checkpoint_written_before_the_file_split_resumes_to_its_numbers(tmp_p
             assert got[k] == pytest.approx(want[k], rel=1e-5, abs=1e-6), (want["step"], k)
 
 
+@pytest.mark.slow
 def test_resume_refuses_changed_settings(toy_cache, tmp_path):
     out = tmp_path / "r"
     p = run_dar(TINY + ["--cache-dir", toy_cache, "--out-dir", str(out), "--steps", "1"], cwd=tmp_path)
@@ -178,6 +184,7 @@ def test_bad_input_is_a_clear_error(args, message, capsys):
     assert message in str(e.value)
 
 
+@pytest.mark.slow
 def test_bad_flag_prints_a_message_not_a_traceback(tmp_path):
     p = run_dar(["--alpha", "2"], cwd=tmp_path)
     assert p.returncode != 0

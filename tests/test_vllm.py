@@ -15,6 +15,8 @@ import loop
 import rollout
 from conftest import TINY, TORCHRUN, read_metrics, run_dar
 
+pytestmark = pytest.mark.slow  # every test here runs a vLLM engine (and some torchrun)
+
 PROMPTS = ["reverse: hello", "reverse: abc", "reverse: rhythm"]
 
 
