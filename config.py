@@ -113,6 +113,9 @@ class Config:
                                               "long responses, one more forward pass of the layers per update")
     rollout: str = arg("hf", "sampler: hf (transformers generate) or vllm (a colocated engine per rank)")
     vllm_gpu_memory: float = arg(0.3, "share of GPU memory vLLM may take (weights + KV cache), --rollout vllm")
+    logp_temperature: float = arg(0.0, "temperature T of log pi_theta, pi_t and pi_0 (log softmax(logits / T)) in "
+                                       "every loss, reward and KL; 0 = --temperature, the distribution sampled "
+                                       "(paper); 1 = the model's raw logits, for comparison")
     logp_source: str = arg("policy", "log pi_t for the loss: policy (a forward pass of the trained model) or "
                                      "sampler (the sampler's log-probs of the sampled tokens: no pi_t pass)")
     backend: str = arg("", "torch.distributed backend; '' = nccl on GPU, gloo on CPU")
@@ -236,6 +239,11 @@ def check_config(cfg, world):
         bad(f"--dtype must be auto, float32 or bfloat16, got {cfg.dtype!r}")
     if cfg.rollout not in ("hf", "vllm"):
         bad(f"--rollout must be hf or vllm, got {cfg.rollout!r}")
+    if cfg.logp_temperature < 0:
+        bad(f"--logp-temperature must be > 0, or 0 for --temperature, got {cfg.logp_temperature}")
+    if cfg.rollout == "vllm" and cfg.logp_temperature not in (0, 1, cfg.temperature):
+        bad(f"--rollout vllm gives log-probs at the sampling temperature or at 1, not at --logp-temperature "
+            f"{cfg.logp_temperature:g}; use 0 (= --temperature {cfg.temperature:g}) or 1, or --rollout hf")
     if cfg.logp_source not in ("policy", "sampler"):
         bad(f"--logp-source must be policy or sampler, got {cfg.logp_source!r}")
     if cfg.fsdp_offload and not cfg.fsdp:
@@ -247,8 +255,14 @@ def check_config(cfg, world):
 
 
 
+# Fields added after runs were saved, with the value that reproduces what the code did before them: a checkpoint
+# without the field resumes only with that value (given on the command line), never silently with a new default.
+VALUE_BEFORE_FIELD = {"logp_temperature": 1.0}
+
+
 def check_resumable(cfg, saved):
     """Stop a --resume whose settings differ from the checkpoint's in a field outside RESUMABLE_CHANGES."""
+    saved = {**VALUE_BEFORE_FIELD, **saved}
     diff = [k for k, v in saved.items() if k not in RESUMABLE_CHANGES and getattr(cfg, k, v) != v]
     if diff:
         raise SystemExit("error: --resume with settings that differ from the checkpoint's: " +

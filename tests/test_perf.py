@@ -17,12 +17,12 @@ import tasks
 from conftest import TINY, train
 
 
-def straightforward_logps(model, batch):
-    """The reference: one forward pass over the full padded batch, the float32 log-softmax of all logits."""
+def straightforward_logps(model, batch, temperature=1.0):
+    """The reference: one forward pass over the full padded batch, the float32 log-softmax of all logits / T."""
     ids, mask, R = batch.input_ids, batch.attention_mask, batch.response_mask.shape[1]
     logits = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0),
                    use_cache=False).logits[:, -R - 1:-1]
-    logp = logits.float().log_softmax(-1).gather(-1, ids[:, -R:, None]).squeeze(-1)
+    logp = (logits.float() / temperature).log_softmax(-1).gather(-1, ids[:, -R:, None]).squeeze(-1)
     return torch.where(batch.response_mask.bool(), logp, 0.0)
 
 
@@ -41,14 +41,15 @@ def policy_and_batch(toy_cache):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("chunk", [1, 7, 10_000])  # one row per chunk, uneven chunks, everything at once
-def test_selected_logps_match_log_softmax_values_and_gradients(dtype, chunk):
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_selected_logps_match_log_softmax_values_and_gradients(dtype, chunk, temperature):
     torch.manual_seed(0)
     logits = (3 * torch.randn(5, 4, 50)).to(dtype).requires_grad_()
     targets = torch.randint(0, 50, (5, 4))
     weights = torch.randn(5, 4)
-    ref = logits.float().log_softmax(-1).gather(-1, targets[..., None]).squeeze(-1)
+    ref = (logits.float() / temperature).log_softmax(-1).gather(-1, targets[..., None]).squeeze(-1)
     (g_ref,) = torch.autograd.grad((ref * weights).sum(), logits)
-    got = rollout.selected_logps(logits, targets, chunk_tokens=chunk)
+    got = rollout.selected_logps(logits, targets, chunk_tokens=chunk, temperature=temperature)
     (g_got,) = torch.autograd.grad((got * weights).sum(), logits)
     assert got.dtype == torch.float32 and got.shape == (5, 4)
     torch.testing.assert_close(got, ref, rtol=0, atol=1e-5)
@@ -116,17 +117,25 @@ def test_length_ordered_micro_batches_and_gradient_checkpointing_give_the_same_u
     torch.testing.assert_close(ckpt, ordered, rtol=0, atol=2e-5)
 
 
-def test_generate_records_the_sampled_tokens_log_probs(policy_and_batch):
-    """--logp-source sampler with transformers: the log-probs generate() computed while sampling equal a
-    teacher-forced forward pass of the same sequences (float32: to rounding)."""
+@pytest.mark.parametrize("logp_temperature", [None, 1.0])
+def test_generate_records_the_sampled_tokens_log_probs(policy_and_batch, logp_temperature):
+    """--logp-source sampler with transformers: the log-probs generate() computed while sampling at T = 0.9
+    equal the trainer's (token_logps) and a teacher-forced forward pass of the same sequences at the batch's
+    temperature: 0.9, the distribution sampled, or 1 with --logp-temperature 1 (float32: to rounding)."""
     model, batch = policy_and_batch
     tok = infra.load_tokenizer(model.name_or_path)
     torch.manual_seed(1)
-    rec = rollout.generate(model, tok, batch.prompts[::2], 2, 12, 0.9, record_logp=True)
+    rec = rollout.generate(model, tok, batch.prompts[::2], 2, 12, 0.9, record_logp=True,
+                           logp_temperature=logp_temperature)
     assert rec.sampler_logp.shape == rec.response_mask.shape
+    assert rec.temperature == (logp_temperature or 0.9)
     with torch.no_grad():
-        ref = straightforward_logps(model, rec)
-    torch.testing.assert_close(rec.sampler_logp, ref, rtol=0, atol=1e-4)  # pi, not the tempered 0.9 scores
+        ref = straightforward_logps(model, rec, rec.temperature)
+        other = straightforward_logps(model, rec, 1.9 - rec.temperature)  # the other of 0.9 and 1
+        trainer = rollout.token_logps(model, rec)
+    torch.testing.assert_close(rec.sampler_logp, ref, rtol=0, atol=1e-4)
+    torch.testing.assert_close(trainer, ref, rtol=0, atol=1e-4)
+    assert (rec.sampler_logp - other).abs().max() > 1e-2  # the temperature makes a difference here
     assert (rec.sampler_logp[rec.response_mask == 0] == 0).all()
 
 

@@ -30,6 +30,9 @@ Claims checked (section / equation of the paper):
   9. IS-DPO (IS-DPO appendix, Theorem 1; baselines.is_dpo_loss): importance weighting makes the loss on
      pi_ref's pairs an unbiased estimate of online DPO, and the weighted squared loss has the gradient of
      KL(pi_theta || pi_ref) (with the constant the appendix drops).
+ 10. One temperature (rollout.py, loop.logp_temperature): responses are sampled at T, so the losses must see
+     pi at T. With zero advantages the DAR iteration then stays at pi_0; with log-probs at 1 and samples at
+     T = 0.9 its target is pi_0^alpha pi_t^(1/T - alpha), an exponent above 1 at alpha 0.1, and it drifts.
 
 Everything is float64; dar_weights and k3 return float32, which bounds the agreement with the float64
 closed forms to about 1e-6 relative, far below the gaps that a wrong sign, a dropped alpha or a swapped
@@ -42,7 +45,9 @@ import torch
 
 from baselines import dao_loss, dpo_loss, dual_mix_ppo_rewards, dual_ppo_rewards, ipo_loss, is_dpo_loss, is_weights
 from dar import dar_loss, dar_weights, weighted_sft_loss
-from loop import k3
+import config
+import rollout
+from loop import k3, logp_temperature
 
 DT = torch.float64
 SEEDS = [0, 1, 2]
@@ -822,3 +827,50 @@ def test_is_weighted_squared_loss_has_the_gradient_of_kl_to_the_reference(space,
     grad_kl, = torch.autograd.grad(kl(space.seq_logp(table), logref), table)
     assert torch.allclose(grad_sq, grad_kl, rtol=1e-8, atol=1e-12)
     assert not torch.allclose(2 * grad_sq, grad_kl, rtol=1e-2)       # the appendix's constant is off by 2
+
+
+# ---------------------------------------------------------------------------------------------------
+# 10. One temperature for sampling and log-probs
+# ---------------------------------------------------------------------------------------------------
+def logp_at(z, T):
+    """log pi(y) of the single-token policy with logits z [V] at temperature T, log softmax(z / T), computed as
+    the trainer computes every log-prob (rollout.selected_logps; float32, returned as float64): [V]."""
+    V = z.shape[0]
+    return rollout.selected_logps(z.expand(1, V, V), torch.arange(V)[None], temperature=T)[0].double()
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_zero_advantages_keep_pi_0_only_when_log_probs_are_at_the_sampling_temperature(seed):
+    """The DAR iteration with every A = 0 on 50 outcomes, started at pi_0, responses sampled at T = 0.9 (the
+    Config default): batch t samples from q_t = softmax(z_t / T), and the exact minimiser of
+    E_{y~q_t}[dar_loss] over the model's logits z is the policy whose log-probs (at T_l) are log(q_t w) + c.
+    - log-probs at the sampling temperature (T_l = T, loop.logp_temperature of the default Config): q_t = pi_t
+      and w = (pi_0/pi_t)^alpha = 1 at pi_t = pi_0, so nothing moves, as Eq. 3 with A = 0 says it should;
+    - log-probs at 1 (--logp-temperature 1): q_t = pi_t^(1/T)/Z, the target pi_0^alpha pi_t^(1/T - alpha) has an
+      exponent 1.011 > 1 on pi_t, and the policy sharpens every batch until it collapses onto its mode.
+    The first two steps minimise the project's weighted_sft_loss (dar_weights' weights) over a tabular policy.
+    """
+    alpha, T, V = 0.1, config.Config().temperature, 50
+    z_0 = torch.randn(V, generator=torch.Generator().manual_seed(900 + seed), dtype=DT)
+    space = SPACES["V50"]
+    curves = {}
+    for name, cfg in {"matched": config.Config(), "mismatched": config.Config(logp_temperature=1.0)}.items():
+        T_l = logp_temperature(cfg)
+        logp_0, z, kls = logp_at(z_0, T_l), z_0.clone(), []
+        for t in range(150):
+            log_q = (z / T).log_softmax(0)                    # the distribution the sampler draws from  [V]
+            logp_t = logp_at(z, T_l)
+            w, _ = dar_weights(torch.zeros(V), logp_t, logp_0, alpha, 0.05, None, normalize=False)
+            closed = (log_q + w.double().log()).log_softmax(0)          # argmin of E_q[-w log pi_theta]
+            if t < 2:
+                fitted, _ = fit_tabular(lambda logp: (log_q.exp() * weighted_sft_loss(logp, w.double())).sum(),
+                                        space)
+                assert tv(fitted, closed) < 1e-6
+            z = T_l * closed                                  # the model whose log-probs at T_l are `closed`
+            kls.append(kl(logp_at(z, T_l), logp_0).item())
+        curves[name] = kls, logp_at(z, T_l).exp().max().item()
+    kls, _ = curves["matched"]
+    assert max(abs(k) for k in kls) < 1e-6
+    kls, top = curves["mismatched"]
+    assert kls[49] > 0.5 and all(b >= a - 1e-6 for a, b in zip(kls, kls[1:]))   # drifts, every batch
+    assert top > 0.99 and logp_0.exp().max() < 0.5                               # onto the mode

