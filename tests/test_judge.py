@@ -19,7 +19,7 @@ import torch
 import config
 import judge
 import tasks
-from conftest import build_reward_model
+from conftest import build_causal_reward_model, build_reward_model
 from judge import (LLMJudge, RuleJudge, make_judge, parse_preference, parse_reward, parse_score,
                    preference_from_choices, toy_score_to_scale)
 from tasks import toy_gold_score, toy_proxy_score
@@ -507,3 +507,71 @@ def test_reward_model_directory_errors(tmp_path, reward_model_dir):
         make_judge("reward_model", None, config.Config(judge="reward_model", reward_model=missing))
     with pytest.raises(SystemExit, match="needs --reward-model"):
         make_judge("reward_model", None, config.Config(judge="reward_model"))
+
+
+# ---------------------------------------------------------------------------------------------------
+# --judge reward_model on a tiny random Qwen2 causal LM, read as Llama-3.1-Nemotron-70B-Reward-HF is read
+# ---------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def causal_reward_model_dir(tmp_path_factory):
+    return build_causal_reward_model(str(tmp_path_factory.mktemp("causal_rm")))
+
+
+def _logit_after(model, tok, prompt, response, token_id):
+    """The logit of token_id after the chat-templated conversation, by a plain forward pass of the model."""
+    turns = judge.as_conversation(prompt) + [{"role": "assistant", "content": response}]
+    enc = tok.apply_chat_template(turns, tokenize=True, return_dict=True, return_tensors="pt")
+    with torch.no_grad():
+        return model(**enc).logits[0, -1, token_id].item()
+
+
+@pytest.mark.parametrize("token_id", [0, 7])
+def test_causal_reward_model_reward_is_a_tokens_logit_after_the_response(causal_reward_model_dir, token_id):
+    from transformers import Qwen2ForCausalLM
+    cfg = config.Config(judge="reward_model", reward_model=causal_reward_model_dir, reward_token_id=token_id)
+    j = make_judge("reward_model", None, cfg)
+    assert isinstance(j, judge.TokenLogitRewardModelJudge) and j.token_id == token_id
+    tok, model = tasks.build_tokenizer(), Qwen2ForCausalLM.from_pretrained(causal_reward_model_dir).eval()
+    out = j(RM_PROMPTS, RM_RESPONSES, [True] * 4)
+    ref = [_logit_after(model, tok, p, r, token_id) for p, r in zip(RM_PROMPTS, RM_RESPONSES)]
+    assert out.invalid == 0 and len(set(out.rewards)) == 4
+    assert out.rewards == pytest.approx(ref, abs=1e-5)
+
+
+def test_causal_reward_model_matches_the_model_cards_generate_score(causal_reward_model_dir):
+    # the card's recipe: generate one token, read scores[0][0][0] (token 0's score at the first new token)
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(causal_reward_model_dir).eval()
+    tok = tasks.build_tokenizer()
+    turns = [{"role": "user", "content": "reverse: abc"}, {"role": "assistant", "content": "cba"}]
+    enc = tok.apply_chat_template(turns, tokenize=True, add_generation_prompt=False, return_tensors="pt",
+                                  return_dict=True)
+    with torch.no_grad():
+        card = model.generate(enc["input_ids"], attention_mask=enc["attention_mask"], max_new_tokens=1,
+                              return_dict_in_generate=True, output_scores=True)["scores"][0][0][0].item()
+    j = make_judge("reward_model", None, config.Config(judge="reward_model", reward_model=causal_reward_model_dir))
+    assert j(["reverse: abc"], ["cba"], [True]).rewards[0] == pytest.approx(card, abs=1e-5)
+
+
+def test_causal_reward_model_scores_do_not_depend_on_the_batch(causal_reward_model_dir):
+    j = make_judge("reward_model", None, config.Config(judge="reward_model", reward_model=causal_reward_model_dir))
+    together = j(RM_PROMPTS, RM_RESPONSES, [True] * 4).rewards
+    alone = [j([p], [r], [True]).rewards[0] for p, r in zip(RM_PROMPTS, RM_RESPONSES)]
+    assert alone == pytest.approx(together, abs=1e-5)
+    j.batch_size = 3  # batches of 3 and 1, different left padding again
+    assert j(RM_PROMPTS, RM_RESPONSES, [True] * 4).rewards == pytest.approx(together, abs=1e-5)
+    assert j.prefer(RM_PROMPTS[:2], RM_RESPONSES[:2], RM_RESPONSES[:2]) == [0.5, 0.5]
+
+
+def test_reward_token_id_and_architecture_errors(causal_reward_model_dir, tmp_path):
+    from transformers import Qwen2Config
+    too_big = config.Config(judge="reward_model", reward_model=causal_reward_model_dir, reward_token_id=10 ** 6)
+    with pytest.raises(SystemExit, match=r"--reward-token-id 1000000 is not a token .*\(ids 0 to \d+\)"):
+        make_judge("reward_model", None, too_big)
+    with pytest.raises(SystemExit, match="--reward-token-id .* >= 0, got -1"):
+        config.check_config(config.parse_config(["--judge", "reward_model", "--reward-model", causal_reward_model_dir,
+                                                 "--reward-token-id", "-1"]), 1)
+    Qwen2Config(architectures=["Qwen2Model"]).save_pretrained(tmp_path)
+    with pytest.raises(SystemExit, match=r"neither a sequence-classification reward model nor a causal LM.*Qwen2Model"):
+        make_judge("reward_model", None, config.Config(judge="reward_model", reward_model=str(tmp_path)))
+
