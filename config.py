@@ -67,7 +67,10 @@ class Config:
     judge_concurrency: int = arg(16, "annotator requests in flight at once")
     judge_timeout: float = arg(120.0, "seconds allowed per annotator request")
     judge_retries: int = arg(5, "retries per request on connection errors, timeouts, 429 and 5xx (backoff)")
-    reward_model: str = arg("", "a sequence-classification reward model directory (--judge reward_model)")
+    reward_model: str = arg("", "a reward model directory (--judge reward_model): a sequence classifier "
+                                "(num_labels 1), or a causal LM read at --reward-token-id")
+    reward_token_id: int = arg(0, "a causal-LM reward model's reward: this token's logit after the response "
+                                  "(Llama-3.1-Nemotron-70B-Reward-HF: 0); a sequence classifier ignores it")
     # baselines (baselines.py, Appendix B.3)
     clip_eps: float = arg(0.2, "policy-ratio clip range of ppo, dual_ppo_clip, grpo; inf = no clipping")
     vf_coef: float = arg(10.0, "PPO value-loss coefficient (paper: 10)")
@@ -225,8 +228,11 @@ def check_config(cfg, world):
         bad("--judge llm (this task's default) needs --judge-url, the annotator's OpenAI-compatible endpoint, e.g. "
             "http://127.0.0.1:8000/v1 (python judge.py --serve --task toy --port 8000 starts a stand-in)")
     if "reward_model" in used and not os.path.isfile(os.path.join(cfg.reward_model, "config.json")):
-        bad(f"--judge reward_model needs --reward-model, a sequence-classification model directory "
-            f"(got {cfg.reward_model!r})")
+        bad(f"--judge reward_model needs --reward-model, a reward model directory: a sequence classifier or a "
+            f"causal LM (got {cfg.reward_model!r})")
+    if cfg.reward_token_id < 0:
+        bad(f"--reward-token-id is a token id of the causal-LM reward model, >= 0, got {cfg.reward_token_id} "
+            "(Llama-3.1-Nemotron-70B-Reward-HF: 0)")
     if cfg.task != "toy" and not cfg.model:
         bad(f"--task {cfg.task} needs --model, the SFT policy pi_0 as a Hugging Face model directory "
             "(the paper: Qwen2-7B fine-tuned on the task's demonstrations; --algo sft makes one)")

@@ -25,8 +25,9 @@ The judges (--judge, --eval-judge):
                 the reward prompt of the task's family (Tables 9-11) and replies with "SCORE: n", n in 1-10,
                 at temperature 0 with at most 256 tokens. prefer() uses the preference prompts (Tables
                 12-14), asked in both orders (Appendix C.1).
-  reward_model  a local sequence-classification reward model (--reward-model DIR; the paper's standard
-                RLHF setting uses Llama-3.1-Nemotron-70B-Reward on HelpSteer2): reward = its scalar logit.
+  reward_model  a local reward model (--reward-model DIR; the paper's standard RLHF setting uses
+                Llama-3.1-Nemotron-70B-Reward on HelpSteer2): a sequence classifier's scalar logit, or a causal
+                LM's logit of one token (--reward-token-id) after the response, as Nemotron-70B-Reward-HF is read.
 
 Reward scales: toy judges 0-10; llm 1-10 (harmlessness flipped, 11 - harm, see `parse_reward`);
 reward_model the model's own logit scale. The loop normalises advantages per batch, so DAR only sees the
@@ -62,7 +63,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 # (same API), which huggingface_hub 2 installs too
 import httpx2 as httpx
 import torch
-from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 import tasks
 from prompts import (HARM_FAMILIES, REWARD_PROMPTS, TOY_PREFERENCE_PROMPT, TOY_REWARD_PROMPT, as_conversation,
@@ -356,8 +357,24 @@ class LLMJudge:
 
 
 # ---------------------------------------------------------------------------------------------------
-# --judge reward_model: a local sequence-classification reward model
+# --judge reward_model: a local reward model, a sequence classifier or a causal LM read at one token's logit
 # ---------------------------------------------------------------------------------------------------
+def load_reward_model(path, token_id=0, batch_size=8, trust_remote_code=False):
+    """The judge for the reward model directory `path`, chosen by the architectures in its config.json."""
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise SystemExit(f"error: --reward-model {path!r} is not a model directory (no config.json there); give "
+                         "a local reward model directory: a sequence classifier, or a causal LM read at "
+                         "--reward-token-id")
+    archs = tasks.load_pretrained(AutoConfig, path, trust_remote_code).architectures or []
+    if any(a.endswith("ForSequenceClassification") for a in archs):
+        return RewardModelJudge(path, batch_size, trust_remote_code=trust_remote_code)
+    if any(a.endswith("ForCausalLM") for a in archs):
+        return TokenLogitRewardModelJudge(path, token_id, batch_size, trust_remote_code=trust_remote_code)
+    raise SystemExit(f"error: --reward-model {path!r} is neither a sequence-classification reward model nor a "
+                     f"causal LM (architectures: {archs}); give a directory whose config.json names a "
+                     "*ForSequenceClassification or a *ForCausalLM architecture")
+
+
 class RewardModelJudge:
     """reward = the scalar logit of an AutoModelForSequenceClassification (num_labels = 1) on prompt +
     response, rendered with the reward model tokenizer's chat template (user turn(s), then the response as
@@ -370,31 +387,27 @@ class RewardModelJudge:
     reward model sees text only: `ended` is not used (the loop handles a missing EOS).
     """
     top = None  # an unbounded scale: no "best score" rate
+    auto_class, padding_side = AutoModelForSequenceClassification, "right"
 
     def __init__(self, path, batch_size=8, device=None, trust_remote_code=False):
-        if not os.path.isfile(os.path.join(path, "config.json")):
-            raise SystemExit(f"error: --reward-model {path!r} is not a model directory (no config.json there); "
-                             "give a local AutoModelForSequenceClassification directory")
-        archs = tasks.load_pretrained(AutoConfig, path, trust_remote_code).architectures or []
-        if not any(a.endswith("ForSequenceClassification") for a in archs):
-            raise SystemExit(f"error: --reward-model {path!r} is not a sequence-classification reward model "
-                             f"(architectures: {archs}); a causal LM here would get a randomly initialised head")
         if device is None:
             cuda = torch.cuda.is_available()
             device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
         dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
         self.device, self.batch_size = device, batch_size
         self.tok = tasks.load_pretrained(AutoTokenizer, path, trust_remote_code)
-        self.model = tasks.load_pretrained(AutoModelForSequenceClassification, path, trust_remote_code,
-                                           dtype=dtype).to(device).eval()
-        if self.model.config.num_labels != 1:
-            raise SystemExit(f"error: --reward-model {path!r} has {self.model.config.num_labels} outputs; a reward "
-                             "model has one scalar head (num_labels=1)")
+        self.model = tasks.load_pretrained(self.auto_class, path, trust_remote_code, dtype=dtype).to(device).eval()
         if self.tok.pad_token is None:  # the usual convention (as in TRL): pad with EOS
             self.tok.pad_token = self.tok.eos_token
         if self.model.config.pad_token_id is None:
             self.model.config.pad_token_id = self.tok.pad_token_id
-        self.tok.padding_side = "right"
+        self.tok.padding_side = self.padding_side
+        self.check(path)
+
+    def check(self, path):
+        if self.model.config.num_labels != 1:
+            raise SystemExit(f"error: --reward-model {path!r} has {self.model.config.num_labels} outputs; a reward "
+                             "model has one scalar head (num_labels=1)")
 
     def render(self, prompt, response):
         turns = as_conversation(prompt) + [{"role": "assistant", "content": response}]
@@ -403,6 +416,9 @@ class RewardModelJudge:
         if isinstance(prompt, str):
             return prompt + response
         return plain_dialogue(turns)
+
+    def rewards(self, enc):
+        return self.model(**enc).logits[:, 0]                                               # [b]
 
     def scores(self, prompts, responses):
         texts = [self.render(p, r) for p, r in zip(prompts, responses)]
@@ -413,8 +429,7 @@ class RewardModelJudge:
                 idx = order[start:start + self.batch_size]
                 enc = self.tok([texts[i] for i in idx], return_tensors="pt", padding=True,
                                add_special_tokens=not self.tok.chat_template).to(self.device)  # a template has its own
-                logits = self.model(**enc).logits[:, 0].float()                                      # [b]
-                for i, x in zip(idx, logits.tolist()):
+                for i, x in zip(idx, self.rewards(enc).float().tolist()):
                     out[i] = x
         return out
 
@@ -425,6 +440,41 @@ class RewardModelJudge:
     def prefer(self, prompts, responses_a, responses_b):
         return [prefer_by_score(a, b) for a, b in zip(self.scores(prompts, responses_a),
                                                         self.scores(prompts, responses_b))]
+
+
+class TokenLogitRewardModelJudge(RewardModelJudge):
+    """reward = a causal LM's logit of token `token_id` (--reward-token-id) at the position after the
+    conversation, rendered as above (prompt, then the response as the assistant's turn, no generation prompt):
+    a reward model published as a causal LM, as nvidia/Llama-3.1-Nemotron-70B-Reward-HF is. Its model card
+    calls generate(max_new_tokens=1, output_scores=True) on that rendering and reads scores[0][0][0]: token
+    0's score for the first generated token. Those scores are the logits after the generation config's logits
+    processors, and that model's config (greedy, no penalties, no temperature) has none that change them, so
+    the score is the raw logit at the conversation's last position: one forward pass gives it.
+
+    Batches are left-padded, with position ids that count real tokens (as in rollout.token_logps), so the
+    last position is every row's last real token and only it goes through the LM head (`logits_to_keep`):
+    a [b, 1, V] tensor, not [b, T, V] (128k logits a position for Llama 3).
+    """
+    auto_class, padding_side = AutoModelForCausalLM, "left"
+
+    def __init__(self, path, token_id=0, batch_size=8, device=None, trust_remote_code=False):
+        self.token_id = token_id
+        super().__init__(path, batch_size, device, trust_remote_code)
+        if os.environ.get("RANK", "0") == "0":  # once a run: every rank loads the judge (torchrun sets RANK)
+            print(f"reward model {path}: a causal LM; reward = the logit of token {token_id} "
+                  f"({self.tok.convert_ids_to_tokens(token_id)!r}) after the response")
+
+    def check(self, path):
+        n = self.model.get_output_embeddings().weight.shape[0]
+        if not 0 <= self.token_id < n:
+            raise SystemExit(f"error: --reward-token-id {self.token_id} is not a token of the reward model {path!r}, "
+                             f"whose LM head has {n} logits (ids 0 to {n - 1}); Llama-3.1-Nemotron-70B-Reward-HF's "
+                             "reward is token 0's logit")
+
+    def rewards(self, enc):
+        position_ids = (enc["attention_mask"].cumsum(1) - 1).clamp(min=0)
+        logits = self.model(**enc, position_ids=position_ids, logits_to_keep=1, use_cache=False).logits  # [b, 1, V]
+        return logits[:, -1, self.token_id]                                                  # [b]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -460,10 +510,10 @@ def make_judge(name, task=None, cfg=None):
                         timeout=cfg.judge_timeout, retries=cfg.judge_retries)
     if name == "reward_model":
         if cfg is None or not cfg.reward_model:
-            raise SystemExit("error: --judge reward_model needs --reward-model DIR, a local "
-                             "AutoModelForSequenceClassification directory")
-        return RewardModelJudge(cfg.reward_model, batch_size=getattr(cfg, "judge_batch_size", 8),
-                                trust_remote_code=cfg.trust_remote_code)
+            raise SystemExit("error: --judge reward_model needs --reward-model DIR, a local reward model directory: "
+                             "an AutoModelForSequenceClassification, or a causal LM read at --reward-token-id")
+        return load_reward_model(cfg.reward_model, cfg.reward_token_id, batch_size=getattr(cfg, "judge_batch_size", 8),
+                                 trust_remote_code=cfg.trust_remote_code)
     raise SystemExit(f"error: unknown --judge {name!r}; valid judges: {', '.join(JUDGES)}")
 
 

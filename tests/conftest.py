@@ -88,3 +88,21 @@ def build_reward_model(path, padding_side="right"):
     Qwen2ForSequenceClassification(config).save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+def build_causal_reward_model(path, padding_side="right"):
+    """A tiny random Qwen2 causal LM with the toy tokenizer, saved at `path`: a reward model published the way
+    Llama-3.1-Nemotron-70B-Reward-HF is (--judge reward_model reads one token's logit after the response).
+    Untied embeddings: tied ones would make token 0's logit (the padding token's zero embedding) always 0."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    import tasks
+    tok = tasks.build_tokenizer()
+    tok.padding_side = padding_side
+    config = Qwen2Config(vocab_size=-(-len(tok) // 8) * 8, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, intermediate_size=128, tie_word_embeddings=False,
+                         pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=None)
+    torch.manual_seed(0)
+    Qwen2ForCausalLM(config).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path

@@ -13,7 +13,7 @@ import pytest
 
 import config
 import loop
-from conftest import ROOT, build_reward_model, read_metrics, run_dar
+from conftest import ROOT, build_causal_reward_model, build_reward_model, read_metrics, run_dar
 
 FIXTURES = os.path.join(ROOT, "tests", "fixtures")
 SMALL = ["--online-batch", "8", "--minibatch", "8", "--micro-batch", "8", "--max-new-tokens", "8",
@@ -64,9 +64,12 @@ def test_offline_dpo_trains_on_the_hh_preference_pairs(annotator, pi_0, tmp_path
     assert [r["step"] for r in read_metrics(out)] == [1, 2]
 
 
-@pytest.fixture(scope="module")
-def reward_model(tmp_path_factory):
-    return build_reward_model(str(tmp_path_factory.mktemp("rm")))
+@pytest.fixture(scope="module", params=["classifier", "causal_lm"])
+def reward_model(request, tmp_path_factory):
+    """A sequence-classification reward model, and a causal LM read at a token's logit (the way the paper's
+    Llama-3.1-Nemotron-70B-Reward-HF is published)."""
+    build = build_reward_model if request.param == "classifier" else build_causal_reward_model
+    return build(str(tmp_path_factory.mktemp("rm")))
 
 
 @pytest.mark.slow
@@ -79,3 +82,5 @@ def test_helpsteer2_trains_with_a_reward_model_and_its_paper_defaults(reward_mod
     assert (cfg["judge"], cfg["alpha"], cfg["beta"], cfg["weight_decay"]) == ("reward_model", 0.5, 0.5, 0.01)
     rows = read_metrics(out)
     assert [r["step"] for r in rows] == [1, 2] and all(r["train/invalid_judgments"] == 0 for r in rows)
+    causal = json.load(open(os.path.join(reward_model, "config.json")))["architectures"] == ["Qwen2ForCausalLM"]
+    assert ("a causal LM; reward = the logit of token 0" in p.stdout) == causal
