@@ -240,8 +240,9 @@ def is_weights(logp_w, logp_l, ref_w, ref_l, clip):
     The importance ratio of the IS-DPO appendix (Theorem 1): pairs in the data set were drawn from pi_ref,
     here pi_0 (the SFT policy, standing in for the data's behaviour policy), and the online objective is
     under pairs from the current pi_theta. The ratio is of whole sequences (token sums) of both responses
-    of the pair, computed in log space, clipped from above at `clip` (against the variance of importance
-    sampling), and detached: it reweights the loss, it is not differentiated. [P]
+    of the pair, computed in log space, and detached: it reweights the loss, it is not differentiated.
+    clip = inf (the default) keeps the estimator unbiased; a finite clip lowers the variance of the rare
+    large ratios and biases the loss downwards (tests/test_baselines.py). [P]
     """
     log_rho = ((logp_w + logp_l) - (ref_w + ref_l)).detach()
     return log_rho.clamp(max=math.log(clip)).exp()
@@ -442,6 +443,7 @@ def offline_pair_step(step, cfg, ctx, run):
     batch = rollout.from_texts(run.tok, list(prompts) * 2, list(chosen) + list(rejected))
     ref = loop.score(run.ref, batch, cfg.micro_batch).sum(1)                                # log pi_0  [2n]
     lengths = batch.response_mask.sum(1).float()
+    ratios = []  # unclipped pi_theta/pi_0 of each pair at its update: how far --is-clip is from the data  [n]
 
     def loss_fn(mb):
         rows = torch.cat([mb, mb + per_rank])
@@ -456,11 +458,14 @@ def offline_pair_step(step, cfg, ctx, run):
         else:
             loss = dpo_loss(lw, ll, rw, rl, cfg.beta)
         margin = ((lw - rw) - (ll - rl)).detach()
-        return loss.sum(), {"margin": margin.mean().item(), "pair_accuracy": (margin > 0).float().mean().item(),
-                            "is_weight": is_weights(lw, ll, rw, rl, cfg.is_clip).mean().item()}
+        ratios.append(is_weights(lw, ll, rw, rl, math.inf).double())
+        return loss.sum(), {"margin": margin.mean().item(), "pair_accuracy": (margin > 0).float().mean().item()}
 
     upd = loop.minibatch_updates(cfg, ctx, run, per_rank, 1, max(1, cfg.micro_batch // 2), loss_fn, epochs=1)
-    return {**{f"train/{k}": v for k, v in infra.rank_means(ctx, upd).items()}, "train/lr": run.sched.get_last_lr()[0]}
+    rho = infra.gather(ctx, torch.cat(ratios).to(ctx.device)).cpu()
+    return {**{f"train/{k}": v for k, v in infra.rank_means(ctx, upd).items()}, "train/lr": run.sched.get_last_lr()[0],
+            "train/is_weight_mean": rho.mean().item(), "train/is_weight_max": rho.max().item(),
+            "train/is_clip_frac": (rho > cfg.is_clip).double().mean().item()}
 
 
 STEPS = {"ppo": ppo_step, "dual_ppo": ppo_step, "dual_ppo_clip": ppo_step, "dual_mix_ppo": ppo_step,

@@ -206,6 +206,48 @@ def test_is_dpo_weights_are_the_clipped_detached_pair_ratio():
     assert w.grad.item() == pytest.approx(rho * -0.1 / (1 + math.exp(0.15)), rel=1e-5)
 
 
+def tabular_is_dpo(clip, beta=0.1, n=6, seed=0):
+    """Exact expectations on one prompt with n responses (float64): pi_theta and pi_0 are softmaxes of random
+    logits, each ordered pair (y1, y2) is labelled by a random reward (y_w the higher). Returns (online DPO loss
+    E_{pairs ~ pi_theta}[dpo_loss], IS-DPO's E_{pairs ~ pi_0}[is_dpo_loss with `clip`], their gradients in the
+    logits, the unclipped ratios) by enumeration. The pair distribution is not differentiated (online DPO
+    samples, then takes the gradient of the loss)."""
+    g = torch.Generator().manual_seed(seed)
+    theta = torch.randn(n, generator=g, dtype=torch.float64).requires_grad_()
+    logp_0, r = torch.randn(n, generator=g, dtype=torch.float64).log_softmax(0), torch.randn(n, generator=g)
+    i, j = torch.meshgrid(torch.arange(n), torch.arange(n), indexing="ij")
+    i, j = i[i != j], j[i != j]
+    w, l = torch.where(r[i] > r[j], i, j), torch.where(r[i] > r[j], j, i)
+    logp = theta.log_softmax(0)
+    online = ((logp[w] + logp[l]).exp().detach() * B.dpo_loss(logp[w], logp[l], logp_0[w], logp_0[l], beta)).sum()
+    is_est = ((logp_0[w] + logp_0[l]).exp() * B.is_dpo_loss(logp[w], logp[l], logp_0[w], logp_0[l], beta, clip)).sum()
+    grads = [torch.autograd.grad(x, theta, retain_graph=True)[0] for x in (online, is_est)]
+    return online.item(), is_est.item(), *grads, B.is_weights(logp[w], logp[l], logp_0[w], logp_0[l], math.inf)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_is_dpo_with_the_default_clip_is_unbiased_for_online_dpo(seed):
+    """IS-DPO appendix, Theorem 1: pairs from pi_0 weighted by rho = pi_theta(y_w) pi_theta(y_l) / (pi_0(y_w)
+    pi_0(y_l)) give online DPO's loss and gradient exactly, in expectation, when rho is not clipped; the run's
+    default --is-clip must be that estimator."""
+    clip = config.parse_config(["--algo", "is_dpo"]).is_clip
+    online, is_est, g_online, g_is, rho = tabular_is_dpo(clip, seed=seed)
+    assert (rho > 1).any()                                       # pi_theta has moved away from pi_0
+    assert is_est == pytest.approx(online, rel=1e-10)
+    assert torch.allclose(g_is, g_online, rtol=1e-8, atol=1e-14)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_is_dpo_with_a_clip_below_the_ratios_is_biased_low(seed):
+    """A clip from above that some ratio exceeds removes weight: the estimate lies below the online loss and
+    its gradient is another vector. A clip above every ratio changes nothing."""
+    online, clipped, g_online, g_clipped, rho = tabular_is_dpo(1.0, seed=seed)
+    assert clipped < online and (online - clipped) / online > 0.05
+    assert not torch.allclose(g_clipped, g_online, rtol=1e-3)
+    _, above, _, g_above, _ = tabular_is_dpo(rho.max().item() * 1.01, seed=seed)
+    assert above == pytest.approx(online, rel=1e-10) and torch.allclose(g_above, g_online, rtol=1e-8, atol=1e-14)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Every algorithm through the real loop
 # ---------------------------------------------------------------------------------------------------
