@@ -256,9 +256,15 @@ def check_config(cfg, world):
 
 
 
+# Fields read by these algorithms only: a checkpoint of another algorithm may hold an older default (is_clip was 1
+# before issue 16) without making its resume a different experiment.
+USED_ONLY_BY = {"is_clip": ("is_dpo",)}
+
+
 def check_resumable(cfg, saved):
     """Stop a --resume whose settings differ from the checkpoint's in a field outside RESUMABLE_CHANGES."""
-    diff = [k for k, v in saved.items() if k not in RESUMABLE_CHANGES and getattr(cfg, k, v) != v]
+    diff = [k for k, v in saved.items() if k not in RESUMABLE_CHANGES and getattr(cfg, k, v) != v
+            and cfg.algo in USED_ONLY_BY.get(k, (cfg.algo,))]
     if diff:
         raise SystemExit("error: --resume with settings that differ from the checkpoint's: " +
                          ", ".join(f"--{k.replace('_', '-')} {getattr(cfg, k)!r} (was {saved[k]!r})" for k in diff) +
