@@ -124,12 +124,28 @@ def token_values(value_model, batch):
 # ---------------------------------------------------------------------------------------------------
 # RL from K samples per prompt, no critic: DAO (Appendix A.4), RLOO, GRPO
 # ---------------------------------------------------------------------------------------------------
-def dao_loss(logp, logp_t, logp_0, adv, alpha, beta, length_norm=1.0):
+def reinforce_surrogate(logp, coef, logp_old, clip_eps):
+    """-c log pi_theta(y|x), c held constant, for y sampled from pi_theta itself (logp_old None). For y sampled
+    from an earlier policy pi_old (an online batch's later updates, after pi_theta has moved):
+        -min(rho c, clip(rho, 1 - eps, 1 + eps) c),   rho = pi_theta(y|x) / pi_old(y|x) of the whole sequence,
+    PPO's clipped ratio (Eq. 2) at the sequence level, as in TRL's RLOO trainer. Both have the gradient
+    -c grad log pi_theta at pi_theta = pi_old (the batch's first update); later the second weighs it by rho
+    inside the clip range and drops it outside, in the direction of c. clip_eps = inf: plain importance
+    sampling, E_{pi_old}[rho c grad log pi_theta] = E_{pi_theta}[c grad log pi_theta]. [N]"""
+    coef = coef.detach()
+    if logp_old is None:
+        return -coef * logp
+    rho = (logp - logp_old).exp()
+    return -torch.min(rho * coef, rho.clamp(1 - clip_eps, 1 + clip_eps) * coef)
+
+
+def dao_loss(logp, logp_t, logp_0, adv, alpha, beta, length_norm=1.0, logp_old=None, clip_eps=math.inf):
     """-(A - beta log(pi_theta / (pi_0^alpha pi_t^(1-alpha)))) log pi_theta(y|x), the bracket held constant:
     the REINFORCE-style DAO of Appendix A.4, whose expected gradient under y ~ pi_theta is the exact gradient
-    of the dual-KL objective J (Eq. 3, via Proposition 4.1; tests/test_theory.py checks it). [N]"""
+    of the dual-KL objective J (Eq. 3, via Proposition 4.1; tests/test_theory.py checks it). For samples of
+    an earlier policy (logp_old), the clipped ratio of reinforce_surrogate. [N]"""
     penalty = logp.detach() - alpha * logp_0 - (1 - alpha) * logp_t          # log pi / (pi_0^a pi_t^(1-a))  [N]
-    return -(adv - beta * penalty).detach() * logp / length_norm
+    return reinforce_surrogate(logp, adv - beta * penalty, logp_old, clip_eps) / length_norm
 
 
 def dao_ppo_loss(logp, logp_t, logp_0, adv, alpha, beta, length_norm=1.0):
@@ -156,9 +172,10 @@ def rloo_advantages(rewards, k):
     return torch.where(valid & (count > 1), r - baseline, math.nan).view(-1)
 
 
-def rloo_loss(logp, adv, length_norm=1.0):
-    """-A_i log pi_theta(y_i|x): REINFORCE with the leave-one-out baseline (Ahmadian et al. 2024). [N]"""
-    return -adv.detach() * logp / length_norm
+def rloo_loss(logp, adv, length_norm=1.0, logp_old=None, clip_eps=math.inf):
+    """-A_i log pi_theta(y_i|x): REINFORCE with the leave-one-out baseline (Ahmadian et al. 2024); for samples
+    of an earlier policy (logp_old), the clipped ratio of reinforce_surrogate. [N]"""
+    return reinforce_surrogate(logp, adv, logp_old, clip_eps) / length_norm
 
 
 def grpo_advantages(rewards, k, eps=1e-4):
@@ -364,14 +381,17 @@ def sequence_step(step, cfg, ctx, run):
         if cfg.algo == "grpo":
             loss = grpo_loss(logp_tok, logp_t_tok[mb, :R], logp_0_tok[mb, :R], a, mask[mb, :R].to(logp.device),
                              cfg.clip_eps, cfg.beta)
+        # rloo, dao: a batch's later updates see samples of pi_t, not of the moved pi_theta: the clipped ratio
         elif cfg.algo == "rloo":
-            loss = rloo_loss(logp, a, cfg.max_new_tokens)
+            loss = rloo_loss(logp, a, cfg.max_new_tokens, logp_old=lt, clip_eps=cfg.clip_eps)
         elif cfg.algo == "dao":
-            loss = dao_loss(logp, lt, l0, a, cfg.alpha, cfg.beta, cfg.max_new_tokens)
+            loss = dao_loss(logp, lt, l0, a, cfg.alpha, cfg.beta, cfg.max_new_tokens, logp_old=lt, clip_eps=cfg.clip_eps)
         else:
             loss = dao_ppo_loss(logp, lt, l0, a, cfg.alpha, cfg.beta, cfg.max_new_tokens)
         loss = torch.where(valid[mb].to(logp.device), loss, 0.0)
-        return loss.sum(), {"kl_pi_t": (lt - logp.detach()).mean().item()}
+        rho = (logp.detach() - lt).exp()
+        return loss.sum(), {"kl_pi_t": (lt - logp.detach()).mean().item(),
+                            "ratio_clip_frac": ((rho - 1).abs() > cfg.clip_eps).float().mean().item()}
 
     with infra.timed(timer, "update"):
         upd = loop.minibatch_updates(cfg, ctx, run, len(batch), cfg.online_batch // cfg.minibatch, cfg.micro_batch,

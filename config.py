@@ -70,7 +70,8 @@ class Config:
     judge_retries: int = arg(5, "retries per request on connection errors, timeouts, 429 and 5xx (backoff)")
     reward_model: str = arg("", "a sequence-classification reward model directory (--judge reward_model)")
     # baselines (baselines.py, Appendix B.3)
-    clip_eps: float = arg(0.2, "policy-ratio clip range of ppo, dual_ppo_clip, grpo; inf = no clipping")
+    clip_eps: float = arg(0.2, "policy-ratio clip range of ppo, dual_ppo_clip, grpo, and of rloo and dao's later "
+                               "updates on a batch (samples of pi_t); inf = no clipping")
     vf_coef: float = arg(10.0, "PPO value-loss coefficient (paper: 10)")
     value_clip: float = arg(0.2, "PPO value clipping range around the rollout's values")
     gae_lambda: float = arg(0.95, "PPO GAE lambda")
