@@ -124,12 +124,28 @@ def token_values(value_model, batch):
 # ---------------------------------------------------------------------------------------------------
 # RL from K samples per prompt, no critic: DAO (Appendix A.4), RLOO, GRPO
 # ---------------------------------------------------------------------------------------------------
-def dao_loss(logp, logp_t, logp_0, adv, alpha, beta, length_norm=1.0):
+def reinforce_surrogate(logp, coef, logp_old, clip_eps):
+    """-c log pi_theta(y|x), c held constant, for y sampled from pi_theta itself (logp_old None). For y sampled
+    from an earlier policy pi_old (an online batch's later updates, after pi_theta has moved):
+        -min(rho c, clip(rho, 1 - eps, 1 + eps) c),   rho = pi_theta(y|x) / pi_old(y|x) of the whole sequence,
+    PPO's clipped ratio (Eq. 2) at the sequence level, as in TRL's RLOO trainer. Both have the gradient
+    -c grad log pi_theta at pi_theta = pi_old (the batch's first update); later the second weighs it by rho
+    inside the clip range and drops it outside, in the direction of c. clip_eps = inf: plain importance
+    sampling, E_{pi_old}[rho c grad log pi_theta] = E_{pi_theta}[c grad log pi_theta]. [N]"""
+    coef = coef.detach()
+    if logp_old is None:
+        return -coef * logp
+    rho = (logp - logp_old).exp()
+    return -torch.min(rho * coef, rho.clamp(1 - clip_eps, 1 + clip_eps) * coef)
+
+
+def dao_loss(logp, logp_t, logp_0, adv, alpha, beta, length_norm=1.0, logp_old=None, clip_eps=math.inf):
     """-(A - beta log(pi_theta / (pi_0^alpha pi_t^(1-alpha)))) log pi_theta(y|x), the bracket held constant:
     the REINFORCE-style DAO of Appendix A.4, whose expected gradient under y ~ pi_theta is the exact gradient
-    of the dual-KL objective J (Eq. 3, via Proposition 4.1; tests/test_theory.py checks it). [N]"""
+    of the dual-KL objective J (Eq. 3, via Proposition 4.1; tests/test_theory.py checks it). For samples of
+    an earlier policy (logp_old), the clipped ratio of reinforce_surrogate. [N]"""
     penalty = logp.detach() - alpha * logp_0 - (1 - alpha) * logp_t          # log pi / (pi_0^a pi_t^(1-a))  [N]
-    return -(adv - beta * penalty).detach() * logp / length_norm
+    return reinforce_surrogate(logp, adv - beta * penalty, logp_old, clip_eps) / length_norm
 
 
 def dao_ppo_loss(logp, logp_t, logp_0, adv, alpha, beta, length_norm=1.0):
@@ -156,9 +172,10 @@ def rloo_advantages(rewards, k):
     return torch.where(valid & (count > 1), r - baseline, math.nan).view(-1)
 
 
-def rloo_loss(logp, adv, length_norm=1.0):
-    """-A_i log pi_theta(y_i|x): REINFORCE with the leave-one-out baseline (Ahmadian et al. 2024). [N]"""
-    return -adv.detach() * logp / length_norm
+def rloo_loss(logp, adv, length_norm=1.0, logp_old=None, clip_eps=math.inf):
+    """-A_i log pi_theta(y_i|x): REINFORCE with the leave-one-out baseline (Ahmadian et al. 2024); for samples
+    of an earlier policy (logp_old), the clipped ratio of reinforce_surrogate. [N]"""
+    return reinforce_surrogate(logp, adv, logp_old, clip_eps) / length_norm
 
 
 def grpo_advantages(rewards, k, eps=1e-4):
@@ -240,8 +257,9 @@ def is_weights(logp_w, logp_l, ref_w, ref_l, clip):
     The importance ratio of the IS-DPO appendix (Theorem 1): pairs in the data set were drawn from pi_ref,
     here pi_0 (the SFT policy, standing in for the data's behaviour policy), and the online objective is
     under pairs from the current pi_theta. The ratio is of whole sequences (token sums) of both responses
-    of the pair, computed in log space, clipped from above at `clip` (against the variance of importance
-    sampling), and detached: it reweights the loss, it is not differentiated. [P]
+    of the pair, computed in log space, and detached: it reweights the loss, it is not differentiated.
+    clip = inf (the default) keeps the estimator unbiased; a finite clip lowers the variance of the rare
+    large ratios and biases the loss downwards (tests/test_baselines.py). [P]
     """
     log_rho = ((logp_w + logp_l) - (ref_w + ref_l)).detach()
     return log_rho.clamp(max=math.log(clip)).exp()
@@ -363,14 +381,17 @@ def sequence_step(step, cfg, ctx, run):
         if cfg.algo == "grpo":
             loss = grpo_loss(logp_tok, logp_t_tok[mb, :R], logp_0_tok[mb, :R], a, mask[mb, :R].to(logp.device),
                              cfg.clip_eps, cfg.beta)
+        # rloo, dao: a batch's later updates see samples of pi_t, not of the moved pi_theta: the clipped ratio
         elif cfg.algo == "rloo":
-            loss = rloo_loss(logp, a, cfg.max_new_tokens)
+            loss = rloo_loss(logp, a, cfg.max_new_tokens, logp_old=lt, clip_eps=cfg.clip_eps)
         elif cfg.algo == "dao":
-            loss = dao_loss(logp, lt, l0, a, cfg.alpha, cfg.beta, cfg.max_new_tokens)
+            loss = dao_loss(logp, lt, l0, a, cfg.alpha, cfg.beta, cfg.max_new_tokens, logp_old=lt, clip_eps=cfg.clip_eps)
         else:
             loss = dao_ppo_loss(logp, lt, l0, a, cfg.alpha, cfg.beta, cfg.max_new_tokens)
         loss = torch.where(valid[mb].to(logp.device), loss, 0.0)
-        return loss.sum(), {"kl_pi_t": (lt - logp.detach()).mean().item()}
+        rho = (logp.detach() - lt).exp()
+        return loss.sum(), {"kl_pi_t": (lt - logp.detach()).mean().item(),
+                            "ratio_clip_frac": ((rho - 1).abs() > cfg.clip_eps).float().mean().item()}
 
     with infra.timed(timer, "update"):
         upd = loop.minibatch_updates(cfg, ctx, run, len(batch), cfg.online_batch // cfg.minibatch, cfg.micro_batch,
@@ -442,6 +463,7 @@ def offline_pair_step(step, cfg, ctx, run):
     batch = rollout.from_texts(run.tok, list(prompts) * 2, list(chosen) + list(rejected))
     ref = loop.score(run.ref, batch, cfg.micro_batch).sum(1)                                # log pi_0  [2n]
     lengths = batch.response_mask.sum(1).float()
+    ratios = []  # unclipped pi_theta/pi_0 of each pair at its update: how far --is-clip is from the data  [n]
 
     def loss_fn(mb):
         rows = torch.cat([mb, mb + per_rank])
@@ -456,11 +478,14 @@ def offline_pair_step(step, cfg, ctx, run):
         else:
             loss = dpo_loss(lw, ll, rw, rl, cfg.beta)
         margin = ((lw - rw) - (ll - rl)).detach()
-        return loss.sum(), {"margin": margin.mean().item(), "pair_accuracy": (margin > 0).float().mean().item(),
-                            "is_weight": is_weights(lw, ll, rw, rl, cfg.is_clip).mean().item()}
+        ratios.append(is_weights(lw, ll, rw, rl, math.inf).double())
+        return loss.sum(), {"margin": margin.mean().item(), "pair_accuracy": (margin > 0).float().mean().item()}
 
     upd = loop.minibatch_updates(cfg, ctx, run, per_rank, 1, max(1, cfg.micro_batch // 2), loss_fn, epochs=1)
-    return {**{f"train/{k}": v for k, v in infra.rank_means(ctx, upd).items()}, "train/lr": run.sched.get_last_lr()[0]}
+    rho = infra.gather(ctx, torch.cat(ratios).to(ctx.device)).cpu()
+    return {**{f"train/{k}": v for k, v in infra.rank_means(ctx, upd).items()}, "train/lr": run.sched.get_last_lr()[0],
+            "train/is_weight_mean": rho.mean().item(), "train/is_weight_max": rho.max().item(),
+            "train/is_clip_frac": (rho > cfg.is_clip).double().mean().item()}
 
 
 STEPS = {"ppo": ppo_step, "dual_ppo": ppo_step, "dual_ppo_clip": ppo_step, "dual_mix_ppo": ppo_step,

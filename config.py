@@ -23,6 +23,7 @@ ALGOS = ("dar", "sft",                                           # dar.py, loop.
          "online_dpo", "ipo", "slic",                             # online direct alignment, pairs from K samples
          "dpo", "simpo", "is_dpo")                                # offline direct alignment on a preference set
 OFFLINE = ("sft", "dpo", "simpo", "is_dpo")             # train on a fixed data set: no sampling, no judge
+OFFLINE_PAIRS = ("dpo", "simpo", "is_dpo")              # ... of preference pairs (tasks.Task.pref_data)
 VALUE_MODEL = ("ppo", "dual_ppo", "dual_ppo_clip", "dual_mix_ppo")   # need a learned value V(x, y_<i)
 
 # The paper's hyperparameters per algorithm (Appendix B.2-B.3, Table 5), over the Config defaults (DAR's);
@@ -72,7 +73,8 @@ class Config:
     reward_token_id: int = arg(0, "a causal-LM reward model's reward: this token's logit after the response "
                                   "(Llama-3.1-Nemotron-70B-Reward-HF: 0); a sequence classifier ignores it")
     # baselines (baselines.py, Appendix B.3)
-    clip_eps: float = arg(0.2, "policy-ratio clip range of ppo, dual_ppo_clip, grpo; inf = no clipping")
+    clip_eps: float = arg(0.2, "policy-ratio clip range of ppo, dual_ppo_clip, grpo, and of rloo and dao's later "
+                               "updates on a batch (samples of pi_t); inf = no clipping")
     vf_coef: float = arg(10.0, "PPO value-loss coefficient (paper: 10)")
     value_clip: float = arg(0.2, "PPO value clipping range around the rollout's values")
     gae_lambda: float = arg(0.95, "PPO GAE lambda")
@@ -80,7 +82,8 @@ class Config:
     missing_eos_penalty: float = arg(1.0, "PPO family: subtracted from the reward of a response without EOS")
     value_model: str = arg("", "PPO value model: a Hugging Face directory; '' = pi_0's network, fresh scalar head")
     simpo_gamma: float = arg(1.6, "SimPO target reward margin gamma")
-    is_clip: float = arg(1.0, "IS-DPO: upper clip of the importance ratio pi_theta/pi_0 of a pair")
+    is_clip: float = arg(math.inf, "IS-DPO: upper clip of the importance ratio pi_theta/pi_0 of a pair; inf = none, "
+                                   "the unbiased estimator of Theorem 1; a finite clip trades bias for variance")
     # online sampling (Appendix B.1)
     k: int = arg(4, "responses sampled per prompt, the Monte-Carlo sample size K")
     temperature: float = arg(0.9, "sampling temperature for online data and evaluation")
@@ -89,6 +92,9 @@ class Config:
     steps: int = arg(60, "online batches T (for --algo sft: optimizer steps)")
     prompt_epochs: float = arg(0.0, "passes over the training prompts; > 0 sets --steps to prompt_epochs x prompts "
                                     "/ prompts per online batch (paper: 1 TL;DR, 2 HH for RLHF; 5 for online DAP)")
+    pref_epochs: float = arg(0.0, "dpo, simpo, is_dpo: passes over the preference pairs; > 0 sets --steps to "
+                                  "pref_epochs x pairs / (minibatch / 2) pairs per step (paper's tasks: 5); 0 = --steps "
+                                  "(the toy task: its 60 steps keep the tests fast)")
     online_batch: int = arg(256, "responses per online batch = prompts x K (paper: 512)")
     minibatch: int = arg(64, "responses per optimizer step; online_batch / minibatch steps per batch (paper: 128)")
     micro_batch: int = arg(64, "responses per forward/backward on one rank; gradients accumulate to a minibatch")
@@ -139,7 +145,7 @@ class Config:
 
 
 # Fields a resumed run may change; any other difference from the checkpoint's config is an error.
-RESUMABLE_CHANGES = {"resume", "steps", "prompt_epochs", "save_every", "keep_checkpoints", "sample_every",
+RESUMABLE_CHANGES = {"resume", "steps", "prompt_epochs", "pref_epochs", "save_every", "keep_checkpoints", "sample_every",
                      "eval_prompts", "gradient_checkpointing", "max_invalid_frac", "judge_url",
                      "judge_concurrency", "judge_timeout", "judge_retries", "dist_timeout", "trust_remote_code",
                      "fsdp_offload", "export_hf", "out_dir"}
@@ -175,12 +181,13 @@ def parse_config(argv=None):
     p = arg_parser()
     given = vars(p.parse_args(argv))
     task, algo = given.get("task", Config.task), given.get("algo", Config.algo)
-    if "steps" in given and given.get("prompt_epochs", 0) > 0:
-        p.error("give --steps or --prompt-epochs, not both")
+    for passes in ("prompt_epochs", "pref_epochs"):
+        if "steps" in given and given.get(passes, 0) > 0:
+            p.error(f"give --steps or --{passes.replace('_', '-')}, not both")
     if "export_hf" in given and "out_dir" not in given:
         p.error("--export-hf needs --out-dir, the new directory to write the model to")
-    if "steps" in given:  # an explicit length wins over the task's passes over the prompts
-        given["prompt_epochs"] = 0.0
+    if "steps" in given:  # an explicit length wins over the task's passes over the prompts or pairs
+        given["prompt_epochs"] = given["pref_epochs"] = 0.0
     cfg = Config(**{**tasks.TASK_DEFAULTS.get(task, {}), **ALGO_DEFAULTS.get(algo, {}),
                     **tasks.TASK_ALGO_DEFAULTS.get((task, algo), {}), **given})
     if not cfg.out_dir:
@@ -211,15 +218,18 @@ def check_config(cfg, world):
     for name in ("steps", "online_batch", "minibatch", "micro_batch", "epochs", "max_new_tokens", "warmup_steps"):
         if getattr(cfg, name) < 1:
             bad(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
-    for name in ("save_every", "prompt_epochs", "max_prompt_tokens"):
+    for name in ("save_every", "prompt_epochs", "pref_epochs", "max_prompt_tokens"):
         if getattr(cfg, name) < 0:
             bad(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
+    if cfg.pref_epochs > 0 and cfg.algo not in OFFLINE_PAIRS:
+        bad(f"--pref-epochs counts passes over the preference pairs of {', '.join(OFFLINE_PAIRS)}; for --algo "
+            f"{cfg.algo} give the length with --steps" + ("" if cfg.algo in OFFLINE else " or --prompt-epochs"))
     if cfg.online_batch % (cfg.k * world):
         bad(f"--online-batch {cfg.online_batch} must be a multiple of K x ranks = {cfg.k} x {world}")
     if cfg.online_batch % cfg.minibatch:
         bad(f"--online-batch {cfg.online_batch} must be a multiple of --minibatch {cfg.minibatch}")
     # online pair methods update on whole prompts (K responses each), offline pair methods on pairs
-    unit = cfg.k if cfg.algo in ("online_dpo", "ipo", "slic") else 2 if cfg.algo in ("dpo", "simpo", "is_dpo") else 1
+    unit = cfg.k if cfg.algo in ("online_dpo", "ipo", "slic") else 2 if cfg.algo in OFFLINE_PAIRS else 1
     if cfg.minibatch % (world * unit):
         bad(f"--minibatch {cfg.minibatch} must split evenly into {world} ranks" +
             (f" in whole groups of {unit} responses" if unit > 1 else ""))
@@ -264,12 +274,16 @@ def check_config(cfg, world):
 # Fields added after runs were saved, with the value that reproduces what the code did before them: a checkpoint
 # without the field resumes only with that value (given on the command line), never silently with a new default.
 VALUE_BEFORE_FIELD = {"logp_temperature": 1.0}
+# Fields read by these algorithms only: a checkpoint of another algorithm may hold an older default (is_clip was 1
+# before issue 16) without making its resume a different experiment.
+USED_ONLY_BY = {"is_clip": ("is_dpo",)}
 
 
 def check_resumable(cfg, saved):
     """Stop a --resume whose settings differ from the checkpoint's in a field outside RESUMABLE_CHANGES."""
     saved = {**VALUE_BEFORE_FIELD, **saved}
-    diff = [k for k, v in saved.items() if k not in RESUMABLE_CHANGES and getattr(cfg, k, v) != v]
+    diff = [k for k, v in saved.items() if k not in RESUMABLE_CHANGES and getattr(cfg, k, v) != v
+            and cfg.algo in USED_ONLY_BY.get(k, (cfg.algo,))]
     if diff:
         raise SystemExit("error: --resume with settings that differ from the checkpoint's: " +
                          ", ".join(f"--{k.replace('_', '-')} {getattr(cfg, k)!r} (was {saved[k]!r})" for k in diff) +
@@ -277,10 +291,13 @@ def check_resumable(cfg, saved):
 
 
 def resolve_schedule(cfg, task):
-    """The run's length from passes over the training prompts (prompt_epochs > 0; Appendix B.1 counts epochs),
-    and save_every 0 as 10 checkpoints a run (B.1). Offline methods keep --steps: they read pairs, not prompts."""
+    """The run's length from passes over the training prompts (prompt_epochs > 0; Appendix B.1 counts epochs)
+    or, for offline DPO/SimPO/IS-DPO, over the preference pairs (pref_epochs > 0; an optimizer step reads
+    minibatch / 2 pairs), and save_every 0 as 10 checkpoints a run (B.1). SFT keeps --steps."""
     if cfg.prompt_epochs > 0 and cfg.algo not in OFFLINE:
         cfg.steps = max(1, math.ceil(cfg.prompt_epochs * len(task.train_prompts) / (cfg.online_batch // cfg.k)))
+    if cfg.pref_epochs > 0 and cfg.algo in OFFLINE_PAIRS:
+        cfg.steps = max(1, math.ceil(cfg.pref_epochs * len(task.pref_data) / (cfg.minibatch // 2)))
     if cfg.save_every == 0:
         cfg.save_every = max(1, cfg.steps // 10)
 

@@ -51,7 +51,10 @@ TASKS = ("toy", "tldr", "helpful", "harmless", "helpsteer2")
 #   Dual-PPO (B.1, B.3); length in passes over the prompts: RLHF 1 on TL;DR and 2 on HH, online DAP 5,
 #   HelpSteer2 1 (B.1); 10 checkpoints a run (B.1; HelpSteer2 evaluates only the final model and keeps 2);
 #   1,000 evaluation prompts (B.1); weight decay 0.01 in standard RLHF (B.1); DAR alpha 0.5 and beta 0.5 in
-#   standard RLHF (B.2); KL coefficients 0.05 (RLOO) and 0.03 (GRPO) on HelpSteer2 (B.3).
+#   standard RLHF (B.2); KL coefficients 0.05 (RLOO) and 0.03 (GRPO) on HelpSteer2 (B.3); SFT of pi_0 on the
+#   direct-alignment tasks at 5e-6 (B.1).
+# Not stated by the paper, ours: offline DPO/SimPO/IS-DPO run 5 passes over their preference pairs (--pref-epochs;
+#   B.1 gives 5 epochs for "online DAP methods" only; with 10 checkpoints a run, 1 and 2 passes are among them).
 # micro_batch (responses per forward pass and rank) is ours: a size that fits a 7B policy on an 80 GB GPU.
 _PAPER_SCHEDULE = dict(online_batch=512, minibatch=128, lr=1e-6, save_every=0, keep_checkpoints=10,
                        eval_prompts=1000)
@@ -74,8 +77,9 @@ TASK_ALGO_DEFAULTS = {
 for _task in ("tldr", "helpful", "harmless"):
     for _algo in ("online_dpo", "ipo", "slic"):
         TASK_ALGO_DEFAULTS[(_task, _algo)] = dict(lr=5e-7, prompt_epochs=5)
-    for _algo in ("dpo", "simpo", "is_dpo"):  # offline: the DAP learning rate; their length stays --steps
-        TASK_ALGO_DEFAULTS[(_task, _algo)] = dict(lr=5e-7)
+    for _algo in ("dpo", "simpo", "is_dpo"):  # offline: the DAP learning rate, length in passes over the pairs
+        TASK_ALGO_DEFAULTS[(_task, _algo)] = dict(lr=5e-7, pref_epochs=5)
+    TASK_ALGO_DEFAULTS[(_task, "sft")] = dict(lr=5e-6)
     for _algo in ("dual_ppo", "dual_ppo_clip", "dual_mix_ppo"):
         TASK_ALGO_DEFAULTS[(_task, _algo)] = dict(lr=3e-6)
 

@@ -135,6 +135,70 @@ def test_rloo_leave_one_out_advantages_and_loss():
     assert B.kl_penalised_rewards(T([5.0]), T([-1.0]), T([-3.0]), 0.03).item() == pytest.approx(5 - 0.06)
 
 
+def test_rloo_and_dao_losses_at_a_later_update_have_the_clipped_ratio():
+    """Samples of pi_t (logp_old) after pi_theta moved: the gradient is -rho c / |y| inside 1 +- eps, 0 outside it
+    in the direction of c (rho 1.5 with c > 0; rho 0.5 with c < 0), and REINFORCE's -c / |y| at rho = 1."""
+    lp, lt, adv = T([math.log(1.5), math.log(1.5), math.log(0.5), math.log(1.1), 0.0]), torch.zeros(5), \
+        T([1.0, -1.0, -1.0, 2.0, 3.0])
+    grad = grad_of(lambda x: B.rloo_loss(x, adv, 2.0, logp_old=lt, clip_eps=0.2), lp)
+    assert grad.tolist() == pytest.approx([0.0, 1.5 / 2, 0.0, -2.0 * 1.1 / 2, -3.0 / 2])
+    assert torch.allclose(grad_of(lambda x: B.rloo_loss(x, adv, 2.0, logp_old=x.detach(), clip_eps=0.2), lp),
+                          grad_of(lambda x: B.rloo_loss(x, adv, 2.0), lp))          # pi_theta = pi_old: REINFORCE
+    l0, a, b = T([-0.5] * 5), 0.1, 0.05
+    coef = adv - b * (lp - a * l0 - (1 - a) * lt)
+    grad = grad_of(lambda x: B.dao_loss(x, lt, l0, adv, a, b, logp_old=lt, clip_eps=0.2), lp)
+    rho = (lp - lt).exp()
+    inside = ((rho <= 1.2) | (coef < 0)) & ((rho >= 0.8) | (coef > 0))
+    assert torch.allclose(grad, torch.where(inside, -rho * coef, 0.0), atol=1e-6)
+
+
+def tabular_later_update(loss_of, penalty_of, n=6, seed=0, spread=1.0):
+    """One prompt, n responses, exact sums: pi_t sampled the batch, pi_theta has moved since (its logits are
+    pi_t's plus spread x noise). Returns (the gradient in pi_theta's logits of E_{y ~ pi_t}[loss_of(log pi_theta,
+    log pi_t, log pi_0, A)], of minus the objective J(pi_theta) = E_{pi_theta}[A - penalty_of(log pi_theta, log pi_t,
+    log pi_0)] the loss stands for, and of E_{y ~ pi_t} of the
+    on-policy form loss_of(..., on_policy=True), the max |rho - 1|)."""
+    g = torch.Generator().manual_seed(seed)
+    logp_t = torch.randn(n, generator=g, dtype=torch.float64).log_softmax(0)
+    theta = (logp_t + spread * torch.randn(n, generator=g, dtype=torch.float64)).requires_grad_()
+    logp_0, adv = torch.randn(n, generator=g, dtype=torch.float64).log_softmax(0), torch.randn(n, generator=g, dtype=torch.float64)
+    logp = theta.log_softmax(0)
+    grads = [torch.autograd.grad(x, theta, retain_graph=True)[0] for x in (
+        (logp_t.exp() * loss_of(logp, logp_t, logp_0, adv)).sum(),
+        -(logp.exp() * (adv - penalty_of(logp, logp_t, logp_0))).sum(),
+        (logp_t.exp() * loss_of(logp, logp_t, logp_0, adv, on_policy=True)).sum())]
+    return *grads, ((logp - logp_t).exp() - 1).abs().max().item()
+
+
+def later_update_losses(clip_eps):
+    """rloo_loss and dao_loss as sequence_step calls them (logp_old = log pi_t), each with the penalty of the
+    objective J = E_{pi_theta}[A - penalty] its gradient follows (Eq. 3 for DAO; none for RLOO, whose KL is in A)."""
+    a, b = 0.1, 0.5
+
+    def rloo(logp, logp_t, logp_0, adv, on_policy=False):
+        return B.rloo_loss(logp, adv, logp_old=None if on_policy else logp_t, clip_eps=clip_eps)
+
+    def dao(logp, logp_t, logp_0, adv, on_policy=False):
+        return B.dao_loss(logp, logp_t, logp_0, adv, a, b, logp_old=None if on_policy else logp_t, clip_eps=clip_eps)
+    return [(rloo, lambda logp, logp_t, logp_0: torch.zeros_like(logp)),
+            (dao, lambda logp, logp_t, logp_0: b * (logp - a * logp_0 - (1 - a) * logp_t))]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_rloo_and_dao_on_a_moved_policy_follow_the_on_policy_gradient(seed):
+    """A later update on an online batch: the samples came from pi_t, pi_theta has moved. With the ratio (unclipped)
+    the expected gradient is exactly that of the on-policy objective at pi_theta (REINFORCE under y ~ pi_theta);
+    with the default clip it still is while every ratio lies within 1 +- clip_eps. Without a ratio, treating
+    pi_t's samples as pi_theta's, it is another vector."""
+    for loss, penalty in later_update_losses(math.inf):
+        got, exact, no_ratio, _ = tabular_later_update(loss, penalty, seed=seed)
+        assert torch.allclose(got, exact, rtol=1e-9, atol=1e-13)
+        assert (no_ratio - exact).norm() > 1e-2 * exact.norm()
+    for loss, penalty in later_update_losses(config.parse_config(["--algo", "rloo"]).clip_eps):
+        got, exact, _, moved = tabular_later_update(loss, penalty, seed=seed, spread=0.05)
+        assert 0 < moved < 0.2 and torch.allclose(got, exact, rtol=1e-9, atol=1e-13)
+
+
 def test_grpo_advantages_are_group_normalised():
     r = T([1.0, 2.0, 6.0, 5.0, 5.0, 5.0], dtype=torch.float64)
     adv = B.grpo_advantages(r, k=3, eps=0.0 + 1e-12)
@@ -204,6 +268,48 @@ def test_is_dpo_weights_are_the_clipped_detached_pair_ratio():
     assert loss.item() == pytest.approx(rho * B.dpo_loss(W, L, RW, RL, 0.1).item(), rel=1e-6)
     loss.backward()   # the ratio is a constant: the gradient is rho times DPO's
     assert w.grad.item() == pytest.approx(rho * -0.1 / (1 + math.exp(0.15)), rel=1e-5)
+
+
+def tabular_is_dpo(clip, beta=0.1, n=6, seed=0):
+    """Exact expectations on one prompt with n responses (float64): pi_theta and pi_0 are softmaxes of random
+    logits, each ordered pair (y1, y2) is labelled by a random reward (y_w the higher). Returns (online DPO loss
+    E_{pairs ~ pi_theta}[dpo_loss], IS-DPO's E_{pairs ~ pi_0}[is_dpo_loss with `clip`], their gradients in the
+    logits, the unclipped ratios) by enumeration. The pair distribution is not differentiated (online DPO
+    samples, then takes the gradient of the loss)."""
+    g = torch.Generator().manual_seed(seed)
+    theta = torch.randn(n, generator=g, dtype=torch.float64).requires_grad_()
+    logp_0, r = torch.randn(n, generator=g, dtype=torch.float64).log_softmax(0), torch.randn(n, generator=g)
+    i, j = torch.meshgrid(torch.arange(n), torch.arange(n), indexing="ij")
+    i, j = i[i != j], j[i != j]
+    w, l = torch.where(r[i] > r[j], i, j), torch.where(r[i] > r[j], j, i)
+    logp = theta.log_softmax(0)
+    online = ((logp[w] + logp[l]).exp().detach() * B.dpo_loss(logp[w], logp[l], logp_0[w], logp_0[l], beta)).sum()
+    is_est = ((logp_0[w] + logp_0[l]).exp() * B.is_dpo_loss(logp[w], logp[l], logp_0[w], logp_0[l], beta, clip)).sum()
+    grads = [torch.autograd.grad(x, theta, retain_graph=True)[0] for x in (online, is_est)]
+    return online.item(), is_est.item(), *grads, B.is_weights(logp[w], logp[l], logp_0[w], logp_0[l], math.inf)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_is_dpo_with_the_default_clip_is_unbiased_for_online_dpo(seed):
+    """IS-DPO appendix, Theorem 1: pairs from pi_0 weighted by rho = pi_theta(y_w) pi_theta(y_l) / (pi_0(y_w)
+    pi_0(y_l)) give online DPO's loss and gradient exactly, in expectation, when rho is not clipped; the run's
+    default --is-clip must be that estimator."""
+    clip = config.parse_config(["--algo", "is_dpo"]).is_clip
+    online, is_est, g_online, g_is, rho = tabular_is_dpo(clip, seed=seed)
+    assert (rho > 1).any()                                       # pi_theta has moved away from pi_0
+    assert is_est == pytest.approx(online, rel=1e-10)
+    assert torch.allclose(g_is, g_online, rtol=1e-8, atol=1e-14)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_is_dpo_with_a_clip_below_the_ratios_is_biased_low(seed):
+    """A clip from above that some ratio exceeds removes weight: the estimate lies below the online loss and
+    its gradient is another vector. A clip above every ratio changes nothing."""
+    online, clipped, g_online, g_clipped, rho = tabular_is_dpo(1.0, seed=seed)
+    assert clipped < online and (online - clipped) / online > 0.05
+    assert not torch.allclose(g_clipped, g_online, rtol=1e-3)
+    _, above, _, g_above, _ = tabular_is_dpo(rho.max().item() * 1.01, seed=seed)
+    assert above == pytest.approx(online, rel=1e-10) and torch.allclose(g_above, g_online, rtol=1e-8, atol=1e-14)
 
 
 # ---------------------------------------------------------------------------------------------------

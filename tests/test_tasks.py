@@ -440,6 +440,42 @@ def test_paper_schedule_defaults_and_length_in_passes_over_prompts():
     assert (toy.online_batch, toy.lr, toy.prompt_epochs, toy.save_every) == (256, 3e-4, 0, 20)  # toy unchanged
 
 
+@pytest.mark.parametrize("task", ["tldr", "helpful", "harmless"])
+def test_sft_of_pi_0_uses_the_papers_learning_rate(task):
+    """Appendix B.1: "perform supervised fine-tuning on TL;DR, Helpfulness, and Harmlessness, using a learning rate
+    of 5e-6" (online RLHF keeps 1e-6)."""
+    assert config.parse_config(["--task", task, "--algo", "sft"]).lr == 5e-6
+    assert config.parse_config(["--task", task, "--algo", "rloo"]).lr == 1e-6
+    assert config.parse_config(["--task", task, "--algo", "sft", "--lr", "1e-5"]).lr == 1e-5   # the flag wins
+
+
+def test_offline_preference_methods_run_passes_over_their_pairs():
+    """dpo, simpo, is_dpo on the paper's tasks: --pref-epochs passes over the preference pairs, minibatch / 2 pairs
+    an optimizer step; --steps given on the command line wins; the toy task keeps its --steps."""
+    class FakeTask:
+        train_prompts, pref_data = ["p"] * 1000, [("p", "a", "b")] * 3000
+    for algo in config.OFFLINE_PAIRS:
+        cfg = config.parse_config(["--task", "tldr", "--algo", algo])
+        assert (cfg.lr, cfg.pref_epochs) == (5e-7, 5)
+        config.resolve_schedule(cfg, FakeTask())
+        assert cfg.steps == math.ceil(5 * 3000 / (128 // 2)) and cfg.save_every == cfg.steps // 10
+    explicit = config.parse_config(["--task", "helpful", "--algo", "dpo", "--steps", "7"])
+    config.resolve_schedule(explicit, FakeTask())
+    assert (explicit.steps, explicit.pref_epochs) == (7, 0)
+    mine = config.parse_config(["--task", "helpful", "--algo", "simpo", "--pref-epochs", "0.5"])
+    config.resolve_schedule(mine, FakeTask())
+    assert mine.steps == math.ceil(0.5 * 3000 / 64)
+    with pytest.raises(SystemExit):
+        config.parse_config(["--task", "helpful", "--algo", "dpo", "--steps", "3", "--pref-epochs", "1"])
+    toy = config.parse_config(["--algo", "is_dpo"])
+    config.resolve_schedule(toy, FakeTask())
+    assert (toy.pref_epochs, toy.steps) == (0, 60)                       # the toy task: a short run for tests
+    config.check_config(toy, 1)
+    with pytest.raises(SystemExit, match="--pref-epochs counts passes over the preference pairs"):
+        config.check_config(config.parse_config(["--algo", "dar", "--pref-epochs", "1"]), 1)
+    assert "pref_epochs" in config.RESUMABLE_CHANGES                     # a resumed run may run more passes
+
+
 def test_check_config_accepts_every_task(tmp_path):
     (tmp_path / "config.json").write_text("{}")  # stands for the SFT policy's model directory
     for name in tasks.TASKS:

@@ -1,5 +1,6 @@
 """Training end to end: one step moves the policy, SFT fits its data, dar.py runs (also under torchrun),
 a killed run resumes to the same metrics, and bad input stops with a clear message."""
+import dataclasses
 import json
 import os
 import shutil
@@ -162,6 +163,19 @@ def test_resume_refuses_changed_settings(toy_cache, tmp_path):
     p = run_dar(TINY + ["--cache-dir", toy_cache, "--out-dir", str(out), "--steps", "2", "--resume",
                         "--alpha", "0.5"], cwd=tmp_path)
     assert p.returncode != 0 and "--alpha 0.5 (was 0.1)" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_resume_ignores_an_older_is_clip_default_in_runs_that_do_not_use_it():
+    """--is-clip's default went from 1 to inf: a DAR checkpoint saved is_clip 1 and still resumes; an IS-DPO
+    checkpoint with another clip is another experiment."""
+    for algo, refused in (("dar", False), ("rloo", False), ("is_dpo", True)):
+        cfg = config.parse_config(["--algo", algo])
+        saved = dict(dataclasses.asdict(cfg), is_clip=1.0)
+        if refused:
+            with pytest.raises(SystemExit, match=r"--is-clip inf \(was 1.0\)"):
+                config.check_resumable(cfg, saved)
+        else:
+            config.check_resumable(cfg, saved)
 
 
 @pytest.mark.parametrize("args, message", [
