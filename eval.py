@@ -33,8 +33,6 @@ import json
 import math
 import os
 import re
-import time
-import uuid
 
 import numpy as np
 import torch
@@ -544,137 +542,6 @@ def ablation_plot(runs, param, out_dir, metrics=ABLATION_METRICS):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Exports for the external benchmarks of Table 4
-# ---------------------------------------------------------------------------------------------------
-def export_alpacaeval(prompts, outputs, generator, path):
-    """Generations in AlpacaEval's model_outputs format (Table 4, AlpacaEval 2.0): a JSON list of
-    {"instruction", "output", "generator"}, for `alpaca_eval --model_outputs PATH`.
-
-    Format: tatsu-lab/alpaca_eval README, "model_outputs: A path to a json file for the outputs of the model
-    to add to the leaderboard. Each dictionary should contain the keys `instruction` and `output`"; the
-    optional `generator` names the model (as in the repository's example/outputs.json).
-    """
-    if len(prompts) != len(outputs):
-        raise ValueError(f"{len(prompts)} prompts but {len(outputs)} outputs")
-    rows = [{"instruction": p, "output": o, "generator": generator} for p, o in zip(prompts, outputs)]
-    with open(path, "w") as f:
-        json.dump(rows, f, indent=1, ensure_ascii=False)
-    return rows
-
-
-def export_mtbench(question_ids, turns_outputs, model_id, path):
-    """Generations in FastChat's MT-Bench answer format (Table 4, MT-Bench), one JSON line per question:
-    {"question_id", "answer_id", "model_id", "choices": [{"index": 0, "turns": [turn 1, turn 2]}], "tstamp"},
-    to place at fastchat/llm_judge/data/mt_bench/model_answer/MODEL_ID.jsonl for gen_judgment.py.
-
-    Format: lm-sys/FastChat fastchat/llm_judge/gen_model_answer.py, which writes exactly these keys
-    (answer_id a shortuuid there, any unique string here; tstamp = time.time()).
-    """
-    if len(question_ids) != len(turns_outputs):
-        raise ValueError(f"{len(question_ids)} questions but {len(turns_outputs)} answers")
-    rows = [{"question_id": q, "answer_id": uuid.uuid4().hex, "model_id": model_id,
-             "choices": [{"index": 0, "turns": list(turns)}], "tstamp": time.time()}
-            for q, turns in zip(question_ids, turns_outputs)]
-    with open(path, "w") as f:
-        for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    return rows
-
-
-# FastChat's sampling temperature per MT-Bench category (fastchat/llm_judge/common.py, temperature_config;
-# gen_model_answer.py uses 0.7 for a category not in it); 0 means greedy
-MTBENCH_TEMPERATURE = {"writing": 0.7, "roleplay": 0.7, "extraction": 0.0, "math": 0.0, "coding": 0.0,
-                       "reasoning": 0.0, "stem": 0.1, "humanities": 0.1}
-
-
-def _read_records(path, what, fix):
-    """A JSON list or JSON lines of objects -> list of dicts; a malformed record names the file and line."""
-    if not os.path.isfile(path):
-        raise SystemExit(f"error: {what} file {path!r} not found; {fix}")
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
-    if text.lstrip().startswith("["):
-        try:
-            records = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise SystemExit(f"error: {path}:{e.lineno}: not valid JSON ({e.msg}); {fix}")
-        return [(i + 1, r) for i, r in enumerate(records)]
-    out = []
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if line.strip():
-            try:
-                out.append((lineno, json.loads(line)))
-            except json.JSONDecodeError as e:
-                raise SystemExit(f"error: {path}:{lineno}: not valid JSON ({e.msg}); {fix}")
-    return out
-
-
-def load_alpacaeval(path):
-    """AlpacaEval's evaluation set (tatsu-lab/alpaca_eval, alpaca_eval.json: a JSON list of {"instruction",
-    "output", "generator", "dataset"}; JSON lines also read) -> the instructions, in file order."""
-    fix = "give AlpacaEval's alpaca_eval.json (a list of objects with an 'instruction')"
-    out = []
-    for n, r in _read_records(path, "AlpacaEval", fix):
-        if not isinstance(r, dict) or not isinstance(r.get("instruction"), str):
-            raise SystemExit(f"error: {path}: record {n} has no 'instruction' string; {fix}")
-        out.append(r["instruction"])
-    if not out:
-        raise SystemExit(f"error: {path} holds no instructions; {fix}")
-    return out
-
-
-def load_mtbench(path):
-    """MT-Bench's questions (FastChat fastchat/llm_judge/data/mt_bench/question.jsonl: one {"question_id",
-    "category", "turns": [turn 1, turn 2]} per line) -> the records."""
-    fix = "give FastChat's mt_bench/question.jsonl (lines with question_id, category, turns)"
-    out = []
-    for n, r in _read_records(path, "MT-Bench", fix):
-        if not (isinstance(r, dict) and "question_id" in r and isinstance(r.get("turns"), list) and r["turns"]
-                and all(isinstance(t, str) for t in r["turns"])):
-            raise SystemExit(f"error: {path}:{n}: a question needs 'question_id' and a non-empty list of "
-                             f"'turns' strings; {fix}")
-        out.append(r)
-    if not out:
-        raise SystemExit(f"error: {path} holds no questions; {fix}")
-    return out
-
-
-@torch.no_grad()
-def answer(model, tok, conversations, max_new_tokens, temperature, seed=1234, batch_size=32):
-    """One response per prompt (a user message or a conversation ending with the user's turn), in batches of
-    batch_size; temperature 0 is greedy decoding. Returns the response texts."""
-    out = []
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        for i in range(0, len(conversations), batch_size):
-            chunk = conversations[i:i + batch_size]
-            batch = rollout.generate(model, tok, chunk, 1, max_new_tokens, temperature or 1.0, greedy=temperature == 0)
-            out += batch.responses
-    return out
-
-
-def mtbench_answers(model, tok, questions, max_new_tokens, seed=1234, batch_size=32):
-    """Both turns of every MT-Bench question as FastChat generates them: turn t sees the conversation so far
-    (its own earlier answers), at its category's temperature. Returns [[answer per turn] per question]."""
-    answers = [[] for _ in questions]
-    for t in range(max(len(q["turns"]) for q in questions)):
-        by_temp = {}
-        for i, q in enumerate(questions):
-            if t < len(q["turns"]):
-                by_temp.setdefault(MTBENCH_TEMPERATURE.get(q.get("category"), 0.7), []).append(i)
-        for temp, idx in sorted(by_temp.items()):
-            convs = []
-            for i in idx:
-                msgs = []
-                for turn, a in zip(questions[i]["turns"][:t], answers[i]):
-                    msgs += [{"role": "user", "content": turn}, {"role": "assistant", "content": a}]
-                convs.append(msgs + [{"role": "user", "content": questions[i]["turns"][t]}])
-            for i, a in zip(idx, answer(model, tok, convs, max_new_tokens, temp, seed + t, batch_size)):
-                answers[i].append(a)
-    return answers
-
-
-# ---------------------------------------------------------------------------------------------------
 # Time per online batch (Table 8)
 # ---------------------------------------------------------------------------------------------------
 # perf/PHASE_s of metrics.jsonl; "logp" is pi_t and pi_0 together, as runs logged it before the two were split
@@ -788,13 +655,13 @@ def export_benchmarks(run_dir, out_dir, alpacaeval=None, mtbench=None, temperatu
     name = os.path.basename(os.path.normpath(run_dir))
     written = []
     if alpacaeval:
-        outputs = answer(model, tok, alpacaeval, cfg.max_new_tokens, temperature, seed, cfg.micro_batch)
+        outputs = tasks.answer(model, tok, alpacaeval, cfg.max_new_tokens, temperature, seed, cfg.micro_batch)
         written.append(os.path.join(out_dir, f"{name}-alpacaeval.json"))
-        export_alpacaeval(alpacaeval, outputs, name, written[-1])
+        tasks.export_alpacaeval(alpacaeval, outputs, name, written[-1])
     if mtbench:
-        turns = mtbench_answers(model, tok, mtbench, cfg.max_new_tokens, seed, cfg.micro_batch)
+        turns = tasks.mtbench_answers(model, tok, mtbench, cfg.max_new_tokens, seed, cfg.micro_batch)
         written.append(os.path.join(out_dir, f"{name}-mtbench.jsonl"))
-        export_mtbench([q["question_id"] for q in mtbench], turns, name, written[-1])
+        tasks.export_mtbench([q["question_id"] for q in mtbench], turns, name, written[-1])
     return written
 
 
@@ -821,8 +688,8 @@ def arg_parser():
 
 def main(argv=None):
     args = arg_parser().parse_args(argv)
-    alpaca = load_alpacaeval(args.alpacaeval) if args.alpacaeval else None
-    mtbench = load_mtbench(args.mtbench) if args.mtbench else None
+    alpaca = tasks.load_alpacaeval(args.alpacaeval) if args.alpacaeval else None
+    mtbench = tasks.load_mtbench(args.mtbench) if args.mtbench else None
     for d in args.run_dirs:
         if not os.path.isfile(os.path.join(d, "final", "config.json")):
             raise SystemExit(f"error: {d} has no final/ model; a run writes it when it finishes (resume it with "

@@ -18,6 +18,7 @@ import eval as ev
 import infra
 import loop
 import rollout
+import tasks
 from conftest import ROOT, TINY, run_dar
 
 
@@ -212,19 +213,19 @@ def test_benchmark_loaders_read_the_files_and_name_bad_lines(tmp_path):
     alpaca = tmp_path / "alpaca_eval.json"
     alpaca.write_text(json.dumps([{"instruction": "Say hi", "output": "x", "generator": "gpt4", "dataset": "d"},
                                   {"instruction": "Count", "output": "y", "generator": "gpt4", "dataset": "d"}]))
-    assert ev.load_alpacaeval(str(alpaca)) == ["Say hi", "Count"]
+    assert tasks.load_alpacaeval(str(alpaca)) == ["Say hi", "Count"]
     alpaca.write_text(json.dumps([{"instruction": "ok"}, {"output": "no instruction"}]))
     with pytest.raises(SystemExit, match="record 2 has no 'instruction'"):
-        ev.load_alpacaeval(str(alpaca))
+        tasks.load_alpacaeval(str(alpaca))
     mt = tmp_path / "question.jsonl"
     mt.write_text(json.dumps({"question_id": 81, "category": "writing", "turns": ["a", "b"]}) + "\n\n"
                   + json.dumps({"question_id": 82, "category": "math", "turns": ["c"]}) + "\n")
-    assert [q["question_id"] for q in ev.load_mtbench(str(mt))] == [81, 82]
+    assert [q["question_id"] for q in tasks.load_mtbench(str(mt))] == [81, 82]
     mt.write_text(json.dumps({"question_id": 81, "turns": ["a"]}) + "\n{broken\n")
     with pytest.raises(SystemExit, match=r"question.jsonl:2: not valid JSON"):
-        ev.load_mtbench(str(mt))
+        tasks.load_mtbench(str(mt))
     with pytest.raises(SystemExit, match="not found"):
-        ev.load_mtbench(str(tmp_path / "missing.jsonl"))
+        tasks.load_mtbench(str(tmp_path / "missing.jsonl"))
 
 
 def test_mtbench_answers_follow_the_conversation_and_category_temperatures(monkeypatch):
@@ -233,11 +234,11 @@ def test_mtbench_answers_follow_the_conversation_and_category_temperatures(monke
     def fake_answer(model, tok, convs, max_new_tokens, temperature, seed=0, batch_size=32):
         calls.append((temperature, convs))
         return [f"A{len(c)}@{temperature}:{c[-1]['content']}" for c in convs]
-    monkeypatch.setattr(ev, "answer", fake_answer)
+    monkeypatch.setattr(tasks, "answer", fake_answer)
     qs = [{"question_id": 1, "category": "writing", "turns": ["w1", "w2"]},
           {"question_id": 2, "category": "math", "turns": ["m1", "m2"]},
           {"question_id": 3, "category": "unknown", "turns": ["u1"]}]
-    answers = ev.mtbench_answers(None, None, qs, 16)
+    answers = tasks.mtbench_answers(None, None, qs, 16)
     assert answers == [["A1@0.7:w1", "A3@0.7:w2"], ["A1@0.0:m1", "A3@0.0:m2"], ["A1@0.7:u1"]]
     turn2_math = [c for t, cs in calls for c in cs if t == 0.0 and len(c) == 3][0]
     assert turn2_math[1] == {"role": "assistant", "content": "A1@0.0:m1"}  # turn 2 sees its own turn-1 answer
@@ -246,17 +247,17 @@ def test_mtbench_answers_follow_the_conversation_and_category_temperatures(monke
 
 def test_export_alpacaeval_format(tmp_path):
     path = tmp_path / "outputs.json"
-    ev.export_alpacaeval(["Say hi", "Ünïcode?"], ["hi", "yes"], "dar-toy", str(path))
+    tasks.export_alpacaeval(["Say hi", "Ünïcode?"], ["hi", "yes"], "dar-toy", str(path))
     assert json.loads(path.read_text(encoding="utf-8")) == [
         {"instruction": "Say hi", "output": "hi", "generator": "dar-toy"},
         {"instruction": "Ünïcode?", "output": "yes", "generator": "dar-toy"}]
     with pytest.raises(ValueError):
-        ev.export_alpacaeval(["a"], [], "g", str(path))
+        tasks.export_alpacaeval(["a"], [], "g", str(path))
 
 
 def test_export_mtbench_format(tmp_path):
     path = tmp_path / "dar.jsonl"
-    ev.export_mtbench([81, 82], [["t1", "t2"], ["u1", "u2"]], "dar-7b", str(path))
+    tasks.export_mtbench([81, 82], [["t1", "t2"], ["u1", "u2"]], "dar-7b", str(path))
     lines = [json.loads(l) for l in path.read_text().splitlines()]
     assert len(lines) == 2
     for line, qid, turns in zip(lines, (81, 82), (["t1", "t2"], ["u1", "u2"])):
@@ -271,7 +272,6 @@ def test_export_mtbench_format(tmp_path):
 # Models: greedy decoding, and the whole pipeline
 # ---------------------------------------------------------------------------------------------------
 def test_greedy_decoding_ignores_the_seed(toy_cache):
-    import tasks
     cfg = config.parse_config(["--cache-dir", toy_cache] + TINY)
     _, sft = loop.toy_paths(cfg)
     path = os.path.join(sft, "final")
