@@ -1,15 +1,21 @@
 """Evaluation of trained policies against the initial policy pi_0, aggregation over seeds, and the paper's plots.
 
     python eval.py runs/toy-dar-s0 runs/toy-dar-s1 runs/toy-dar-s2            # final models, table over seeds
-    python eval.py runs/* --out runs/eval --n-prompts 256 --checkpoints         # every kept checkpoint too
+    python eval.py runs/* --out runs/eval --checkpoints                         # and the best checkpoint
+    python eval.py runs/helpful-dar-s* --eval-judge-url https://api.openai.com/v1 --eval-judge-model gpt-4-turbo
     python eval.py runs/helpful-dar-s0 --greedy                                # greedy decoding (MT-Bench setting)
 
+The test prompts are a seeded random subset of the task's held-out prompts (--n-prompts, default the paper's
+1,000, capped at what the task has; --seed), the same that dar.py's end-of-run report uses (eval_subset).
 Reported per model (Section 5 of the paper; golden reward and KL estimator of the IS-DPO appendix, C-D):
-  * mean reward of pi_0 and of the policy under the evaluation judge, one sample per held-out prompt at
+  * mean reward of pi_0 and of the policy under the evaluation judge, one sample per test prompt at
     temperature 0.9 (the training-time evals) or greedy;
-  * reference win rate over pi_0 from the rewards: per prompt 1 if the policy's response scores higher than
-    pi_0's, 1/2 on a tie, 0 otherwise (`win_rate`); and from the judge's pairwise preference
-    (judge.prefer, asked in both orders, ties 1/2: `pref_win_rate`), the paper's Tables 2-3 protocol;
+  * the reference win rate over pi_0, `win_rate` (Tables 2-3, Fig. 3), per prompt 1 if the policy's response
+    wins, 1/2 on a tie, 0 if pi_0's wins. With an LLM evaluator (--eval-judge llm) it is the evaluator's
+    pairwise preference, asked in both orders (judge.prefer; a disagreement counts 1/2): `pref_win_rate`, the
+    paper's protocol. With a scorer (the toy rules, a reward model) it compares the two rewards
+    (`reward_win_rate`): the scorer's own preference, and for the gold rule it includes the rule's EOS check
+    (RuleJudge.prefer takes both texts as ended). The other definition is reported beside it;
   * golden-reward win rate (IS-DPO appendix, "Golden reward Evaluation"): the gold scorer (the eval judge)
     scores 2 policy samples per prompt and the data set's reference completion; win rate over all pairs;
   * KL(pi_theta || pi_0) with k3 on the policy's own samples at temperature 1, and for DAR the
@@ -19,16 +25,21 @@ Reported per model (Section 5 of the paper; golden reward and KL estimator of th
 Also, when the run was trained on another judge than the eval judge, the reward under the training judge (up
 while the eval reward goes down: reward hacking), and the share of responses at the best score of a bounded scale.
 
-Over runs: mean and 95% t-interval over seeds (Tables 2-3; a seed counted once), training curves with 95% bands
-(Figs. 3, 5a-b, 6), with --checkpoints win-rate and reward curves over the kept checkpoints, reward-KL Pareto
-frontiers with second-order fits (Fig. 4), ablations of alpha, beta, K, w_clip (Fig. 5c-f), seconds per online
-batch by phase (Table 8). Writes into --out: one JSON per run, summary.json, curves.{csv,png},
-eval_curves.{csv,png}, pareto.{csv,png}, ablation_PARAM.{csv,png}, timing.csv. For the external benchmarks of
-Table 4, --alpacaeval FILE and --mtbench FILE write each final model's answers in their formats.
+With --checkpoints every kept checkpoint is evaluated too, and "the best checkpoint" (Table 2) is the one with the
+highest win rate on the task's validation prompts (Task.valid_prompts: disjoint from the test prompts and from
+all training data), reported on the test prompts beside the final model.
+
+Over runs: mean and 95% t-interval over seeds (Tables 2-3; a seed counted once), final and best side by side
+(table.csv), training curves with 95% bands (Figs. 3, 5a-b, 6), with --checkpoints win-rate and reward curves
+over the kept checkpoints, reward-KL Pareto frontiers with second-order fits (Fig. 4), ablations of alpha, beta,
+K, w_clip (Fig. 5c-f), seconds per online batch by phase (Table 8). Writes into --out: one JSON per run,
+summary.json, table.csv, curves.{csv,png}, eval_curves.{csv,png}, pareto.{csv,png}, ablation_PARAM.{csv,png},
+timing.csv. For Table 4, --alpacaeval FILE and --mtbench FILE write each final model's answers in their formats.
 """
 import argparse
 import csv
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -40,7 +51,7 @@ import transformers
 
 import rollout
 import tasks
-from config import config_from_dict
+from config import Config, config_from_dict
 from infra import Dist, load_model, load_tokenizer
 from judge import make_judge
 from loop import ensure_toy_models, fitting_task, k3, score
@@ -52,7 +63,8 @@ T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2
 ABLATION_PARAMS = ("alpha", "beta", "k", "w_clip")  # Fig. 5(c)-(f)
 # Config fields that never make two runs different experiments (bookkeeping, endpoints, the seed itself)
 NOT_HYPERPARAMETERS = {"seed", "out_dir", "resume", "cache_dir", "print_every", "sample_every", "save_every",
-                       "keep_checkpoints", "eval_prompts", "judge_url", "judge_api_key_env", "judge_concurrency",
+                       "keep_checkpoints", "eval_prompts", "eval_seed", "eval_judge_url", "eval_judge_model",
+                       "eval_judge_api_key_env", "judge_url", "judge_api_key_env", "judge_concurrency",
                        "judge_timeout", "judge_retries", "rollout", "vllm_gpu_memory", "backend", "dtype",
                        "logp_source", "steps", "prompt_epochs", "gradient_checkpointing", "max_invalid_frac"}
 
@@ -123,23 +135,67 @@ def alpha_kl(logp, logp_0, logp_prev, mask, alpha):
     return alpha * k3(logp, logp_0, mask) + (1 - alpha) * k3(logp, logp_prev, mask)
 
 
+def eval_subset(prompts, n, seed, references=None):
+    """(prompts, references) of the evaluation: the seeded random subset of n of the given held-out prompts
+    (tasks.random_subset; all when there are fewer), in their order; dar.py's end-of-run report and eval.py
+    draw the same with the same seed."""
+    idx = tasks.random_subset(prompts, n, seed)
+    return [prompts[i] for i in idx], [references[i] for i in idx] if references else None
+
+
+def evaluator_config(cfg):
+    """The settings the eval judge is built from: with --eval-judge-url, that endpoint, --eval-judge-model and
+    the key in --eval-judge-api-key-env in place of the training annotator's; without, cfg itself (the training
+    annotator's endpoint judges; evaluator_note says so)."""
+    if not cfg.eval_judge_url:
+        return cfg
+    return dataclasses.replace(cfg, judge_url=cfg.eval_judge_url, judge_model=cfg.eval_judge_model,
+                               judge_api_key_env=cfg.eval_judge_api_key_env)
+
+
+def evaluator_note(cfg):
+    if cfg.eval_judge == "llm" and not cfg.eval_judge_url:
+        return ("note: --eval-judge llm without --eval-judge-url: the training annotator (--judge-url) evaluates; "
+                "the paper's evaluator is a separate, stronger model (GPT-4-Turbo / GPT-5.1)")
+    return None
+
+
+# What the headline win rate is, per eval judge (see the module docstring)
+WIN_RATE_DEFS = {"pref_win_rate": "the eval judge's pairwise preference, both orders, ties 1/2",
+                 "reward_win_rate": "the eval judge's rewards compared, ties 1/2"}
+
+
+def headline_key(eval_judge):
+    """The report key the headline `win_rate` is taken from: an LLM evaluator's pairwise preference (the
+    paper's protocol), else a scorer's reward comparison (the scorer's own preference)."""
+    return "pref_win_rate" if eval_judge == "llm" else "reward_win_rate"
+
+
 @torch.no_grad()
 def compare_with_reference(policy, ref, tok, prompts, cfg, task=None, seed=1234, *, greedy=False, temperature=None,
-                           pairwise=True, references=None, golden_samples=2, prev=None, alpha=None):
+                           pairwise=True, references=None, golden_samples=2, prev=None, alpha=None,
+                           win_rate_only=False):
     """Evaluate `policy` against `ref` (pi_0) on held-out prompts (Tables 2-3, Figs. 3-4); a dict of numbers.
 
     greedy / temperature: decoding of the compared responses (default cfg.temperature); pairwise: also the
-    judge's pairwise preference win rate; references: the data set's reference completion per prompt, for the
-    golden-reward win rate with `golden_samples` policy samples per prompt; prev, alpha: a previous policy and
-    DAR's alpha, for the alpha-interpolated KL (alpha_kl). Runs in its own RNG stream (fork_rng), so an
-    evaluation never changes what training samples next.
+    judge's pairwise preference win rate (always asked of an LLM evaluator: it is the headline); references: the
+    data set's reference completion per prompt, for the golden-reward win rate with `golden_samples` policy
+    samples per prompt; prev, alpha: a previous policy and DAR's alpha, for the alpha-interpolated KL
+    (alpha_kl); win_rate_only: stop after the win rates (no training judge, golden win rate or KL: the
+    validation pass that picks the best checkpoint). The eval judge is built from evaluator_config(cfg). Runs in
+    its own RNG stream (fork_rng), so an evaluation never changes what training samples next.
     """
     temperature = cfg.temperature if temperature is None else temperature
-    judge = make_judge(cfg.eval_judge, task, cfg)
+    judge = make_judge(cfg.eval_judge, task, evaluator_config(cfg))
     # The training judge too when it is another one (the paper's annotator vs. its stronger evaluator; the toy
     # proxy vs. the gold rule): reward going up under it and down under the eval judge is reward hacking.
-    train_judge = make_judge(cfg.judge, task, cfg) if cfg.judge != cfg.eval_judge else None
-    report = {"n_prompts": len(prompts), "judge": cfg.eval_judge, "decoding": "greedy" if greedy else f"T={temperature}"}
+    train_judge = make_judge(cfg.judge, task, cfg) if cfg.judge != cfg.eval_judge and not win_rate_only else None
+    report = {"n_prompts": len(prompts), "judge": cfg.eval_judge, "decoding": "greedy" if greedy else f"T={temperature}",
+              "eval_seed": seed, "prompts_sha256": hashlib.sha256(
+                  "\n".join(tasks.prompt_key(p) for p in prompts).encode("utf-8")).hexdigest()[:16]}
+    if cfg.eval_judge == "llm":
+        report["evaluator"] = getattr(judge, "model", "") + (" (the training annotator's endpoint)"
+                                                             if not cfg.eval_judge_url else "")
     rewards, batches = {}, {}
     with torch.random.fork_rng(devices=[]):
         for name, model in (("pi_0", ref), ("policy", policy)):
@@ -160,11 +216,15 @@ def compare_with_reference(policy, ref, tok, prompts, cfg, task=None, seed=1234,
             report["train_judge"] = cfg.judge
         if getattr(judge, "top", None) is not None:
             report["top"] = judge.top
-        report["win_rate"], report["win_rate_ci"] = win_rate(rewards["policy"], rewards["pi_0"])
-        if pairwise:  # P(policy preferred) per prompt; prefer() asks both orders, ties and disagreement -> 1/2
+        report["reward_win_rate"], report["reward_win_rate_ci"] = win_rate(rewards["policy"], rewards["pi_0"])
+        if pairwise or cfg.eval_judge == "llm":  # P(policy preferred) per prompt; both orders, ties/disagreement 1/2
             p = judge.prefer(list(prompts), batches["policy"].responses, batches["pi_0"].responses)
             report["pref_win_rate"], report["pref_win_rate_ci"] = mean_ci(p)
             report["pref_invalid"] = sum(math.isnan(x) for x in p)
+        key = report["win_rate_from"] = headline_key(cfg.eval_judge)
+        report["win_rate"], report["win_rate_ci"] = report[key], report[key + "_ci"]
+        if win_rate_only:
+            return report
         if references is not None and all(r is not None for r in references):
             s = 1 if greedy else golden_samples
             torch.manual_seed(seed + 2)
@@ -189,7 +249,8 @@ def compare_with_reference(policy, ref, tok, prompts, cfg, task=None, seed=1234,
 
 def print_report(r):
     invalid = r["pi_0/invalid_judgments"] + r["policy/invalid_judgments"]
-    print(f"\nEvaluation on {r['n_prompts']} held-out prompts (judge: {r['judge']}"
+    print(f"\nEvaluation on {r['n_prompts']} held-out prompts (a random subset, seed {r['eval_seed']}; judge: "
+          f"{r['judge']}" + (f", {r['evaluator']}" if "evaluator" in r else "")
           + (f"; {invalid} invalid judgments left out" if invalid else "") + ")")
     top, proxy = r.get("top"), r.get("train_judge")
     print(f"  {'':8} {'reward':>16}" + (f" {f'{top:g}/{top:g}':>7}" if top is not None else "")
@@ -199,10 +260,10 @@ def print_report(r):
               + (f" {r[name + '/top_score']:7.1%}" if top is not None else "")
               + f" {r[name + '/missing_eos']:7.1%} {r[name + '/length']:7.1f}"
               + (f"   {r[name + '/train_judge_reward']:8.2f}" if proxy else ""))
-    print(f"  win rate of the policy over pi_0 (ties count 1/2): {r['win_rate']:.1%} ± {r['win_rate_ci']:.1%}")
-    if "pref_win_rate" in r:
-        print(f"  pairwise-preference win rate over pi_0 (both orders): {r['pref_win_rate']:.1%} "
-              f"± {r['pref_win_rate_ci']:.1%}")
+    print(f"  win rate over pi_0 ({WIN_RATE_DEFS[r['win_rate_from']]}): {r['win_rate']:.1%} ± {r['win_rate_ci']:.1%}")
+    for k in WIN_RATE_DEFS:
+        if k in r and k != r["win_rate_from"]:
+            print(f"    by {WIN_RATE_DEFS[k]}: {r[k]:.1%} ± {r[k + '_ci']:.1%}")
     if "golden/win_rate" in r:
         print(f"  golden win rate over the references (all pairs): {r['golden/win_rate']:.1%} "
               f"± {r['golden/win_rate_ci']:.1%}")
@@ -241,16 +302,18 @@ def checkpoints(run_dir):
 
 @torch.no_grad()
 def evaluate_checkpoint(run_dir, ckpt_dir, n_prompts, greedy=False, temperature=0.9, seed=1234, golden_samples=2,
-                        device=None):
+                        device=None, validation=False, evaluator=None):
     """Evaluate one model directory of a run against pi_0 (Tables 2-3, Fig. 3 points, Fig. 4 markers).
 
-    Rebuilds the run's config from config.json; pi_0 is the config's model (the toy SFT pi_0 when it is '',
-    made in the cache if missing); the eval judge, the task's first n_prompts held-out prompts and their
-    references. Returns compare_with_reference's report plus the pairwise and golden win rates, for DAR the
-    alpha-interpolated KL against the previous kept checkpoint (kl_alpha; absent when there is none), and
-    "run" (task, algo, seed, step, checkpoint and the run's config) for grouping.
+    Rebuilds the run's config from config.json (evaluator: {field: value} over it, e.g. eval_judge_url); pi_0 is
+    the config's model (the toy SFT pi_0 when it is '', made in the cache if missing); the eval judge, and the
+    seeded random subset of n_prompts test prompts with their references (eval_subset). Returns
+    compare_with_reference's report plus the golden win rate, for DAR the alpha-interpolated KL against the
+    previous kept checkpoint (kl_alpha; absent when there is none), "step", and "run" (task, algo, seed, step,
+    checkpoint and the run's config) for grouping. validation: also the win rate on as many of the task's
+    validation prompts ("valid/win_rate", NaN when the task has none), which picks the best checkpoint.
     """
-    cfg = load_run_config(run_dir)
+    cfg = dataclasses.replace(load_run_config(run_dir), **(evaluator or {}))
     device = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     init = cfg.model
     if not init:
@@ -267,13 +330,21 @@ def evaluate_checkpoint(run_dir, ckpt_dir, n_prompts, greedy=False, temperature=
         if earlier:
             prev_step, path = earlier[-1]
             prev = load_model(path, cfg, device).eval()
-    n = min(n_prompts, len(task.eval_prompts))
-    refs = task.references[:n] if task.references else None
-    report = compare_with_reference(policy, ref, tok, task.eval_prompts[:n], cfg, task=task, seed=seed, greedy=greedy,
+    prompts, refs = eval_subset(task.eval_prompts, n_prompts, seed, task.references)
+    report = compare_with_reference(policy, ref, tok, prompts, cfg, task=task, seed=seed, greedy=greedy,
                                     temperature=temperature, references=refs, golden_samples=golden_samples,
                                     prev=prev, alpha=cfg.alpha)
     if prev is not None:
         report["kl_alpha/prev_step"] = prev_step
+    if validation:
+        report["valid/win_rate"], report["valid/win_rate_ci"], report["valid/n_prompts"] = math.nan, math.nan, 0
+        if task.valid_prompts:
+            valid, _ = eval_subset(task.valid_prompts, n_prompts, seed)
+            v = compare_with_reference(policy, ref, tok, valid, cfg, task=task, seed=seed, greedy=greedy,
+                                       temperature=temperature, win_rate_only=True)
+            report["valid/win_rate"], report["valid/win_rate_ci"], report["valid/n_prompts"] = (
+                v["win_rate"], v["win_rate_ci"], len(valid))
+    report["step"] = step
     report["run"] = dict(run_dir=os.path.abspath(run_dir), checkpoint=os.path.abspath(ckpt_dir), step=step,
                          task=cfg.task, algo=cfg.algo, seed=cfg.seed, config=dataclasses.asdict(cfg))
     return report
@@ -433,7 +504,7 @@ def checkpoint_curves(reports, out_dir, keys=("win_rate", "policy/reward"), name
     for r in reports:
         by_run.setdefault(r["run"]["run_dir"], {})[r["run"]["step"]] = r
     def at_step0(r, key):  # pi_0 against itself
-        if key in ("win_rate", "pref_win_rate"):
+        if key.endswith("win_rate"):
             return 0.5
         if key.startswith("kl_"):
             return 0.0
@@ -624,24 +695,69 @@ def sweeps(reports):
     return out
 
 
-def print_table(summary):
-    """Per experiment, mean ± 95% CI over seeds (Tables 2-3): win rate over pi_0 from rewards and from pairwise
-    preferences, reward and KL(pi || pi_0) (as for every method; DAR's alpha-interpolated KL is Fig. 4's x-axis,
-    in the per-run JSON and the Pareto plot), plus missing EOS and, when it differs from the eval
-    judge, the reward under the training judge (reward hacking shows as this up and the eval reward down)."""
-    proxy = any("policy/train_judge_reward" in agg for agg in summary.values())
-    print(f"\n{'experiment':36} {'win rate':>17} {'pref. win rate':>17} {'reward':>15} {'KL':>15} {'no EOS':>7}"
-          + (f" {'train judge':>11}" if proxy else "") + f" {'seeds':>5}")
+def best_checkpoint(reports):
+    """Of a run's evaluated models (final/ and its kept checkpoints), the one with the highest validation win rate:
+    Table 2's "best checkpoints", chosen on validation prompts, never on the test prompts it is reported on. On a
+    tie the earliest; None when no model has a validation win rate (a task without validation prompts)."""
+    scored = [r for r in reports if not math.isnan(r.get("valid/win_rate", math.nan))]
+    return max(scored, key=lambda r: (r["valid/win_rate"], -r["step"]), default=None)
+
+
+def summarize(pairs):
+    """[(final report, best report or None)] of the runs -> {label: mean and CI over seeds of the final models'
+    numbers, with "best": the same over the best checkpoints (empty without --checkpoints) and "win_rate_from"}."""
+    out = {}
+    for label, items in group_runs(pairs, lambda fb: fb[0]["run"]["config"]).items():
+        bests = [b for _, b in items if b is not None]
+        out[label] = dict(aggregate_seeds([f for f, _ in items]), best=aggregate_seeds(bests) if bests else {},
+                          win_rate_from=items[0][0]["win_rate_from"], seeds=[f["run"]["seed"] for f, _ in items])
+    return out
+
+
+# table.csv: these numbers of the final and of the best models, mean and 95% CI over seeds
+TABLE_KEYS = ("win_rate", "reward_win_rate", "pref_win_rate", "golden/win_rate", "valid/win_rate", "step",
+              "policy/reward", "kl_pi0", "policy/missing_eos", "policy/length", "policy/train_judge_reward")
+
+
+def write_table(summary, path):
+    rows = []
     for label, agg in summary.items():
-        def cell(k, pct=False):
-            if k not in agg:
+        row = [label, len(agg["seeds"]), agg["win_rate_from"]]
+        for which in ("final", "best"):
+            a = agg if which == "final" else agg["best"]
+            row += [v for k in TABLE_KEYS for v in ((a[k]["mean"], a[k]["ci"]) if k in a else ("", ""))]
+        rows.append(row)
+    _write_csv(path, ["experiment", "seeds", "win_rate_from"] + [f"{which} {k}{ci}" for which in ("final", "best")
+                                                                  for k in TABLE_KEYS for ci in ("", " ci95")], rows)
+
+
+def print_table(summary):
+    """Per experiment, mean ± 95% CI over seeds (Tables 2-3): the headline win rate over pi_0 of the final model
+    and of the best checkpoint (with --checkpoints; its step, mean over seeds), reward of both, KL(pi || pi_0) of
+    the final model (as for every method; DAR's alpha-interpolated KL is Fig. 4's x-axis, in the per-run JSON and
+    the Pareto plot), missing EOS and, when it differs from the eval judge, the reward under the training judge
+    (reward hacking shows as this up and the eval reward down). The other win rates are in table.csv."""
+    proxy = any("policy/train_judge_reward" in agg for agg in summary.values())
+    print(f"\n{'experiment':30} {'win rate: final':>17} {'best':>17} {'at':>5} {'reward: final':>15} {'best':>15} "
+          f"{'KL: final':>15} {'no EOS':>7}" + (f" {'train judge':>11}" if proxy else "") + f" {'seeds':>5}")
+    for label, agg in summary.items():
+        def cell(a, k, pct=False):
+            if k not in a:
                 return f"{'-':>17}" if pct else f"{'-':>15}"
-            m, c = agg[k]["mean"], agg[k]["ci"]
+            m, c = a[k]["mean"], a[k]["ci"]
             return f"{m:8.1%} ± {c:6.1%}" if pct else f"{m:7.3f} ± {c:5.3f}"
-        print(f"{label[:36]:36} {cell('win_rate', True)} {cell('pref_win_rate', True)} {cell('policy/reward')} "
-              f"{cell('kl_pi0')} {agg['policy/missing_eos']['mean']:7.1%}"
+        best = agg["best"]
+        at = f"{best['step']['mean']:5.0f}" if "step" in best else f"{'-':>5}"
+        print(f"{label[:30]:30} {cell(agg, 'win_rate', True)} {cell(best, 'win_rate', True)} {at} "
+              f"{cell(agg, 'policy/reward')} {cell(best, 'policy/reward')} {cell(agg, 'kl_pi0')} "
+              f"{agg['policy/missing_eos']['mean']:7.1%}"
               + (f" {agg.get('policy/train_judge_reward', {'mean': math.nan})['mean']:11.2f}" if proxy else "")
-              + f" {agg['win_rate']['n']:5d}")
+              + f" {len(agg['seeds']):5d}")
+    for key in dict.fromkeys(agg["win_rate_from"] for agg in summary.values()):
+        print(f"  win rate over pi_0: {WIN_RATE_DEFS[key]}" + (" (--eval-judge llm)" if key == "pref_win_rate" else ""))
+    if any(agg["best"] for agg in summary.values()):
+        print("  best: the kept checkpoint with the highest win rate on the validation prompts, on the test prompts; "
+              "at: its online batch (mean over seeds)")
 
 
 def export_benchmarks(run_dir, out_dir, alpacaeval=None, mtbench=None, temperature=0.9, seed=1234, device=None):
@@ -670,12 +786,19 @@ def arg_parser():
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("run_dirs", nargs="+", help="run directories (runs/TASK-ALGO-sSEED) holding config.json and final/")
     p.add_argument("--out", default="eval_out", help="where per-run JSON, summary.json, CSV and PNG files go")
-    p.add_argument("--n-prompts", type=int, default=256, help="held-out prompts per evaluation")
+    p.add_argument("--n-prompts", type=int, default=Config.eval_prompts,
+                   help="test prompts per evaluation, a random subset drawn with --seed (as dar.py's --eval-prompts "
+                        "and --eval-seed), capped at the task's; validation uses as many")
     p.add_argument("--greedy", action="store_true", help="greedy decoding instead of temperature 0.9")
     p.add_argument("--temperature", type=float, default=0.9, help="sampling temperature of the compared responses")
     p.add_argument("--checkpoints", action="store_true",
-                   help="also evaluate every kept ckpt-N of each run: win-rate and reward curves (eval_curves)")
-    p.add_argument("--seed", type=int, default=1234, help="seed of the evaluation's sampling")
+                   help="also evaluate every kept ckpt-N of each run: win-rate and reward curves (eval_curves), and "
+                        "the best checkpoint by its win rate on the validation prompts")
+    p.add_argument("--seed", type=int, default=Config.eval_seed,
+                   help="seed of the evaluation: which test prompts, and the sampling of the compared responses")
+    for flag, what in (("url", "the evaluator's endpoint for --eval-judge llm"), ("model", "the evaluator's model"),
+                       ("api-key-env", "the variable that holds the evaluator's API key")):
+        p.add_argument(f"--eval-judge-{flag}", default="", help=f"{what}; '' = the run's (config.json; see dar.py)")
     p.add_argument("--reuse", action="store_true",
                    help="take a run's evaluation from OUT/NAME.json when one was made with the same settings "
                         "(redraw tables and plots without evaluating again)")
@@ -686,6 +809,33 @@ def arg_parser():
     return p
 
 
+def evaluate_run(run_dir, args, evaluator):
+    """A run's final model and, with --checkpoints, its kept checkpoints with the choice of the best one: the
+    per-run JSON's content (from OUT/NAME.json with --reuse when the settings match)."""
+    kw = dict(greedy=args.greedy, temperature=args.temperature, seed=args.seed, evaluator=evaluator)
+    path = os.path.join(args.out, os.path.basename(os.path.normpath(run_dir)) + ".json")
+    settings = dict(kw, n_prompts=args.n_prompts, checkpoints=args.checkpoints)
+    if args.reuse and os.path.isfile(path):
+        with open(path) as f:
+            per_run = json.load(f)
+        if per_run.get("eval_settings") == settings and per_run["run"]["run_dir"] == os.path.abspath(run_dir):
+            return per_run
+    note = evaluator_note(dataclasses.replace(load_run_config(run_dir), **evaluator))
+    if note:
+        print(note, flush=True)
+    per_run = evaluate_checkpoint(run_dir, os.path.join(run_dir, "final"), args.n_prompts, validation=args.checkpoints,
+                                  **kw)
+    if args.checkpoints:  # the last ckpt-N holds the same weights as final/
+        per_run["checkpoints"] = [evaluate_checkpoint(run_dir, ckpt, args.n_prompts, validation=True, **kw)
+                                  for step, ckpt in checkpoints(run_dir) if step < per_run["run"]["step"]]
+        best = best_checkpoint([per_run] + per_run["checkpoints"])
+        per_run["best_step"] = best["step"] if best else None
+    per_run["eval_settings"] = settings
+    with open(path, "w") as f:
+        json.dump(per_run, f, indent=1)
+    return per_run
+
+
 def main(argv=None):
     args = arg_parser().parse_args(argv)
     alpaca = tasks.load_alpacaeval(args.alpacaeval) if args.alpacaeval else None
@@ -694,42 +844,33 @@ def main(argv=None):
         if not os.path.isfile(os.path.join(d, "final", "config.json")):
             raise SystemExit(f"error: {d} has no final/ model; a run writes it when it finishes (resume it with "
                              f"`python dar.py --out-dir {d} --resume`)")
+    if args.n_prompts < 1:
+        raise SystemExit(f"error: --n-prompts must be >= 1, got {args.n_prompts}")
+    evaluator = {f"eval_judge_{k}": getattr(args, f"eval_judge_{k}") for k in ("url", "model", "api_key_env")
+                 if getattr(args, f"eval_judge_{k}")}
     transformers.utils.logging.disable_progress_bar()
     os.makedirs(args.out, exist_ok=True)
-    finals, every = [], []
+    finals, pairs, every = [], [], []
     for run_dir in args.run_dirs:
-        kw = dict(greedy=args.greedy, temperature=args.temperature, seed=args.seed)
-        name = os.path.basename(os.path.normpath(run_dir))
-        path = os.path.join(args.out, f"{name}.json")
-        settings = dict(kw, n_prompts=args.n_prompts, checkpoints=args.checkpoints)
-        per_run = None
-        if args.reuse and os.path.isfile(path):
-            with open(path) as f:
-                per_run = json.load(f)
-            if per_run.get("eval_settings") != settings or per_run["run"]["run_dir"] != os.path.abspath(run_dir):
-                per_run = None
-        if per_run is None:
-            per_run = evaluate_checkpoint(run_dir, os.path.join(run_dir, "final"), args.n_prompts, **kw)
-            if args.checkpoints:  # the last ckpt-N holds the same weights as final/
-                per_run["checkpoints"] = [evaluate_checkpoint(run_dir, ckpt, args.n_prompts, **kw)
-                                          for step, ckpt in checkpoints(run_dir) if step < per_run["run"]["step"]]
-            per_run["eval_settings"] = settings
-            with open(path, "w") as f:
-                json.dump(per_run, f, indent=1)
-        report = {k: v for k, v in per_run.items() if k != "checkpoints"}
+        per_run = evaluate_run(run_dir, args, evaluator)
+        report = {k: v for k, v in per_run.items() if k not in ("checkpoints", "best_step")}
+        models = [report] + per_run.get("checkpoints", [])
+        best = next((r for r in models if r["step"] == per_run.get("best_step")), None)
         every += per_run.get("checkpoints", [])
-        print(f"{name}: win rate {report['win_rate']:.1%}, reward {report['policy/reward']:.3f}, "
-              f"KL {report['kl_pi0']:.3f}", flush=True)
+        print(f"{os.path.basename(os.path.normpath(run_dir))}: win rate {report['win_rate']:.1%}, reward "
+              f"{report['policy/reward']:.3f}, KL {report['kl_pi0']:.3f}" + (
+                  f"; best: step {best['step']} (validation win rate {best['valid/win_rate']:.1%}), win rate "
+                  f"{best['win_rate']:.1%}" if best else ""), flush=True)
         if alpaca or mtbench:
             for path in export_benchmarks(run_dir, args.out, alpaca, mtbench, 0.0 if args.greedy else args.temperature,
                                           args.seed):
                 print(f"  wrote {path}", flush=True)
         finals.append(report)
-    groups = group_runs(finals, lambda r: r["run"]["config"])
-    summary = {label: aggregate_seeds(rs) for label, rs in groups.items()}
+        pairs.append((report, best))
+    summary = summarize(pairs)
     with open(os.path.join(args.out, "summary.json"), "w") as f:
-        json.dump({label: dict(agg, seeds=[r["run"]["seed"] for r in groups[label]]) for label, agg in summary.items()},
-                  f, indent=1)
+        json.dump(summary, f, indent=1)
+    write_table(summary, os.path.join(args.out, "table.csv"))
     dirs_with_logs = [d for d in args.run_dirs if read_metrics(d)]
     if dirs_with_logs:
         curves(dirs_with_logs, args.out)

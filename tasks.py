@@ -37,7 +37,7 @@ import random
 import re
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import huggingface_hub
 import torch
@@ -55,11 +55,10 @@ TASKS = ("toy", "tldr", "helpful", "harmless", "helpsteer2")
 #   online batch 512 with 4 updates of 128 (B.1); learning rates 1e-6 for online RLHF, 5e-7 for DAP, 3e-6 for
 #   Dual-PPO (B.1, B.3); length in passes over the prompts: RLHF 1 on TL;DR and 2 on HH, online DAP 5,
 #   HelpSteer2 1 (B.1); 10 checkpoints a run (B.1; HelpSteer2 evaluates only the final model and keeps 2);
-#   1,000 evaluation prompts (B.1); weight decay 0.01 in standard RLHF (B.1); DAR alpha 0.5 and beta 0.5 in
+#   weight decay 0.01 in standard RLHF (B.1); DAR alpha 0.5 and beta 0.5 in
 #   standard RLHF (B.2); KL coefficients 0.05 (RLOO) and 0.03 (GRPO) on HelpSteer2 (B.3).
 # micro_batch (responses per forward pass and rank) is ours: a size that fits a 7B policy on an 80 GB GPU.
-_PAPER_SCHEDULE = dict(online_batch=512, minibatch=128, lr=1e-6, save_every=0, keep_checkpoints=10,
-                       eval_prompts=1000)
+_PAPER_SCHEDULE = dict(online_batch=512, minibatch=128, lr=1e-6, save_every=0, keep_checkpoints=10)
 TASK_DEFAULTS = {
     "toy": {},
     "tldr": dict(max_new_tokens=64, judge="llm", eval_judge="llm", micro_batch=8, prompt_epochs=1,
@@ -91,6 +90,7 @@ TOY_ALPHABET = "abcdefghijklmnopqrstuvwxyz"
 TOY_MIN_LEN, TOY_MAX_LEN = 3, 8
 TOY_INSTRUCTION = "reverse: "
 TOY_TRAIN_PROMPTS, TOY_EVAL_PROMPTS, TOY_SFT_EXAMPLES, TOY_PREF_PAIRS = 20000, 256, 30000, 10000
+TOY_VALID_PROMPTS = 256  # for choosing the best checkpoint (eval.py --checkpoints); words of neither set above
 
 # How the sloppy demonstrator answers (probabilities sum to 1): right about half the time, otherwise
 # one of four typical mistakes. Each mistake scores below 10 under the gold rule.
@@ -241,6 +241,8 @@ class Task:
     pref_data: list       # [(prompt, chosen, rejected)] for the offline preference methods (dpo, simpo, is_dpo)
     reward_prompt: str    # the LLM annotator's prompt family (Appendix D): "tldr", "helpful", "harmless" or "toy"
     references: list      # parallel to eval_prompts: the data set's reference response to each, or None
+    # held out too, for choosing the best checkpoint: in none of the lists above (make_valid_split)
+    valid_prompts: list = field(default_factory=list)
 
 
 def load_task(name, data=""):
@@ -272,10 +274,12 @@ def toy_task():
     # sees the same prompts and starts from the same pi_0.
     train = toy_prompts(TOY_TRAIN_PROMPTS, seed=1)
     evals = toy_prompts(TOY_EVAL_PROMPTS, seed=2, exclude={toy_word_of(p) for p in train})
+    # validation: fresh words, none a training or test word (SFT and preference data use training words only)
+    valid = toy_prompts(TOY_VALID_PROMPTS, seed=5, exclude={toy_word_of(p) for p in train + evals})
     rng = random.Random(3)
     sft = [(p, sloppy_demonstration(toy_word_of(p), rng)) for p in rng.choices(train, k=TOY_SFT_EXAMPLES)]
     return Task("toy", train, evals, sft, toy_preferences(train, TOY_PREF_PAIRS, seed=4),
-                reward_prompt="toy", references=[toy_target(toy_word_of(p)) for p in evals])
+                reward_prompt="toy", references=[toy_target(toy_word_of(p)) for p in evals], valid_prompts=valid)
 
 
 def toy_preferences(prompts, n, seed):
@@ -307,7 +311,8 @@ def without_long_prompts(task, tokenizer, max_tokens):
     judges; dropping it keeps every prompt whole. skipped counts what went, per list."""
     fits = {}
     lists = {"train_prompts": task.train_prompts, "eval_prompts": task.eval_prompts,
-             "sft_data": [ex[0] for ex in task.sft_data], "pref_data": [ex[0] for ex in task.pref_data]}
+             "sft_data": [ex[0] for ex in task.sft_data], "pref_data": [ex[0] for ex in task.pref_data],
+             "valid_prompts": task.valid_prompts}
     for prompts in lists.values():
         todo = list({prompt_key(p): p for p in prompts if prompt_key(p) not in fits}.items())
         ok = set(fitting_prompts(tokenizer, [p for _, p in todo], max_tokens)) if todo else set()
@@ -322,7 +327,7 @@ def without_long_prompts(task, tokenizer, max_tokens):
     pick = lambda xs, name: [xs[i] for i in keep[name]]
     return Task(task.name, pick(task.train_prompts, "train_prompts"), pick(task.eval_prompts, "eval_prompts"),
                 pick(task.sft_data, "sft_data"), pick(task.pref_data, "pref_data"), task.reward_prompt,
-                pick(task.references, "eval_prompts")), skipped
+                pick(task.references, "eval_prompts"), pick(task.valid_prompts, "valid_prompts")), skipped
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -337,6 +342,8 @@ def without_long_prompts(task, tokenizer, max_tokens):
 REWARD_PROMPT = {"tldr": "tldr", "helpful": "helpful", "harmless": "harmless", "helpsteer2": "helpful"}
 # share of a single --data file's distinct prompts held out for evaluation (the data sets' own test splits are ~5%)
 EVAL_FRACTION = 0.05
+# validation prompts (for the best checkpoint) held out of the training prompts: this share, at most this many
+VALID_FRACTION, VALID_MAX = 0.05, 1000
 
 TLDR_SFT_REPO = "trl-internal-testing/tldr-preference-sft-trl-style"
 TLDR_PREF_REPO = "trl-internal-testing/tldr-preference-trl-style"
@@ -621,10 +628,36 @@ def split_by_prompt(examples, source=""):
             [ex for ex in examples if prompt_key(ex[1]) in held])
 
 
+def hash_rank(keys, salt):
+    """keys sorted by the SHA-256 of salt + key: a pseudo-random order that depends only on the keys and the
+    salt (not on their order in a file, nor on Python's random module)."""
+    return sorted(keys, key=lambda k: hashlib.sha256((salt + k).encode("utf-8")).hexdigest())
+
+
+def random_subset(prompts, n, seed):
+    """Indices of a seeded random subset of n prompts (all of them when there are no more), in their order in
+    the list: the n whose salted hash of prompt_key ranks first. One seed picks the same prompts wherever it is
+    used (dar.py's end-of-run report, eval.py), and a larger n keeps the smaller n's prompts."""
+    keys = [prompt_key(p) for p in prompts]
+    chosen = set(hash_rank(set(keys), f"eval-subset:{seed}:")[:n])
+    return [i for i, k in enumerate(keys) if k in chosen][:n]
+
+
+def make_valid_split(train):
+    """(train, validation prompts): VALID_FRACTION of the distinct training prompts (rounded, at most VALID_MAX;
+    none with fewer than 10) whose SHA-256 of "valid:" + prompt_key ranks first, removed with every example of
+    theirs (demonstrations, pairs), so they are in no training list. Deterministic in the data alone."""
+    keys = list(dict.fromkeys(prompt_key(ex[1]) for ex in train))
+    held = set(hash_rank(keys, "valid:")[:min(VALID_MAX, round(VALID_FRACTION * len(keys)))])
+    valid = {prompt_key(ex[1]): ex[1] for ex in train if prompt_key(ex[1]) in held}
+    return [ex for ex in train if prompt_key(ex[1]) not in held], list(valid.values())
+
+
 def assemble(name, train, evals):
     """Examples -> Task. Eval prompts are distinct, in order of first appearance; the reference of each is its
     first demonstration (else the chosen response of its first pair). Anything whose prompt is an eval prompt
-    is dropped from the training side, so the eval prompts stay held out."""
+    is dropped from the training side, so the eval prompts stay held out; the validation prompts are held out
+    of what is left (make_valid_split)."""
     refs = {}
     for ex in evals:
         refs.setdefault(prompt_key(ex[1]), [ex[1], None, None])
@@ -635,7 +668,7 @@ def assemble(name, train, evals):
             slot[2] = ex[2]
     eval_prompts = [p for p, _, _ in refs.values()]
     references = [demo if demo is not None else chosen for _, demo, chosen in refs.values()]
-    train = [ex for ex in train if prompt_key(ex[1]) not in refs]
+    train, valid = make_valid_split([ex for ex in train if prompt_key(ex[1]) not in refs])
     train_prompts = list({prompt_key(ex[1]): ex[1] for ex in train}.values())
     if not train_prompts or not eval_prompts:
         raise SystemExit(f"error: --task {name}: no {'training' if not train_prompts else 'evaluation'} prompts "
@@ -643,7 +676,7 @@ def assemble(name, train, evals):
     return Task(name, train_prompts, eval_prompts,
                 sft_data=[(ex[1], ex[2]) for ex in train if ex[0] == "sft"],
                 pref_data=[(ex[1], ex[2], ex[3]) for ex in train if ex[0] == "pref"],
-                reward_prompt=REWARD_PROMPT[name], references=references)
+                reward_prompt=REWARD_PROMPT[name], references=references, valid_prompts=valid)
 
 
 # ---------------------------------------------------------------------------------------------------
