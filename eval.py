@@ -6,16 +6,14 @@
     python eval.py runs/helpful-dar-s0 --greedy                                # greedy decoding (MT-Bench setting)
 
 The test prompts are a seeded random subset of the task's held-out prompts (--n-prompts, default the paper's
-1,000, capped at what the task has; --seed), the same that dar.py's end-of-run report uses (eval_subset).
+1,000, capped at what the task has; --seed), the same that dar.py's end-of-run report uses (tasks.random_subset).
 Reported per model (Section 5 of the paper; golden reward and KL estimator of the IS-DPO appendix, C-D):
   * mean reward of pi_0 and of the policy under the evaluation judge, one sample per test prompt at
     temperature 0.9 (the training-time evals) or greedy;
-  * the reference win rate over pi_0, `win_rate` (Tables 2-3, Fig. 3), per prompt 1 if the policy's response
-    wins, 1/2 on a tie, 0 if pi_0's wins. With an LLM evaluator (--eval-judge llm) it is the evaluator's
-    pairwise preference, asked in both orders (judge.prefer; a disagreement counts 1/2): `pref_win_rate`, the
-    paper's protocol. With a scorer (the toy rules, a reward model) it compares the two rewards
-    (`reward_win_rate`): the scorer's own preference, and for the gold rule it includes the rule's EOS check
-    (RuleJudge.prefer takes both texts as ended). The other definition is reported beside it;
+  * the reference win rate over pi_0, `win_rate` (Tables 2-3, Fig. 3; per prompt 1 if the policy's response
+    wins, 1/2 a tie): of an LLM evaluator, its pairwise preference asked in both orders (`pref_win_rate`, the
+    paper's protocol); of a scorer (toy rules, reward model), the reward comparison (`reward_win_rate`), its own
+    preference (the gold rule's with its EOS check, which RuleJudge.prefer leaves out). The other is beside it;
   * golden-reward win rate (IS-DPO appendix, "Golden reward Evaluation"): the gold scorer (the eval judge)
     scores 2 policy samples per prompt and the data set's reference completion; win rate over all pairs;
   * KL(pi_theta || pi_0) with k3 on the policy's own samples at temperature 1, and for DAR the
@@ -135,14 +133,6 @@ def alpha_kl(logp, logp_0, logp_prev, mask, alpha):
     return alpha * k3(logp, logp_0, mask) + (1 - alpha) * k3(logp, logp_prev, mask)
 
 
-def eval_subset(prompts, n, seed, references=None):
-    """(prompts, references) of the evaluation: the seeded random subset of n of the given held-out prompts
-    (tasks.random_subset; all when there are fewer), in their order; dar.py's end-of-run report and eval.py
-    draw the same with the same seed."""
-    idx = tasks.random_subset(prompts, n, seed)
-    return [prompts[i] for i in idx], [references[i] for i in idx] if references else None
-
-
 def evaluator_config(cfg):
     """The settings the eval judge is built from: with --eval-judge-url, that endpoint, --eval-judge-model and
     the key in --eval-judge-api-key-env in place of the training annotator's; without, cfg itself (the training
@@ -186,10 +176,12 @@ def compare_with_reference(policy, ref, tok, prompts, cfg, task=None, seed=1234,
     its own RNG stream (fork_rng), so an evaluation never changes what training samples next.
     """
     temperature = cfg.temperature if temperature is None else temperature
-    judge = make_judge(cfg.eval_judge, task, evaluator_config(cfg))
+    evaluator = evaluator_config(cfg)
+    judge = make_judge(cfg.eval_judge, task, evaluator)
     # The training judge too when it is another one (the paper's annotator vs. its stronger evaluator; the toy
     # proxy vs. the gold rule): reward going up under it and down under the eval judge is reward hacking.
-    train_judge = make_judge(cfg.judge, task, cfg) if cfg.judge != cfg.eval_judge and not win_rate_only else None
+    other = (cfg.judge != cfg.eval_judge or evaluator is not cfg) and (cfg.judge != "llm" or cfg.judge_url)
+    train_judge = make_judge(cfg.judge, task, cfg) if other and not win_rate_only else None
     report = {"n_prompts": len(prompts), "judge": cfg.eval_judge, "decoding": "greedy" if greedy else f"T={temperature}",
               "eval_seed": seed, "prompts_sha256": hashlib.sha256(
                   "\n".join(tasks.prompt_key(p) for p in prompts).encode("utf-8")).hexdigest()[:16]}
@@ -213,7 +205,7 @@ def compare_with_reference(policy, ref, tok, prompts, cfg, task=None, seed=1234,
                 report[f"{name}/train_judge_reward"] = mean_ci(
                     train_judge(batch.prompts, batch.responses, batch.ended.tolist()).rewards)[0]
         if train_judge is not None:
-            report["train_judge"] = cfg.judge
+            report["train_judge"] = cfg.judge if cfg.judge != cfg.eval_judge else f"{cfg.judge} annotator"
         if getattr(judge, "top", None) is not None:
             report["top"] = judge.top
         report["reward_win_rate"], report["reward_win_rate_ci"] = win_rate(rewards["policy"], rewards["pi_0"])
@@ -260,7 +252,8 @@ def print_report(r):
               + (f" {r[name + '/top_score']:7.1%}" if top is not None else "")
               + f" {r[name + '/missing_eos']:7.1%} {r[name + '/length']:7.1f}"
               + (f"   {r[name + '/train_judge_reward']:8.2f}" if proxy else ""))
-    print(f"  win rate over pi_0 ({WIN_RATE_DEFS[r['win_rate_from']]}): {r['win_rate']:.1%} ± {r['win_rate_ci']:.1%}")
+    print(f"  win rate of the policy over pi_0 ({WIN_RATE_DEFS[r['win_rate_from']]}): {r['win_rate']:.1%} "
+          f"± {r['win_rate_ci']:.1%}")
     for k in WIN_RATE_DEFS:
         if k in r and k != r["win_rate_from"]:
             print(f"    by {WIN_RATE_DEFS[k]}: {r[k]:.1%} ± {r[k + '_ci']:.1%}")
@@ -307,7 +300,7 @@ def evaluate_checkpoint(run_dir, ckpt_dir, n_prompts, greedy=False, temperature=
 
     Rebuilds the run's config from config.json (evaluator: {field: value} over it, e.g. eval_judge_url); pi_0 is
     the config's model (the toy SFT pi_0 when it is '', made in the cache if missing); the eval judge, and the
-    seeded random subset of n_prompts test prompts with their references (eval_subset). Returns
+    seeded random subset of n_prompts test prompts with their references (tasks.random_subset). Returns
     compare_with_reference's report plus the golden win rate, for DAR the alpha-interpolated KL against the
     previous kept checkpoint (kl_alpha; absent when there is none), "step", and "run" (task, algo, seed, step,
     checkpoint and the run's config) for grouping. validation: also the win rate on as many of the task's
@@ -330,7 +323,7 @@ def evaluate_checkpoint(run_dir, ckpt_dir, n_prompts, greedy=False, temperature=
         if earlier:
             prev_step, path = earlier[-1]
             prev = load_model(path, cfg, device).eval()
-    prompts, refs = eval_subset(task.eval_prompts, n_prompts, seed, task.references)
+    prompts, refs = tasks.random_subset(task.eval_prompts, n_prompts, seed, task.references)
     report = compare_with_reference(policy, ref, tok, prompts, cfg, task=task, seed=seed, greedy=greedy,
                                     temperature=temperature, references=refs, golden_samples=golden_samples,
                                     prev=prev, alpha=cfg.alpha)
@@ -339,7 +332,7 @@ def evaluate_checkpoint(run_dir, ckpt_dir, n_prompts, greedy=False, temperature=
     if validation:
         report["valid/win_rate"], report["valid/win_rate_ci"], report["valid/n_prompts"] = math.nan, math.nan, 0
         if task.valid_prompts:
-            valid, _ = eval_subset(task.valid_prompts, n_prompts, seed)
+            valid, _ = tasks.random_subset(task.valid_prompts, n_prompts, seed)
             v = compare_with_reference(policy, ref, tok, valid, cfg, task=task, seed=seed, greedy=greedy,
                                        temperature=temperature, win_rate_only=True)
             report["valid/win_rate"], report["valid/win_rate_ci"], report["valid/n_prompts"] = (

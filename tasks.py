@@ -634,13 +634,14 @@ def hash_rank(keys, salt):
     return sorted(keys, key=lambda k: hashlib.sha256((salt + k).encode("utf-8")).hexdigest())
 
 
-def random_subset(prompts, n, seed):
-    """Indices of a seeded random subset of n prompts (all of them when there are no more), in their order in
-    the list: the n whose salted hash of prompt_key ranks first. One seed picks the same prompts wherever it is
-    used (dar.py's end-of-run report, eval.py), and a larger n keeps the smaller n's prompts."""
+def random_subset(prompts, n, seed, references=None):
+    """(prompts, references or None): a seeded random subset of n prompts (all when there are no more), in their
+    order in the list: the n whose salted hash of prompt_key ranks first. One seed picks the same prompts wherever
+    it is used (dar.py's end-of-run report, eval.py), and a larger n keeps the smaller n's prompts."""
     keys = [prompt_key(p) for p in prompts]
     chosen = set(hash_rank(set(keys), f"eval-subset:{seed}:")[:n])
-    return [i for i, k in enumerate(keys) if k in chosen][:n]
+    idx = [i for i, k in enumerate(keys) if k in chosen][:n]
+    return [prompts[i] for i in idx], [references[i] for i in idx] if references else None
 
 
 def make_valid_split(train):

@@ -300,15 +300,15 @@ def test_the_defaults_are_the_papers_1000_random_test_prompts_in_both_scripts():
 
 def test_the_test_prompts_are_a_seeded_random_subset():
     task = tasks.toy_task()
-    prompts, refs = ev.eval_subset(task.eval_prompts, 50, 1234, task.references)
-    assert (prompts, refs) == ev.eval_subset(task.eval_prompts, 50, 1234, task.references)  # same seed, same
+    prompts, refs = tasks.random_subset(task.eval_prompts, 50, 1234, task.references)
+    assert (prompts, refs) == tasks.random_subset(task.eval_prompts, 50, 1234, task.references)  # same seed, same
     assert prompts != task.eval_prompts[:50] and len(set(prompts)) == 50                  # not the first N
-    assert prompts != ev.eval_subset(task.eval_prompts, 50, 7)[0]                          # another seed, another
+    assert prompts != tasks.random_subset(task.eval_prompts, 50, 7)[0]                          # another seed, another
     order = {p: i for i, p in enumerate(task.eval_prompts)}
     assert [order[p] for p in prompts] == sorted(order[p] for p in prompts)  # kept in the task's order
     assert all(r == tasks.toy_target(tasks.toy_word_of(p)) for p, r in zip(prompts, refs))  # references follow
-    assert set(ev.eval_subset(task.eval_prompts, 20, 1234)[0]) <= set(prompts)            # nested in n
-    assert ev.eval_subset(task.eval_prompts, 1000, 1234)[0] == task.eval_prompts           # capped: all 256
+    assert set(tasks.random_subset(task.eval_prompts, 20, 1234)[0]) <= set(prompts)            # nested in n
+    assert tasks.random_subset(task.eval_prompts, 1000, 1234)[0] == task.eval_prompts           # capped: all 256
 
 
 def test_validation_prompts_are_disjoint_from_test_and_training_data(tmp_path):
@@ -351,7 +351,8 @@ def test_the_table_shows_final_and_best_side_by_side(tmp_path, capsys):
     summary = ev.summarize(pairs)
     assert summary["dar alpha=0.1"]["win_rate"]["mean"] == pytest.approx(0.62)
     assert summary["dar alpha=0.1"]["best"]["win_rate"]["mean"] == pytest.approx(0.73)
-    assert summary["dar alpha=0.1"]["best"]["win_rate"]["ci"] == pytest.approx(12.706 * math.sqrt(0.0018) / math.sqrt(2))
+    assert summary["dar alpha=0.1"]["best"]["win_rate"]["ci"] == pytest.approx(
+        12.706 * math.sqrt(0.0018) / math.sqrt(2))
     assert summary["dar alpha=0"]["best"] == {}
     ev.print_table(summary)
     out = capsys.readouterr().out
