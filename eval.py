@@ -186,8 +186,7 @@ def compare_with_reference(policy, ref, tok, prompts, cfg, task=None, seed=1234,
               "eval_seed": seed, "prompts_sha256": hashlib.sha256(
                   "\n".join(tasks.prompt_key(p) for p in prompts).encode("utf-8")).hexdigest()[:16]}
     if cfg.eval_judge == "llm":
-        report["evaluator"] = getattr(judge, "model", "") + (" (the training annotator's endpoint)"
-                                                             if not cfg.eval_judge_url else "")
+        report["evaluator"] = getattr(judge, "model", "") + ("" if cfg.eval_judge_url else " at --judge-url")
     rewards, batches = {}, {}
     with torch.random.fork_rng(devices=[]):
         for name, model in (("pi_0", ref), ("policy", policy)):

@@ -395,12 +395,17 @@ def random_toy_model(tmp_path_factory):
 def test_headline_win_rate_is_the_pairwise_preference_for_llm_evaluators(eval_judge, headline, random_toy_model,
                                                                          monkeypatch):
     model, tok = random_toy_model
-    cfg = config.Config(eval_judge=eval_judge, max_new_tokens=4, micro_batch=4)
-    monkeypatch.setattr(ev, "make_judge", lambda name, task, cfg: SplitJudge())
+    cfg = config.Config(judge="llm", eval_judge=eval_judge, max_new_tokens=4, micro_batch=4,
+                        judge_url="http://annotator/v1", eval_judge_url="http://evaluator/v1")
+    built = []
+    monkeypatch.setattr(ev, "make_judge", lambda name, task, cfg: built.append((name, cfg.judge_url)) or SplitJudge())
     r = ev.compare_with_reference(model, model, tok, tasks.toy_prompts(4, seed=2), cfg, pairwise=False)
     assert (r["reward_win_rate"], r["pref_win_rate" if eval_judge == "llm" else "reward_win_rate"]) == (1.0, headline)
     assert r["win_rate"] == headline and r["win_rate_from"] == ev.headline_key(eval_judge)
     assert ("pref_win_rate" in r) == (eval_judge == "llm")  # an LLM evaluator is always asked for preferences
+    # the evaluator is built from --eval-judge-url; the annotator (--judge-url) is another judge, reported beside
+    assert built == [(eval_judge, "http://evaluator/v1"), ("llm", "http://annotator/v1")]
+    assert r["train_judge"] == ("llm annotator" if eval_judge == "llm" else "llm")
 
 
 def serve_annotator(*flags):
