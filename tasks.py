@@ -646,7 +646,7 @@ def random_subset(prompts, n, seed, references=None):
 
 def make_valid_split(train):
     """(train, validation prompts): VALID_FRACTION of the distinct training prompts (rounded, at most VALID_MAX;
-    none with fewer than 10) whose SHA-256 of "valid:" + prompt_key ranks first, removed with every example of
+    none from 10 or fewer) whose SHA-256 of "valid:" + prompt_key ranks first, removed with every example of
     theirs (demonstrations, pairs), so they are in no training list. Deterministic in the data alone."""
     keys = list(dict.fromkeys(prompt_key(ex[1]) for ex in train))
     held = set(hash_rank(keys, "valid:")[:min(VALID_MAX, round(VALID_FRACTION * len(keys)))])
