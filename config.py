@@ -72,6 +72,12 @@ class Config:
                                 "(num_labels 1), or a causal LM read at --reward-token-id")
     reward_token_id: int = arg(0, "a causal-LM reward model's reward: this token's logit after the response "
                                   "(Llama-3.1-Nemotron-70B-Reward-HF: 0); a sequence classifier ignores it")
+    # the evaluator of --eval-judge llm: the paper's is a separate, stronger model than the annotator (Sec. 5)
+    eval_judge_url: str = arg("", "base URL of the evaluator's endpoint (paper: GPT-4-Turbo, GPT-5.1); '' = the "
+                                  "annotator's --judge-url, --judge-model and key (a note says so)")
+    eval_judge_model: str = arg("", "model name sent to --eval-judge-url; '' = the one model it serves")
+    eval_judge_api_key_env: str = arg("DAR_EVAL_JUDGE_API_KEY", "environment variable that holds the API key of "
+                                                                "--eval-judge-url")
     # baselines (baselines.py, Appendix B.3)
     clip_eps: float = arg(0.2, "policy-ratio clip range of ppo, dual_ppo_clip, grpo, and of rloo and dao's later "
                                "updates on a batch (samples of pi_t); inf = no clipping")
@@ -116,7 +122,9 @@ class Config:
     keep_checkpoints: int = arg(2, "how many recent checkpoints to keep")
     print_every: int = arg(1, "print a one-line summary every N steps (the toy pi_0's SFT prints every 100)")
     sample_every: int = arg(20, "print a table of sample prompt / response / reward every N batches")
-    eval_prompts: int = arg(256, "held-out prompts for the final comparison with pi_0")
+    eval_prompts: int = arg(1000, "test prompts of the comparison with pi_0 (paper: a random 1,000), a random "
+                                  "subset drawn with --eval-seed, capped at the task's (toy: 256)")
+    eval_seed: int = arg(1234, "seed of the evaluation: which test prompts, and the compared responses' sampling")
     dtype: str = arg("auto", "auto (bf16 on GPUs that have it, else float32), float32 or bfloat16")
     gradient_checkpointing: bool = arg(False, "recompute the layers' activations in backward: less memory for "
                                               "long responses, one more forward pass of the layers per update")
@@ -145,8 +153,9 @@ class Config:
 
 
 # Fields a resumed run may change; any other difference from the checkpoint's config is an error.
-RESUMABLE_CHANGES = {"resume", "steps", "prompt_epochs", "pref_epochs", "save_every", "keep_checkpoints", "sample_every",
-                     "eval_prompts", "gradient_checkpointing", "max_invalid_frac", "judge_url",
+RESUMABLE_CHANGES = {"resume", "steps", "prompt_epochs", "pref_epochs", "save_every", "keep_checkpoints",
+                     "sample_every", "eval_prompts", "eval_seed", "eval_judge_url", "eval_judge_model",
+                     "eval_judge_api_key_env", "gradient_checkpointing", "max_invalid_frac", "judge_url",
                      "judge_concurrency", "judge_timeout", "judge_retries", "dist_timeout", "trust_remote_code",
                      "fsdp_offload", "export_hf", "out_dir"}
 
@@ -234,9 +243,14 @@ def check_config(cfg, world):
         bad(f"--minibatch {cfg.minibatch} must split evenly into {world} ranks" +
             (f" in whole groups of {unit} responses" if unit > 1 else ""))
     used = ([cfg.judge] if cfg.algo not in OFFLINE else []) + ([cfg.eval_judge] if cfg.algo != "sft" else [])
-    if "llm" in used and not cfg.judge_url:
+    training_llm = cfg.judge == "llm" and cfg.algo not in OFFLINE
+    evaluating_llm = cfg.eval_judge == "llm" and cfg.algo != "sft" and cfg.eval_prompts > 0
+    if (training_llm or evaluating_llm and not cfg.eval_judge_url) and not cfg.judge_url:
         bad("--judge llm (this task's default) needs --judge-url, the annotator's OpenAI-compatible endpoint, e.g. "
-            "http://127.0.0.1:8000/v1 (python judge.py --serve --task toy --port 8000 starts a stand-in)")
+            "http://127.0.0.1:8000/v1 (python judge.py --serve --task toy --port 8000 starts a stand-in); "
+            "--eval-judge llm takes --eval-judge-url, else --judge-url")
+    if cfg.eval_prompts < 0:
+        bad(f"--eval-prompts must be >= 0 (0 = no evaluation at the end of the run), got {cfg.eval_prompts}")
     if "reward_model" in used and not os.path.isfile(os.path.join(cfg.reward_model, "config.json")):
         bad(f"--judge reward_model needs --reward-model, a reward model directory: a sequence classifier or a "
             f"causal LM (got {cfg.reward_model!r})")

@@ -36,8 +36,9 @@ import transformers
 
 import baselines
 import rollout
+import tasks
 from config import check_config, parse_config
-from eval import compare_with_reference, print_report
+from eval import compare_with_reference, evaluator_note, print_report
 from infra import barrier, export_hf, gather, load_model, setup_distributed, timed
 from loop import (advantage_stats, group_advantages, judge_batch, minibatch_updates, online_metrics, pi_t_logps,
                   sample, score, sft_step, train)
@@ -179,8 +180,10 @@ def main(argv=None):
             if cfg.fsdp:  # sharded models answer only when every rank calls them: rank 0 evaluates whole copies
                 policy = load_model(os.path.join(cfg.out_dir, "final"), cfg, ctx.device, frozen=True)
                 ref = load_model(run.init, cfg, ctx.device, frozen=True)
-            report = compare_with_reference(policy, ref, run.tok, run.task.eval_prompts[:cfg.eval_prompts], cfg,
-                                            task=run.task)
+            if evaluator_note(cfg):
+                print(evaluator_note(cfg), flush=True)
+            prompts, _ = tasks.random_subset(run.task.eval_prompts, cfg.eval_prompts, cfg.eval_seed)  # as eval.py
+            report = compare_with_reference(policy, ref, run.tok, prompts, cfg, task=run.task, seed=cfg.eval_seed)
             with open(os.path.join(cfg.out_dir, "eval.json"), "w") as f:
                 json.dump(report, f, indent=1)
             print_report(report)

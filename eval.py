@@ -1,15 +1,19 @@
 """Evaluation of trained policies against the initial policy pi_0, aggregation over seeds, and the paper's plots.
 
     python eval.py runs/toy-dar-s0 runs/toy-dar-s1 runs/toy-dar-s2            # final models, table over seeds
-    python eval.py runs/* --out runs/eval --n-prompts 256 --checkpoints         # every kept checkpoint too
+    python eval.py runs/* --out runs/eval --checkpoints                         # and the best checkpoint
+    python eval.py runs/helpful-dar-s* --eval-judge-url https://api.openai.com/v1 --eval-judge-model gpt-4-turbo
     python eval.py runs/helpful-dar-s0 --greedy                                # greedy decoding (MT-Bench setting)
 
+The test prompts are a seeded random subset of the task's held-out prompts (--n-prompts, default the paper's
+1,000, capped at what the task has; --seed), the same that dar.py's end-of-run report uses (tasks.random_subset).
 Reported per model (Section 5 of the paper; golden reward and KL estimator of the IS-DPO appendix, C-D):
-  * mean reward of pi_0 and of the policy under the evaluation judge, one sample per held-out prompt at
+  * mean reward of pi_0 and of the policy under the evaluation judge, one sample per test prompt at
     temperature 0.9 (the training-time evals) or greedy;
-  * reference win rate over pi_0 from the rewards: per prompt 1 if the policy's response scores higher than
-    pi_0's, 1/2 on a tie, 0 otherwise (`win_rate`); and from the judge's pairwise preference
-    (judge.prefer, asked in both orders, ties 1/2: `pref_win_rate`), the paper's Tables 2-3 protocol;
+  * the reference win rate over pi_0, `win_rate` (Tables 2-3, Fig. 3; per prompt 1 if the policy's response
+    wins, 1/2 a tie): of an LLM evaluator, its pairwise preference asked in both orders (`pref_win_rate`, the
+    paper's protocol); of a scorer (toy rules, reward model), the reward comparison (`reward_win_rate`), its own
+    preference (the gold rule's with its EOS check, which RuleJudge.prefer leaves out). The other is beside it;
   * golden-reward win rate (IS-DPO appendix, "Golden reward Evaluation"): the gold scorer (the eval judge)
     scores 2 policy samples per prompt and the data set's reference completion; win rate over all pairs;
   * KL(pi_theta || pi_0) with k3 on the policy's own samples at temperature 1, and for DAR the
@@ -19,22 +23,25 @@ Reported per model (Section 5 of the paper; golden reward and KL estimator of th
 Also, when the run was trained on another judge than the eval judge, the reward under the training judge (up
 while the eval reward goes down: reward hacking), and the share of responses at the best score of a bounded scale.
 
-Over runs: mean and 95% t-interval over seeds (Tables 2-3; a seed counted once), training curves with 95% bands
-(Figs. 3, 5a-b, 6), with --checkpoints win-rate and reward curves over the kept checkpoints, reward-KL Pareto
-frontiers with second-order fits (Fig. 4), ablations of alpha, beta, K, w_clip (Fig. 5c-f), seconds per online
-batch by phase (Table 8). Writes into --out: one JSON per run, summary.json, curves.{csv,png},
-eval_curves.{csv,png}, pareto.{csv,png}, ablation_PARAM.{csv,png}, timing.csv. For the external benchmarks of
-Table 4, --alpacaeval FILE and --mtbench FILE write each final model's answers in their formats.
+With --checkpoints every kept checkpoint is evaluated too, and "the best checkpoint" (Table 2) is the one with the
+highest win rate on the task's validation prompts (Task.valid_prompts: disjoint from the test prompts and from
+all training data), reported on the test prompts beside the final model.
+
+Over runs: mean and 95% t-interval over seeds (Tables 2-3; a seed counted once), final and best side by side
+(table.csv), training curves with 95% bands (Figs. 3, 5a-b, 6), with --checkpoints win-rate and reward curves
+over the kept checkpoints, reward-KL Pareto frontiers with second-order fits (Fig. 4), ablations of alpha, beta,
+K, w_clip (Fig. 5c-f), seconds per online batch by phase (Table 8). Writes into --out: one JSON per run,
+summary.json, table.csv, curves.{csv,png}, eval_curves.{csv,png}, pareto.{csv,png}, ablation_PARAM.{csv,png},
+timing.csv. For Table 4, --alpacaeval FILE and --mtbench FILE write each final model's answers in their formats.
 """
 import argparse
 import csv
 import dataclasses
+import hashlib
 import json
 import math
 import os
 import re
-import time
-import uuid
 
 import numpy as np
 import torch
@@ -42,7 +49,7 @@ import transformers
 
 import rollout
 import tasks
-from config import config_from_dict
+from config import Config, config_from_dict
 from infra import Dist, load_model, load_tokenizer
 from judge import make_judge
 from loop import ensure_toy_models, fitting_task, k3, score
@@ -54,7 +61,8 @@ T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2
 ABLATION_PARAMS = ("alpha", "beta", "k", "w_clip")  # Fig. 5(c)-(f)
 # Config fields that never make two runs different experiments (bookkeeping, endpoints, the seed itself)
 NOT_HYPERPARAMETERS = {"seed", "out_dir", "resume", "cache_dir", "print_every", "sample_every", "save_every",
-                       "keep_checkpoints", "eval_prompts", "judge_url", "judge_api_key_env", "judge_concurrency",
+                       "keep_checkpoints", "eval_prompts", "eval_seed", "eval_judge_url", "eval_judge_model",
+                       "eval_judge_api_key_env", "judge_url", "judge_api_key_env", "judge_concurrency",
                        "judge_timeout", "judge_retries", "rollout", "vllm_gpu_memory", "backend", "dtype",
                        "logp_source", "steps", "prompt_epochs", "gradient_checkpointing", "max_invalid_frac"}
 
@@ -125,23 +133,60 @@ def alpha_kl(logp, logp_0, logp_prev, mask, alpha):
     return alpha * k3(logp, logp_0, mask) + (1 - alpha) * k3(logp, logp_prev, mask)
 
 
+def evaluator_config(cfg):
+    """The settings the eval judge is built from: with --eval-judge-url, that endpoint, --eval-judge-model and
+    the key in --eval-judge-api-key-env in place of the training annotator's; without, cfg itself (the training
+    annotator's endpoint judges; evaluator_note says so)."""
+    if not cfg.eval_judge_url:
+        return cfg
+    return dataclasses.replace(cfg, judge_url=cfg.eval_judge_url, judge_model=cfg.eval_judge_model,
+                               judge_api_key_env=cfg.eval_judge_api_key_env)
+
+
+def evaluator_note(cfg):
+    if cfg.eval_judge == "llm" and not cfg.eval_judge_url:
+        return ("note: --eval-judge llm without --eval-judge-url: the training annotator (--judge-url) evaluates; "
+                "the paper's evaluator is a separate, stronger model (GPT-4-Turbo / GPT-5.1)")
+    return None
+
+
+# What the headline win rate is, per eval judge (see the module docstring)
+WIN_RATE_DEFS = {"pref_win_rate": "the eval judge's pairwise preference, both orders, ties 1/2",
+                 "reward_win_rate": "the eval judge's rewards compared, ties 1/2"}
+
+
+def headline_key(eval_judge):
+    """The report key the headline `win_rate` is taken from: an LLM evaluator's pairwise preference (the
+    paper's protocol), else a scorer's reward comparison (the scorer's own preference)."""
+    return "pref_win_rate" if eval_judge == "llm" else "reward_win_rate"
+
+
 @torch.no_grad()
 def compare_with_reference(policy, ref, tok, prompts, cfg, task=None, seed=1234, *, greedy=False, temperature=None,
-                           pairwise=True, references=None, golden_samples=2, prev=None, alpha=None):
+                           pairwise=True, references=None, golden_samples=2, prev=None, alpha=None,
+                           win_rate_only=False):
     """Evaluate `policy` against `ref` (pi_0) on held-out prompts (Tables 2-3, Figs. 3-4); a dict of numbers.
 
     greedy / temperature: decoding of the compared responses (default cfg.temperature); pairwise: also the
-    judge's pairwise preference win rate; references: the data set's reference completion per prompt, for the
-    golden-reward win rate with `golden_samples` policy samples per prompt; prev, alpha: a previous policy and
-    DAR's alpha, for the alpha-interpolated KL (alpha_kl). Runs in its own RNG stream (fork_rng), so an
-    evaluation never changes what training samples next.
+    judge's pairwise preference win rate (always asked of an LLM evaluator: it is the headline); references: the
+    data set's reference completion per prompt, for the golden-reward win rate with `golden_samples` policy
+    samples per prompt; prev, alpha: a previous policy and DAR's alpha, for the alpha-interpolated KL
+    (alpha_kl); win_rate_only: stop after the win rates (no training judge, golden win rate or KL: the
+    validation pass that picks the best checkpoint). The eval judge is built from evaluator_config(cfg). Runs in
+    its own RNG stream (fork_rng), so an evaluation never changes what training samples next.
     """
     temperature = cfg.temperature if temperature is None else temperature
-    judge = make_judge(cfg.eval_judge, task, cfg)
+    evaluator = evaluator_config(cfg)
+    judge = make_judge(cfg.eval_judge, task, evaluator)
     # The training judge too when it is another one (the paper's annotator vs. its stronger evaluator; the toy
     # proxy vs. the gold rule): reward going up under it and down under the eval judge is reward hacking.
-    train_judge = make_judge(cfg.judge, task, cfg) if cfg.judge != cfg.eval_judge else None
-    report = {"n_prompts": len(prompts), "judge": cfg.eval_judge, "decoding": "greedy" if greedy else f"T={temperature}"}
+    other = (cfg.judge != cfg.eval_judge or evaluator is not cfg) and (cfg.judge != "llm" or cfg.judge_url)
+    train_judge = make_judge(cfg.judge, task, cfg) if other and not win_rate_only else None
+    report = {"n_prompts": len(prompts), "judge": cfg.eval_judge, "decoding": "greedy" if greedy else f"T={temperature}",
+              "eval_seed": seed, "prompts_sha256": hashlib.sha256(
+                  "\n".join(tasks.prompt_key(p) for p in prompts).encode("utf-8")).hexdigest()[:16]}
+    if cfg.eval_judge == "llm":
+        report["evaluator"] = getattr(judge, "model", "") + ("" if cfg.eval_judge_url else " at --judge-url")
     rewards, batches = {}, {}
     with torch.random.fork_rng(devices=[]):
         for name, model in (("pi_0", ref), ("policy", policy)):
@@ -159,14 +204,18 @@ def compare_with_reference(policy, ref, tok, prompts, cfg, task=None, seed=1234,
                 report[f"{name}/train_judge_reward"] = mean_ci(
                     train_judge(batch.prompts, batch.responses, batch.ended.tolist()).rewards)[0]
         if train_judge is not None:
-            report["train_judge"] = cfg.judge
+            report["train_judge"] = cfg.judge if cfg.judge != cfg.eval_judge else f"{cfg.judge} annotator"
         if getattr(judge, "top", None) is not None:
             report["top"] = judge.top
-        report["win_rate"], report["win_rate_ci"] = win_rate(rewards["policy"], rewards["pi_0"])
-        if pairwise:  # P(policy preferred) per prompt; prefer() asks both orders, ties and disagreement -> 1/2
+        report["reward_win_rate"], report["reward_win_rate_ci"] = win_rate(rewards["policy"], rewards["pi_0"])
+        if pairwise or cfg.eval_judge == "llm":  # P(policy preferred) per prompt; both orders, ties/disagreement 1/2
             p = judge.prefer(list(prompts), batches["policy"].responses, batches["pi_0"].responses)
             report["pref_win_rate"], report["pref_win_rate_ci"] = mean_ci(p)
             report["pref_invalid"] = sum(math.isnan(x) for x in p)
+        key = report["win_rate_from"] = headline_key(cfg.eval_judge)
+        report["win_rate"], report["win_rate_ci"] = report[key], report[key + "_ci"]
+        if win_rate_only:
+            return report
         if references is not None and all(r is not None for r in references):
             s = 1 if greedy else golden_samples
             torch.manual_seed(seed + 2)
@@ -191,7 +240,8 @@ def compare_with_reference(policy, ref, tok, prompts, cfg, task=None, seed=1234,
 
 def print_report(r):
     invalid = r["pi_0/invalid_judgments"] + r["policy/invalid_judgments"]
-    print(f"\nEvaluation on {r['n_prompts']} held-out prompts (judge: {r['judge']}"
+    print(f"\nEvaluation on {r['n_prompts']} held-out prompts (a random subset, seed {r['eval_seed']}; judge: "
+          f"{r['judge']}" + (f", {r['evaluator']}" if "evaluator" in r else "")
           + (f"; {invalid} invalid judgments left out" if invalid else "") + ")")
     top, proxy = r.get("top"), r.get("train_judge")
     print(f"  {'':8} {'reward':>16}" + (f" {f'{top:g}/{top:g}':>7}" if top is not None else "")
@@ -201,10 +251,11 @@ def print_report(r):
               + (f" {r[name + '/top_score']:7.1%}" if top is not None else "")
               + f" {r[name + '/missing_eos']:7.1%} {r[name + '/length']:7.1f}"
               + (f"   {r[name + '/train_judge_reward']:8.2f}" if proxy else ""))
-    print(f"  win rate of the policy over pi_0 (ties count 1/2): {r['win_rate']:.1%} ± {r['win_rate_ci']:.1%}")
-    if "pref_win_rate" in r:
-        print(f"  pairwise-preference win rate over pi_0 (both orders): {r['pref_win_rate']:.1%} "
-              f"± {r['pref_win_rate_ci']:.1%}")
+    print(f"  win rate of the policy over pi_0 ({WIN_RATE_DEFS[r['win_rate_from']]}): {r['win_rate']:.1%} "
+          f"± {r['win_rate_ci']:.1%}")
+    for k in WIN_RATE_DEFS:
+        if k in r and k != r["win_rate_from"]:
+            print(f"    by {WIN_RATE_DEFS[k]}: {r[k]:.1%} ± {r[k + '_ci']:.1%}")
     if "golden/win_rate" in r:
         print(f"  golden win rate over the references (all pairs): {r['golden/win_rate']:.1%} "
               f"± {r['golden/win_rate_ci']:.1%}")
@@ -243,16 +294,18 @@ def checkpoints(run_dir):
 
 @torch.no_grad()
 def evaluate_checkpoint(run_dir, ckpt_dir, n_prompts, greedy=False, temperature=0.9, seed=1234, golden_samples=2,
-                        device=None):
+                        device=None, validation=False, evaluator=None):
     """Evaluate one model directory of a run against pi_0 (Tables 2-3, Fig. 3 points, Fig. 4 markers).
 
-    Rebuilds the run's config from config.json; pi_0 is the config's model (the toy SFT pi_0 when it is '',
-    made in the cache if missing); the eval judge, the task's first n_prompts held-out prompts and their
-    references. Returns compare_with_reference's report plus the pairwise and golden win rates, for DAR the
-    alpha-interpolated KL against the previous kept checkpoint (kl_alpha; absent when there is none), and
-    "run" (task, algo, seed, step, checkpoint and the run's config) for grouping.
+    Rebuilds the run's config from config.json (evaluator: {field: value} over it, e.g. eval_judge_url); pi_0 is
+    the config's model (the toy SFT pi_0 when it is '', made in the cache if missing); the eval judge, and the
+    seeded random subset of n_prompts test prompts with their references (tasks.random_subset). Returns
+    compare_with_reference's report plus the golden win rate, for DAR the alpha-interpolated KL against the
+    previous kept checkpoint (kl_alpha; absent when there is none), "step", and "run" (task, algo, seed, step,
+    checkpoint and the run's config) for grouping. validation: also the win rate on as many of the task's
+    validation prompts ("valid/win_rate", NaN when the task has none), which picks the best checkpoint.
     """
-    cfg = load_run_config(run_dir)
+    cfg = dataclasses.replace(load_run_config(run_dir), **(evaluator or {}))
     device = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     init = cfg.model
     if not init:
@@ -269,13 +322,21 @@ def evaluate_checkpoint(run_dir, ckpt_dir, n_prompts, greedy=False, temperature=
         if earlier:
             prev_step, path = earlier[-1]
             prev = load_model(path, cfg, device).eval()
-    n = min(n_prompts, len(task.eval_prompts))
-    refs = task.references[:n] if task.references else None
-    report = compare_with_reference(policy, ref, tok, task.eval_prompts[:n], cfg, task=task, seed=seed, greedy=greedy,
+    prompts, refs = tasks.random_subset(task.eval_prompts, n_prompts, seed, task.references)
+    report = compare_with_reference(policy, ref, tok, prompts, cfg, task=task, seed=seed, greedy=greedy,
                                     temperature=temperature, references=refs, golden_samples=golden_samples,
                                     prev=prev, alpha=cfg.alpha)
     if prev is not None:
         report["kl_alpha/prev_step"] = prev_step
+    if validation:
+        report["valid/win_rate"], report["valid/win_rate_ci"], report["valid/n_prompts"] = math.nan, math.nan, 0
+        if task.valid_prompts:
+            valid, _ = tasks.random_subset(task.valid_prompts, n_prompts, seed)
+            v = compare_with_reference(policy, ref, tok, valid, cfg, task=task, seed=seed, greedy=greedy,
+                                       temperature=temperature, win_rate_only=True)
+            report["valid/win_rate"], report["valid/win_rate_ci"], report["valid/n_prompts"] = (
+                v["win_rate"], v["win_rate_ci"], len(valid))
+    report["step"] = step
     report["run"] = dict(run_dir=os.path.abspath(run_dir), checkpoint=os.path.abspath(ckpt_dir), step=step,
                          task=cfg.task, algo=cfg.algo, seed=cfg.seed, config=dataclasses.asdict(cfg))
     return report
@@ -435,7 +496,7 @@ def checkpoint_curves(reports, out_dir, keys=("win_rate", "policy/reward"), name
     for r in reports:
         by_run.setdefault(r["run"]["run_dir"], {})[r["run"]["step"]] = r
     def at_step0(r, key):  # pi_0 against itself
-        if key in ("win_rate", "pref_win_rate"):
+        if key.endswith("win_rate"):
             return 0.5
         if key.startswith("kl_"):
             return 0.0
@@ -544,137 +605,6 @@ def ablation_plot(runs, param, out_dir, metrics=ABLATION_METRICS):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Exports for the external benchmarks of Table 4
-# ---------------------------------------------------------------------------------------------------
-def export_alpacaeval(prompts, outputs, generator, path):
-    """Generations in AlpacaEval's model_outputs format (Table 4, AlpacaEval 2.0): a JSON list of
-    {"instruction", "output", "generator"}, for `alpaca_eval --model_outputs PATH`.
-
-    Format: tatsu-lab/alpaca_eval README, "model_outputs: A path to a json file for the outputs of the model
-    to add to the leaderboard. Each dictionary should contain the keys `instruction` and `output`"; the
-    optional `generator` names the model (as in the repository's example/outputs.json).
-    """
-    if len(prompts) != len(outputs):
-        raise ValueError(f"{len(prompts)} prompts but {len(outputs)} outputs")
-    rows = [{"instruction": p, "output": o, "generator": generator} for p, o in zip(prompts, outputs)]
-    with open(path, "w") as f:
-        json.dump(rows, f, indent=1, ensure_ascii=False)
-    return rows
-
-
-def export_mtbench(question_ids, turns_outputs, model_id, path):
-    """Generations in FastChat's MT-Bench answer format (Table 4, MT-Bench), one JSON line per question:
-    {"question_id", "answer_id", "model_id", "choices": [{"index": 0, "turns": [turn 1, turn 2]}], "tstamp"},
-    to place at fastchat/llm_judge/data/mt_bench/model_answer/MODEL_ID.jsonl for gen_judgment.py.
-
-    Format: lm-sys/FastChat fastchat/llm_judge/gen_model_answer.py, which writes exactly these keys
-    (answer_id a shortuuid there, any unique string here; tstamp = time.time()).
-    """
-    if len(question_ids) != len(turns_outputs):
-        raise ValueError(f"{len(question_ids)} questions but {len(turns_outputs)} answers")
-    rows = [{"question_id": q, "answer_id": uuid.uuid4().hex, "model_id": model_id,
-             "choices": [{"index": 0, "turns": list(turns)}], "tstamp": time.time()}
-            for q, turns in zip(question_ids, turns_outputs)]
-    with open(path, "w") as f:
-        for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    return rows
-
-
-# FastChat's sampling temperature per MT-Bench category (fastchat/llm_judge/common.py, temperature_config;
-# gen_model_answer.py uses 0.7 for a category not in it); 0 means greedy
-MTBENCH_TEMPERATURE = {"writing": 0.7, "roleplay": 0.7, "extraction": 0.0, "math": 0.0, "coding": 0.0,
-                       "reasoning": 0.0, "stem": 0.1, "humanities": 0.1}
-
-
-def _read_records(path, what, fix):
-    """A JSON list or JSON lines of objects -> list of dicts; a malformed record names the file and line."""
-    if not os.path.isfile(path):
-        raise SystemExit(f"error: {what} file {path!r} not found; {fix}")
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
-    if text.lstrip().startswith("["):
-        try:
-            records = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise SystemExit(f"error: {path}:{e.lineno}: not valid JSON ({e.msg}); {fix}")
-        return [(i + 1, r) for i, r in enumerate(records)]
-    out = []
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if line.strip():
-            try:
-                out.append((lineno, json.loads(line)))
-            except json.JSONDecodeError as e:
-                raise SystemExit(f"error: {path}:{lineno}: not valid JSON ({e.msg}); {fix}")
-    return out
-
-
-def load_alpacaeval(path):
-    """AlpacaEval's evaluation set (tatsu-lab/alpaca_eval, alpaca_eval.json: a JSON list of {"instruction",
-    "output", "generator", "dataset"}; JSON lines also read) -> the instructions, in file order."""
-    fix = "give AlpacaEval's alpaca_eval.json (a list of objects with an 'instruction')"
-    out = []
-    for n, r in _read_records(path, "AlpacaEval", fix):
-        if not isinstance(r, dict) or not isinstance(r.get("instruction"), str):
-            raise SystemExit(f"error: {path}: record {n} has no 'instruction' string; {fix}")
-        out.append(r["instruction"])
-    if not out:
-        raise SystemExit(f"error: {path} holds no instructions; {fix}")
-    return out
-
-
-def load_mtbench(path):
-    """MT-Bench's questions (FastChat fastchat/llm_judge/data/mt_bench/question.jsonl: one {"question_id",
-    "category", "turns": [turn 1, turn 2]} per line) -> the records."""
-    fix = "give FastChat's mt_bench/question.jsonl (lines with question_id, category, turns)"
-    out = []
-    for n, r in _read_records(path, "MT-Bench", fix):
-        if not (isinstance(r, dict) and "question_id" in r and isinstance(r.get("turns"), list) and r["turns"]
-                and all(isinstance(t, str) for t in r["turns"])):
-            raise SystemExit(f"error: {path}:{n}: a question needs 'question_id' and a non-empty list of "
-                             f"'turns' strings; {fix}")
-        out.append(r)
-    if not out:
-        raise SystemExit(f"error: {path} holds no questions; {fix}")
-    return out
-
-
-@torch.no_grad()
-def answer(model, tok, conversations, max_new_tokens, temperature, seed=1234, batch_size=32):
-    """One response per prompt (a user message or a conversation ending with the user's turn), in batches of
-    batch_size; temperature 0 is greedy decoding. Returns the response texts."""
-    out = []
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        for i in range(0, len(conversations), batch_size):
-            chunk = conversations[i:i + batch_size]
-            batch = rollout.generate(model, tok, chunk, 1, max_new_tokens, temperature or 1.0, greedy=temperature == 0)
-            out += batch.responses
-    return out
-
-
-def mtbench_answers(model, tok, questions, max_new_tokens, seed=1234, batch_size=32):
-    """Both turns of every MT-Bench question as FastChat generates them: turn t sees the conversation so far
-    (its own earlier answers), at its category's temperature. Returns [[answer per turn] per question]."""
-    answers = [[] for _ in questions]
-    for t in range(max(len(q["turns"]) for q in questions)):
-        by_temp = {}
-        for i, q in enumerate(questions):
-            if t < len(q["turns"]):
-                by_temp.setdefault(MTBENCH_TEMPERATURE.get(q.get("category"), 0.7), []).append(i)
-        for temp, idx in sorted(by_temp.items()):
-            convs = []
-            for i in idx:
-                msgs = []
-                for turn, a in zip(questions[i]["turns"][:t], answers[i]):
-                    msgs += [{"role": "user", "content": turn}, {"role": "assistant", "content": a}]
-                convs.append(msgs + [{"role": "user", "content": questions[i]["turns"][t]}])
-            for i, a in zip(idx, answer(model, tok, convs, max_new_tokens, temp, seed + t, batch_size)):
-                answers[i].append(a)
-    return answers
-
-
-# ---------------------------------------------------------------------------------------------------
 # Time per online batch (Table 8)
 # ---------------------------------------------------------------------------------------------------
 # perf/PHASE_s of metrics.jsonl; "logp" is pi_t and pi_0 together, as runs logged it before the two were split
@@ -757,24 +687,69 @@ def sweeps(reports):
     return out
 
 
-def print_table(summary):
-    """Per experiment, mean ± 95% CI over seeds (Tables 2-3): win rate over pi_0 from rewards and from pairwise
-    preferences, reward and KL(pi || pi_0) (as for every method; DAR's alpha-interpolated KL is Fig. 4's x-axis,
-    in the per-run JSON and the Pareto plot), plus missing EOS and, when it differs from the eval
-    judge, the reward under the training judge (reward hacking shows as this up and the eval reward down)."""
-    proxy = any("policy/train_judge_reward" in agg for agg in summary.values())
-    print(f"\n{'experiment':36} {'win rate':>17} {'pref. win rate':>17} {'reward':>15} {'KL':>15} {'no EOS':>7}"
-          + (f" {'train judge':>11}" if proxy else "") + f" {'seeds':>5}")
+def best_checkpoint(reports):
+    """Of a run's evaluated models (final/ and its kept checkpoints), the one with the highest validation win rate:
+    Table 2's "best checkpoints", chosen on validation prompts, never on the test prompts it is reported on. On a
+    tie the earliest; None when no model has a validation win rate (a task without validation prompts)."""
+    scored = [r for r in reports if not math.isnan(r.get("valid/win_rate", math.nan))]
+    return max(scored, key=lambda r: (r["valid/win_rate"], -r["step"]), default=None)
+
+
+def summarize(pairs):
+    """[(final report, best report or None)] of the runs -> {label: mean and CI over seeds of the final models'
+    numbers, with "best": the same over the best checkpoints (empty without --checkpoints) and "win_rate_from"}."""
+    out = {}
+    for label, items in group_runs(pairs, lambda fb: fb[0]["run"]["config"]).items():
+        bests = [b for _, b in items if b is not None]
+        out[label] = dict(aggregate_seeds([f for f, _ in items]), best=aggregate_seeds(bests) if bests else {},
+                          win_rate_from=items[0][0]["win_rate_from"], seeds=[f["run"]["seed"] for f, _ in items])
+    return out
+
+
+# table.csv: these numbers of the final and of the best models, mean and 95% CI over seeds
+TABLE_KEYS = ("win_rate", "reward_win_rate", "pref_win_rate", "golden/win_rate", "valid/win_rate", "step",
+              "policy/reward", "kl_pi0", "policy/missing_eos", "policy/length", "policy/train_judge_reward")
+
+
+def write_table(summary, path):
+    rows = []
     for label, agg in summary.items():
-        def cell(k, pct=False):
-            if k not in agg:
+        row = [label, len(agg["seeds"]), agg["win_rate_from"]]
+        for which in ("final", "best"):
+            a = agg if which == "final" else agg["best"]
+            row += [v for k in TABLE_KEYS for v in ((a[k]["mean"], a[k]["ci"]) if k in a else ("", ""))]
+        rows.append(row)
+    _write_csv(path, ["experiment", "seeds", "win_rate_from"] + [f"{which} {k}{ci}" for which in ("final", "best")
+                                                                  for k in TABLE_KEYS for ci in ("", " ci95")], rows)
+
+
+def print_table(summary):
+    """Per experiment, mean ± 95% CI over seeds (Tables 2-3): the headline win rate over pi_0 of the final model
+    and of the best checkpoint (with --checkpoints; its step, mean over seeds), reward of both, KL(pi || pi_0) of
+    the final model (as for every method; DAR's alpha-interpolated KL is Fig. 4's x-axis, in the per-run JSON and
+    the Pareto plot), missing EOS and, when it differs from the eval judge, the reward under the training judge
+    (reward hacking shows as this up and the eval reward down). The other win rates are in table.csv."""
+    proxy = any("policy/train_judge_reward" in agg for agg in summary.values())
+    print(f"\n{'experiment':30} {'win rate: final':>17} {'best':>17} {'at':>5} {'reward: final':>15} {'best':>15} "
+          f"{'KL: final':>15} {'no EOS':>7}" + (f" {'train judge':>11}" if proxy else "") + f" {'seeds':>5}")
+    for label, agg in summary.items():
+        def cell(a, k, pct=False):
+            if k not in a:
                 return f"{'-':>17}" if pct else f"{'-':>15}"
-            m, c = agg[k]["mean"], agg[k]["ci"]
+            m, c = a[k]["mean"], a[k]["ci"]
             return f"{m:8.1%} ± {c:6.1%}" if pct else f"{m:7.3f} ± {c:5.3f}"
-        print(f"{label[:36]:36} {cell('win_rate', True)} {cell('pref_win_rate', True)} {cell('policy/reward')} "
-              f"{cell('kl_pi0')} {agg['policy/missing_eos']['mean']:7.1%}"
+        best = agg["best"]
+        at = f"{best['step']['mean']:5.0f}" if "step" in best else f"{'-':>5}"
+        print(f"{label[:30]:30} {cell(agg, 'win_rate', True)} {cell(best, 'win_rate', True)} {at} "
+              f"{cell(agg, 'policy/reward')} {cell(best, 'policy/reward')} {cell(agg, 'kl_pi0')} "
+              f"{agg['policy/missing_eos']['mean']:7.1%}"
               + (f" {agg.get('policy/train_judge_reward', {'mean': math.nan})['mean']:11.2f}" if proxy else "")
-              + f" {agg['win_rate']['n']:5d}")
+              + f" {len(agg['seeds']):5d}")
+    for key in dict.fromkeys(agg["win_rate_from"] for agg in summary.values()):
+        print(f"  win rate over pi_0: {WIN_RATE_DEFS[key]}" + (" (--eval-judge llm)" if key == "pref_win_rate" else ""))
+    if any(agg["best"] for agg in summary.values()):
+        print("  best: the kept checkpoint with the highest win rate on the validation prompts, on the test prompts; "
+              "at: its online batch (mean over seeds)")
 
 
 def export_benchmarks(run_dir, out_dir, alpacaeval=None, mtbench=None, temperature=0.9, seed=1234, device=None):
@@ -788,13 +763,13 @@ def export_benchmarks(run_dir, out_dir, alpacaeval=None, mtbench=None, temperatu
     name = os.path.basename(os.path.normpath(run_dir))
     written = []
     if alpacaeval:
-        outputs = answer(model, tok, alpacaeval, cfg.max_new_tokens, temperature, seed, cfg.micro_batch)
+        outputs = tasks.answer(model, tok, alpacaeval, cfg.max_new_tokens, temperature, seed, cfg.micro_batch)
         written.append(os.path.join(out_dir, f"{name}-alpacaeval.json"))
-        export_alpacaeval(alpacaeval, outputs, name, written[-1])
+        tasks.export_alpacaeval(alpacaeval, outputs, name, written[-1])
     if mtbench:
-        turns = mtbench_answers(model, tok, mtbench, cfg.max_new_tokens, seed, cfg.micro_batch)
+        turns = tasks.mtbench_answers(model, tok, mtbench, cfg.max_new_tokens, seed, cfg.micro_batch)
         written.append(os.path.join(out_dir, f"{name}-mtbench.jsonl"))
-        export_mtbench([q["question_id"] for q in mtbench], turns, name, written[-1])
+        tasks.export_mtbench([q["question_id"] for q in mtbench], turns, name, written[-1])
     return written
 
 
@@ -803,12 +778,19 @@ def arg_parser():
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("run_dirs", nargs="+", help="run directories (runs/TASK-ALGO-sSEED) holding config.json and final/")
     p.add_argument("--out", default="eval_out", help="where per-run JSON, summary.json, CSV and PNG files go")
-    p.add_argument("--n-prompts", type=int, default=256, help="held-out prompts per evaluation")
+    p.add_argument("--n-prompts", type=int, default=Config.eval_prompts,
+                   help="test prompts per evaluation, a random subset drawn with --seed (as dar.py's --eval-prompts "
+                        "and --eval-seed), capped at the task's; validation uses as many")
     p.add_argument("--greedy", action="store_true", help="greedy decoding instead of temperature 0.9")
     p.add_argument("--temperature", type=float, default=0.9, help="sampling temperature of the compared responses")
     p.add_argument("--checkpoints", action="store_true",
-                   help="also evaluate every kept ckpt-N of each run: win-rate and reward curves (eval_curves)")
-    p.add_argument("--seed", type=int, default=1234, help="seed of the evaluation's sampling")
+                   help="also evaluate every kept ckpt-N of each run: win-rate and reward curves (eval_curves), and "
+                        "the best checkpoint by its win rate on the validation prompts")
+    p.add_argument("--seed", type=int, default=Config.eval_seed,
+                   help="seed of the evaluation: which test prompts, and the sampling of the compared responses")
+    for flag, what in (("url", "the evaluator's endpoint for --eval-judge llm"), ("model", "the evaluator's model"),
+                       ("api-key-env", "the variable that holds the evaluator's API key")):
+        p.add_argument(f"--eval-judge-{flag}", default="", help=f"{what}; '' = the run's (config.json; see dar.py)")
     p.add_argument("--reuse", action="store_true",
                    help="take a run's evaluation from OUT/NAME.json when one was made with the same settings "
                         "(redraw tables and plots without evaluating again)")
@@ -819,50 +801,68 @@ def arg_parser():
     return p
 
 
+def evaluate_run(run_dir, args, evaluator):
+    """A run's final model and, with --checkpoints, its kept checkpoints with the choice of the best one: the
+    per-run JSON's content (from OUT/NAME.json with --reuse when the settings match)."""
+    kw = dict(greedy=args.greedy, temperature=args.temperature, seed=args.seed, evaluator=evaluator)
+    path = os.path.join(args.out, os.path.basename(os.path.normpath(run_dir)) + ".json")
+    settings = dict(kw, n_prompts=args.n_prompts, checkpoints=args.checkpoints)
+    if args.reuse and os.path.isfile(path):
+        with open(path) as f:
+            per_run = json.load(f)
+        if per_run.get("eval_settings") == settings and per_run["run"]["run_dir"] == os.path.abspath(run_dir):
+            return per_run
+    note = evaluator_note(dataclasses.replace(load_run_config(run_dir), **evaluator))
+    if note:
+        print(note, flush=True)
+    per_run = evaluate_checkpoint(run_dir, os.path.join(run_dir, "final"), args.n_prompts, validation=args.checkpoints,
+                                  **kw)
+    if args.checkpoints:  # the last ckpt-N holds the same weights as final/
+        per_run["checkpoints"] = [evaluate_checkpoint(run_dir, ckpt, args.n_prompts, validation=True, **kw)
+                                  for step, ckpt in checkpoints(run_dir) if step < per_run["run"]["step"]]
+        best = best_checkpoint([per_run] + per_run["checkpoints"])
+        per_run["best_step"] = best["step"] if best else None
+    per_run["eval_settings"] = settings
+    with open(path, "w") as f:
+        json.dump(per_run, f, indent=1)
+    return per_run
+
+
 def main(argv=None):
     args = arg_parser().parse_args(argv)
-    alpaca = load_alpacaeval(args.alpacaeval) if args.alpacaeval else None
-    mtbench = load_mtbench(args.mtbench) if args.mtbench else None
+    alpaca = tasks.load_alpacaeval(args.alpacaeval) if args.alpacaeval else None
+    mtbench = tasks.load_mtbench(args.mtbench) if args.mtbench else None
     for d in args.run_dirs:
         if not os.path.isfile(os.path.join(d, "final", "config.json")):
             raise SystemExit(f"error: {d} has no final/ model; a run writes it when it finishes (resume it with "
                              f"`python dar.py --out-dir {d} --resume`)")
+    if args.n_prompts < 1:
+        raise SystemExit(f"error: --n-prompts must be >= 1, got {args.n_prompts}")
+    evaluator = {f"eval_judge_{k}": getattr(args, f"eval_judge_{k}") for k in ("url", "model", "api_key_env")
+                 if getattr(args, f"eval_judge_{k}")}
     transformers.utils.logging.disable_progress_bar()
     os.makedirs(args.out, exist_ok=True)
-    finals, every = [], []
+    finals, pairs, every = [], [], []
     for run_dir in args.run_dirs:
-        kw = dict(greedy=args.greedy, temperature=args.temperature, seed=args.seed)
-        name = os.path.basename(os.path.normpath(run_dir))
-        path = os.path.join(args.out, f"{name}.json")
-        settings = dict(kw, n_prompts=args.n_prompts, checkpoints=args.checkpoints)
-        per_run = None
-        if args.reuse and os.path.isfile(path):
-            with open(path) as f:
-                per_run = json.load(f)
-            if per_run.get("eval_settings") != settings or per_run["run"]["run_dir"] != os.path.abspath(run_dir):
-                per_run = None
-        if per_run is None:
-            per_run = evaluate_checkpoint(run_dir, os.path.join(run_dir, "final"), args.n_prompts, **kw)
-            if args.checkpoints:  # the last ckpt-N holds the same weights as final/
-                per_run["checkpoints"] = [evaluate_checkpoint(run_dir, ckpt, args.n_prompts, **kw)
-                                          for step, ckpt in checkpoints(run_dir) if step < per_run["run"]["step"]]
-            per_run["eval_settings"] = settings
-            with open(path, "w") as f:
-                json.dump(per_run, f, indent=1)
-        report = {k: v for k, v in per_run.items() if k != "checkpoints"}
+        per_run = evaluate_run(run_dir, args, evaluator)
+        report = {k: v for k, v in per_run.items() if k not in ("checkpoints", "best_step")}
+        models = [report] + per_run.get("checkpoints", [])
+        best = next((r for r in models if r["step"] == per_run.get("best_step")), None)
         every += per_run.get("checkpoints", [])
-        print(f"{name}: win rate {report['win_rate']:.1%}, reward {report['policy/reward']:.3f}, "
-              f"KL {report['kl_pi0']:.3f}", flush=True)
+        print(f"{os.path.basename(os.path.normpath(run_dir))}: win rate {report['win_rate']:.1%}, reward "
+              f"{report['policy/reward']:.3f}, KL {report['kl_pi0']:.3f}" + (
+                  f"; best: step {best['step']} (validation win rate {best['valid/win_rate']:.1%}), win rate "
+                  f"{best['win_rate']:.1%}" if best else ""), flush=True)
         if alpaca or mtbench:
             for path in export_benchmarks(run_dir, args.out, alpaca, mtbench, 0.0 if args.greedy else args.temperature,
                                           args.seed):
                 print(f"  wrote {path}", flush=True)
         finals.append(report)
-    groups = group_runs(finals, lambda r: r["run"]["config"])
-    summary = {label: aggregate_seeds(rs) for label, rs in groups.items()}
+        pairs.append((report, best))
+    summary = summarize(pairs)
     with open(os.path.join(args.out, "summary.json"), "w") as f:
-        json.dump({label: dict(agg, seeds=[r["run"]["seed"] for r in groups[label]]) for label, agg in summary.items()},
-                  f, indent=1)
+        json.dump(summary, f, indent=1)
+    write_table(summary, os.path.join(args.out, "table.csv"))
     dirs_with_logs = [d for d in args.run_dirs if read_metrics(d)]
     if dirs_with_logs:
         curves(dirs_with_logs, args.out)

@@ -490,7 +490,8 @@ def report_long_prompts(cfg, skipped):
         json.dump({"long_prompts_skipped": skipped}, f, indent=1)
     if any(skipped.values()):
         what = {"train_prompts": "training prompts", "eval_prompts": "evaluation prompts",
-                "sft_data": "SFT demonstrations", "pref_data": "preference pairs"}
+                "sft_data": "SFT demonstrations", "pref_data": "preference pairs",
+                "valid_prompts": "validation prompts"}
         print("note: skipped the prompts longer than --max-prompt-tokens: " +
               ", ".join(f"{n} {what[name]}" for name, n in skipped.items() if n) +
               f" (counts in {os.path.join(cfg.out_dir, 'data.json')})", flush=True)

@@ -23,6 +23,9 @@ Without --data they are downloaded from the Hub (huggingface_hub's cache); with 
 file in the data set's own schema (JSONL, optionally gzipped, or parquet) is used for everything and
 split into train and eval prompts by `split_by_prompt` (`--data TRAIN_FILE,EVAL_FILE` gives the split
 instead). The data depend on the task and the files only, never on the run's --seed.
+
+The external benchmarks of Table 4 (AlpacaEval 2.0, MT-Bench) are read, answered and written in their own
+formats at the end of this file; `eval.py --alpacaeval FILE --mtbench FILE` calls them.
 """
 import glob
 import gzip
@@ -32,7 +35,9 @@ import math
 import os
 import random
 import re
-from dataclasses import dataclass
+import time
+import uuid
+from dataclasses import dataclass, field
 
 import huggingface_hub
 import torch
@@ -50,14 +55,13 @@ TASKS = ("toy", "tldr", "helpful", "harmless", "helpsteer2")
 #   online batch 512 with 4 updates of 128 (B.1); learning rates 1e-6 for online RLHF, 5e-7 for DAP, 3e-6 for
 #   Dual-PPO (B.1, B.3); length in passes over the prompts: RLHF 1 on TL;DR and 2 on HH, online DAP 5,
 #   HelpSteer2 1 (B.1); 10 checkpoints a run (B.1; HelpSteer2 evaluates only the final model and keeps 2);
-#   1,000 evaluation prompts (B.1); weight decay 0.01 in standard RLHF (B.1); DAR alpha 0.5 and beta 0.5 in
+#   weight decay 0.01 in standard RLHF (B.1); DAR alpha 0.5 and beta 0.5 in
 #   standard RLHF (B.2); KL coefficients 0.05 (RLOO) and 0.03 (GRPO) on HelpSteer2 (B.3); SFT of pi_0 on the
 #   direct-alignment tasks at 5e-6 (B.1).
 # Not stated by the paper, ours: offline DPO/SimPO/IS-DPO run 5 passes over their preference pairs (--pref-epochs;
 #   B.1 gives 5 epochs for "online DAP methods" only; with 10 checkpoints a run, 1 and 2 passes are among them).
 # micro_batch (responses per forward pass and rank) is ours: a size that fits a 7B policy on an 80 GB GPU.
-_PAPER_SCHEDULE = dict(online_batch=512, minibatch=128, lr=1e-6, save_every=0, keep_checkpoints=10,
-                       eval_prompts=1000)
+_PAPER_SCHEDULE = dict(online_batch=512, minibatch=128, lr=1e-6, save_every=0, keep_checkpoints=10)
 TASK_DEFAULTS = {
     "toy": {},
     "tldr": dict(max_new_tokens=64, judge="llm", eval_judge="llm", micro_batch=8, prompt_epochs=1,
@@ -90,6 +94,7 @@ TOY_ALPHABET = "abcdefghijklmnopqrstuvwxyz"
 TOY_MIN_LEN, TOY_MAX_LEN = 3, 8
 TOY_INSTRUCTION = "reverse: "
 TOY_TRAIN_PROMPTS, TOY_EVAL_PROMPTS, TOY_SFT_EXAMPLES, TOY_PREF_PAIRS = 20000, 256, 30000, 10000
+TOY_VALID_PROMPTS = 256  # for choosing the best checkpoint (eval.py --checkpoints); words of neither set above
 
 # How the sloppy demonstrator answers (probabilities sum to 1): right about half the time, otherwise
 # one of four typical mistakes. Each mistake scores below 10 under the gold rule.
@@ -240,6 +245,8 @@ class Task:
     pref_data: list       # [(prompt, chosen, rejected)] for the offline preference methods (dpo, simpo, is_dpo)
     reward_prompt: str    # the LLM annotator's prompt family (Appendix D): "tldr", "helpful", "harmless" or "toy"
     references: list      # parallel to eval_prompts: the data set's reference response to each, or None
+    # held out too, for choosing the best checkpoint: in none of the lists above (make_valid_split)
+    valid_prompts: list = field(default_factory=list)
 
 
 def load_task(name, data=""):
@@ -271,10 +278,12 @@ def toy_task():
     # sees the same prompts and starts from the same pi_0.
     train = toy_prompts(TOY_TRAIN_PROMPTS, seed=1)
     evals = toy_prompts(TOY_EVAL_PROMPTS, seed=2, exclude={toy_word_of(p) for p in train})
+    # validation: fresh words, none a training or test word (SFT and preference data use training words only)
+    valid = toy_prompts(TOY_VALID_PROMPTS, seed=5, exclude={toy_word_of(p) for p in train + evals})
     rng = random.Random(3)
     sft = [(p, sloppy_demonstration(toy_word_of(p), rng)) for p in rng.choices(train, k=TOY_SFT_EXAMPLES)]
     return Task("toy", train, evals, sft, toy_preferences(train, TOY_PREF_PAIRS, seed=4),
-                reward_prompt="toy", references=[toy_target(toy_word_of(p)) for p in evals])
+                reward_prompt="toy", references=[toy_target(toy_word_of(p)) for p in evals], valid_prompts=valid)
 
 
 def toy_preferences(prompts, n, seed):
@@ -306,7 +315,8 @@ def without_long_prompts(task, tokenizer, max_tokens):
     judges; dropping it keeps every prompt whole. skipped counts what went, per list."""
     fits = {}
     lists = {"train_prompts": task.train_prompts, "eval_prompts": task.eval_prompts,
-             "sft_data": [ex[0] for ex in task.sft_data], "pref_data": [ex[0] for ex in task.pref_data]}
+             "sft_data": [ex[0] for ex in task.sft_data], "pref_data": [ex[0] for ex in task.pref_data],
+             "valid_prompts": task.valid_prompts}
     for prompts in lists.values():
         todo = list({prompt_key(p): p for p in prompts if prompt_key(p) not in fits}.items())
         ok = set(fitting_prompts(tokenizer, [p for _, p in todo], max_tokens)) if todo else set()
@@ -321,7 +331,7 @@ def without_long_prompts(task, tokenizer, max_tokens):
     pick = lambda xs, name: [xs[i] for i in keep[name]]
     return Task(task.name, pick(task.train_prompts, "train_prompts"), pick(task.eval_prompts, "eval_prompts"),
                 pick(task.sft_data, "sft_data"), pick(task.pref_data, "pref_data"), task.reward_prompt,
-                pick(task.references, "eval_prompts")), skipped
+                pick(task.references, "eval_prompts"), pick(task.valid_prompts, "valid_prompts")), skipped
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -336,6 +346,8 @@ def without_long_prompts(task, tokenizer, max_tokens):
 REWARD_PROMPT = {"tldr": "tldr", "helpful": "helpful", "harmless": "harmless", "helpsteer2": "helpful"}
 # share of a single --data file's distinct prompts held out for evaluation (the data sets' own test splits are ~5%)
 EVAL_FRACTION = 0.05
+# validation prompts (for the best checkpoint) held out of the training prompts: this share, at most this many
+VALID_FRACTION, VALID_MAX = 0.05, 1000
 
 TLDR_SFT_REPO = "trl-internal-testing/tldr-preference-sft-trl-style"
 TLDR_PREF_REPO = "trl-internal-testing/tldr-preference-trl-style"
@@ -620,10 +632,37 @@ def split_by_prompt(examples, source=""):
             [ex for ex in examples if prompt_key(ex[1]) in held])
 
 
+def hash_rank(keys, salt):
+    """keys sorted by the SHA-256 of salt + key: a pseudo-random order that depends only on the keys and the
+    salt (not on their order in a file, nor on Python's random module)."""
+    return sorted(keys, key=lambda k: hashlib.sha256((salt + k).encode("utf-8")).hexdigest())
+
+
+def random_subset(prompts, n, seed, references=None):
+    """(prompts, references or None): a seeded random subset of n prompts (all when there are no more), in their
+    order in the list: the n whose salted hash of prompt_key ranks first. One seed picks the same prompts wherever
+    it is used (dar.py's end-of-run report, eval.py), and a larger n keeps the smaller n's prompts."""
+    keys = [prompt_key(p) for p in prompts]
+    chosen = set(hash_rank(set(keys), f"eval-subset:{seed}:")[:n])
+    idx = [i for i, k in enumerate(keys) if k in chosen][:n]
+    return [prompts[i] for i in idx], [references[i] for i in idx] if references else None
+
+
+def make_valid_split(train):
+    """(train, validation prompts): VALID_FRACTION of the distinct training prompts (rounded, at most VALID_MAX;
+    none from 10 or fewer) whose SHA-256 of "valid:" + prompt_key ranks first, removed with every example of
+    theirs (demonstrations, pairs), so they are in no training list. Deterministic in the data alone."""
+    keys = list(dict.fromkeys(prompt_key(ex[1]) for ex in train))
+    held = set(hash_rank(keys, "valid:")[:min(VALID_MAX, round(VALID_FRACTION * len(keys)))])
+    valid = {prompt_key(ex[1]): ex[1] for ex in train if prompt_key(ex[1]) in held}
+    return [ex for ex in train if prompt_key(ex[1]) not in held], list(valid.values())
+
+
 def assemble(name, train, evals):
     """Examples -> Task. Eval prompts are distinct, in order of first appearance; the reference of each is its
     first demonstration (else the chosen response of its first pair). Anything whose prompt is an eval prompt
-    is dropped from the training side, so the eval prompts stay held out."""
+    is dropped from the training side, so the eval prompts stay held out; the validation prompts are held out
+    of what is left (make_valid_split)."""
     refs = {}
     for ex in evals:
         refs.setdefault(prompt_key(ex[1]), [ex[1], None, None])
@@ -634,7 +673,7 @@ def assemble(name, train, evals):
             slot[2] = ex[2]
     eval_prompts = [p for p, _, _ in refs.values()]
     references = [demo if demo is not None else chosen for _, demo, chosen in refs.values()]
-    train = [ex for ex in train if prompt_key(ex[1]) not in refs]
+    train, valid = make_valid_split([ex for ex in train if prompt_key(ex[1]) not in refs])
     train_prompts = list({prompt_key(ex[1]): ex[1] for ex in train}.values())
     if not train_prompts or not eval_prompts:
         raise SystemExit(f"error: --task {name}: no {'training' if not train_prompts else 'evaluation'} prompts "
@@ -642,4 +681,135 @@ def assemble(name, train, evals):
     return Task(name, train_prompts, eval_prompts,
                 sft_data=[(ex[1], ex[2]) for ex in train if ex[0] == "sft"],
                 pref_data=[(ex[1], ex[2], ex[3]) for ex in train if ex[0] == "pref"],
-                reward_prompt=REWARD_PROMPT[name], references=references)
+                reward_prompt=REWARD_PROMPT[name], references=references, valid_prompts=valid)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The external benchmarks of Table 4 (AlpacaEval 2.0, MT-Bench): their files, the answers, the exports
+# ---------------------------------------------------------------------------------------------------
+def export_alpacaeval(prompts, outputs, generator, path):
+    """Generations in AlpacaEval's model_outputs format (Table 4, AlpacaEval 2.0): a JSON list of
+    {"instruction", "output", "generator"}, for `alpaca_eval --model_outputs PATH`.
+
+    Format: tatsu-lab/alpaca_eval README, "model_outputs: A path to a json file for the outputs of the model
+    to add to the leaderboard. Each dictionary should contain the keys `instruction` and `output`"; the
+    optional `generator` names the model (as in the repository's example/outputs.json).
+    """
+    if len(prompts) != len(outputs):
+        raise ValueError(f"{len(prompts)} prompts but {len(outputs)} outputs")
+    rows = [{"instruction": p, "output": o, "generator": generator} for p, o in zip(prompts, outputs)]
+    with open(path, "w") as f:
+        json.dump(rows, f, indent=1, ensure_ascii=False)
+    return rows
+
+
+def export_mtbench(question_ids, turns_outputs, model_id, path):
+    """Generations in FastChat's MT-Bench answer format (Table 4, MT-Bench), one JSON line per question:
+    {"question_id", "answer_id", "model_id", "choices": [{"index": 0, "turns": [turn 1, turn 2]}], "tstamp"},
+    to place at fastchat/llm_judge/data/mt_bench/model_answer/MODEL_ID.jsonl for gen_judgment.py.
+
+    Format: lm-sys/FastChat fastchat/llm_judge/gen_model_answer.py, which writes exactly these keys
+    (answer_id a shortuuid there, any unique string here; tstamp = time.time()).
+    """
+    if len(question_ids) != len(turns_outputs):
+        raise ValueError(f"{len(question_ids)} questions but {len(turns_outputs)} answers")
+    rows = [{"question_id": q, "answer_id": uuid.uuid4().hex, "model_id": model_id,
+             "choices": [{"index": 0, "turns": list(turns)}], "tstamp": time.time()}
+            for q, turns in zip(question_ids, turns_outputs)]
+    with open(path, "w") as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    return rows
+
+
+# FastChat's sampling temperature per MT-Bench category (fastchat/llm_judge/common.py, temperature_config;
+# gen_model_answer.py uses 0.7 for a category not in it); 0 means greedy
+MTBENCH_TEMPERATURE = {"writing": 0.7, "roleplay": 0.7, "extraction": 0.0, "math": 0.0, "coding": 0.0,
+                       "reasoning": 0.0, "stem": 0.1, "humanities": 0.1}
+
+
+def _read_records(path, what, fix):
+    """A JSON list or JSON lines of objects -> list of dicts; a malformed record names the file and line."""
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: {what} file {path!r} not found; {fix}")
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    if text.lstrip().startswith("["):
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise SystemExit(f"error: {path}:{e.lineno}: not valid JSON ({e.msg}); {fix}")
+        return [(i + 1, r) for i, r in enumerate(records)]
+    out = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                out.append((lineno, json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise SystemExit(f"error: {path}:{lineno}: not valid JSON ({e.msg}); {fix}")
+    return out
+
+
+def load_alpacaeval(path):
+    """AlpacaEval's evaluation set (tatsu-lab/alpaca_eval, alpaca_eval.json: a JSON list of {"instruction",
+    "output", "generator", "dataset"}; JSON lines also read) -> the instructions, in file order."""
+    fix = "give AlpacaEval's alpaca_eval.json (a list of objects with an 'instruction')"
+    out = []
+    for n, r in _read_records(path, "AlpacaEval", fix):
+        if not isinstance(r, dict) or not isinstance(r.get("instruction"), str):
+            raise SystemExit(f"error: {path}: record {n} has no 'instruction' string; {fix}")
+        out.append(r["instruction"])
+    if not out:
+        raise SystemExit(f"error: {path} holds no instructions; {fix}")
+    return out
+
+
+def load_mtbench(path):
+    """MT-Bench's questions (FastChat fastchat/llm_judge/data/mt_bench/question.jsonl: one {"question_id",
+    "category", "turns": [turn 1, turn 2]} per line) -> the records."""
+    fix = "give FastChat's mt_bench/question.jsonl (lines with question_id, category, turns)"
+    out = []
+    for n, r in _read_records(path, "MT-Bench", fix):
+        if not (isinstance(r, dict) and "question_id" in r and isinstance(r.get("turns"), list) and r["turns"]
+                and all(isinstance(t, str) for t in r["turns"])):
+            raise SystemExit(f"error: {path}:{n}: a question needs 'question_id' and a non-empty list of "
+                             f"'turns' strings; {fix}")
+        out.append(r)
+    if not out:
+        raise SystemExit(f"error: {path} holds no questions; {fix}")
+    return out
+
+
+@torch.no_grad()
+def answer(model, tok, conversations, max_new_tokens, temperature, seed=1234, batch_size=32):
+    """One response per prompt (a user message or a conversation ending with the user's turn), in batches of
+    batch_size; temperature 0 is greedy decoding. Returns the response texts."""
+    out = []
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for i in range(0, len(conversations), batch_size):
+            chunk = conversations[i:i + batch_size]
+            batch = rollout.generate(model, tok, chunk, 1, max_new_tokens, temperature or 1.0, greedy=temperature == 0)
+            out += batch.responses
+    return out
+
+
+def mtbench_answers(model, tok, questions, max_new_tokens, seed=1234, batch_size=32):
+    """Both turns of every MT-Bench question as FastChat generates them: turn t sees the conversation so far
+    (its own earlier answers), at its category's temperature. Returns [[answer per turn] per question]."""
+    answers = [[] for _ in questions]
+    for t in range(max(len(q["turns"]) for q in questions)):
+        by_temp = {}
+        for i, q in enumerate(questions):
+            if t < len(q["turns"]):
+                by_temp.setdefault(MTBENCH_TEMPERATURE.get(q.get("category"), 0.7), []).append(i)
+        for temp, idx in sorted(by_temp.items()):
+            convs = []
+            for i in idx:
+                msgs = []
+                for turn, a in zip(questions[i]["turns"][:t], answers[i]):
+                    msgs += [{"role": "user", "content": turn}, {"role": "assistant", "content": a}]
+                convs.append(msgs + [{"role": "user", "content": questions[i]["turns"][t]}])
+            for i, a in zip(idx, answer(model, tok, convs, max_new_tokens, temp, seed + t, batch_size)):
+                answers[i].append(a)
+    return answers

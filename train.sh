@@ -17,6 +17,8 @@
 #   EXTRA        flags appended to every dar.py call (e.g. "--steps 2" for a smoke test)
 #   MODEL_tldr, MODEL_helpful, MODEL_harmless, MODEL_helpsteer2: each task's SFT policy pi_0
 #   JUDGE_URL, JUDGE_MODEL: the annotator endpoint (paper: Qwen2-72B-Instruct), REWARD_MODEL for HelpSteer2
+#   EVAL_JUDGE_URL, EVAL_JUDGE_MODEL: the evaluator (paper: GPT-4-Turbo; its key in DAR_EVAL_JUDGE_API_KEY);
+#                unset, the annotator evaluates too
 #   DATA_tldr, ...: a local data file per task (--data) when the Hub is out of reach
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -59,7 +61,8 @@ task_flags() {  # task_flags TASK: the task's model, data and judge
   [ -n "$model" ] || { echo "set MODEL_$task to the SFT policy of $task" >&2; exit 2; }
   echo "--task $task --model $model ${data:+--data $data}"
   if [ "$task" = helpsteer2 ]; then echo "--reward-model ${REWARD_MODEL:?set REWARD_MODEL}";
-  else echo "--judge-url ${JUDGE_URL:?set JUDGE_URL} ${JUDGE_MODEL:+--judge-model $JUDGE_MODEL}"; fi
+  else echo "--judge-url ${JUDGE_URL:?set JUDGE_URL} ${JUDGE_MODEL:+--judge-model $JUDGE_MODEL}" \
+    "${EVAL_JUDGE_URL:+--eval-judge-url $EVAL_JUDGE_URL} ${EVAL_JUDGE_MODEL:+--eval-judge-model $EVAL_JUDGE_MODEL}"; fi
 }
 
 # --- the paper's experiments (GPUs) ---------------------------------------------------------------
@@ -72,7 +75,7 @@ table2() {
       done
     done
   done
-  evaluate table2
+  evaluate table2 1000 --checkpoints  # Table 2: the best checkpoints (on validation prompts) beside the final
 }
 
 pareto() {  # Table 5 ranges; alpha fixed as in Appendix B.4
@@ -140,7 +143,7 @@ toy-table2() {
       run "$RUNS/toy-table2/$algo-s$s" $TOY --algo "$algo" --seed "$s"
     done
   done
-  evaluate toy-table2 128
+  evaluate toy-table2 128 --checkpoints
 }
 
 toy-pareto() {  # gold reward vs KL over a beta sweep; DAR at the toy ablations' alpha 0.5

@@ -6,8 +6,11 @@ import csv
 import json
 import math
 import os
+import re
+import select
 import subprocess
 import sys
+import urllib.request
 
 import numpy as np
 import pytest
@@ -16,8 +19,10 @@ import torch
 import config
 import eval as ev
 import infra
+import judge
 import loop
 import rollout
+import tasks
 from conftest import ROOT, TINY, run_dar
 
 
@@ -212,19 +217,19 @@ def test_benchmark_loaders_read_the_files_and_name_bad_lines(tmp_path):
     alpaca = tmp_path / "alpaca_eval.json"
     alpaca.write_text(json.dumps([{"instruction": "Say hi", "output": "x", "generator": "gpt4", "dataset": "d"},
                                   {"instruction": "Count", "output": "y", "generator": "gpt4", "dataset": "d"}]))
-    assert ev.load_alpacaeval(str(alpaca)) == ["Say hi", "Count"]
+    assert tasks.load_alpacaeval(str(alpaca)) == ["Say hi", "Count"]
     alpaca.write_text(json.dumps([{"instruction": "ok"}, {"output": "no instruction"}]))
     with pytest.raises(SystemExit, match="record 2 has no 'instruction'"):
-        ev.load_alpacaeval(str(alpaca))
+        tasks.load_alpacaeval(str(alpaca))
     mt = tmp_path / "question.jsonl"
     mt.write_text(json.dumps({"question_id": 81, "category": "writing", "turns": ["a", "b"]}) + "\n\n"
                   + json.dumps({"question_id": 82, "category": "math", "turns": ["c"]}) + "\n")
-    assert [q["question_id"] for q in ev.load_mtbench(str(mt))] == [81, 82]
+    assert [q["question_id"] for q in tasks.load_mtbench(str(mt))] == [81, 82]
     mt.write_text(json.dumps({"question_id": 81, "turns": ["a"]}) + "\n{broken\n")
     with pytest.raises(SystemExit, match=r"question.jsonl:2: not valid JSON"):
-        ev.load_mtbench(str(mt))
+        tasks.load_mtbench(str(mt))
     with pytest.raises(SystemExit, match="not found"):
-        ev.load_mtbench(str(tmp_path / "missing.jsonl"))
+        tasks.load_mtbench(str(tmp_path / "missing.jsonl"))
 
 
 def test_mtbench_answers_follow_the_conversation_and_category_temperatures(monkeypatch):
@@ -233,11 +238,11 @@ def test_mtbench_answers_follow_the_conversation_and_category_temperatures(monke
     def fake_answer(model, tok, convs, max_new_tokens, temperature, seed=0, batch_size=32):
         calls.append((temperature, convs))
         return [f"A{len(c)}@{temperature}:{c[-1]['content']}" for c in convs]
-    monkeypatch.setattr(ev, "answer", fake_answer)
+    monkeypatch.setattr(tasks, "answer", fake_answer)
     qs = [{"question_id": 1, "category": "writing", "turns": ["w1", "w2"]},
           {"question_id": 2, "category": "math", "turns": ["m1", "m2"]},
           {"question_id": 3, "category": "unknown", "turns": ["u1"]}]
-    answers = ev.mtbench_answers(None, None, qs, 16)
+    answers = tasks.mtbench_answers(None, None, qs, 16)
     assert answers == [["A1@0.7:w1", "A3@0.7:w2"], ["A1@0.0:m1", "A3@0.0:m2"], ["A1@0.7:u1"]]
     turn2_math = [c for t, cs in calls for c in cs if t == 0.0 and len(c) == 3][0]
     assert turn2_math[1] == {"role": "assistant", "content": "A1@0.0:m1"}  # turn 2 sees its own turn-1 answer
@@ -246,17 +251,17 @@ def test_mtbench_answers_follow_the_conversation_and_category_temperatures(monke
 
 def test_export_alpacaeval_format(tmp_path):
     path = tmp_path / "outputs.json"
-    ev.export_alpacaeval(["Say hi", "Ünïcode?"], ["hi", "yes"], "dar-toy", str(path))
+    tasks.export_alpacaeval(["Say hi", "Ünïcode?"], ["hi", "yes"], "dar-toy", str(path))
     assert json.loads(path.read_text(encoding="utf-8")) == [
         {"instruction": "Say hi", "output": "hi", "generator": "dar-toy"},
         {"instruction": "Ünïcode?", "output": "yes", "generator": "dar-toy"}]
     with pytest.raises(ValueError):
-        ev.export_alpacaeval(["a"], [], "g", str(path))
+        tasks.export_alpacaeval(["a"], [], "g", str(path))
 
 
 def test_export_mtbench_format(tmp_path):
     path = tmp_path / "dar.jsonl"
-    ev.export_mtbench([81, 82], [["t1", "t2"], ["u1", "u2"]], "dar-7b", str(path))
+    tasks.export_mtbench([81, 82], [["t1", "t2"], ["u1", "u2"]], "dar-7b", str(path))
     lines = [json.loads(l) for l in path.read_text().splitlines()]
     assert len(lines) == 2
     for line, qid, turns in zip(lines, (81, 82), (["t1", "t2"], ["u1", "u2"])):
@@ -268,10 +273,189 @@ def test_export_mtbench_format(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------
+# The paper's evaluation protocol (Tables 2-3, Fig. 3): a separate evaluator, the pairwise-preference headline,
+# a seeded random 1,000 test prompts, the best checkpoint chosen on validation prompts
+# ---------------------------------------------------------------------------------------------------
+def test_the_evaluator_has_its_own_endpoint_model_and_key_and_falls_back_with_a_note():
+    cfg = config.Config(eval_judge="llm", judge_url="http://annotator/v1", judge_model="qwen2-72b",
+                        eval_judge_url="http://evaluator/v1", eval_judge_model="gpt-4-turbo")
+    e = ev.evaluator_config(cfg)
+    assert (e.judge_url, e.judge_model, e.judge_api_key_env) == ("http://evaluator/v1", "gpt-4-turbo",
+                                                                 "DAR_EVAL_JUDGE_API_KEY")
+    assert cfg.judge_url == "http://annotator/v1" and ev.evaluator_note(cfg) is None  # the run's config untouched
+    same = config.Config(eval_judge="llm", judge_url="http://annotator/v1")
+    assert ev.evaluator_config(same) is same and "separate, stronger" in ev.evaluator_note(same)
+    assert ev.evaluator_note(config.Config()) is None  # the toy rule evaluates: nothing to say
+    # an evaluator endpoint alone is enough for --eval-judge llm; with neither, the error names both flags
+    config.check_config(config.parse_config(["--eval-judge", "llm", "--eval-judge-url", "http://evaluator/v1"]), 1)
+    with pytest.raises(SystemExit, match="--eval-judge-url, else --judge-url"):
+        config.check_config(config.parse_config(["--eval-judge", "llm"]), 1)
+
+
+def test_the_defaults_are_the_papers_1000_random_test_prompts_in_both_scripts():
+    assert config.Config.eval_prompts == 1000 == ev.arg_parser().get_default("n_prompts")
+    assert ev.arg_parser().get_default("seed") == config.Config.eval_seed
+    assert all(d.get("eval_prompts", 1000) == 1000 for d in tasks.TASK_DEFAULTS.values())
+
+
+def test_the_test_prompts_are_a_seeded_random_subset():
+    task = tasks.toy_task()
+    prompts, refs = tasks.random_subset(task.eval_prompts, 50, 1234, task.references)
+    assert (prompts, refs) == tasks.random_subset(task.eval_prompts, 50, 1234, task.references)  # same seed, same
+    assert prompts != task.eval_prompts[:50] and len(set(prompts)) == 50                  # not the first N
+    assert prompts != tasks.random_subset(task.eval_prompts, 50, 7)[0]                          # another seed, another
+    order = {p: i for i, p in enumerate(task.eval_prompts)}
+    assert [order[p] for p in prompts] == sorted(order[p] for p in prompts)  # kept in the task's order
+    assert all(r == tasks.toy_target(tasks.toy_word_of(p)) for p, r in zip(prompts, refs))  # references follow
+    assert set(tasks.random_subset(task.eval_prompts, 20, 1234)[0]) <= set(prompts)            # nested in n
+    assert tasks.random_subset(task.eval_prompts, 1000, 1234)[0] == task.eval_prompts           # capped: all 256
+
+
+def test_validation_prompts_are_disjoint_from_test_and_training_data(tmp_path):
+    task = tasks.toy_task()
+    words = lambda ps: {tasks.toy_word_of(p) for p in ps}
+    assert len(set(task.valid_prompts)) == tasks.TOY_VALID_PROMPTS
+    assert not words(task.valid_prompts) & words(task.train_prompts + task.eval_prompts
+                                                 + [p for p, *_ in task.sft_data + task.pref_data])
+    # the paper's tasks: a hash-based 5% of the training prompts, held out with their demonstrations and pairs
+    rows = [{"chosen": f"\n\nHuman: question {i}?\n\nAssistant: good {i}",
+             "rejected": f"\n\nHuman: question {i}?\n\nAssistant: bad {i}"} for i in range(100)]
+    (tmp_path / "hh.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "hh-reversed.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[::-1]))
+    t = tasks.load_task("helpful", str(tmp_path / "hh.jsonl"))
+    keys = lambda ps: {tasks.prompt_key(p) for p in ps}
+    assert len(t.valid_prompts) == round(0.05 * 95)  # 5 test prompts held out first, then 5% of the other 95
+    assert not keys(t.valid_prompts) & keys(t.train_prompts + t.eval_prompts
+                                            + [p for p, *_ in t.sft_data + t.pref_data])
+    assert len(t.train_prompts) + len(t.valid_prompts) + len(t.eval_prompts) == 100
+    again = tasks.load_task("helpful", str(tmp_path / "hh-reversed.jsonl"))
+    assert keys(again.valid_prompts) == keys(t.valid_prompts)  # chosen by the data, not by the file's order
+
+
+def test_best_checkpoint_is_chosen_on_validation_not_on_test():
+    def model(step, valid, test):
+        return {"step": step, "valid/win_rate": valid, "win_rate": test, "run": {"step": step}}
+    runs = [model(10, 0.6, 0.9), model(20, 0.7, 0.5), model(30, 0.7, 0.8), model(40, math.nan, 1.0)]
+    assert ev.best_checkpoint(runs)["step"] == 20  # highest validation win rate, the earlier of a tie; NaN never
+    assert ev.best_checkpoint([model(5, math.nan, 0.9)]) is None and ev.best_checkpoint([]) is None
+
+
+def test_the_table_shows_final_and_best_side_by_side(tmp_path, capsys):
+    pairs = []
+    for seed, (final, best) in enumerate(((0.60, 0.70), (0.64, 0.76))):
+        f = dict(fake_report("dar", seed, final), step=40, win_rate_from="reward_win_rate", **{
+            "policy/missing_eos": 0.0})
+        pairs.append((f, dict(f, win_rate=best, step=20)))
+    pairs.append((dict(fake_report("dar", 0, 0.5, alpha=0.0), step=40, win_rate_from="reward_win_rate",
+                       **{"policy/missing_eos": 0.0}), None))  # evaluated without --checkpoints: no best
+    summary = ev.summarize(pairs)
+    assert summary["dar alpha=0.1"]["win_rate"]["mean"] == pytest.approx(0.62)
+    assert summary["dar alpha=0.1"]["best"]["win_rate"]["mean"] == pytest.approx(0.73)
+    assert summary["dar alpha=0.1"]["best"]["win_rate"]["ci"] == pytest.approx(
+        12.706 * math.sqrt(0.0018) / math.sqrt(2))
+    assert summary["dar alpha=0"]["best"] == {}
+    ev.print_table(summary)
+    out = capsys.readouterr().out
+    row = [l for l in out.splitlines() if l.startswith("dar alpha=0.1")][0]
+    assert "62.0%" in row and "73.0%" in row and row.split()[-1] == "2"
+    assert "win rate: final" in out and "validation prompts" in out
+    ev.write_table(summary, str(tmp_path / "table.csv"))
+    rows = {r["experiment"]: r for r in csv.DictReader(open(tmp_path / "table.csv"))}
+    assert float(rows["dar alpha=0.1"]["final win_rate"]) == pytest.approx(0.62)
+    assert float(rows["dar alpha=0.1"]["best win_rate"]) == pytest.approx(0.73)
+    assert float(rows["dar alpha=0.1"]["best step"]) == 20 and rows["dar alpha=0"]["best win_rate"] == ""
+
+
+class SplitJudge:
+    """An evaluator whose rewards favour the policy (its second call) and whose preference favours pi_0: the
+    two win-rate definitions disagree completely, so the report shows which one is the headline."""
+    top = None
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, prompts, responses, ended):
+        self.calls += 1
+        return judge.Judgment([float(self.calls == 2)] * len(prompts), 0)
+
+    def prefer(self, prompts, a, b):
+        return [0.0] * len(prompts)
+
+
+@pytest.fixture(scope="module")
+def random_toy_model(tmp_path_factory):
+    """The toy Qwen2 with random weights (no SFT): (model, tokenizer), for evaluations whose judge is faked."""
+    path = str(tmp_path_factory.mktemp("toy") / "m")
+    tasks.build_toy_model(path, seed=0)
+    return infra.load_model(path, config.Config(), torch.device("cpu")), infra.load_tokenizer(path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("eval_judge, headline", [("llm", 0.0), ("toy_gold", 1.0)])
+def test_headline_win_rate_is_the_pairwise_preference_for_llm_evaluators(eval_judge, headline, random_toy_model,
+                                                                         monkeypatch):
+    model, tok = random_toy_model
+    cfg = config.Config(judge="llm", eval_judge=eval_judge, max_new_tokens=4, micro_batch=4,
+                        judge_url="http://annotator/v1", eval_judge_url="http://evaluator/v1")
+    built = []
+    monkeypatch.setattr(ev, "make_judge", lambda name, task, cfg: built.append((name, cfg.judge_url)) or SplitJudge())
+    r = ev.compare_with_reference(model, model, tok, tasks.toy_prompts(4, seed=2), cfg, pairwise=False)
+    assert (r["reward_win_rate"], r["pref_win_rate" if eval_judge == "llm" else "reward_win_rate"]) == (1.0, headline)
+    assert r["win_rate"] == headline and r["win_rate_from"] == ev.headline_key(eval_judge)
+    assert ("pref_win_rate" in r) == (eval_judge == "llm")  # an LLM evaluator is always asked for preferences
+    # the evaluator is built from --eval-judge-url; the annotator (--judge-url) is another judge, reported beside
+    assert built == [(eval_judge, "http://evaluator/v1"), ("llm", "http://annotator/v1")]
+    assert r["train_judge"] == ("llm annotator" if eval_judge == "llm" else "llm")
+
+
+def serve_annotator(*flags):
+    """A `judge.py --serve --task toy` on a free port: (process, base URL)."""
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "judge.py"), "--serve", "--task", "toy", "--port", "0",
+                             *flags], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    ready, _, _ = select.select([proc.stdout], [], [], 30)
+    m = re.search(r"http://\S+/v1", proc.stdout.readline() if ready else "")
+    assert m, "the annotator server did not start"
+    return proc, m.group(0)
+
+
+@pytest.mark.slow
+def test_llm_evaluation_asks_the_evaluator_endpoint_in_dar_and_eval(toy_cache, tmp_path):
+    """dar.py with --eval-judge llm on the toy task: the served evaluator (not the annotator's --judge-url, which
+    is unreachable here and unused by toy_gold training) judges by pairwise preference, with its own key; eval.py
+    --eval-judge-url sends the same run's evaluation to another endpoint."""
+    servers = [serve_annotator("--record") for _ in range(2)]
+    try:
+        (_, first), (_, second) = servers
+        out = tmp_path / "run"
+        env = {"DAR_EVAL_JUDGE_API_KEY": "sk-eval", "DAR_JUDGE_API_KEY": "sk-annotator"}
+        p = run_dar(TINY + ["--cache-dir", toy_cache, "--out-dir", str(out), "--steps", "1", "--print-every", "1000",
+                            "--eval-prompts", "8", "--eval-judge", "llm", "--eval-judge-url", first,
+                            "--judge-url", "http://127.0.0.1:9/v1"], cwd=tmp_path, env_extra=env)
+        assert p.returncode == 0, p.stderr[-3000:]
+        r = json.load(open(out / "eval.json"))
+        assert r["win_rate_from"] == "pref_win_rate" and r["win_rate"] == r["pref_win_rate"]
+        assert r["evaluator"] == "toy-gold" and r["pref_invalid"] == 0
+        assert "pairwise preference" in p.stdout
+        last = json.load(urllib.request.urlopen(first.replace("/v1", "/debug/last"), timeout=5))
+        assert last["authorization"] == "Bearer sk-eval" and "Preferred Response" in last["request"]
+        res = subprocess.run([sys.executable, os.path.join(ROOT, "eval.py"), str(out), "--out", str(tmp_path / "ev"),
+                              "--n-prompts", "8", "--eval-judge-url", second],
+                             cwd=tmp_path, env=dict(os.environ, OMP_NUM_THREADS="1", **env), capture_output=True,
+                             text=True, timeout=600)
+        assert res.returncode == 0, res.stderr[-3000:]
+        again = json.load(open(tmp_path / "ev" / "run.json"))
+        asked = json.load(urllib.request.urlopen(second.replace("/v1", "/debug/last"), timeout=5))["requests"]
+        assert asked >= 2 * 8 and again["win_rate"] == r["win_rate"]  # the same prompts, samples and judgments
+    finally:
+        for proc, _ in servers:
+            proc.terminate()
+            proc.wait(10)
+
+
+# ---------------------------------------------------------------------------------------------------
 # Models: greedy decoding, and the whole pipeline
 # ---------------------------------------------------------------------------------------------------
 def test_greedy_decoding_ignores_the_seed(toy_cache):
-    import tasks
     cfg = config.parse_config(["--cache-dir", toy_cache] + TINY)
     _, sft = loop.toy_paths(cfg)
     path = os.path.join(sft, "final")
@@ -298,7 +482,7 @@ def test_dar_then_eval_end_to_end(toy_cache, tmp_path, monkeypatch, capsys):
     (tmp_path / "question.jsonl").write_text(
         json.dumps({"question_id": 81, "category": "writing", "turns": ["reverse: abc", "and: xyz"]}) + "\n")
     res = subprocess.run([sys.executable, os.path.join(ROOT, "eval.py"), *runs, "--out", str(tmp_path / "ev"),
-                          "--n-prompts", "8", "--checkpoints", "--alpacaeval", "alpaca_eval.json",
+                          "--n-prompts", "16", "--checkpoints", "--alpacaeval", "alpaca_eval.json",
                           "--mtbench", "question.jsonl"],
                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -318,8 +502,18 @@ def test_dar_then_eval_end_to_end(toy_cache, tmp_path, monkeypatch, capsys):
     r = json.load(open(ev_dir / "toy-dar-s0.json"))
     assert [c["run"]["step"] for c in r["checkpoints"]] == [1]
     assert r["train_judge"] == "toy_proxy" and r["policy/train_judge_reward"] >= 0  # trained on the proxy
-    assert r["n_prompts"] == 8 and r["run"]["step"] == 2 and r["run"]["seed"] == 0
-    for k in ("win_rate", "pref_win_rate", "golden/win_rate", "pi_0/missing_eos", "policy/missing_eos"):
+    assert r["n_prompts"] == 16 and r["run"]["step"] == 2 and r["run"]["seed"] == 0
+    # dar.py's end-of-run report drew the same random test prompts (TINY: --eval-prompts 16) and got the same numbers
+    at_end = json.load(open(os.path.join(runs[0], "eval.json")))
+    for k in ("prompts_sha256", "win_rate", "reward_win_rate", "pref_win_rate", "pi_0/reward", "policy/reward"):
+        assert at_end[k] == r[k], k
+    # the best checkpoint: chosen on the validation prompts among ckpt-000001 and final/, reported beside final
+    assert r["best_step"] in (1, 2) and 0 <= r["valid/win_rate"] <= 1 and r["valid/n_prompts"] == 16
+    assert "best" in res.stdout and "validation prompts" in res.stdout
+    table_csv = list(csv.DictReader(open(ev_dir / "table.csv")))
+    assert len(table_csv) == 1 and float(table_csv[0]["best step"]) in (1.0, 1.5, 2.0)
+    for k in ("win_rate", "reward_win_rate", "pref_win_rate", "golden/win_rate", "pi_0/missing_eos",
+              "policy/missing_eos"):
         assert 0 <= r[k] <= 1, k
     assert 0 <= r["policy/reward"] <= 10 and r["kl_pi0"] >= 0 and r["kl_prev"] >= 0
     assert r["kl_alpha/prev_step"] == 1  # the previous kept checkpoint of final/ (step 2) is ckpt-000001
@@ -331,7 +525,7 @@ def test_dar_then_eval_end_to_end(toy_cache, tmp_path, monkeypatch, capsys):
     # --reuse redraws from the saved evaluations (same settings) without evaluating a model again
     monkeypatch.setattr(ev, "evaluate_checkpoint", lambda *a, **k: pytest.fail("evaluated again"))
     os.remove(ev_dir / "summary.json")
-    ev.main([*runs, "--out", str(ev_dir), "--n-prompts", "8", "--checkpoints", "--reuse"])
+    ev.main([*runs, "--out", str(ev_dir), "--n-prompts", "16", "--checkpoints", "--reuse"])
     assert json.load(open(ev_dir / "summary.json")) == summary
     with pytest.raises(pytest.fail.Exception, match="evaluated again"):  # other settings: evaluated again
         ev.main([*runs, "--out", str(ev_dir), "--n-prompts", "4", "--checkpoints", "--reuse"])

@@ -247,11 +247,11 @@ def test_long_prompts_leave_every_list_that_holds_them():
     short, long_ = "hi", [user("a much longer first message"), assistant("ok"), user("and more")]
     limit = len(tok(rollout.render_prompts(tok, [short]), add_special_tokens=False)["input_ids"][0])
     t = tasks.Task("helpful", [short, long_], [long_, short], [(long_, "a"), (short, "b")],
-                   [(short, "c", "d"), (long_, "e", "f")], "helpful", ["ref-long", "ref-short"])
+                   [(short, "c", "d"), (long_, "e", "f")], "helpful", ["ref-long", "ref-short"], [long_, short])
     fit, skipped = tasks.without_long_prompts(t, tok, limit)
     assert (fit.train_prompts, fit.eval_prompts, fit.references) == ([short], [short], ["ref-short"])
-    assert fit.sft_data == [(short, "b")] and fit.pref_data == [(short, "c", "d")]
-    assert skipped == {"train_prompts": 1, "eval_prompts": 1, "sft_data": 1, "pref_data": 1}
+    assert fit.sft_data == [(short, "b")] and fit.pref_data == [(short, "c", "d")] and fit.valid_prompts == [short]
+    assert skipped == {"train_prompts": 1, "eval_prompts": 1, "sft_data": 1, "pref_data": 1, "valid_prompts": 1}
     assert tasks.without_long_prompts(t, tok, 10**6) == (t, dict.fromkeys(skipped, 0))
     with pytest.raises(SystemExit, match="none of the 2 train prompts fits in --max-prompt-tokens"):
         tasks.without_long_prompts(t, tok, limit - 1)
