@@ -16,8 +16,9 @@ Reported per model (Section 5 of the paper; golden reward and KL estimator of th
     preference (the gold rule's with its EOS check, which RuleJudge.prefer leaves out). The other is beside it;
   * golden-reward win rate (IS-DPO appendix, "Golden reward Evaluation"): the gold scorer (the eval judge)
     scores 2 policy samples per prompt and the data set's reference completion; win rate over all pairs;
-  * KL(pi_theta || pi_0) with k3 on the policy's own samples at temperature 1, and for DAR the
-    alpha-interpolated KL of Section 5.2 (see alpha_kl);
+  * KL(pi_theta || pi_0) with k3 on the policy's own samples, of the models at the temperature the compared
+    responses are sampled with (`kl_temperature`; 1 with greedy decoding), and for DAR the alpha-interpolated
+    KL of Section 5.2 (see alpha_kl);
   * missing-EOS rate and mean response length (tokens).
 
 Also, when the run was trained on another judge than the eval judge, the reward under the training judge (up
@@ -226,8 +227,9 @@ def compare_with_reference(policy, ref, tok, prompts, cfg, task=None, seed=1234,
                 torch.tensor(r_s, dtype=torch.float64).view(len(prompts), s), r_ref)
             report["golden/reference_reward"] = mean_ci(r_ref)[0]
             report["golden/samples_per_prompt"] = s
-        torch.manual_seed(seed + 1)
-        own = rollout.generate(policy, tok, prompts, 1, cfg.max_new_tokens, temperature=1.0)
+        torch.manual_seed(seed + 1)  # the KL of the distributions sampled (at T, log-probs at T too: rollout.py)
+        report["kl_temperature"] = 1.0 if greedy else temperature
+        own = rollout.generate(policy, tok, prompts, 1, cfg.max_new_tokens, report["kl_temperature"])
         logp, logp_0 = score(policy, own, cfg.micro_batch), score(ref, own, cfg.micro_batch)
         report["kl_pi0"], report["kl_pi0_ci"] = mean_ci(k3(logp, logp_0, own.response_mask))
         if prev is not None and alpha is not None:
@@ -259,7 +261,8 @@ def print_report(r):
     if "golden/win_rate" in r:
         print(f"  golden win rate over the references (all pairs): {r['golden/win_rate']:.1%} "
               f"± {r['golden/win_rate_ci']:.1%}")
-    print(f"  KL(policy || pi_0), k3 estimate: {r['kl_pi0']:.3f} ± {r['kl_pi0_ci']:.3f} nats")
+    print(f"  KL(policy || pi_0) at T={r.get('kl_temperature', 1.0):g}, k3 estimate: {r['kl_pi0']:.3f} "
+          f"± {r['kl_pi0_ci']:.3f} nats")
     if "kl_alpha" in r:
         print(f"  alpha-interpolated KL (alpha KL(pi||pi_0) + (1-alpha) KL(pi||pi_prev)): {r['kl_alpha']:.3f} nats")
 

@@ -408,6 +408,21 @@ def test_headline_win_rate_is_the_pairwise_preference_for_llm_evaluators(eval_ju
     assert r["train_judge"] == ("llm annotator" if eval_judge == "llm" else "llm")
 
 
+@pytest.mark.parametrize("greedy, temperature, expected", [(False, 0.9, 0.9), (False, 0.7, 0.7), (True, 0.9, 1.0)])
+def test_evaluation_kl_is_of_the_models_at_the_sampling_temperature(greedy, temperature, expected, random_toy_model,
+                                                                    monkeypatch):
+    """The KL is estimated on the policy's samples at the evaluation's temperature, with the log-probs of pi_theta
+    and pi_0 at that temperature too (1 for greedy decoding), and the report says which."""
+    model, tok = random_toy_model
+    cfg = config.Config(eval_judge="toy_gold", max_new_tokens=4, micro_batch=4)
+    scored, real = [], ev.score
+    monkeypatch.setattr(ev, "score", lambda m, batch, *a, **k: scored.append(batch.temperature) or real(m, batch, *a, **k))
+    r = ev.compare_with_reference(model, model, tok, tasks.toy_prompts(4, seed=2), cfg, greedy=greedy,
+                                  temperature=temperature, pairwise=False)
+    assert r["kl_temperature"] == expected and scored[-2:] == [expected, expected]
+    assert r["kl_pi0"] == pytest.approx(0.0, abs=1e-6)  # the policy is pi_0 here
+
+
 def serve_annotator(*flags):
     """A `judge.py --serve --task toy` on a free port: (process, base URL)."""
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "judge.py"), "--serve", "--task", "toy", "--port", "0",
