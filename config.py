@@ -76,6 +76,10 @@ class Config:
     gamma: float = arg(1.0, "PPO discount per token")
     missing_eos_penalty: float = arg(1.0, "PPO family: subtracted from the reward of a response without EOS")
     value_model: str = arg("", "PPO value model: a Hugging Face directory; '' = pi_0's network, fresh scalar head")
+    pair_labels: str = arg("preference", "labels of online_dpo/ipo/slic: preference (the annotator's preference "
+                                         "prompt, Tables 12-14, on K/2 disjoint pairs per prompt, both orders: K "
+                                         "annotator calls per prompt besides the K reward-prompt calls logged as "
+                                         "train/reward_mean) or reward (best vs. worst of K by reward-prompt score)")
     simpo_gamma: float = arg(1.6, "SimPO target reward margin gamma")
     is_clip: float = arg(1.0, "IS-DPO: upper clip of the importance ratio pi_theta/pi_0 of a pair")
     # online sampling (Appendix B.1)
@@ -212,8 +216,16 @@ def check_config(cfg, world):
         bad(f"--online-batch {cfg.online_batch} must be a multiple of K x ranks = {cfg.k} x {world}")
     if cfg.online_batch % cfg.minibatch:
         bad(f"--online-batch {cfg.online_batch} must be a multiple of --minibatch {cfg.minibatch}")
-    # online pair methods update on whole prompts (K responses each), offline pair methods on pairs
-    unit = cfg.k if cfg.algo in ("online_dpo", "ipo", "slic") else 2 if cfg.algo in ("dpo", "simpo", "is_dpo") else 1
+    if cfg.pair_labels not in ("preference", "reward"):
+        bad(f"--pair-labels must be preference or reward, got {cfg.pair_labels!r}")
+    online_pairs = cfg.algo in ("online_dpo", "ipo", "slic")
+    if online_pairs and cfg.pair_labels == "preference" and cfg.k % 2:
+        bad(f"--k must be even with --pair-labels preference: a prompt's K samples make K/2 pairs, got {cfg.k}; "
+            "or use --pair-labels reward (best vs. worst of K)")
+    # online pair methods update on pairs (preference labels) or whole prompts (reward ranking, one pair of K
+    # responses); offline pair methods on pairs
+    unit = (2 if cfg.pair_labels == "preference" else cfg.k) if online_pairs else \
+        2 if cfg.algo in ("dpo", "simpo", "is_dpo") else 1
     if cfg.minibatch % (world * unit):
         bad(f"--minibatch {cfg.minibatch} must split evenly into {world} ranks" +
             (f" in whole groups of {unit} responses" if unit > 1 else ""))
