@@ -17,7 +17,8 @@ pieces they share (sampling, judging, minibatch updates, metrics) live once in l
 Notation as in dar.py: logp = log pi_theta(y|x) (with gradient), logp_t = log pi_t (the policy that sampled
 the batch), logp_0 = log pi_0 (the frozen initial policy), all token sums [N] unless named *_tok [N, R]
 (per response token, 0 past the end); mask [N, R] marks response tokens. Every loss returns one term per
-sequence (or per pair); the objective is their mean, and the loop divides a minibatch's sum by its size.
+sequence (or per pair); the objective is their mean, and the loop divides a minibatch's sum by its size (online
+DPO/IPO/SLiC: by its pairs that carry a preference).
 """
 import math
 

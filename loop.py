@@ -340,9 +340,9 @@ def minibatch_updates(cfg, ctx, run, n_units, n_updates, micro_units, loss_fn, e
     is that sum over the minibatch size, so micro-batching never changes the gradient. cost: tokens per
     unit [n_units]; a minibatch's units are then cut into micro-batches in order of cost, so each
     micro-batch pads to similar lengths (the minibatch, hence the update, is the same). used: which units
-    count [n_units] bool (None = all); the divisor is then the number of used units in the minibatch over
-    all ranks, over the ranks (DDP averages the ranks' gradients), so a unit left out (an online DAP pair
-    without a preference) dilutes nothing: the gradient is the mean over the units used. Returns
+    count [n_units] bool (None = all); the divisor is then (used units of the minibatch, all ranks) / ranks,
+    and DDP averages the ranks' gradients: the gradient is the mean over the units used, and a unit left
+    out (an online DAP pair without a preference) dilutes nothing. Returns
     {"loss", "grad_norm", and the mean of every reported stat}.
     """
     per_update = n_units // n_updates
