@@ -11,13 +11,14 @@ pieces they share (sampling, judging, minibatch updates, metrics) live once in l
   RL with a value model   ppo, dual_ppo, dual_ppo_clip, dual_mix_ppo   token-level rewards, GAE, Eq. 2
   RL without a critic     dao, dao_ppo, rloo, grpo                      K samples per prompt as the baseline
   filtered SFT            iter_sft                                      SFT on the best of K
-  online direct alignment online_dpo, ipo, slic                         best vs. worst of K, by the judge
+  online direct alignment online_dpo, ipo, slic                         pairs labelled by the annotator
   offline direct align.   dpo, simpo, is_dpo                            a fixed preference data set
 
 Notation as in dar.py: logp = log pi_theta(y|x) (with gradient), logp_t = log pi_t (the policy that sampled
 the batch), logp_0 = log pi_0 (the frozen initial policy), all token sums [N] unless named *_tok [N, R]
 (per response token, 0 past the end); mask [N, R] marks response tokens. Every loss returns one term per
-sequence (or per pair); the objective is their mean, and the loop divides a minibatch's sum by its size.
+sequence (or per pair); the objective is their mean, and the loop divides a minibatch's sum by its size (online
+DPO/IPO/SLiC: by its pairs that carry a preference).
 """
 import math
 
@@ -213,16 +214,51 @@ def best_of_k(rewards, k):
     return torch.arange(len(r)) * k + best, (~torch.isnan(r)).any(1)
 
 
-def preference_pairs(rewards, k):
-    """(chosen, rejected) per prompt: the highest- and lowest-reward of its K responses (the judge's ranking),
-    and whether they differ (a tie or fewer than 2 valid judgments carries no preference). ([B], [B], [B])"""
+def reward_pairs(rewards, k):
+    """--pair-labels reward: (first, second, p) per prompt, its highest- and lowest-reward responses by the judge's
+    reward-prompt scores, and p = P(first preferred): 1, 0.5 when they tie, NaN with fewer than 2 valid
+    judgments. ([B], [B], [B])"""
     r = rewards.view(-1, k)
     nan = torch.isnan(r)
     hi, lo = torch.where(nan, -math.inf, r), torch.where(nan, math.inf, r)
-    chosen, rejected = hi.argmax(1), lo.argmin(1)
+    first, second = hi.argmax(1), lo.argmin(1)
     rows = torch.arange(len(r))
-    has_pref = hi[rows, chosen] > lo[rows, rejected]
-    return rows * k + chosen, rows * k + rejected, has_pref
+    p = torch.where(hi[rows, first] > lo[rows, second], 1.0, 0.5).double()
+    p = torch.where((~nan).sum(1) < 2, math.nan, p)
+    return rows * k + first, rows * k + second, p
+
+
+def disjoint_pairs(n, k):
+    """--pair-labels preference: the pairs (y_1, y_2), (y_3, y_4), ... of each prompt's K samples (K even; rows
+    of a prompt are adjacent). Each is two independent samples of pi_t, the pair OAIF labels (Guo et al. 2024),
+    and each sample is shown to the annotator in one pair. ([N/2], [N/2])"""
+    assert k % 2 == 0, "disjoint pairs need an even K (config.check_config says so)"
+    return torch.arange(0, n, 2), torch.arange(1, n, 2)
+
+
+def label_pairs(first, second, p):
+    """(chosen, rejected, used) from p = P(first preferred): y_w is `first` where p > 1/2. A pair is used only
+    with a preference: p = 1/2 (a tie, or an annotator whose two orders disagree) and NaN (invalid) are not.
+    ([P], [P], [P] bool)"""
+    a_wins = p > 0.5
+    return torch.where(a_wins, first, second), torch.where(a_wins, second, first), ~torch.isnan(p) & (p != 0.5)
+
+
+def judge_preferences(cfg, ctx, run, batch, first, second):
+    """Step 2b of the online DAP methods with --pair-labels preference: p = P(y_first preferred over y_second)
+    per pair [P] from judge.prefer (an LLM annotator: the preference prompt of Tables 12-14, asked in both orders,
+    Appendix C.1), NaN = invalid. Like loop.judge_batch for rewards, raises loop.JudgeFailure (on every rank)
+    when more than --max-invalid-frac of the online batch's pairs got no valid judgment."""
+    p = torch.tensor(run.judge.prefer([batch.prompts[i] for i in first], [batch.responses[i] for i in first],
+                                      [batch.responses[i] for i in second]), dtype=torch.float64)
+    counts = infra.gather(ctx, torch.tensor([float(torch.isnan(p).sum()), float(len(p))],
+                                            device=ctx.device)).view(-1, 2).sum(0)
+    frac = (counts[0] / counts[1]).item()
+    if frac > cfg.max_invalid_frac:
+        where = f"the annotator at {cfg.judge_url}" if cfg.judge == "llm" else f"judge {cfg.judge}"
+        raise loop.JudgeFailure(f"{frac:.0%} of its preference judgments are invalid, above --max-invalid-frac "
+                                f"{cfg.max_invalid_frac:g} ({where}; its messages above say why)")
+    return p
 
 
 def dpo_loss(logp_w, logp_l, ref_w, ref_l, beta):
@@ -425,32 +461,45 @@ def iter_sft_step(step, cfg, ctx, run):
 
 
 def pair_step(step, cfg, ctx, run):
-    """Online DPO, IPO, SLiC: the judge ranks each prompt's K samples; best vs. worst form the pair."""
+    """Online DPO, IPO, SLiC: pairs of each prompt's samples, labelled by the annotator's preference (OAIF) or
+    ranked by reward (--pair-labels)."""
     timer = {}
     batch, rewards, invalid, logp_t_tok, logp_0_tok, logp_diff = sample_judge_score(step, cfg, ctx, run, timer)
     logp_0 = logp_0_tok.sum(1)                                                              # [N]
 
-    # 4. pairs (y_w, y_l) per prompt                                                         [B]
-    chosen, rejected, has_pref = preference_pairs(rewards, cfg.k)
+    # 4. pairs (y_w, y_l): two samples labelled by the annotator's preference prompt in both orders (Appendix B.1,
+    #    B.3 after Guo et al. 2024), or the best and worst of K by the reward prompt's scores           [P]
+    if cfg.pair_labels == "preference":
+        first, second = disjoint_pairs(len(batch), cfg.k)
+        with infra.timed(timer, "prefer"):
+            p = judge_preferences(cfg, ctx, run, batch, first, second)
+    else:
+        first, second, p = reward_pairs(rewards, cfg.k)
+    chosen, rejected, used = label_pairs(first, second, p)
     loss_of = PAIR_LOSSES[cfg.algo]
 
-    # 5. updates on pairs; a prompt without a preference (tie, invalid) contributes 0
+    # 5. updates: the mean loss over the pairs with a preference; a tie, an inconsistent or an invalid label
+    #    adds nothing to a minibatch's loss nor to its divisor (minibatch_updates' `used`)
     def loss_fn(mb):
         n = len(mb)
         logp = rollout.token_logps(run.ddp, batch.select(torch.cat([chosen[mb], rejected[mb]])).to(ctx.device)).sum(1)
         lw, ll = logp[:n], logp[n:]
         rw, rl = logp_0[chosen[mb]].to(lw.device), logp_0[rejected[mb]].to(lw.device)
-        loss = torch.where(has_pref[mb].to(lw.device), loss_of(lw, ll, rw, rl, cfg.beta), 0.0)
-        return loss.sum(), {"margin": ((lw - rw) - (ll - rl)).detach()[has_pref[mb]].mean().item()
-                            if has_pref[mb].any() else 0.0}
+        loss = torch.where(used[mb].to(lw.device), loss_of(lw, ll, rw, rl, cfg.beta), 0.0)
+        return loss.sum(), {"margin": ((lw - rw) - (ll - rl)).detach()[used[mb]].mean().item()
+                            if used[mb].any() else 0.0}
 
     with infra.timed(timer, "update"):
         upd = loop.minibatch_updates(cfg, ctx, run, len(chosen), cfg.online_batch // cfg.minibatch,
                                      max(1, cfg.micro_batch // 2), loss_fn, cfg.epochs,
-                                     cost=torch.maximum(batch.lengths()[chosen], batch.lengths()[rejected]))
-    pref = infra.gather(ctx, has_pref.double().to(ctx.device)).cpu()
+                                     cost=torch.maximum(batch.lengths()[chosen], batch.lengths()[rejected]), used=used)
+    P = infra.gather(ctx, p.to(ctx.device)).cpu()                                # every rank's pairs
+    ties, invalid_pairs = int((P == 0.5).sum()), int(torch.isnan(P).sum())
+    n_used = len(P) - ties - invalid_pairs
     return loop.online_metrics(step, cfg, ctx, run, batch, rewards, invalid, logp_t_tok, logp_0_tok, upd, timer,
-                               logp_diff=logp_diff, extra={"pairs/with_preference_frac": pref.mean().item()})
+                               logp_diff=logp_diff, extra={"pairs/used": n_used, "pairs/ties": ties,
+                                                           "pairs/invalid": invalid_pairs,
+                                                           "pairs/with_preference_frac": n_used / len(P)})
 
 
 def offline_pair_step(step, cfg, ctx, run):

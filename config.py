@@ -87,6 +87,10 @@ class Config:
     gamma: float = arg(1.0, "PPO discount per token")
     missing_eos_penalty: float = arg(1.0, "PPO family: subtracted from the reward of a response without EOS")
     value_model: str = arg("", "PPO value model: a Hugging Face directory; '' = pi_0's network, fresh scalar head")
+    pair_labels: str = arg("preference", "labels of online_dpo/ipo/slic: preference (the annotator's preference "
+                                         "prompt, Tables 12-14, on K/2 disjoint pairs per prompt, both orders: K "
+                                         "annotator calls per prompt besides the K reward-prompt calls logged as "
+                                         "train/reward_mean) or reward (best vs. worst of K by reward-prompt score)")
     simpo_gamma: float = arg(1.6, "SimPO target reward margin gamma")
     is_clip: float = arg(math.inf, "IS-DPO: upper clip of the importance ratio pi_theta/pi_0 of a pair; inf = none, "
                                    "the unbiased estimator of Theorem 1; a finite clip trades bias for variance")
@@ -237,8 +241,16 @@ def check_config(cfg, world):
         bad(f"--online-batch {cfg.online_batch} must be a multiple of K x ranks = {cfg.k} x {world}")
     if cfg.online_batch % cfg.minibatch:
         bad(f"--online-batch {cfg.online_batch} must be a multiple of --minibatch {cfg.minibatch}")
-    # online pair methods update on whole prompts (K responses each), offline pair methods on pairs
-    unit = cfg.k if cfg.algo in ("online_dpo", "ipo", "slic") else 2 if cfg.algo in OFFLINE_PAIRS else 1
+    if cfg.pair_labels not in ("preference", "reward"):
+        bad(f"--pair-labels must be preference or reward, got {cfg.pair_labels!r}")
+    online_pairs = cfg.algo in ("online_dpo", "ipo", "slic")
+    if online_pairs and cfg.pair_labels == "preference" and cfg.k % 2:
+        bad(f"--k must be even with --pair-labels preference: a prompt's K samples make K/2 pairs, got {cfg.k}; "
+            "or use --pair-labels reward (best vs. worst of K)")
+    # online pair methods update on pairs (preference labels) or whole prompts (reward ranking, one pair of K
+    # responses); offline pair methods on pairs
+    unit = (2 if cfg.pair_labels == "preference" else cfg.k) if online_pairs else \
+        2 if cfg.algo in OFFLINE_PAIRS else 1
     if cfg.minibatch % (world * unit):
         bad(f"--minibatch {cfg.minibatch} must split evenly into {world} ranks" +
             (f" in whole groups of {unit} responses" if unit > 1 else ""))
@@ -287,7 +299,7 @@ def check_config(cfg, world):
 
 # Fields added after runs were saved, with the value that reproduces what the code did before them: a checkpoint
 # without the field resumes only with that value (given on the command line), never silently with a new default.
-VALUE_BEFORE_FIELD = {"logp_temperature": 1.0}
+VALUE_BEFORE_FIELD = {"logp_temperature": 1.0, "pair_labels": "reward"}
 # Fields read by these algorithms only: a checkpoint of another algorithm may hold an older default (is_clip was 1
 # before issue 16) without making its resume a different experiment.
 USED_ONLY_BY = {"is_clip": ("is_dpo",)}

@@ -34,9 +34,9 @@ reward_model the model's own logit scale. The loop normalises advantages per bat
 ordering and spread of rewards within a batch.
 
 A stand-in annotator for tests and demos, needing no GPU and no model: an OpenAI-compatible HTTP server
-whose "LLM" is the toy task's rule, reading the very prompts an LLM would read. The paper's reward
-prompts (TL;DR, helpfulness, harmlessness) get a crude word-overlap rating (`overlap_score`), so those
-tasks also run end to end against a real endpoint on a CPU; it is a plumbing check, not a judge of quality:
+whose "LLM" is the toy task's rule, reading the very prompts an LLM would read. The paper's reward and
+preference prompts (TL;DR, helpfulness, harmlessness) get a crude word-overlap rating (`overlap_score`), so
+those tasks also run end to end against a real endpoint on a CPU; it is a plumbing check, not a judge of quality:
 
     python judge.py --serve --task toy --port 8000 [--host 127.0.0.1] [--annotator gold|proxy]
     python dar.py --judge llm --judge-url http://127.0.0.1:8000/v1
@@ -66,8 +66,8 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 import tasks
-from prompts import (HARM_FAMILIES, REWARD_PROMPTS, TOY_PREFERENCE_PROMPT, TOY_REWARD_PROMPT, as_conversation,
-                     render_preference_prompt, render_reward_prompt)
+from prompts import (HARM_FAMILIES, PREFERENCE_PROMPTS, REWARD_PROMPTS, TOY_PREFERENCE_PROMPT, TOY_REWARD_PROMPT,
+                     as_conversation, render_preference_prompt, render_reward_prompt)
 from rollout import plain_dialogue
 
 JUDGES = ("toy_gold", "toy_proxy", "llm", "reward_model")
@@ -551,6 +551,7 @@ def _toy_prompt_of(context):
 
 
 PAPER_REWARD_RES = {f: _template_regex(REWARD_PROMPTS[f]) for f in ("tldr", "helpful", "harmless")}
+PAPER_PREFERENCE_RES = {f: _template_regex(PREFERENCE_PROMPTS[f]) for f in ("tldr", "helpful", "harmless")}
 
 
 def overlap_score(context, response):
@@ -566,7 +567,8 @@ def toy_annotate(message, score, position_bias=False):
     """What the toy annotator replies to one user message: a reward prompt gets "<sentence>.\\nSCORE: n";
     a preference prompt "<sentence>.\\nPreferred Response=k" (the higher toy score; on a tie the first
     one, as a position-biased annotator would; with position_bias always 1); anything else a refusal.
-    The annotator sees text only, so a response is scored as if it ended (no EOS check)."""
+    The annotator sees text only, so a response is scored as if it ended (no EOS check). The paper's
+    families get the same answers from `overlap_score` ("Preferred Summary=k" for TL;DR)."""
     m = TOY_REWARD_RE.match(message)
     prompt = m and _toy_prompt_of(m["context"])
     if prompt:
@@ -585,6 +587,17 @@ def toy_annotate(message, score, position_bias=False):
             context, response = m.groups()
             return f"A stand-in rating: word overlap with the {'post' if family == 'tldr' else 'context'}.\n" \
                    f"SCORE: {overlap_score(context, response)}"
+    for family, regex in PAPER_PREFERENCE_RES.items():   # their preference prompts: the same rating, compared
+        m = regex.match(message)
+        if m:
+            context, response1, response2 = m.groups()
+            s1, s2 = overlap_score(context, response1), overlap_score(context, response2)
+            # harmless: the rating is the harm score h of the reward prompt (reward 11 - h, parse_reward), so the
+            # higher one answers the prompt's "choose the most harmful response", consistently with the rewards
+            k = 1 if position_bias or s1 >= s2 else 2
+            what = "Summary" if family == "tldr" else "Response"
+            return f"A stand-in choice by word overlap with the {'post' if family == 'tldr' else 'context'} " \
+                   f"({s1} vs. {s2}).\nPreferred {what}={k}"
     return "I'm sorry, I can only rate word reversals."
 
 

@@ -338,7 +338,7 @@ def score(model, batch, micro_batch, per_token=rollout.token_logps):
     return out.clone()
 
 
-def minibatch_updates(cfg, ctx, run, n_units, n_updates, micro_units, loss_fn, epochs, cost=None):
+def minibatch_updates(cfg, ctx, run, n_units, n_updates, micro_units, loss_fn, epochs, cost=None, used=None):
     """Optimizer steps on one online batch: per epoch, a fresh shuffle of this rank's n_units units (a
     sequence, or a prompt's group), split into n_updates minibatches; each minibatch in micro-batches
     of micro_units units whose gradients accumulate (DDP syncs on the last one only).
@@ -346,7 +346,10 @@ def minibatch_updates(cfg, ctx, run, n_units, n_updates, micro_units, loss_fn, e
     loss_fn(rows) -> (sum of the per-unit losses of units `rows`, {name: float}); the minibatch loss
     is that sum over the minibatch size, so micro-batching never changes the gradient. cost: tokens per
     unit [n_units]; a minibatch's units are then cut into micro-batches in order of cost, so each
-    micro-batch pads to similar lengths (the minibatch, hence the update, is the same). Returns
+    micro-batch pads to similar lengths (the minibatch, hence the update, is the same). used: which units
+    count [n_units] bool (None = all); the divisor is then (used units of the minibatch, all ranks) / ranks,
+    and DDP averages the ranks' gradients: the gradient is the mean over the units used, and a unit left
+    out (an online DAP pair without a preference) dilutes nothing. Returns
     {"loss", "grad_norm", and the mean of every reported stat}.
     """
     per_update = n_units // n_updates
@@ -358,6 +361,10 @@ def minibatch_updates(cfg, ctx, run, n_units, n_updates, micro_units, loss_fn, e
             if cost is not None:
                 rows = rows[torch.argsort(cost[rows], stable=True)]
             micro = [rows[i:i + micro_units] for i in range(0, len(rows), max(1, micro_units))]
+            divisor = per_update
+            if used is not None:  # the same count on every rank; none used: the loss is 0, any divisor will do
+                count = gather(ctx, used[rows].sum().double().to(ctx.device)[None]).sum().item()
+                divisor = count / ctx.world if count else 1.0
             loss_sum = 0.0
             for j, mb in enumerate(micro):
                 with contextlib.ExitStack() as stack:
@@ -365,8 +372,8 @@ def minibatch_updates(cfg, ctx, run, n_units, n_updates, micro_units, loss_fn, e
                         for m in run.trained:
                             stack.enter_context(local_gradients(m))
                     loss, info = loss_fn(mb)
-                    (loss / per_update).backward()
-                loss_sum += loss.item() / per_update
+                    (loss / divisor).backward()
+                loss_sum += loss.item() / divisor
                 for k, v in info.items():
                     stats.setdefault(k, []).append(v)
             losses.append(loss_sum)

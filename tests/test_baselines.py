@@ -224,12 +224,15 @@ def test_grpo_loss_value_and_gradient_at_pi_t_equal_pi_0():
 # ---------------------------------------------------------------------------------------------------
 # Filtered SFT and direct alignment
 # ---------------------------------------------------------------------------------------------------
-def test_best_of_k_and_preference_pairs_handle_ties_and_invalid_judgments():
+def test_best_of_k_and_reward_pairs_handle_ties_and_invalid_judgments():
     r = T([1.0, 7.0, 3.0, math.nan, 4.0, 4.0, math.nan, math.nan, math.nan], dtype=torch.float64)
     best, has = B.best_of_k(r, 3)
     assert best.tolist() == [1, 4, 6] and has.tolist() == [True, True, False]
-    chosen, rejected, pref = B.preference_pairs(r, 3)
-    assert chosen[0].item() == 1 and rejected[0].item() == 0 and pref.tolist() == [True, False, False]
+    first, second, p = B.reward_pairs(r, 3)
+    assert first[0].item() == 1 and second[0].item() == 0
+    assert p[:2].tolist() == [1.0, 0.5] and math.isnan(p[2])        # a tie; fewer than 2 valid: invalid
+    chosen, rejected, used = B.label_pairs(first, second, p)
+    assert chosen[0].item() == 1 and rejected[0].item() == 0 and used.tolist() == [True, False, False]
 
 
 W, L, RW, RL = T([-2.0]), T([-3.0]), T([-2.5]), T([-2.0])     # h = (-2 + 2.5) - (-3 + 2) = 1.5

@@ -445,6 +445,36 @@ def test_importing_judge_starts_nothing():
     assert out.stdout.split() == ["1", "False", "False", "False"], out.stderr
 
 
+# One prompt per family of the paper and a response that repeats its words: the served annotator's stand-in rating
+# (overlap_score) rates it above unrelated words, and rates unrelated words alike.
+PAPER_SAMPLES = {
+    "tldr": ("SUBREDDIT: r/cats\n\nTITLE: My cat eats grass\n\nPOST: My cat eats grass every morning. Is that "
+             "normal for a cat?\n\nTL;DR:", "my cat eats grass every morning"),
+    "helpful": ([{"role": "user", "content": "How long should I boil an egg?"},
+                 {"role": "assistant", "content": "Do you like the yolk soft or hard?"},
+                 {"role": "user", "content": "Soft, please."}], "boil the egg soft"),
+    "harmless": ("How do I pick the lock of my own front door?", "pick the lock of my own door"),
+}
+
+
+@pytest.mark.parametrize("family", ["tldr", "helpful", "harmless"])
+def test_served_annotator_answers_the_papers_preference_prompts(family, gold_url):
+    """Tables 12-14 through the HTTP server, both orders (LLMJudge.prefer): a choice for every pair, the same
+    order as the rewards of the family's reward prompt (harmless: the prompt asks for the MORE harmful response,
+    the reward is 11 - harm)."""
+    prompt, good = PAPER_SAMPLES[family]
+    a = [good, "purple monkeys dance", good + " purple", "zebra quantum"]
+    b = ["purple monkeys dance", good, "quantum zebra", "purple monkeys"]
+    reply = judge.toy_annotate(judge.render_preference_prompt(family, prompt, a[0], b[0]), toy_gold_score)
+    assert re.search(rf"Preferred {'Summary' if family == 'tldr' else 'Response'}=[12]\Z", reply)
+    j = client(gold_url, family)
+    p = j.prefer([prompt] * 4, a, b)
+    rewards = j([prompt] * 8, a + b, [True] * 8).rewards
+    assert p == [judge.prefer_by_score(x, y) for x, y in zip(rewards[:4], rewards[4:])]
+    assert {1.0, 0.0} <= set(p)                     # decisive in both directions, no NaN
+    assert p[3] == 0.5 and rewards[3] == rewards[7]  # equal ratings: a tie (the first picked in both orders)
+
+
 def test_server_refuses_what_is_not_a_toy_prompt(gold_url):
     j = client(gold_url)
     out = j(["What is the capital of France?"], ["Paris"], [True])

@@ -84,3 +84,26 @@ def test_helpsteer2_trains_with_a_reward_model_and_its_paper_defaults(reward_mod
     assert [r["step"] for r in rows] == [1, 2] and all(r["train/invalid_judgments"] == 0 for r in rows)
     causal = json.load(open(os.path.join(reward_model, "config.json")))["architectures"] == ["Qwen2ForCausalLM"]
     assert ("a causal LM; reward = the logit of token 0" in p.stdout) == causal
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task", ["toy", "helpful"])
+def test_online_dpo_learns_from_the_annotators_preference_prompts(task, annotator, pi_0, tmp_path):
+    """--algo online_dpo --judge llm against the served annotator: its pairs are labelled by the task's preference
+    prompt in both orders (--pair-labels preference, the default), and the evaluation's pairwise win rate over
+    pi_0 is a number (the HH preference prompt used to get a refusal, NaN)."""
+    out = tmp_path / task
+    data = ["--data", os.path.join(FIXTURES, "hh_helpful.jsonl")] if task == "helpful" else []
+    p = run_dar(SMALL + ["--task", task, "--algo", "online_dpo", "--model", pi_0, "--judge", "llm",
+                         "--eval-judge", "llm", "--judge-url", annotator, "--out-dir", str(out), *data], cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert json.load(open(out / "config.json"))["pair_labels"] == "preference"
+    rows = read_metrics(out)
+    assert [r["step"] for r in rows] == [1, 2]
+    # an online batch of 8 samples, K 2: 4 pairs, each with a valid preference (used, or a tie of both orders)
+    assert all(r["pairs/invalid"] == 0 and r["pairs/used"] + r["pairs/ties"] == 4 for r in rows)
+    assert all(r["train/invalid_judgments"] == 0 for r in rows)
+    if task == "toy":  # the toy pi_0's answers to HH prompts share no words with them: the stand-in ties them all
+        assert sum(r["pairs/used"] for r in rows) > 0
+    report = json.load(open(out / "eval.json"))
+    assert 0 <= report["pref_win_rate"] <= 1                                  # not NaN

@@ -182,7 +182,7 @@ def test_resume_ignores_an_older_is_clip_default_in_runs_that_do_not_use_it():
     (["--task", "nope"], "unknown --task 'nope'; valid tasks: toy"),
     (["--algo", "nope"], "unknown --algo 'nope'; valid algorithms: dar, sft, ppo, dual_ppo, dual_ppo_clip, "
                          "dual_mix_ppo, dao, dao_ppo, rloo, grpo, iter_sft, online_dpo, ipo, slic, dpo, simpo, is_dpo"),
-    (["--algo", "ipo", "--k", "4", "--online-batch", "48", "--minibatch", "6"],
+    (["--algo", "ipo", "--k", "4", "--online-batch", "48", "--minibatch", "6", "--pair-labels", "reward"],
      "--minibatch 6 must split evenly into 1 ranks in whole groups of 4"),
     (["--clip-eps", "0"], "--clip-eps must be > 0"),
     (["--value-model", "/no/such/dir"], "--value-model '/no/such/dir' is not a model directory"),
