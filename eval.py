@@ -65,7 +65,8 @@ NOT_HYPERPARAMETERS = {"seed", "out_dir", "resume", "cache_dir", "print_every", 
                        "keep_checkpoints", "eval_prompts", "eval_seed", "eval_judge_url", "eval_judge_model",
                        "eval_judge_api_key_env", "judge_url", "judge_api_key_env", "judge_concurrency",
                        "judge_timeout", "judge_retries", "rollout", "vllm_gpu_memory", "backend", "dtype",
-                       "logp_source", "steps", "prompt_epochs", "pref_epochs", "gradient_checkpointing", "max_invalid_frac"}
+                       "logp_source", "steps", "prompt_epochs", "pref_epochs", "gradient_checkpointing",
+                       "max_invalid_frac"}
 
 
 def t975(df):
