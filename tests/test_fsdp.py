@@ -43,7 +43,9 @@ def test_fsdp_makes_the_updates_ddp_makes(algo, extra, toy_cache, tmp_path):
     for a, b in zip(read_metrics(ddp), read_metrics(fsdp), strict=True):
         assert "train/loss" in a and a.keys() == b.keys()
         for key in (k for k in a if k.startswith("train/")):
-            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), (a["step"], key)
+            # float32 rounding, grown over 3 updates (log-probs at T = 0.9 scale logit gradients by 1/T); a missed
+            # or doubled gradient sync is off by orders of magnitude more
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5), (a["step"], key)
     w_ddp, w_fsdp = weights(os.path.join(ddp, "final")), weights(os.path.join(fsdp, "final"))
     assert w_ddp.keys() == w_fsdp.keys()  # tied embeddings saved once, as save_pretrained does
     pi_0 = weights(os.path.join(loop.toy_paths(config.parse_config(["--cache-dir", toy_cache, "--sft-steps", "40"]))[1],
