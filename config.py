@@ -301,8 +301,8 @@ def check_config(cfg, world):
 # without the field resumes only with that value (given on the command line), never silently with a new default.
 VALUE_BEFORE_FIELD = {"logp_temperature": 1.0, "pair_labels": "reward"}
 # Fields read by these algorithms only: a checkpoint of another algorithm may hold an older default (is_clip was 1
-# before issue 16) without making its resume a different experiment.
-USED_ONLY_BY = {"is_clip": ("is_dpo",)}
+# before issue 16), or lack a newer field, without making its resume a different experiment.
+USED_ONLY_BY = {"is_clip": ("is_dpo",), "pair_labels": ("online_dpo", "ipo", "slic")}
 
 
 def check_resumable(cfg, saved):

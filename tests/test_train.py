@@ -3,6 +3,7 @@ a killed run resumes to the same metrics, and bad input stops with a clear messa
 import dataclasses
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -176,6 +177,24 @@ def test_resume_ignores_an_older_is_clip_default_in_runs_that_do_not_use_it():
                 config.check_resumable(cfg, saved)
         else:
             config.check_resumable(cfg, saved)
+
+
+def test_a_checkpoint_without_a_newer_field_resumes_only_with_the_behaviour_it_had():
+    """A checkpoint saved before --logp-temperature and --pair-labels existed trained with log-probs at 1 and, for
+    online DPO/IPO/SLiC, reward-ranked pairs: its resume must say so, never switch silently to the new defaults.
+    A field the algorithm never reads (--pair-labels for DAR) does not stop it."""
+    for algo, flags, refused in (("dar", [], "--logp-temperature 0.0 (was 1.0)"),
+                                 ("dar", ["--logp-temperature", "1"], None),
+                                 ("online_dpo", ["--logp-temperature", "1"], "--pair-labels 'preference' (was 'reward')"),
+                                 ("online_dpo", ["--logp-temperature", "1", "--pair-labels", "reward"], None)):
+        cfg = config.parse_config(["--algo", algo] + flags)
+        old = {k: v for k, v in dataclasses.asdict(config.parse_config(["--algo", algo])).items()
+               if k not in ("logp_temperature", "pair_labels")}
+        if refused:
+            with pytest.raises(SystemExit, match=re.escape(refused)):
+                config.check_resumable(cfg, old)
+        else:
+            config.check_resumable(cfg, old)
 
 
 @pytest.mark.parametrize("args, message", [
