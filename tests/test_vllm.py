@@ -120,6 +120,7 @@ def test_vllm_raw_log_probs_for_logp_temperature_1(engine):
     Last in this file: closing a second in-process engine tears down vLLM's process-wide parallel state."""
     _, model, tok = engine
     raw = rollout.VllmSampler(model.name_or_path, torch.float32, seed=0, max_model_len=512, tempered_logprobs=False)
+    raw.push_weights(model)  # the model as the tests before left it (a weight push test changes it)
     batch = raw.generate(tok, PROMPTS, 2, 12, 0.9, rollout.eos_ids(model, tok))
     raw.close()
     assert batch.temperature == 1.0
