@@ -50,7 +50,7 @@ import transformers
 
 import rollout
 import tasks
-from config import Config, config_from_dict
+from config import USED_ONLY_BY, VALUE_BEFORE_FIELD, Config, config_from_dict
 from infra import Dist, load_model, load_tokenizer
 from judge import make_judge
 from loop import ensure_toy_models, fitting_task, k3, score
@@ -373,22 +373,32 @@ def aggregate_seeds(reports):
     return out
 
 
+def hyperparameters(config):
+    """The settings that make a run's experiment: every field but the seed and NOT_HYPERPARAMETERS, leaving out
+    those its algorithm never reads (config.USED_ONLY_BY); a field that an older run's config lacks takes the
+    value that reproduces what the code then did (config.VALUE_BEFORE_FIELD), else today's default."""
+    full = {**dataclasses.asdict(Config()), **VALUE_BEFORE_FIELD, **config}
+    return {k: v for k, v in full.items() if k not in NOT_HYPERPARAMETERS
+            and full["algo"] in USED_ONLY_BY.get(k, (full["algo"],))}
+
+
 def experiment_key(config):
     """What makes runs the same experiment: task, algorithm and every hyperparameter except the seed."""
-    return tuple(sorted((k, json.dumps(v)) for k, v in config.items() if k not in NOT_HYPERPARAMETERS))
+    return tuple(sorted((k, json.dumps(v)) for k, v in hyperparameters(config).items()))
 
 
 def experiment_label(config, configs):
     """algo, plus the hyperparameters in which this experiment differs from the usual value (the strictly most
     common one among the experiments of the same algo and task; without one, every experiment shows its
     value): "dar" for the base run of a sweep, "dar alpha=0" or "dar k=8 online_batch=512" around it."""
-    same = [c for c in configs if c["algo"] == config["algo"] and c["task"] == config["task"]]
+    config = hyperparameters(config)
+    same = [hyperparameters(c) for c in configs if c["algo"] == config["algo"] and c["task"] == config["task"]]
 
     def usual(k):  # the strictly most common value, else None (every experiment then shows its own)
         values = [json.dumps(c.get(k)) for c in same]
         counts = sorted((values.count(v) for v in set(values)), reverse=True)
         return max(values, key=values.count) if len(counts) == 1 or counts[0] > counts[1] else None
-    diff = sorted(k for k in config if k not in NOT_HYPERPARAMETERS and json.dumps(config[k]) != usual(k))
+    diff = sorted(k for k in config if json.dumps(config[k]) != usual(k))
     return config["algo"] + "".join(f" {k}={config[k]:g}" if _is_number(config[k]) else f" {k}={config[k]}"
                                     for k in diff)
 

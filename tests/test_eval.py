@@ -141,6 +141,19 @@ def test_labels_name_what_differs_from_the_base_run():
     assert [ev.experiment_label(c, two) for c in two] == ["dar alpha=0.5", "dar alpha=0"]
 
 
+def test_an_older_run_is_the_same_experiment_when_what_changed_is_unused_or_was_its_behaviour():
+    """A DAR run saved with is_clip 1 (the older default, never read by DAR) and without fields added since
+    (reward_token_id; pair_labels, read by online DAP only) groups with today's DAR runs; an IS-DPO run with
+    is_clip 1 is another experiment, and so is a DAR run saved before --logp-temperature (log-probs at 1)."""
+    now = dict(config.Config().__dict__)
+    old = {k: v for k, v in dict(now, is_clip=1.0).items() if k not in ("reward_token_id", "pair_labels")}
+    assert ev.experiment_key(old) == ev.experiment_key(now)
+    assert ev.experiment_label(old, [now, now, old]) == "dar"
+    assert ev.experiment_key(dict(now, algo="is_dpo", is_clip=1.0)) != ev.experiment_key(dict(now, algo="is_dpo"))
+    older = {k: v for k, v in old.items() if k != "logp_temperature"}
+    assert ev.experiment_label(older, [now, now, older]) == "dar logp_temperature=1"
+
+
 def test_group_runs_counts_a_seed_once(capsys):
     reports = [fake_report("dar", 0, 0.5), fake_report("dar", 0, 0.7), fake_report("dar", 1, 0.9)]
     groups = ev.group_runs(reports, lambda r: r["run"]["config"])
