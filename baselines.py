@@ -251,9 +251,7 @@ def judge_preferences(cfg, ctx, run, batch, first, second):
     when more than --max-invalid-frac of the online batch's pairs got no valid judgment."""
     p = torch.tensor(run.judge.prefer([batch.prompts[i] for i in first], [batch.responses[i] for i in first],
                                       [batch.responses[i] for i in second]), dtype=torch.float64)
-    counts = infra.gather(ctx, torch.tensor([float(torch.isnan(p).sum()), float(len(p))],
-                                            device=ctx.device)).view(-1, 2).sum(0)
-    frac = (counts[0] / counts[1]).item()
+    frac = loop.invalid_share(ctx, p)
     if frac > cfg.max_invalid_frac:
         where = f"the annotator at {cfg.judge_url}" if cfg.judge == "llm" else f"judge {cfg.judge}"
         raise loop.JudgeFailure(f"{frac:.0%} of its preference judgments are invalid, above --max-invalid-frac "

@@ -280,8 +280,7 @@ def judge_batch(cfg, ctx, run, batch):
         judged.reasons["infinite reward"] = int(torch.isinf(rewards).sum())
         rewards = torch.where(torch.isinf(rewards), math.nan, rewards)
     invalid = int(torch.isnan(rewards).sum())
-    counts = gather(ctx, torch.tensor([float(invalid), float(len(batch))], device=ctx.device)).view(-1, 2)
-    frac = (counts[:, 0].sum() / counts[:, 1].sum()).item()
+    frac = invalid_share(ctx, rewards)
     if frac > cfg.max_invalid_frac:
         where = {"llm": f"the annotator at {cfg.judge_url}", "reward_model": f"the reward model {cfg.reward_model}"}
         reasons = ", ".join(f"{n} {why}" for why, n in judged.reasons.items()) or "no reasons given"
@@ -289,6 +288,14 @@ def judge_batch(cfg, ctx, run, batch):
                            f"{cfg.max_invalid_frac:g} ({where.get(cfg.judge, 'judge ' + cfg.judge)}; on this rank: "
                            f"{reasons})")
     return rewards, invalid
+
+
+def invalid_share(ctx, judgments):
+    """The share of NaN (invalid) entries in every rank's judgments [n] together: the fault policy's measure
+    (judge_batch for rewards, baselines.judge_preferences for preference labels), the same on every rank."""
+    counts = gather(ctx, torch.tensor([float(torch.isnan(judgments).sum()), float(len(judgments))],
+                                      device=ctx.device)).view(-1, 2).sum(0)
+    return (counts[0] / counts[1]).item()
 
 
 def pi_t_logps(cfg, ctx, run, batch):
