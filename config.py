@@ -69,6 +69,8 @@ class Config:
     judge_concurrency: int = arg(16, "annotator requests in flight at once")
     judge_timeout: float = arg(120.0, "seconds allowed per annotator request")
     judge_retries: int = arg(5, "retries per request on connection errors, timeouts, 429 and 5xx (backoff)")
+    judge_log: str = arg("", "append every annotator reply (--judge llm, --eval-judge llm) to this JSONL file, one "
+                             "line per batch: its text, finish_reason and usage, or why the request failed")
     reward_model: str = arg("", "a reward model directory (--judge reward_model): a sequence classifier "
                                 "(num_labels 1), or a causal LM read at --reward-token-id")
     reward_token_id: int = arg(0, "a causal-LM reward model's reward: this token's logit after the response "
@@ -161,8 +163,8 @@ class Config:
 RESUMABLE_CHANGES = {"resume", "steps", "prompt_epochs", "pref_epochs", "save_every", "keep_checkpoints",
                      "sample_every", "eval_prompts", "eval_seed", "eval_judge_url", "eval_judge_model",
                      "eval_judge_api_key_env", "gradient_checkpointing", "max_invalid_frac", "judge_url",
-                     "judge_concurrency", "judge_timeout", "judge_retries", "dist_timeout", "trust_remote_code",
-                     "fsdp_offload", "export_hf", "out_dir"}
+                     "judge_concurrency", "judge_timeout", "judge_retries", "judge_log", "dist_timeout",
+                     "trust_remote_code", "fsdp_offload", "export_hf", "out_dir"}
 
 
 def config_from_dict(saved):

@@ -175,6 +175,17 @@ def preference_from_choices(first, second, family):
 # --judge llm: a client for an OpenAI-compatible chat-completions endpoint
 # ---------------------------------------------------------------------------------------------------
 ANNOTATOR_MAX_TOKENS = 256  # Appendix B.1: judgments of at most 256 tokens, at temperature 0
+CONTEXT_LENGTH_RE = re.compile(r"context[ _]length", re.IGNORECASE)  # vLLM's and OpenAI's 400 for a long prompt
+
+
+@dataclass
+class Reply:
+    """One annotator request as it came back: the reply text (None when the request failed) or why it failed,
+    the server's finish_reason ("stop"; "length" = cut at max_tokens) and usage (its token counts), as sent."""
+    text: object = None
+    error: object = None
+    finish_reason: object = None
+    usage: object = None
 
 
 class _Secret:
@@ -214,7 +225,19 @@ class LLMJudge:
     timeouts (`timeout` seconds per connect/read/write), HTTP 429 and 5xx are retried up to `retries` times,
     waiting backoff * 2^attempt seconds times a random factor in [0.5, 1] (jitter, from the judge's own RNG
     so judging never moves the seeded global one), or at least the server's Retry-After; every wait is
-    capped at `max_backoff`. Other 4xx are not retried. A sample whose request still fails is NaN.
+    capped at `max_backoff`. Other 4xx are not retried: the request itself is wrong, e.g. HTTP 400 for a
+    prompt longer than the served model's context window (--max-model-len in vLLM), which becomes an invalid
+    judgment with its own reason ("prompt longer than the annotator's context window") and the server's
+    message, shown once. A sample whose request still fails is NaN.
+
+    A reply cut at `max_tokens` (finish_reason "length") is still read, but without a number it ends in
+    (`uncut`): the paper caps judgments at 256 tokens (Appendix B.1) and pattern-matches the score in what
+    came back, and its prompts end in "SCORE:", so a cooperative annotator gives the score first and a score
+    followed by more text was given whole. A number at the very end of a cut reply may be cut too ("SCORE: 1"
+    of "SCORE: 10": digits are single tokens in Llama-3 and SmolLM2 vocabularies), so it is not read. A cut
+    reply with no score left is invalid, with the reason "no score in the reply (cut at the N-token limit)",
+    so that a limit set too low shows as such rather than as a bad annotator. `usage` is not needed and may
+    be missing; it goes to the --judge-log records (`log_path`) with each reply's text and finish_reason.
 
     The API key is read from the environment variable named `api_key_env` and sent as a Bearer token; it
     is kept out of reprs, error messages and logs.
@@ -222,7 +245,7 @@ class LLMJudge:
     top = 10.0  # the best score of the paper's 1-10 scale (harm is flipped to 11 - h, so 10 is best there too)
 
     def __init__(self, url, family, model="", api_key_env="DAR_JUDGE_API_KEY", concurrency=16, timeout=120.0,
-                 retries=5, backoff=1.0, max_backoff=60.0):
+                 retries=5, backoff=1.0, max_backoff=60.0, max_tokens=ANNOTATOR_MAX_TOKENS, log_path=""):
         if family not in REWARD_PROMPTS:
             raise SystemExit(f"error: no annotator prompts for family {family!r}; families: "
                              f"{', '.join(REWARD_PROMPTS)}")
@@ -232,12 +255,13 @@ class LLMJudge:
                              "e.g. http://127.0.0.1:8000/v1")
         self.family, self.api_key_env = family, api_key_env
         self.retries, self.backoff, self.max_backoff = retries, backoff, max_backoff
+        self.max_tokens, self.log_path = max_tokens, log_path
         self._key = _Secret(os.environ.get(api_key_env, ""))
         self._http = httpx.Client(timeout=httpx.Timeout(timeout), limits=httpx.Limits(
             max_connections=concurrency, max_keepalive_connections=concurrency))
         self._pool = ThreadPoolExecutor(concurrency, thread_name_prefix="judge")
         self._rng = random.Random()
-        self._reported = set()
+        self._reported, self._details = set(), {}   # failure kinds shown; the server's message for a kind
         try:
             self.model = self._probe(model)
         except SystemExit:
@@ -308,39 +332,81 @@ class LLMJudge:
                         return None, "malformed response (not JSON)"
                 error = f"HTTP {r.status_code}"
                 if r.status_code != 429 and r.status_code < 500:  # the request itself is wrong: retrying can't help
-                    return None, f"{error}: {self._scrub(r.text[:200])}"
+                    return None, self._rejected(r)
                 wait = _retry_after(r.headers.get("Retry-After")) or 0.0
             if attempt < self.retries:
                 backoff = self.backoff * 2 ** attempt * (0.5 + 0.5 * self._rng.random())
                 time.sleep(min(self.max_backoff, max(backoff, wait)))
         return None, f"{error} after {self.retries + 1} attempts"
 
-    def _ask(self, text):
-        """The annotator's reply to one user message -> (reply text, None) or (None, why it failed)."""
-        body, error = self._post({"model": self.model, "messages": [{"role": "user", "content": text}],
-                                  "temperature": 0, "max_tokens": ANNOTATOR_MAX_TOKENS})
-        if error:
-            return None, error
+    def _rejected(self, r):
+        """Why the server rejected a request (a 4xx other than 429): the server's message (OpenAI's error body
+        {"error": {"message": ...}}, else the text). A prompt over the context window gets one fixed reason,
+        counted as one kind however many tokens each prompt had; its message is shown with it."""
         try:
-            return body["choices"][0]["message"]["content"] or "", None
-        except (KeyError, IndexError, TypeError):
-            return None, "malformed response (no choices[0].message.content)"
+            err = r.json()["error"]
+            message = str(err.get("message", err) if isinstance(err, dict) else err)
+        except (ValueError, KeyError, TypeError, AttributeError):
+            message = r.text
+        message = self._scrub(" ".join(message.split()))[:300]
+        if r.status_code == 400 and CONTEXT_LENGTH_RE.search(message):
+            reason = "prompt longer than the annotator's context window (HTTP 400)"
+            self._details.setdefault(reason, message)
+            return reason
+        return f"HTTP {r.status_code}: {message[:200]}"
+
+    def _ask(self, text):
+        """The annotator's reply to one user message -> a Reply."""
+        body, error = self._post({"model": self.model, "messages": [{"role": "user", "content": text}],
+                                  "temperature": 0, "max_tokens": self.max_tokens})
+        if error:
+            return Reply(error=error)
+        try:
+            choice = body["choices"][0]
+            content, usage = choice["message"]["content"] or "", body.get("usage")
+        except (KeyError, IndexError, TypeError, AttributeError):
+            return Reply(error="malformed response (no choices[0].message.content)")
+        return Reply(str(content), None, choice.get("finish_reason"), usage)
+
+    @staticmethod
+    def uncut(reply):
+        """The text of a Reply to parse: a reply cut at max_tokens loses a number it ends in (maybe cut)."""
+        text = reply.text or ""
+        return re.sub(r"\d+(?:\.\d*)?\Z", "", text) if reply.finish_reason == "length" else text
+
+    def _no(self, what, reply):
+        """The reason a reply that came back holds no `what` (score, choice), naming a cut at max_tokens."""
+        cut = f" (cut at the {self.max_tokens}-token limit)" if reply.finish_reason == "length" else ""
+        return f"no {what} in the reply{cut}"
 
     def _report(self, reasons):
         """Print each new kind of failure once (stderr); counts go to the Judgment and the loop's metrics."""
         for reason in reasons:
             if reason not in self._reported:
                 self._reported.add(reason)
-                print(f"judge llm ({self.url}): invalid judgment: {reason}; such samples are NaN, left out of "
-                      "the update and counted (train/invalid_judgments). Shown once per kind.", file=sys.stderr)
+                detail = f" ({self._details[reason]})" if reason in self._details else ""
+                print(f"judge llm ({self.url}): invalid judgment: {reason}{detail}; such samples are NaN, left out "
+                      "of the update and counted (train/invalid_judgments). Shown once per kind.", file=sys.stderr)
+
+    def _record(self, kind, texts, replies):
+        """Append one batch's requests and replies to the log (--judge-log) as one JSON line."""
+        if not self.log_path:
+            return
+        line = json.dumps({"kind": kind, "family": self.family, "model": self.model, "max_tokens": self.max_tokens,
+                           "requests": [{"prompt": t, "reply": r.text, "error": r.error,
+                                         "finish_reason": r.finish_reason, "usage": r.usage}
+                                        for t, r in zip(texts, replies)]})
+        with open(self.log_path, "a", encoding="utf-8") as f:
+            f.write(line + "\n")
 
     def __call__(self, prompts, responses, ended):
         """Rewards on the 1-10 scale (NaN = invalid). `ended` is not shown to the annotator (see
         `render_reward_prompt`)."""
-        replies = list(self._pool.map(self._ask, [render_reward_prompt(self.family, p, r)
-                                                  for p, r in zip(prompts, responses)]))
-        rewards = [parse_reward(reply, self.family) if error is None else math.nan for reply, error in replies]
-        reasons = Counter(error or "no score in the reply" for (_, error), x in zip(replies, rewards) if math.isnan(x))
+        texts = [render_reward_prompt(self.family, p, r) for p, r in zip(prompts, responses)]
+        replies = list(self._pool.map(self._ask, texts))
+        self._record("reward", texts, replies)
+        rewards = [parse_reward(self.uncut(r), self.family) if r.error is None else math.nan for r in replies]
+        reasons = Counter(r.error or self._no("score", r) for r, x in zip(replies, rewards) if math.isnan(x))
         self._report(reasons)
         return Judgment(rewards, sum(reasons.values()), dict(reasons))
 
@@ -350,8 +416,9 @@ class LLMJudge:
         ab = [render_preference_prompt(self.family, p, a, b) for p, a, b in zip(prompts, responses_a, responses_b)]
         ba = [render_preference_prompt(self.family, p, b, a) for p, a, b in zip(prompts, responses_a, responses_b)]
         replies = list(self._pool.map(self._ask, ab + ba))
-        choices = [parse_preference(reply) if error is None else None for reply, error in replies]
-        self._report(Counter(error or "no choice in the reply" for (_, error), c in zip(replies, choices) if c is None))
+        self._record("preference", ab + ba, replies)
+        choices = [parse_preference(self.uncut(r)) if r.error is None else None for r in replies]
+        self._report(Counter(r.error or self._no("choice", r) for r, c in zip(replies, choices) if c is None))
         n = len(ab)
         return [preference_from_choices(c1, c2, self.family) for c1, c2 in zip(choices[:n], choices[n:])]
 
@@ -507,7 +574,8 @@ def make_judge(name, task=None, cfg=None):
                              "--task toy --port 8000`)")
         return LLMJudge(cfg.judge_url, reward_family(task, cfg), model=cfg.judge_model,
                         api_key_env=cfg.judge_api_key_env, concurrency=cfg.judge_concurrency,
-                        timeout=cfg.judge_timeout, retries=cfg.judge_retries)
+                        timeout=cfg.judge_timeout, retries=cfg.judge_retries,
+                        log_path=cfg.judge_log)
     if name == "reward_model":
         if cfg is None or not cfg.reward_model:
             raise SystemExit("error: --judge reward_model needs --reward-model DIR, a local reward model directory: "
