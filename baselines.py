@@ -337,6 +337,7 @@ def ppo_step(step, cfg, ctx, run):
     #     judgment (NaN) leaves its sequence out of the loss
     score = (rewards - cfg.missing_eos_penalty * (~batch.ended).double()).to(dev)
     valid = ~torch.isnan(score)
+    loop.skip_unusable(cfg, ctx, rewards, valid, "")  # no valid judgment on any rank: no update (loop.train)
     score = torch.nan_to_num(score)
 
     # 3b. V_old(x, y_<i) of the value model at sampling time                              [N, R]
@@ -403,6 +404,8 @@ def sequence_step(step, cfg, ctx, run):
             mu, sigma = loop.advantage_stats(infra.gather(ctx, adv.to(ctx.device)).cpu())
             adv = (adv - mu) / (sigma + 1e-8)
     valid = ~torch.isnan(adv)
+    # RLOO and GRPO need 2 valid judgments in a prompt's group; none such on any rank: no update (loop.train)
+    loop.skip_unusable(cfg, ctx, rewards, valid, "no prompt has 2 valid judgments")
     adv = torch.nan_to_num(adv).float()                       # invalid: A = 0, and masked out of the loss below
 
     # 5. updates
@@ -444,6 +447,7 @@ def iter_sft_step(step, cfg, ctx, run):
 
     # 4. the best response of each prompt                                                    [B]
     best, has_valid = best_of_k(rewards, cfg.k)
+    loop.skip_unusable(cfg, ctx, rewards, has_valid, "")  # no valid judgment on any rank: no update (loop.train)
 
     # 5. one optimizer step: SFT (weight 1) on the B best responses, micro-batched
     def loss_fn(mb):
@@ -474,6 +478,10 @@ def pair_step(step, cfg, ctx, run):
     else:
         first, second, p = reward_pairs(rewards, cfg.k)
     chosen, rejected, used = label_pairs(first, second, p)
+    if cfg.pair_labels == "preference":  # no pair with a preference on any rank: no update (loop.train)
+        loop.skip_unusable(cfg, ctx, p, used, "no pair has a preference", "preference judgments", "pairs/invalid")
+    else:
+        loop.skip_unusable(cfg, ctx, rewards, used, "no prompt has 2 valid judgments of different rewards")
     loss_of = PAIR_LOSSES[cfg.algo]
 
     # 5. updates: the mean loss over the pairs with a preference; a tie, an inconsistent or an invalid label

@@ -156,7 +156,8 @@ class Config:
     max_prompt_tokens: int = arg(0, "longest prompt, in tokens with the chat template; longer ones are skipped "
                                     "and counted; 0 = the context window minus --max-new-tokens")
     max_invalid_frac: float = arg(0.5, "stop (with a checkpoint) when more of an online batch's judgments than "
-                                       "this are invalid: an unreachable or broken judge, not noise to train on")
+                                       "this are invalid: an unreachable or broken judge, not noise to train on; "
+                                       "a batch with no usable judgment is skipped without an update")
 
 
 # Fields a resumed run may change; any other difference from the checkpoint's config is an error.

@@ -41,7 +41,7 @@ from config import check_config, parse_config
 from eval import compare_with_reference, evaluator_note, print_report
 from infra import barrier, export_hf, gather, load_model, setup_distributed, timed
 from loop import (advantage_stats, group_advantages, judge_batch, minibatch_updates, online_metrics, pi_t_logps,
-                  sample, score, sft_step, train)
+                  sample, score, sft_step, skip_unusable, train)
 
 # DAR's own flags, the first fields of config.Config (`python dar.py --help` lists them first, with the
 # paper's values, Appendix B.2), and the symbols of Eq. 3-4 they set:
@@ -112,6 +112,7 @@ def dar_step(step, cfg, ctx, run):
     # 2. rewards r(x, y_i) from the judge; NaN = invalid judgment                       [N]
     with timed(timer, "judge"):
         rewards, invalid = judge_batch(cfg, ctx, run, batch)
+    skip_unusable(cfg, ctx, rewards, ~torch.isnan(rewards), "")  # no valid judgment on any rank: no update
 
     # 3. advantages: A_i = r_i - mean_K r (per prompt, on this rank), then batch statistics mu_A, sigma_A over
     #    the whole online batch (all ranks), so the result does not depend on the number of ranks  [N]

@@ -111,6 +111,15 @@ class JudgeFailure(Exception):
     """More invalid judgments in an online batch than --max-invalid-frac allows."""
 
 
+class SkippedBatch(Exception):
+    """An online batch with nothing to learn from (skip_unusable): train logs `metrics` and goes on to the next
+    batch without an update."""
+
+    def __init__(self, why, metrics):
+        super().__init__(why)
+        self.metrics = metrics
+
+
 def start_run(cfg, ctx):
     """(Run, first step): the task, the tokenizer, pi_theta (from the last checkpoint with --resume, with its
     optimizer, schedule and RNG state), PPO's value model, pi_0, the judge and the sampler, placed for this rank."""
@@ -177,7 +186,8 @@ def train(cfg, ctx, step_fn):
     baselines.STEPS, sft_step); returns the Run (policy trained). Resumes when cfg.resume.
 
     The fault policy: a batch whose judgments are mostly invalid stops the run before training on it (with a
-    checkpoint of the batches before); a non-finite loss skips that batch's updates and its checkpoint, and
+    checkpoint of the batches before); a batch with nothing to learn from (with --max-invalid-frac 1.0, every
+    judgment invalid) is logged and skipped without an update (SkippedBatch); a non-finite loss skips that batch's updates and its checkpoint, and
     MAX_NONFINITE_BATCHES in a row stop the run; SIGTERM finishes the batch, checkpoints and exits 143."""
     run, start = start_run(cfg, ctx)
     log = Logger(cfg, ctx, start)
@@ -198,13 +208,23 @@ def train(cfg, ctx, step_fn):
                 last = latest_checkpoint(cfg) or "none yet (no batch was trained)"
                 raise SystemExit(f"error: online batch {step + 1}: {e}. Stopped before training on it; the "
                                  f"last checkpoint is {last}. Once the judge works, continue with --resume.")
-            if run.sampler is not None:  # step 7 for the vLLM sampler: pi_{t+1} <- pi_theta
+            except SkippedBatch as e:  # raised on every rank together, before any update of this batch
+                # No optimizer step, no LR-schedule step (it counts the updates taken), no weight push. The batch
+                # counter advances, so the run still ends after --steps batches, and so does the prompt stream
+                # (prompt_indices is a function of the batch index): these prompts are not drawn again, which
+                # keeps --resume exact. The batch is checkpointed like any other.
+                metrics = {**e.metrics, "train/lr": run.sched.get_last_lr()[0]}
+                if ctx.master:
+                    tqdm.write(f"warning: online batch {step + 1}: {e}; skipped without an update")
+            skipped = bool(metrics.setdefault("train/skipped", 0))
+            if run.sampler is not None and not skipped:  # step 7 for the vLLM sampler: pi_{t+1} <- pi_theta
                 t1 = time.time()
                 run.sampler.push_weights(run.policy)
                 metrics["perf/weight_sync_s"] = time.time() - t1
             metrics.update({"step": step + 1, "perf/seconds_per_batch": time.time() - t0})
-            finite = math.isfinite(metrics["train/loss"])
-            nonfinite_run = 0 if finite else nonfinite_run + 1
+            finite = skipped or math.isfinite(metrics["train/loss"])
+            if not skipped:  # a skipped batch has no loss: it neither ends nor extends a run of non-finite ones
+                nonfinite_run = 0 if finite else nonfinite_run + 1
             metrics["train/nonfinite_batches_in_a_row"] = nonfinite_run
             log.log(metrics)
             if not finite:  # optimizer_step skipped every update whose gradient was not finite
@@ -282,12 +302,16 @@ def judge_batch(cfg, ctx, run, batch):
     invalid = int(torch.isnan(rewards).sum())
     frac = invalid_share(ctx, rewards)
     if frac > cfg.max_invalid_frac:
-        where = {"llm": f"the annotator at {cfg.judge_url}", "reward_model": f"the reward model {cfg.reward_model}"}
         reasons = ", ".join(f"{n} {why}" for why, n in judged.reasons.items()) or "no reasons given"
         raise JudgeFailure(f"{frac:.0%} of its judgments are invalid, above --max-invalid-frac "
-                           f"{cfg.max_invalid_frac:g} ({where.get(cfg.judge, 'judge ' + cfg.judge)}; on this rank: "
-                           f"{reasons})")
+                           f"{cfg.max_invalid_frac:g} ({judge_name(cfg)}; on this rank: {reasons})")
     return rewards, invalid
+
+
+def judge_name(cfg):
+    """The judge, as the fault messages name it."""
+    where = {"llm": f"the annotator at {cfg.judge_url}", "reward_model": f"the reward model {cfg.reward_model}"}
+    return where.get(cfg.judge, "judge " + cfg.judge)
 
 
 def invalid_share(ctx, judgments):
@@ -296,6 +320,28 @@ def invalid_share(ctx, judgments):
     counts = gather(ctx, torch.tensor([float(torch.isnan(judgments).sum()), float(len(judgments))],
                                       device=ctx.device)).view(-1, 2).sum(0)
     return (counts[0] / counts[1]).item()
+
+
+def skip_unusable(cfg, ctx, judgments, used, none_used, kind="judgments", key="train/invalid_judgments"):
+    """Raise SkippedBatch when no unit of the online batch, on any rank, is one the loss can use: then no
+    update is made (the loss would be 0, yet an optimizer step would still move the weights, and the batch's
+    statistics are empty). Every online step calls it after judging, before its updates.
+
+    judgments: this rank's judgments [n], NaN = invalid (rewards, or --pair-labels preference's labels);
+    used: which of this rank's units the loss uses [u] bool (a response, a prompt's group, a pair);
+    none_used: what the message says when some judgments are valid, e.g. "no prompt has 2 valid judgments";
+    kind, key: what the judgments are called in the message and under which metric their invalid count is logged.
+    The counts are gathered first, so every rank decides alike and skips the same batch: a rank skipping
+    alone would leave the others waiting in the update's collectives.
+    """
+    counts = gather(ctx, torch.tensor([float(used.sum()), float(torch.isnan(judgments).sum()), float(len(judgments))],
+                                      dtype=torch.float64, device=ctx.device)).view(-1, 3).sum(0)
+    n_used, n_invalid, n = (int(c) for c in counts.tolist())
+    if n_used:
+        return
+    why = f"all {n} {kind} are invalid" if n_invalid == n else f"{none_used} ({n_invalid} of its {n} {kind} invalid)"
+    raise SkippedBatch(f"{why} ({judge_name(cfg)})", {"train/skipped": 1, key: n_invalid,
+                                                      "train/invalid_frac": n_invalid / max(n, 1)})
 
 
 def pi_t_logps(cfg, ctx, run, batch):
@@ -403,7 +449,7 @@ def online_metrics(step, cfg, ctx, run, batch, rewards, invalid, logp_t_tok, log
         print_samples(batch, rewards.tolist())
     return {
         "train/reward_mean": R[valid].mean().item(), "train/reward_std": R[valid].std(correction=0).item(),
-        "train/invalid_judgments": int(n_invalid.sum().item()),
+        "train/invalid_judgments": int(n_invalid.sum().item()), "train/invalid_frac": n_invalid.sum().item() / len(R),
         **{f"train/{k}": v for k, v in rank_means(ctx, upd).items()},
         "train/kl_pi0": kl0.mean().item(),
         "train/response_len": lengths.mean().item(), "train/missing_eos": 1 - ended.mean().item(),
