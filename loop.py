@@ -402,7 +402,8 @@ def minibatch_updates(cfg, ctx, run, n_units, n_updates, micro_units, loss_fn, e
     micro-batch pads to similar lengths (the minibatch, hence the update, is the same). used: which units
     count [n_units] bool (None = all); the divisor is then (used units of the minibatch, all ranks) / ranks,
     and DDP averages the ranks' gradients: the gradient is the mean over the units used, and a unit left
-    out (an online DAP pair without a preference) dilutes nothing. Returns
+    out (an online DAP pair without a preference) dilutes nothing; a minibatch with no used unit on any rank
+    takes no optimizer step. Returns
     {"loss", "grad_norm", and the mean of every reported stat}.
     """
     per_update = n_units // n_updates
@@ -415,9 +416,11 @@ def minibatch_updates(cfg, ctx, run, n_units, n_updates, micro_units, loss_fn, e
                 rows = rows[torch.argsort(cost[rows], stable=True)]
             micro = [rows[i:i + micro_units] for i in range(0, len(rows), max(1, micro_units))]
             divisor = per_update
-            if used is not None:  # the same count on every rank; none used: the loss is 0, any divisor will do
+            if used is not None:  # the same count on every rank, so every rank skips or steps together
                 count = gather(ctx, used[rows].sum().double().to(ctx.device)[None]).sum().item()
-                divisor = count / ctx.world if count else 1.0
+                if not count:  # nothing to learn from: no step (Adam's moments would still move the weights)
+                    continue
+                divisor = count / ctx.world
             loss_sum = 0.0
             for j, mb in enumerate(micro):
                 with contextlib.ExitStack() as stack:
@@ -431,6 +434,8 @@ def minibatch_updates(cfg, ctx, run, n_units, n_updates, micro_units, loss_fn, e
                     stats.setdefault(k, []).append(v)
             losses.append(loss_sum)
             norms.append(optimizer_step(cfg, run.trained, run.opt, run.sched))
+    if not losses:  # every minibatch skipped (the batch-wide check, skip_unusable, normally comes first)
+        return {"loss": 0.0, "grad_norm": 0.0}
     return {"loss": float(np.mean(losses)), "grad_norm": float(np.mean(norms)),
             **{k: float(np.mean(v)) for k, v in stats.items()}}
 

@@ -75,6 +75,21 @@ def test_a_pair_without_preference_adds_nothing_to_the_loss_nor_its_divisor(micr
     assert model.weight.item() == 1.0
 
 
+def test_a_minibatch_with_nothing_used_takes_no_step_even_with_momentum():
+    """SGD with momentum (as Adam's moments) would move w on a zero gradient: such a minibatch must not step."""
+    cfg, ctx = SimpleNamespace(max_grad_norm=0), infra.Dist()
+    c, used = T([1.0, 2.0]), T([True, True])
+    model, run, loss_fn = unit_losses(c, used)
+    run.opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    run.sched = torch.optim.lr_scheduler.LambdaLR(run.opt, lambda s: 1.0)
+    loop.minibatch_updates(cfg, ctx, run, 2, 1, 2, loss_fn, epochs=1, used=used)
+    w, steps = model.weight.item(), run.sched.last_epoch
+    assert w != 1.0 and steps == 1
+    none = torch.zeros(2, dtype=torch.bool)
+    upd = loop.minibatch_updates(cfg, ctx, run, 2, 1, 2, lambda mb: (0.0 * model.weight.sum(), {}), epochs=1, used=none)
+    assert model.weight.item() == w and run.sched.last_epoch == steps and upd["loss"] == 0.0
+
+
 DDP_UNITS = {0: ([1.0, 2.0], [True, False]), 1: ([4.0, 8.0], [True, True])}   # rank: (c, used)
 
 
