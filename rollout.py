@@ -24,6 +24,7 @@ import os
 from dataclasses import dataclass
 
 import torch
+from transformers import AutoConfig
 
 
 @dataclass
@@ -272,7 +273,6 @@ def kv_cache_bytes(model_dir, dtype, tokens, trust_remote_code=False):
     """Bytes of keys and values that `tokens` positions of the model at model_dir take (every layer), plus an
     eighth for vLLM's block rounding: SmolLM2-135M's 8,192 positions in float32 need 0.35 GiB, more than the
     fixed 256 MB a toy model's engine gets on a CPU."""
-    from transformers import AutoConfig
     c = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code).get_text_config()
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     kv_heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads

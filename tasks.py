@@ -30,6 +30,7 @@ formats at the end of this file; `eval.py --alpacaeval FILE --mtbench FILE` call
 import glob
 import gzip
 import hashlib
+import importlib.util
 import json
 import math
 import os
@@ -43,7 +44,8 @@ from dataclasses import dataclass, field
 import huggingface_hub
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast, Qwen2Config,
+                          Qwen2ForCausalLM)
 
 import rollout
 
@@ -243,8 +245,6 @@ def build_from_gguf(name, path):
     transformers loads a GGUF file but will not save_pretrained the result ("quantized ... not serializable"),
     so the weights move into a model built from the same config without its quantization_config. Written to a
     temporary directory and renamed: ranks that build at once, or a killed build, never leave half a model."""
-    import importlib.util
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     package, gguf_file, install = PRETRAINED[name]
     spec = importlib.util.find_spec(package)  # finds the files without running the package (it imports llm)
     try:

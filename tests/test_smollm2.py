@@ -220,8 +220,10 @@ def test_vllm_and_the_trainer_agree_and_agree_again_after_a_weight_push(engine, 
 # ---------------------------------------------------------------------------------------------------
 # Training runs of dar.py on the real model (subprocesses, as a user runs them)
 # ---------------------------------------------------------------------------------------------------
-SMALL = ["--task", "helpful", "--data", HH, "--judge", "llm", "--online-batch", "4", "--k", "2", "--minibatch",
-         "4", "--micro-batch", "2", "--max-new-tokens", "8", "--eval-prompts", "0", "--warmup-steps", "1",
+# --lr 1e-4 for every algorithm: the task's paper defaults (1e-6, online DPO 5e-7, for a 7B model) barely move a
+# weight in 2 batches
+SMALL = ["--task", "helpful", "--data", HH, "--judge", "llm", "--online-batch", "4", "--k", "2", "--minibatch", "4",
+         "--micro-batch", "2", "--max-new-tokens", "8", "--eval-prompts", "0", "--lr", "1e-4", "--warmup-steps", "1",
          "--print-every", "1000", "--sample-every", "1000", "--save-every", "1000"]
 
 
@@ -262,7 +264,7 @@ def test_online_algorithms_take_two_batches_and_move_the_weights(algo, extra, sm
     assert rows[-1]["train/kl_pi0"] > 0                                      # pi_theta left pi_0 after batch 1
     if "--rollout" in extra:  # the engine followed both weight pushes (the first batch's come from pi_0's files)
         assert all(r["rollout/logp_abs_diff"] < VLLM_TOL for r in rows)
-    assert moved_from(out, smollm2) > 1e-5  # an Adafactor step at --lr 3e-4 moves weights by ~1e-4
+    assert moved_from(out, smollm2) > 1e-5  # Adafactor's steps at --lr 1e-4 move weights by ~1e-4
 
 
 def test_ppo_value_model_builds_on_the_llama_body(smollm2):
