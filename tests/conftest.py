@@ -29,6 +29,8 @@ def pytest_collection_modifyitems(items):
     an engine, which tears down vLLM's process-wide state). The sort is stable: file order otherwise."""
     items.sort(key=lambda item: 2 if item.path.name == "test_vllm.py" else
                1 if item.get_closest_marker("vllm_engine") else 0)
+
+
 TINY = ["--online-batch", "32", "--minibatch", "16", "--micro-batch", "8", "--eval-prompts", "16",
         "--sft-steps", str(SFT_STEPS), "--max-new-tokens", "12", "--lr", "1e-3"]
 
