@@ -41,13 +41,14 @@ import uuid
 from dataclasses import dataclass, field
 
 import huggingface_hub
+from pydoc_data.topics import topics  # the standard library's reference pages, the sentiment task's text
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 import rollout
 
-TASKS = ("toy", "tldr", "helpful", "harmless", "helpsteer2")
+TASKS = ("toy", "tldr", "helpful", "harmless", "helpsteer2", "sentiment")
 
 # Settings per task over Config's defaults (generation length, judge, schedule, ...), and per (task, algorithm)
 # where the paper's setting depends on both (Appendix B.1-B.3); config.parse_config layers them under the flags.
@@ -71,6 +72,7 @@ TASK_DEFAULTS = {
                     **_PAPER_SCHEDULE),
     "harmless": dict(max_new_tokens=256, judge="llm", eval_judge="llm", micro_batch=4, prompt_epochs=2,
                      **_PAPER_SCHEDULE),
+    "sentiment": dict(max_new_tokens=32, judge="vader", eval_judge="textblob"),  # ours (sentiment_task)
     "helpsteer2": dict(max_new_tokens=1000, judge="reward_model", eval_judge="reward_model", weight_decay=0.01,
                        micro_batch=2, prompt_epochs=1, **dict(_PAPER_SCHEDULE, keep_checkpoints=2)),
 }
@@ -319,6 +321,10 @@ def load_task(name, data=""):
             raise SystemExit("error: --task toy builds its own data; --data is for the tasks "
                              + ", ".join(t for t in TASKS if t != "toy"))
         return toy_task()
+    if name == "sentiment":
+        if data:
+            raise SystemExit("error: --task sentiment builds its prompts from Python's own documentation; drop --data")
+        return sentiment_task()
     if data:
         files = data.split(",")
         if len(files) > 2 or not all(files):
@@ -344,6 +350,24 @@ def toy_task():
     sft = [(p, sloppy_demonstration(toy_word_of(p), rng)) for p in rng.choices(train, k=TOY_SFT_EXAMPLES)]
     return Task("toy", train, evals, sft, toy_preferences(train, TOY_PREF_PAIRS, seed=4),
                 reward_prompt="toy", references=[toy_target(toy_word_of(p)) for p in evals], valid_prompts=valid)
+
+
+SENTIMENT_INSTRUCTION = "Write a short reply to: "
+SENTIMENT_EVAL, SENTIMENT_VALID = 64, 32  # held-out prompts; the rest (~370) are for training
+
+
+def sentiment_task():
+    """Real English text that ships with Python: the plain-prose sentences (8-25 words, letters and , ; ' -,
+    ending in a full stop) of the reference pages `help("if")` shows (pydoc_data.topics; PSF License), each as
+    the user message SENTIMENT_INSTRUCTION + sentence. Eval/valid prompts: the first by hash_rank (fixed rule)."""
+    text = re.sub(r"\s+", " ", " ".join(topics[k] for k in sorted(topics)))
+    sentences = dict.fromkeys(s for s in re.split(r"(?<=[.!?])\s+", text)
+                              if 8 <= len(s.split()) <= 25 and re.fullmatch(r"[A-Z][A-Za-z ,;'-]+\.", s))
+    ranked = hash_rank([SENTIMENT_INSTRUCTION + s for s in sentences], "sentiment:")
+    evals, valid = ranked[:SENTIMENT_EVAL], ranked[SENTIMENT_EVAL:SENTIMENT_EVAL + SENTIMENT_VALID]
+    train = [p for p in ranked if p not in set(evals + valid)]
+    return Task("sentiment", sorted(train), sorted(evals), [], [], reward_prompt="sentiment",
+                references=[None] * len(evals), valid_prompts=sorted(valid))
 
 
 def toy_preferences(prompts, n, seed):
