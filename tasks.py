@@ -80,6 +80,8 @@ TASK_ALGO_DEFAULTS = {
     ("helpsteer2", "dar"): dict(alpha=0.5, beta=0.5),
     ("helpsteer2", "rloo"): dict(beta=0.05),
     ("helpsteer2", "grpo"): dict(beta=0.03),
+    # sentiment: a scorer's reward, as in HelpSteer2 (standard RLHF), so the paper's standard-RLHF values
+    ("sentiment", "dar"): dict(alpha=0.5, beta=0.5), ("sentiment", "grpo"): dict(beta=0.03),
 }
 for _task in ("tldr", "helpful", "harmless"):
     for _algo in ("online_dpo", "ipo", "slic"):
@@ -353,8 +355,7 @@ def toy_task():
 
 
 SENTIMENT_INSTRUCTION = "Write a short reply to: "
-SENTIMENT_EVAL, SENTIMENT_VALID = 64, 32  # held-out prompts; the rest (~370) are for training
-
+SENTIMENT_EVAL, SENTIMENT_VALID = 64, 32  # held-out prompts; the rest (284) are for training
 
 def sentiment_task():
     """Real English text that ships with Python: the plain-prose sentences (8-25 words, letters and , ; ' -,

@@ -182,7 +182,8 @@ toy-ablations() {
 # --- a real pretrained model on a CPU (README: "Results on a real model") --------------------------------
 # pi_0 = SmolLM2-135M-Instruct; prompts = sentences of Python's documentation (--task sentiment); trained on
 # VADER's sentiment, evaluated with TextBlob's plus distinct-n and length (repetition games both scorers).
-# One seed, the same budget for each algorithm: 16 online batches of 2 prompts x K 4 = 8 responses of at
+# DAR at the paper's standard-RLHF alpha 0.5, beta 0.5 and GRPO at its beta 0.03 (tasks.TASK_ALGO_DEFAULTS),
+# online DPO at beta 0.1. One seed, the same budget for each algorithm: 16 online batches of 2 prompts x K 4 = 8 responses of at
 # most 32 new tokens, one optimizer step per batch, lr 2e-5 after 2 warm-up steps; ~12 min a run on a busy
 # 2-core machine. One thread per process: on a shared CPU, torch's default threads spin against the other
 # processes (a batch took 540 s with 2 threads and 45 s with 1 while the machine was busy).
