@@ -183,9 +183,9 @@ toy-ablations() {
 # pi_0 = SmolLM2-135M-Instruct; prompts = sentences of Python's documentation (--task sentiment); trained on
 # VADER's sentiment, evaluated with TextBlob's plus distinct-n and length (repetition games both scorers).
 # DAR at the paper's standard-RLHF alpha 0.5, beta 0.5 and GRPO at its beta 0.03 (tasks.TASK_ALGO_DEFAULTS),
-# online DPO at beta 0.1. One seed, the same budget for each algorithm: 16 online batches of 2 prompts x K 4 = 8 responses of at
-# most 32 new tokens, one optimizer step per batch, lr 2e-5 after 2 warm-up steps; ~12 min a run on a busy
-# 2-core machine. One thread per process: on a shared CPU, torch's default threads spin against the other
+# online DPO at beta 0.1. One seed, the same budget for each algorithm: 16 online batches of 2 prompts x K 4
+# = 8 responses of at most 32 new tokens, one optimizer step per batch, lr 2e-5 after 2 warm-up steps;
+# ~15 min a run on a busy 2-core machine. One thread per process: on a shared CPU, torch's default threads spin against the other
 # processes (a batch took 540 s with 2 threads and 45 s with 1 while the machine was busy).
 SMOLLM2="--task sentiment --model smollm2-135m-instruct --online-batch 8 --k 4 --minibatch 8 --micro-batch 4
  --max-new-tokens 32 --steps 16 --lr 2e-5 --warmup-steps 2 --eval-prompts 0 --save-every 4 --keep-checkpoints 1"
