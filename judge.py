@@ -137,15 +137,15 @@ class SentimentJudge(RuleJudge):
 
     def __init__(self, kind):
         if kind == "vader":
-            try:  # optional: only --judge/--eval-judge vader needs it
-                from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+            try:
+                from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer  # optional: only for vader
             except ImportError:
                 raise SystemExit("error: --judge vader needs the vadersentiment package: pip install vadersentiment")
             polarity = SentimentIntensityAnalyzer().polarity_scores
             raw = lambda text: polarity(text)["compound"]
         elif kind == "textblob":
-            try:  # optional: only --judge/--eval-judge textblob needs it
-                from textblob import TextBlob
+            try:
+                from textblob import TextBlob  # optional: only for textblob
             except ImportError:
                 raise SystemExit("error: --judge textblob needs the textblob package: pip install textblob")
             raw = lambda text: TextBlob(text).sentiment.polarity
