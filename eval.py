@@ -19,7 +19,7 @@ Reported per model (Section 5 of the paper; golden reward and KL estimator of th
   * KL(pi_theta || pi_0) with k3 on the policy's own samples, of the models at the temperature the compared
     responses are sampled with (`kl_temperature`; 1 with greedy decoding), and for DAR the alpha-interpolated
     KL of Section 5.2 (see alpha_kl);
-  * missing-EOS rate and mean response length (tokens).
+  * missing-EOS rate, mean response length (tokens) and distinct-1/2 (loop.distinct_n) of the responses.
 
 Also, when the run was trained on another judge than the eval judge, the reward under the training judge (up
 while the eval reward goes down: reward hacking), and the share of responses at the best score of a bounded scale.
@@ -53,12 +53,8 @@ import tasks
 from config import USED_ONLY_BY, VALUE_BEFORE_FIELD, Config, config_from_dict
 from infra import Dist, load_model, load_tokenizer
 from judge import make_judge
-from loop import ensure_toy_models, fitting_task, k3, score
+from loop import distinct_n, ensure_toy_models, fitting_task, golden_win_rate, k3, mean_ci, score, t975, win_rate
 
-# 97.5% quantile of Student's t with df = 1..30 degrees of freedom (standard tables)
-T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
-        2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
-        2.045, 2.042]
 ABLATION_PARAMS = ("alpha", "beta", "k", "w_clip")  # Fig. 5(c)-(f)
 # Config fields that never make two runs different experiments (bookkeeping, endpoints, the seed itself)
 NOT_HYPERPARAMETERS = {"seed", "out_dir", "resume", "cache_dir", "print_every", "sample_every", "save_every",
@@ -67,54 +63,6 @@ NOT_HYPERPARAMETERS = {"seed", "out_dir", "resume", "cache_dir", "print_every", 
                        "judge_timeout", "judge_retries", "rollout", "vllm_gpu_memory", "backend", "dtype",
                        "logp_source", "steps", "prompt_epochs", "pref_epochs", "gradient_checkpointing",
                        "max_invalid_frac"}
-
-
-def t975(df):
-    """Two-sided 95% critical value of Student's t: the table for df <= 30, beyond it the Cornish-Fisher
-    expansion around z = 1.96 (error < 1e-3)."""
-    if df < 1:
-        return math.nan
-    if df <= len(T975):
-        return T975[df - 1]
-    z = 1.959964
-    return z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
-
-
-def mean_ci(x):
-    """Mean and half-width of a 95% normal-approximation confidence interval, over the valid (non-NaN)
-    values: an invalid judgment is left out, never counted as a score."""
-    x = torch.as_tensor(x, dtype=torch.float64)
-    x = x[~torch.isnan(x)]
-    half = 1.96 * x.std(correction=1).item() / math.sqrt(len(x)) if len(x) > 1 else float("nan")
-    return x.mean().item(), half
-
-
-def win_rate(r_policy, r_ref):
-    """Per-prompt outcome (1 win, 1/2 tie, 0 loss) -> (mean, 95% half-width); a prompt where either
-    judgment is invalid has no outcome and is left out."""
-    a, b = torch.as_tensor(r_policy, dtype=torch.float64), torch.as_tensor(r_ref, dtype=torch.float64)
-    outcome = (a > b).double() + 0.5 * (a == b).double()
-    return mean_ci(torch.where(torch.isnan(a) | torch.isnan(b), math.nan, outcome))
-
-
-def golden_win_rate(r_samples, r_refs):
-    """Golden-reward win rate of the IS-DPO appendix ("Golden reward Evaluation"): every policy sample of a
-    prompt against that prompt's reference completion, both scored by the gold scorer; 1 win, 1/2 tie, 0 loss,
-    averaged over all valid pairs.
-
-    r_samples: [P, S] gold rewards of S samples per prompt; r_refs: [P] gold rewards of the references.
-    Returns (mean over all valid pairs, 95% half-width from the per-prompt means: the S pairs of one prompt
-    share a reference and are not independent). NaN rewards (invalid judgments) drop their pairs.
-    """
-    a = torch.as_tensor(r_samples, dtype=torch.float64)
-    b = torch.as_tensor(r_refs, dtype=torch.float64)[:, None].expand_as(a)
-    outcome = (a > b).double() + 0.5 * (a == b).double()
-    valid = ~(torch.isnan(a) | torch.isnan(b))
-    if not valid.any():
-        return math.nan, math.nan
-    overall = outcome[valid].mean().item()
-    per_prompt = torch.where(valid, outcome, 0.0).sum(1) / valid.sum(1)  # NaN for prompts with no valid pair
-    return overall, mean_ci(per_prompt)[1]
 
 
 def alpha_kl(logp, logp_0, logp_prev, mask, alpha):
@@ -199,6 +147,8 @@ def compare_with_reference(policy, ref, tok, prompts, cfg, task=None, seed=1234,
             report[f"{name}/reward"], report[f"{name}/reward_ci"] = mean_ci(j.rewards)
             report[f"{name}/missing_eos"] = 1 - batch.ended.double().mean().item()
             report[f"{name}/length"] = batch.response_mask.sum(1).double().mean().item()
+            for n in (1, 2):  # lexical diversity: repetition ("great great great!!!") games lexicon scorers
+                report[f"{name}/distinct{n}"] = distinct_n(batch.responses, n)
             if getattr(judge, "top", None) is not None:  # share of responses at the scale's best score
                 report[f"{name}/top_score"] = (torch.tensor(j.rewards) == judge.top).double().mean().item()
             report[f"{name}/invalid_judgments"] = j.invalid
@@ -248,11 +198,13 @@ def print_report(r):
           + (f"; {invalid} invalid judgments left out" if invalid else "") + ")")
     top, proxy = r.get("top"), r.get("train_judge")
     print(f"  {'':8} {'reward':>16}" + (f" {f'{top:g}/{top:g}':>7}" if top is not None else "")
-          + f" {'no EOS':>7} {'length':>7}" + (f"   reward under the training judge ({proxy})" if proxy else ""))
+          + f" {'no EOS':>7} {'length':>7} {'dist-1':>6} {'dist-2':>6}"
+          + (f"   reward under the training judge ({proxy})" if proxy else ""))
     for name in ("pi_0", "policy"):
         print(f"  {name:8} {r[name + '/reward']:8.2f} ± {r[name + '/reward_ci']:<5.2f}"
               + (f" {r[name + '/top_score']:7.1%}" if top is not None else "")
               + f" {r[name + '/missing_eos']:7.1%} {r[name + '/length']:7.1f}"
+              + f" {r.get(name + '/distinct1', math.nan):6.3f} {r.get(name + '/distinct2', math.nan):6.3f}"
               + (f"   {r[name + '/train_judge_reward']:8.2f}" if proxy else ""))
     print(f"  win rate of the policy over pi_0 ({WIN_RATE_DEFS[r['win_rate_from']]}): {r['win_rate']:.1%} "
           f"± {r['win_rate_ci']:.1%}")
@@ -722,7 +674,8 @@ def summarize(pairs):
 
 # table.csv: these numbers of the final and of the best models, mean and 95% CI over seeds
 TABLE_KEYS = ("win_rate", "reward_win_rate", "pref_win_rate", "golden/win_rate", "valid/win_rate", "step",
-              "policy/reward", "kl_pi0", "policy/missing_eos", "policy/length", "policy/train_judge_reward")
+              "policy/reward", "kl_pi0", "policy/missing_eos", "policy/length", "policy/distinct1", "policy/distinct2",
+              "policy/train_judge_reward")
 
 
 def write_table(summary, path):

@@ -29,7 +29,13 @@ The judges (--judge, --eval-judge):
                 Llama-3.1-Nemotron-70B-Reward on HelpSteer2): a sequence classifier's scalar logit, or a causal
                 LM's logit of one token (--reward-token-id) after the response, as Nemotron-70B-Reward-HF is read.
 
-Reward scales: toy judges 0-10; llm 1-10 (harmlessness flipped, 11 - harm, see `parse_reward`);
+  vader         VADER's compound sentiment of the response (the `vadersentiment` package: a lexicon and rules,
+                in [-1, 1]) on the 1-10 scale; the training reward of --task sentiment.
+  textblob      TextBlob's polarity of the response (the `textblob` package: a different lexicon, averaged over
+                the sentiment words, in [-1, 1]) on the 1-10 scale; --task sentiment's evaluation judge, so that
+                a policy that games VADER (repetition, "!!!") can be told from one that is more positive.
+
+Reward scales: toy judges 0-10; vader and textblob 1-10 (`sentiment_to_scale`); llm 1-10 (harmlessness flipped, 11 - harm, see `parse_reward`);
 reward_model the model's own logit scale. The loop normalises advantages per batch, so DAR only sees the
 ordering and spread of rewards within a batch.
 
@@ -70,7 +76,7 @@ from prompts import (HARM_FAMILIES, PREFERENCE_PROMPTS, REWARD_PROMPTS, TOY_PREF
                      as_conversation, render_preference_prompt, render_reward_prompt)
 from rollout import plain_dialogue
 
-JUDGES = ("toy_gold", "toy_proxy", "llm", "reward_model")
+JUDGES = ("toy_gold", "toy_proxy", "llm", "reward_model", "vader", "textblob")
 
 
 @dataclass
@@ -110,6 +116,43 @@ class RuleJudge:
         """Compare the two responses' scores (both taken as ended: a preference is about the texts)."""
         return [prefer_by_score(self.score(p, a, True), self.score(p, b, True))
                 for p, a, b in zip(prompts, responses_a, responses_b)]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Sentiment scorers nobody here wrote (--task sentiment): VADER to train on, TextBlob to evaluate with
+# ---------------------------------------------------------------------------------------------------
+def sentiment_to_scale(s):
+    """A sentiment score in [-1, 1] on the paper's 1-10 annotator scale: 5.5 + 4.5 s (-1 -> 1, 0 -> 5.5, 1 -> 10).
+    DAR and GRPO normalise advantages per batch, and online DPO sees only which response scores higher, so for
+    them the scale changes nothing; it matters where the raw reward does: the PPO family's --missing-eos-penalty
+    (1 point) and value model, Dual-PPO's beta, and the reported reward, which then reads like the LLM
+    annotator's SCORE."""
+    return 5.5 + 4.5 * s
+
+
+class SentimentJudge(RuleJudge):
+    """The sentiment of the response text alone (the prompt is not read). A response cut at --max-new-tokens is
+    scored as written, like the llm and reward_model judges, which see text only (the PPO family subtracts
+    --missing-eos-penalty itself; the toy gold rule is the exception, as it knows the whole answer)."""
+
+    def __init__(self, kind):
+        if kind == "vader":
+            try:
+                from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer  # optional: only for vader
+            except ImportError:
+                raise SystemExit("error: --judge vader needs the vadersentiment package: pip install vadersentiment")
+            polarity = SentimentIntensityAnalyzer().polarity_scores
+            raw = lambda text: polarity(text)["compound"]
+        elif kind == "textblob":
+            try:
+                from textblob import TextBlob  # optional: only for textblob
+            except ImportError:
+                raise SystemExit("error: --judge textblob needs the textblob package: pip install textblob")
+            raw = lambda text: TextBlob(text).sentiment.polarity
+        else:
+            raise ValueError(f"unknown sentiment judge {kind!r}: vader or textblob")
+        self.raw = raw
+        super().__init__(lambda prompt, response, ended: sentiment_to_scale(raw(response)))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -566,6 +609,8 @@ def make_judge(name, task=None, cfg=None):
         return RuleJudge(tasks.toy_gold_score, top=10.0)
     if name == "toy_proxy":
         return RuleJudge(tasks.toy_proxy_score)
+    if name in ("vader", "textblob"):
+        return SentimentJudge(name)
     if name == "llm":
         if cfg is None or not cfg.judge_url:
             raise SystemExit("error: --judge llm needs --judge-url, the base URL of an OpenAI-compatible endpoint "

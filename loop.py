@@ -16,6 +16,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -577,3 +578,69 @@ def summary_line(m):
             ("train/response_len", "len", ".1f"), ("train/missing_eos", "noeos", ".2f"),
             ("train/loss", "loss", ".4f"), ("train/grad_norm", "gnorm", ".2f"), ("perf/seconds_per_batch", "s", ".2f")]
     return "  ".join(f"{short} {m[k]:{fmt}}" for k, short, fmt in keys if k in m)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Statistics of an evaluation (eval.py and dar.py's end-of-run report)
+# ---------------------------------------------------------------------------------------------------
+# 97.5% quantile of Student's t with df = 1..30 degrees of freedom (standard tables)
+T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
+        2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
+        2.045, 2.042]
+
+
+def t975(df):
+    """Two-sided 95% critical value of Student's t: the table for df <= 30, beyond it the Cornish-Fisher
+    expansion around z = 1.96 (error < 1e-3)."""
+    if df < 1:
+        return math.nan
+    if df <= len(T975):
+        return T975[df - 1]
+    z = 1.959964
+    return z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
+
+
+def mean_ci(x):
+    """Mean and half-width of a 95% normal-approximation confidence interval, over the valid (non-NaN)
+    values: an invalid judgment is left out, never counted as a score."""
+    x = torch.as_tensor(x, dtype=torch.float64)
+    x = x[~torch.isnan(x)]
+    half = 1.96 * x.std(correction=1).item() / math.sqrt(len(x)) if len(x) > 1 else float("nan")
+    return x.mean().item(), half
+
+
+def win_rate(r_policy, r_ref):
+    """Per-prompt outcome (1 win, 1/2 tie, 0 loss) -> (mean, 95% half-width); a prompt where either
+    judgment is invalid has no outcome and is left out."""
+    a, b = torch.as_tensor(r_policy, dtype=torch.float64), torch.as_tensor(r_ref, dtype=torch.float64)
+    outcome = (a > b).double() + 0.5 * (a == b).double()
+    return mean_ci(torch.where(torch.isnan(a) | torch.isnan(b), math.nan, outcome))
+
+
+def golden_win_rate(r_samples, r_refs):
+    """Golden-reward win rate of the IS-DPO appendix ("Golden reward Evaluation"): every policy sample of a
+    prompt against that prompt's reference completion, both scored by the gold scorer; 1 win, 1/2 tie, 0 loss,
+    averaged over all valid pairs.
+
+    r_samples: [P, S] gold rewards of S samples per prompt; r_refs: [P] gold rewards of the references.
+    Returns (mean over all valid pairs, 95% half-width from the per-prompt means: the S pairs of one prompt
+    share a reference and are not independent). NaN rewards (invalid judgments) drop their pairs.
+    """
+    a = torch.as_tensor(r_samples, dtype=torch.float64)
+    b = torch.as_tensor(r_refs, dtype=torch.float64)[:, None].expand_as(a)
+    outcome = (a > b).double() + 0.5 * (a == b).double()
+    valid = ~(torch.isnan(a) | torch.isnan(b))
+    if not valid.any():
+        return math.nan, math.nan
+    overall = outcome[valid].mean().item()
+    per_prompt = torch.where(valid, outcome, 0.0).sum(1) / valid.sum(1)  # NaN for prompts with no valid pair
+    return overall, mean_ci(per_prompt)[1]
+
+
+def distinct_n(texts, n):
+    """distinct-n (Li et al., 2016): distinct n-grams / all n-grams over a model's responses, words and runs of
+    punctuation lowercased as the units; 1 = no repeats, near 0 = one phrase over and over. NaN when no response
+    has n units."""
+    grams = [tuple(u[i:i + n]) for u in (re.findall(r"\w+|[^\w\s]+", t.lower()) for t in texts)
+             for i in range(len(u) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else math.nan

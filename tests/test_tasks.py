@@ -7,6 +7,7 @@ import json
 import math
 import os
 import random
+import re
 import subprocess
 import sys
 
@@ -184,6 +185,7 @@ def test_eval_prompts_are_held_out_and_references_parallel(name, path):
     assert not held & {tasks.prompt_key(p) for p in used}
     trained = {tasks.prompt_key(p) for p in t.train_prompts}
     assert {tasks.prompt_key(x[0]) for x in t.sft_data + t.pref_data} <= trained
+    docs = re.sub(r"\s+", " ", " ".join(tasks.topics.values()))
     for p in t.train_prompts + t.eval_prompts:  # the prompt contract of rollout.render_prompts
         assert isinstance(p, str) or (p and p[-1]["role"] == "user" and
                                       all(m["role"] in ("user", "assistant") for m in p))
@@ -487,3 +489,19 @@ def test_check_config_accepts_every_task(tmp_path):
                 config.check_config(config.parse_config(["--task", name, "--judge", "toy_gold", "--eval-judge", "toy_gold"]), 1)
     with pytest.raises(SystemExit, match="valid tasks: toy, tldr, helpful, harmless, helpsteer2"):
         config.check_config(config.parse_config(["--task", "summaries"]), 1)
+
+
+def test_sentiment_task_real_sentences_disjoint_splits():
+    t = tasks.load_task("sentiment")
+    assert (len(t.eval_prompts), len(t.valid_prompts)) == (tasks.SENTIMENT_EVAL, tasks.SENTIMENT_VALID)
+    assert len(t.train_prompts) > 200
+    sets = [set(t.train_prompts), set(t.eval_prompts), set(t.valid_prompts)]
+    assert not (sets[0] & sets[1] or sets[0] & sets[2] or sets[1] & sets[2])
+    docs = re.sub(r"\s+", " ", " ".join(tasks.topics.values()))
+    for p in t.train_prompts + t.eval_prompts:
+        sentence = p.removeprefix(tasks.SENTIMENT_INSTRUCTION)
+        assert p.startswith(tasks.SENTIMENT_INSTRUCTION) and 8 <= len(sentence.split()) <= 25
+        assert sentence in docs and sentence.endswith(".")  # real text of Python's documentation
+    assert tasks.load_task("sentiment").eval_prompts == t.eval_prompts  # a fixed rule, not a seed
+    with pytest.raises(SystemExit, match="drop --data"):
+        tasks.load_task("sentiment", "x.jsonl")
