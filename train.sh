@@ -192,10 +192,13 @@ SMOLLM2="--task sentiment --model smollm2-135m-instruct --online-batch 8 --k 4 -
 
 smollm2() {
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-  for algo in dar grpo online_dpo; do
-    if [ -d "$RUNS/smollm2/$algo-s0/final" ]; then echo "done: $RUNS/smollm2/$algo-s0"; continue; fi
+  # NAME:FLAGS. Each method at its default, then DAR and GRPO at a second beta: two points of each frontier
+  local runs=("dar:" "grpo:" "online_dpo:" "dar-beta0.1:--beta 0.1" "grpo-beta0.3:--beta 0.3") r name
+  for r in "${runs[@]}"; do
+    name=${r%%:*}
+    if [ -d "$RUNS/smollm2/$name-s0/final" ]; then echo "done: $RUNS/smollm2/$name-s0"; continue; fi
     # shellcheck disable=SC2086
-    launch $SMOLLM2 --algo "$algo" --seed 0 --out-dir "$RUNS/smollm2/$algo-s0" --resume $EXTRA
+    launch $SMOLLM2 --algo "${name%%-*}" ${r#*:} --seed 0 --out-dir "$RUNS/smollm2/$name-s0" --resume $EXTRA
   done
   evaluate smollm2 64  # all 64 test prompts: TextBlob win rate and reward, KL, distinct-n, length
   mkdir -p results
