@@ -183,20 +183,19 @@ toy-ablations() {
 # pi_0 = SmolLM2-135M-Instruct; prompts = sentences of Python's documentation (--task sentiment); trained on
 # VADER's sentiment, evaluated with TextBlob's plus distinct-n and length (repetition games both scorers).
 # DAR at the paper's standard-RLHF alpha 0.5, beta 0.5 and GRPO at its beta 0.03 (tasks.TASK_ALGO_DEFAULTS),
-# online DPO at beta 0.1. One seed, the same budget for each algorithm: 16 online batches of 2 prompts x K 4
-# = 8 responses of at most 32 new tokens, one optimizer step per batch, lr 2e-5 after 2 warm-up steps;
-# ~15 min a run on a busy 2-core machine. One thread per process: on a shared CPU, torch's default threads spin against the other
-# processes (a batch took 540 s with 2 threads and 45 s with 1 while the machine was busy).
+# online DPO at beta 0.1; then DAR at beta 0.1 and GRPO at beta 0.3. One seed, the same budget for each: 32
+# online batches of 2 prompts x K 4 = 8 responses of at most 32 new tokens, one optimizer step per batch, lr 2e-5
+# after 2 warm-up steps; about 17 s a batch, 9 min a run. One thread per process: on a shared CPU torch's
+# default threads spin against the other processes (a batch took 540 s with 2 threads, 45 s with 1).
 SMOLLM2="--task sentiment --model smollm2-135m-instruct --online-batch 8 --k 4 --minibatch 8 --micro-batch 4
- --max-new-tokens 32 --steps 16 --lr 2e-5 --warmup-steps 2 --eval-prompts 0 --save-every 4 --keep-checkpoints 1"
+ --max-new-tokens 32 --steps 32 --lr 2e-5 --warmup-steps 2 --eval-prompts 0 --save-every 4 --keep-checkpoints 1"
 
 smollm2() {
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
   # NAME:FLAGS. Each method at its default, then DAR and GRPO at a second beta: two points of each frontier
   local runs=("dar:" "grpo:" "online_dpo:" "dar-beta0.1:--beta 0.1" "grpo-beta0.3:--beta 0.3") r name
   for r in "${runs[@]}"; do
-    name=${r%%:*}
-    if [ -d "$RUNS/smollm2/$name-s0/final" ]; then echo "done: $RUNS/smollm2/$name-s0"; continue; fi
+    name=${r%%:*}  # a finished run resumes at its end and only writes final/ again; a shorter one is extended
     # shellcheck disable=SC2086
     launch $SMOLLM2 --algo "${name%%-*}" ${r#*:} --seed 0 --out-dir "$RUNS/smollm2/$name-s0" --resume $EXTRA
   done
