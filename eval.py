@@ -62,7 +62,7 @@ NOT_HYPERPARAMETERS = {"seed", "out_dir", "resume", "cache_dir", "print_every", 
                        "eval_judge_api_key_env", "judge_url", "judge_api_key_env", "judge_concurrency",
                        "judge_timeout", "judge_retries", "rollout", "vllm_gpu_memory", "backend", "dtype",
                        "logp_source", "steps", "prompt_epochs", "pref_epochs", "gradient_checkpointing",
-                       "max_invalid_frac"}
+                       "max_invalid_frac", "judge_log"}
 
 
 def alpha_kl(logp, logp_0, logp_prev, mask, alpha):
@@ -637,8 +637,8 @@ def sweeps(reports):
         free = {param, "online_batch"} if param == "k" else {param}
         groups = {}
         for r in reports:
-            c = r["run"]["config"]
-            rest = tuple(sorted((k, json.dumps(v)) for k, v in c.items() if k not in NOT_HYPERPARAMETERS | free))
+            hp = hyperparameters(r["run"]["config"])  # a run saved before a field existed still joins its sweep
+            rest = tuple(sorted((k, json.dumps(v)) for k, v in hp.items() if k not in free))
             groups.setdefault(rest, []).append(r)
         best = {}  # (task, algo) -> the largest sweep of param
         for rs in groups.values():

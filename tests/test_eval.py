@@ -129,6 +129,11 @@ def test_sweeps_around_one_base_run():
     assert values == {"alpha": [0.0, 0.5, 0.9], "beta": [0.5, 2.0], "k": [2, 4, 8], "w_clip": [2.0, 5.0, 20.0]}
     assert all(len(rs) == 2 * len(values[p]) for p, rs in found["ablation"].items())  # base counted, 2 seeds each
     assert {r["run"]["config"]["alpha"] for r in found["pareto"]["dar"]} == {0.5}
+    # the base run saved before newer fields existed (its config lacks them) still counts in every sweep
+    older = [dict(r, run=dict(r["run"], config={k: v for k, v in r["run"]["config"].items()
+                                                if k not in ("judge_log", "pair_labels")})) for r in reports[:2]]
+    found = ev.sweeps(older + reports[2:])
+    assert {p: sorted({r["run"]["config"][p] for r in rs}) for p, rs in found["ablation"].items()} == values
 
 
 def test_labels_name_what_differs_from_the_base_run():
