@@ -478,10 +478,16 @@ def pair_step(step, cfg, ctx, run):
     else:
         first, second, p = reward_pairs(rewards, cfg.k)
     chosen, rejected, used = label_pairs(first, second, p)
+    P = infra.gather(ctx, p.to(ctx.device)).cpu()                                # every rank's pairs
+    ties, invalid_pairs = int((P == 0.5).sum()), int(torch.isnan(P).sum())
+    counts = {"pairs/used": len(P) - ties - invalid_pairs, "pairs/ties": ties, "pairs/invalid": invalid_pairs}
     if cfg.pair_labels == "preference":  # no pair with a preference on any rank: no update (loop.train)
-        loop.skip_unusable(cfg, ctx, p, used, "no pair has a preference", "preference judgments", "pairs/invalid")
+        n_invalid = int(torch.isnan(infra.gather(ctx, rewards.to(ctx.device))).sum())  # the reward judgments'
+        loop.skip_unusable(cfg, ctx, p, used, "no pair has a preference", "preference judgments", "pairs/invalid",
+                           extra={**counts, "train/invalid_judgments": n_invalid})
     else:
-        loop.skip_unusable(cfg, ctx, rewards, used, "no prompt has 2 valid judgments of different rewards")
+        loop.skip_unusable(cfg, ctx, rewards, used, "no prompt has 2 valid judgments of different rewards",
+                           extra=counts)
     loss_of = PAIR_LOSSES[cfg.algo]
 
     # 5. updates: the mean loss over the pairs with a preference; a tie, an inconsistent or an invalid label
@@ -499,13 +505,9 @@ def pair_step(step, cfg, ctx, run):
         upd = loop.minibatch_updates(cfg, ctx, run, len(chosen), cfg.online_batch // cfg.minibatch,
                                      max(1, cfg.micro_batch // 2), loss_fn, cfg.epochs,
                                      cost=torch.maximum(batch.lengths()[chosen], batch.lengths()[rejected]), used=used)
-    P = infra.gather(ctx, p.to(ctx.device)).cpu()                                # every rank's pairs
-    ties, invalid_pairs = int((P == 0.5).sum()), int(torch.isnan(P).sum())
-    n_used = len(P) - ties - invalid_pairs
     return loop.online_metrics(step, cfg, ctx, run, batch, rewards, invalid, logp_t_tok, logp_0_tok, upd, timer,
-                               logp_diff=logp_diff, extra={"pairs/used": n_used, "pairs/ties": ties,
-                                                           "pairs/invalid": invalid_pairs,
-                                                           "pairs/with_preference_frac": n_used / len(P)})
+                               logp_diff=logp_diff,
+                               extra={**counts, "pairs/with_preference_frac": counts["pairs/used"] / len(P)})
 
 
 def offline_pair_step(step, cfg, ctx, run):

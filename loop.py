@@ -323,7 +323,7 @@ def invalid_share(ctx, judgments):
     return (counts[0] / counts[1]).item()
 
 
-def skip_unusable(cfg, ctx, judgments, used, none_used, kind="judgments", key="train/invalid_judgments"):
+def skip_unusable(cfg, ctx, judgments, used, none_used, kind="judgments", key="train/invalid_judgments", extra=None):
     """Raise SkippedBatch when no unit of the online batch, on any rank, is one the loss can use: then no
     update is made (the loss would be 0, yet an optimizer step would still move the weights, and the batch's
     statistics are empty). Every online step calls it after judging, before its updates.
@@ -331,7 +331,8 @@ def skip_unusable(cfg, ctx, judgments, used, none_used, kind="judgments", key="t
     judgments: this rank's judgments [n], NaN = invalid (rewards, or --pair-labels preference's labels);
     used: which of this rank's units the loss uses [u] bool (a response, a prompt's group, a pair);
     none_used: what the message says when some judgments are valid, e.g. "no prompt has 2 valid judgments";
-    kind, key: what the judgments are called in the message and under which metric their invalid count is logged.
+    kind, key: what the judgments are called in the message and under which metric their invalid count is logged;
+    extra: more batch-wide metrics for the skipped batch's row (an online DAP step's pair counts).
     The counts are gathered first, so every rank decides alike and skips the same batch: a rank skipping
     alone would leave the others waiting in the update's collectives.
     """
@@ -341,7 +342,7 @@ def skip_unusable(cfg, ctx, judgments, used, none_used, kind="judgments", key="t
     if n_used:
         return
     why = f"all {n} {kind} are invalid" if n_invalid == n else f"{none_used} ({n_invalid} of its {n} {kind} invalid)"
-    raise SkippedBatch(f"{why} ({judge_name(cfg)})", {"train/skipped": 1, key: n_invalid,
+    raise SkippedBatch(f"{why} ({judge_name(cfg)})", {**(extra or {}), "train/skipped": 1, key: n_invalid,
                                                       "train/invalid_frac": n_invalid / max(n, 1)})
 
 

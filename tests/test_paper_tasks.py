@@ -94,14 +94,20 @@ def test_online_dpo_learns_from_the_annotators_preference_prompts(task, annotato
     pi_0 is a number (the HH preference prompt used to get a refusal, NaN)."""
     out = tmp_path / task
     data = ["--data", os.path.join(FIXTURES, "hh_helpful.jsonl")] if task == "helpful" else []
+    # the toy pi_0 of 40 SFT steps answers most prompts equally badly, and such pairs tie: 16 pairs a batch, so
+    # that some have a preference (4 pairs a batch were all ties in both batches of a run)
+    n_pairs = 16 if task == "toy" else 4
     p = run_dar(SMALL + ["--task", task, "--algo", "online_dpo", "--model", pi_0, "--judge", "llm",
+                         "--online-batch", str(2 * n_pairs), "--minibatch", str(2 * n_pairs),
                          "--eval-judge", "llm", "--judge-url", annotator, "--out-dir", str(out), *data], cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
     assert json.load(open(out / "config.json"))["pair_labels"] == "preference"
     rows = read_metrics(out)
     assert [r["step"] for r in rows] == [1, 2]
-    # an online batch of 8 samples, K 2: 4 pairs, each with a valid preference (used, or a tie of both orders)
-    assert all(r["pairs/invalid"] == 0 and r["pairs/used"] + r["pairs/ties"] == 4 for r in rows)
+    # K 2: n_pairs pairs a batch, each with a valid preference (used, or a tie of both orders); a batch of ties
+    # only has nothing to learn from: skipped without an update, its counts logged all the same
+    assert all(r["pairs/invalid"] == 0 and r["pairs/used"] + r["pairs/ties"] == n_pairs for r in rows)
+    assert all(r.get("train/skipped", 0) == (r["pairs/used"] == 0) for r in rows)
     assert all(r["train/invalid_judgments"] == 0 for r in rows)
     if task == "toy":  # the toy pi_0's answers to HH prompts share no words with them: the stand-in ties them all
         assert sum(r["pairs/used"] for r in rows) > 0

@@ -131,6 +131,9 @@ OLD_RUN_FLAGS = ["--model", "tests/fixtures/run-before-layout/pi0", "--online-ba
                  "--logp-temperature", "1"]  # the code of that commit took log-probs at temperature 1
 
 
+ADDED_METRICS = {"train/invalid_frac", "train/skipped"}   # logged since the fixture was written (issue 17)
+
+
 @pytest.mark.slow
 def test_a_checkpoint_written_before_the_file_split_resumes_to_its_numbers(tmp_path):
     """run/ is what dar.py wrote at commit dff6d8b, before dar.py was split into config, infra and loop:
@@ -151,7 +154,8 @@ def test_a_checkpoint_written_before_the_file_split_resumes_to_its_numbers(tmp_p
     p = run_dar(flags + ["--steps", "5", "--out-dir", str(out), "--resume"], cwd=ROOT)
     assert p.returncode != 0 and "--logp-temperature 0.0 (was 1.0)" in p.stderr, p.stderr[-2000:]
     for got, want in zip(rows[2:], expected):
-        assert got.keys() == want.keys()
+        assert got.keys() - want.keys() == ADDED_METRICS and got.keys() >= want.keys()
+        assert got["train/skipped"] == 0
         for k in want:
             assert got[k] == pytest.approx(want[k], rel=1e-5, abs=1e-6), (want["step"], k)
 
