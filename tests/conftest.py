@@ -1,6 +1,8 @@
 """Shared fixtures: a toy pi_0 made once per test session (a short SFT, seconds), and the tiny flags that
 make a run of dar.py take seconds."""
 import os
+import re
+import select
 import subprocess
 import sys
 
@@ -44,6 +46,20 @@ def toy_cache(tmp_path_factory):
     assert os.path.isfile(os.path.join(sft, "config.json"))
     return cache
 
+
+
+@pytest.fixture(scope="module")
+def annotator():
+    """The stand-in annotator (`judge.py --serve`) on a free port: a real OpenAI-compatible HTTP endpoint that
+    needs no model, rating the paper's prompts by word overlap (the toy rule on toy prompts). Yields its base URL."""
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "judge.py"), "--serve", "--task", "toy", "--port", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    ready, _, _ = select.select([proc.stdout], [], [], 60)
+    m = re.search(r"http://\S+/v1", proc.stdout.readline() if ready else "")
+    assert m, "the annotator server did not start"
+    yield m.group(0)
+    proc.terminate()
+    proc.wait(10)
 
 def train(cfg):
     """A run in this process, as `python dar.py` makes it (minus the final evaluation): loop.train with the

@@ -4,10 +4,6 @@ server (`judge.py --serve`), and a reward model for HelpSteer2. The policy is th
 Face causal LM works; this one is small)."""
 import json
 import os
-import re
-import select
-import subprocess
-import sys
 
 import pytest
 
@@ -18,19 +14,6 @@ from conftest import ROOT, build_causal_reward_model, build_reward_model, read_m
 FIXTURES = os.path.join(ROOT, "tests", "fixtures")
 SMALL = ["--online-batch", "8", "--minibatch", "8", "--micro-batch", "8", "--max-new-tokens", "8",
          "--eval-prompts", "2", "--steps", "2", "--lr", "1e-3", "--print-every", "1000"]
-
-
-@pytest.fixture(scope="module")
-def annotator():
-    """A real `judge.py --serve` HTTP endpoint on a free port; yields its base URL."""
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "judge.py"), "--serve", "--task", "toy", "--port", "0"],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    ready, _, _ = select.select([proc.stdout], [], [], 30)
-    m = re.search(r"http://\S+/v1", proc.stdout.readline() if ready else "")
-    assert m, "the annotator server did not start"
-    yield m.group(0)
-    proc.terminate()
-    proc.wait(10)
 
 
 @pytest.fixture(scope="module")

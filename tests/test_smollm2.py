@@ -10,10 +10,6 @@ in-process engine pins the process's CPU threads.
 import dataclasses
 import json
 import os
-import re
-import select
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -225,20 +221,6 @@ def test_vllm_and_the_trainer_agree_and_agree_again_after_a_weight_push(engine, 
 SMALL = ["--task", "helpful", "--data", HH, "--judge", "llm", "--online-batch", "4", "--k", "2", "--minibatch", "4",
          "--micro-batch", "2", "--max-new-tokens", "8", "--eval-prompts", "0", "--lr", "1e-4", "--warmup-steps", "1",
          "--print-every", "1000", "--sample-every", "1000", "--save-every", "1000"]
-
-
-@pytest.fixture(scope="module")
-def annotator():
-    """The stand-in annotator (`judge.py --serve`) on a free port, which rates the paper's helpfulness prompts by
-    word overlap: a real HTTP judge that needs no model. Yields its base URL."""
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "judge.py"), "--serve", "--task", "toy", "--port", "0"],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    ready, _, _ = select.select([proc.stdout], [], [], 60)
-    m = re.search(r"http://\S+/v1", proc.stdout.readline() if ready else "")
-    assert m, "the annotator server did not start"
-    yield m.group(0)
-    proc.terminate()
-    proc.wait(10)
 
 
 def moved_from(out, pi_0):
