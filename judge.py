@@ -35,8 +35,8 @@ The judges (--judge, --eval-judge):
                 the sentiment words, in [-1, 1]) on the 1-10 scale; --task sentiment's evaluation judge, so that
                 a policy that games VADER (repetition, "!!!") can be told from one that is more positive.
 
-Reward scales: toy judges 0-10; vader and textblob 1-10 (`sentiment_to_scale`); llm 1-10 (harmlessness flipped, 11 - harm, see `parse_reward`);
-reward_model the model's own logit scale. The loop normalises advantages per batch, so DAR only sees the
+Reward scales: toy judges 0-10; vader and textblob 1-10 (`sentiment_to_scale`); llm 1-10 (harmlessness
+flipped, 11 - harm, see `parse_reward`); reward_model the model's own logit scale. The loop normalises advantages per batch, so DAR only sees the
 ordering and spread of rewards within a batch.
 
 A stand-in annotator for tests and demos, needing no GPU and no model: an OpenAI-compatible HTTP server

@@ -188,8 +188,9 @@ def train(cfg, ctx, step_fn):
 
     The fault policy: a batch whose judgments are mostly invalid stops the run before training on it (with a
     checkpoint of the batches before); a batch with nothing to learn from (with --max-invalid-frac 1.0, every
-    judgment invalid) is logged and skipped without an update (SkippedBatch); a non-finite loss skips that batch's updates and its checkpoint, and
-    MAX_NONFINITE_BATCHES in a row stop the run; SIGTERM finishes the batch, checkpoints and exits 143."""
+    judgment invalid) is logged and skipped without an update (SkippedBatch); a non-finite loss skips that
+    batch's updates and its checkpoint, and MAX_NONFINITE_BATCHES in a row stop the run; SIGTERM finishes the
+    batch, checkpoints and exits 143."""
     run, start = start_run(cfg, ctx)
     log = Logger(cfg, ctx, start)
     if ctx.master and start == 0:
