@@ -36,8 +36,8 @@ The judges (--judge, --eval-judge):
                 a policy that games VADER (repetition, "!!!") can be told from one that is more positive.
 
 Reward scales: toy judges 0-10; vader and textblob 1-10 (`sentiment_to_scale`); llm 1-10 (harmlessness
-flipped, 11 - harm, see `parse_reward`); reward_model the model's own logit scale. The loop normalises advantages per batch, so DAR only sees the
-ordering and spread of rewards within a batch.
+flipped, 11 - harm, see `parse_reward`); reward_model the model's own logit scale. The loop normalises
+advantages per batch, so DAR only sees the ordering and spread of rewards within a batch.
 
 A stand-in annotator for tests and demos, needing no GPU and no model: an OpenAI-compatible HTTP server
 whose "LLM" is the toy task's rule, reading the very prompts an LLM would read. The paper's reward and
