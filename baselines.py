@@ -253,9 +253,8 @@ def judge_preferences(cfg, ctx, run, batch, first, second):
                                       [batch.responses[i] for i in second]), dtype=torch.float64)
     frac = loop.invalid_share(ctx, p)
     if frac > cfg.max_invalid_frac:
-        where = f"the annotator at {cfg.judge_url}" if cfg.judge == "llm" else f"judge {cfg.judge}"
         raise loop.JudgeFailure(f"{frac:.0%} of its preference judgments are invalid, above --max-invalid-frac "
-                                f"{cfg.max_invalid_frac:g} ({where}; its messages above say why)")
+                                f"{cfg.max_invalid_frac:g} ({loop.judge_name(cfg)}; its messages above say why)")
     return p
 
 

@@ -120,7 +120,8 @@ class Config:
     # the toy task's pi_0: SFT of the freshly built model on the sloppy demonstrations
     sft_steps: int = arg(1500, "SFT optimizer steps that make the toy pi_0")
     sft_lr: float = arg(3e-3, "SFT learning rate for the toy pi_0")
-    cache_dir: str = arg("~/.cache/dar", "where the built toy model, its SFT pi_0 and --model shorthands are kept and reused")
+    cache_dir: str = arg("~/.cache/dar", "where the built toy model, its SFT pi_0 and --model shorthands are kept "
+                                         "and reused")
     # bookkeeping
     seed: int = arg(0, "seed for python, numpy and torch; rank r uses seed + 1000 r")
     out_dir: str = arg("", "run directory (metrics.jsonl, checkpoints, final/); '' = runs/TASK-ALGO-sSEED")
