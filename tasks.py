@@ -309,8 +309,8 @@ class Task:
     pref_data: list       # [(prompt, chosen, rejected)] for the offline preference methods (dpo, simpo, is_dpo)
     reward_prompt: str    # the LLM annotator's prompt family (Appendix D): "tldr", "helpful", "harmless" or "toy"
     references: list      # parallel to eval_prompts: the data set's reference response to each, or None
-    # held out too, for choosing the best checkpoint: in none of the lists above (make_valid_split)
-    valid_prompts: list = field(default_factory=list)
+    valid_prompts: list = field(default_factory=list)  # held out from all the above, to choose checkpoints with
+    columns: dict = field(default_factory=dict)  # prompt_key(prompt) -> {name: value}: the data set's other columns
 
 
 def load_task(name, data=""):
