@@ -99,12 +99,39 @@ def gae(token_rewards, values, mask, gamma, lam):
     return adv, (adv + values) * mask
 
 
-def ppo_policy_loss(logp_tok, logp_t_tok, adv_tok, mask, clip_eps):
-    """-(1/|y|) sum_i min(rho_i A_i, clip(rho_i, 1 - eps, 1 + eps) A_i),  rho_i = pi_theta / pi_t per token
-    (Eq. 2; Schulman et al. 2017). clip_eps = inf switches clipping off (Dual-PPO). [N]"""
+def ppo_token_loss(logp_tok, logp_t_tok, adv_tok, clip_eps, clip_eps_high=0.0, tis=None):
+    """-w_i min(rho_i A_i, clip(rho_i, 1 - eps, 1 + eps_high) A_i) per token,  rho_i = pi_theta / pi_t  [N, R]
+
+    PPO's clipped surrogate (Eq. 2; Schulman et al. 2017). clip_eps_high: the upper clip range, larger than
+    the lower one in DAPO's clip-higher (Yu et al. 2025); 0 = clip_eps, symmetric. clip_eps = inf switches
+    clipping off (Dual-PPO). tis: per-token weights w_i (tis_weights, detached), None = 1."""
     ratio = (logp_tok - logp_t_tok).exp()
-    clipped = ratio.clamp(1 - clip_eps, 1 + clip_eps)
-    return masked_mean(-torch.min(ratio * adv_tok, clipped * adv_tok), mask)
+    clipped = ratio.clamp(1 - clip_eps, 1 + (clip_eps_high or clip_eps))
+    loss = -torch.min(ratio * adv_tok, clipped * adv_tok)
+    return loss if tis is None else loss * tis
+
+
+def ppo_policy_loss(logp_tok, logp_t_tok, adv_tok, mask, clip_eps, clip_eps_high=0.0, tis=None):
+    """-(1/|y|) sum_i w_i min(rho_i A_i, clip(rho_i, 1 - eps, 1 + eps_high) A_i): ppo_token_loss, the mean over
+    each response's tokens (Eq. 2). [N]"""
+    return masked_mean(ppo_token_loss(logp_tok, logp_t_tok, adv_tok, clip_eps, clip_eps_high, tis), mask)
+
+
+def outside_clip(ratio, clip_eps, clip_eps_high=0.0):
+    """Where a ratio left [1 - clip_eps, 1 + clip_eps_high] (0 = clip_eps): the clipped share's numerator."""
+    return (ratio < 1 - clip_eps) | (ratio > 1 + (clip_eps_high or clip_eps))
+
+
+def tis_weights(logp_t_tok, sampler_logp_tok, mask, cap):
+    """w_i = min(pi_t(y_i|x, y_<i) / pi_sampler(y_i|x, y_<i), C) per token, and where the ratio exceeded C:
+    truncated importance sampling (Yao et al. 2025; TRL's vllm_importance_sampling_cap, token_truncate mode).
+
+    The sampler (vLLM's kernels, generate's recorded log-probs) and the trainer's forward pass give slightly
+    different pi_t; the loss's ratio pi_theta / pi_t uses the trainer's, so the samples are off-policy by
+    pi_t / pi_sampler, corrected token by token and capped at C against rare huge ratios. In log space (no
+    overflow), detached. ([N, R] weights, 0 past the end; [N, R] bool)"""
+    log_ratio = (logp_t_tok - sampler_logp_tok).detach()
+    return log_ratio.clamp(max=math.log(cap)).exp() * mask, (log_ratio > math.log(cap)) & mask.bool()
 
 
 def value_loss(values, values_old, returns, mask, value_clip):
@@ -125,28 +152,30 @@ def token_values(value_model, batch):
 # ---------------------------------------------------------------------------------------------------
 # RL from K samples per prompt, no critic: DAO (Appendix A.4), RLOO, GRPO
 # ---------------------------------------------------------------------------------------------------
-def reinforce_surrogate(logp, coef, logp_old, clip_eps):
+def reinforce_surrogate(logp, coef, logp_old, clip_eps, clip_eps_high=0.0):
     """-c log pi_theta(y|x), c held constant, for y sampled from pi_theta itself (logp_old None). For y sampled
     from an earlier policy pi_old (an online batch's later updates, after pi_theta has moved):
         -min(rho c, clip(rho, 1 - eps, 1 + eps) c),   rho = pi_theta(y|x) / pi_old(y|x) of the whole sequence,
     PPO's clipped ratio (Eq. 2) at the sequence level, as in TRL's RLOO trainer. Both have the gradient
     -c grad log pi_theta at pi_theta = pi_old (the batch's first update); later the second weighs it by rho
     inside the clip range and drops it outside, in the direction of c. clip_eps = inf: plain importance
-    sampling, E_{pi_old}[rho c grad log pi_theta] = E_{pi_theta}[c grad log pi_theta]. [N]"""
+    sampling, E_{pi_old}[rho c grad log pi_theta] = E_{pi_theta}[c grad log pi_theta]. clip_eps_high: the
+    upper clip range (clip-higher, as in ppo_token_loss); 0 = clip_eps. [N]"""
     coef = coef.detach()
     if logp_old is None:
         return -coef * logp
     rho = (logp - logp_old).exp()
-    return -torch.min(rho * coef, rho.clamp(1 - clip_eps, 1 + clip_eps) * coef)
+    return -torch.min(rho * coef, rho.clamp(1 - clip_eps, 1 + (clip_eps_high or clip_eps)) * coef)
 
 
-def dao_loss(logp, logp_t, logp_0, adv, alpha, beta, length_norm=1.0, logp_old=None, clip_eps=math.inf):
+def dao_loss(logp, logp_t, logp_0, adv, alpha, beta, length_norm=1.0, logp_old=None, clip_eps=math.inf,
+             clip_eps_high=0.0):
     """-(A - beta log(pi_theta / (pi_0^alpha pi_t^(1-alpha)))) log pi_theta(y|x), the bracket held constant:
     the REINFORCE-style DAO of Appendix A.4, whose expected gradient under y ~ pi_theta is the exact gradient
     of the dual-KL objective J (Eq. 3, via Proposition 4.1; tests/test_theory.py checks it). For samples of
     an earlier policy (logp_old), the clipped ratio of reinforce_surrogate. [N]"""
     penalty = logp.detach() - alpha * logp_0 - (1 - alpha) * logp_t          # log pi / (pi_0^a pi_t^(1-a))  [N]
-    return reinforce_surrogate(logp, adv - beta * penalty, logp_old, clip_eps) / length_norm
+    return reinforce_surrogate(logp, adv - beta * penalty, logp_old, clip_eps, clip_eps_high) / length_norm
 
 
 def dao_ppo_loss(logp, logp_t, logp_0, adv, alpha, beta, length_norm=1.0):
@@ -173,34 +202,57 @@ def rloo_advantages(rewards, k):
     return torch.where(valid & (count > 1), r - baseline, math.nan).view(-1)
 
 
-def rloo_loss(logp, adv, length_norm=1.0, logp_old=None, clip_eps=math.inf):
+def rloo_loss(logp, adv, length_norm=1.0, logp_old=None, clip_eps=math.inf, clip_eps_high=0.0):
     """-A_i log pi_theta(y_i|x): REINFORCE with the leave-one-out baseline (Ahmadian et al. 2024); for samples
     of an earlier policy (logp_old), the clipped ratio of reinforce_surrogate. [N]"""
-    return reinforce_surrogate(logp, adv, logp_old, clip_eps) / length_norm
+    return reinforce_surrogate(logp, adv, logp_old, clip_eps, clip_eps_high) / length_norm
 
 
-def grpo_advantages(rewards, k, eps=1e-4):
-    """A_i = (r_i - mean_K r) / (std_K r + eps): group-normalised advantages (Shao et al. 2024, Section
-    4.1.2), the sample std over the valid responses of a prompt. [B*K], NaN where undefined."""
+def grpo_advantages(rewards, k, eps=1e-4, scale="group", batch_rewards=None):
+    """A_i = (r_i - mean_K r) / (std r + eps): group-normalised advantages (Shao et al. 2024, Section 4.1.2).
+
+    scale (TRL's scale_rewards): group = the sample std over the valid responses of the prompt (the paper);
+    batch = the sample std of every valid reward of batch_rewards (the whole online batch, all ranks; default
+    `rewards`), the mean still the group's (as in TRL); none = no division, A = r - mean_K r (Dr. GRPO, Liu
+    et al. 2025: the std favours prompts whose rewards barely differ). [B*K], NaN where undefined."""
     r = rewards.view(-1, k)
     valid = ~torch.isnan(r)
     count = valid.sum(1, keepdim=True)
     mean = torch.where(valid, r, 0.0).sum(1, keepdim=True) / count.clamp(min=1)
-    var = torch.where(valid, (r - mean) ** 2, 0.0).sum(1, keepdim=True) / (count - 1).clamp(min=1)
-    return torch.where(valid & (count > 1), (r - mean) / (var.sqrt() + eps), math.nan).view(-1)
+    if scale == "group":
+        var = torch.where(valid, (r - mean) ** 2, 0.0).sum(1, keepdim=True) / (count - 1).clamp(min=1)
+        adv = (r - mean) / (var.sqrt() + eps)
+    elif scale == "batch":
+        every = rewards if batch_rewards is None else batch_rewards
+        every = every[~torch.isnan(every)]
+        adv = (r - mean) / ((every.std(correction=1) if len(every) > 1 else 0.0) + eps)
+    else:
+        adv = r - mean
+    return torch.where(valid & (count > 1), adv, math.nan).view(-1)
 
 
-def grpo_loss(logp_tok, logp_t_tok, logp_0_tok, adv, mask, clip_eps, beta):
-    """(1/|y|) sum_i [ -min(rho_i A, clip(rho_i, 1 +- eps) A) + beta k3_i(pi_theta, pi_0) ]   (Shao et al. 2024,
-    Eq. 3), k3_i = pi_0/pi_theta - log(pi_0/pi_theta) - 1 per token, with gradient through pi_theta.
+def grpo_loss(logp_tok, logp_t_tok, logp_0_tok, adv, mask, clip_eps, beta, clip_eps_high=0.0, agg="sequence",
+              length_norm=1.0, tis=None):
+    """(1/|y|) sum_i [ -w_i min(rho_i A, clip(rho_i, 1 - eps, 1 + eps_high) A) + beta k3_i(pi_theta, pi_0) ]
+    (Shao et al. 2024, Eq. 3), k3_i = pi_0/pi_theta - log(pi_0/pi_theta) - 1 per token, with gradient through
+    pi_theta; w_i: tis_weights (None = 1), on the policy-gradient term only, as TRL. adv: [N] per sequence.
 
-    Token aggregation: the mean over each response's tokens, then over responses (the original GRPO;
-    Dr. GRPO and DAPO divide by a constant or by the batch's token count instead). adv: [N] per sequence. [N]
+    agg, how the per-token terms l_i add up per sequence (--loss-agg; TRL's loss_type in brackets):
+      sequence  (1/|y|) sum_i l_i: each response's mean, then the mean over responses, the original GRPO ["grpo"]
+      token     sum_i l_i: the loop divides the minibatch's sum by its token count over all ranks (sequence_step
+                passes the tokens as minibatch_updates' `used`): one mean over every token, DAPO (Yu et al.
+                2025) ["dapo", TRL's default; "bnpo" is the same over one rank's micro-batch, not offered]
+      dr_grpo   sum_i l_i / length_norm (max_new_tokens), then the mean over responses: Dr. GRPO (Liu et al.
+                2025) ["dr_grpo"]
+    The last two weigh every token alike, where sequence favours the tokens of short responses. [N]
     """
     d = logp_0_tok - logp_tok
     k3_tok = d.exp() - d - 1
-    return ppo_policy_loss(logp_tok, logp_t_tok, adv[:, None].to(logp_tok.dtype), mask, clip_eps) + \
-        beta * masked_mean(k3_tok, mask)
+    tok = ppo_token_loss(logp_tok, logp_t_tok, adv[:, None].to(logp_tok.dtype), clip_eps, clip_eps_high, tis) + \
+        beta * k3_tok
+    if agg == "sequence":
+        return masked_mean(tok, mask)
+    return (tok * mask).sum(1) / (length_norm if agg == "dr_grpo" else 1.0)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -326,11 +378,24 @@ def sample_judge_score(step, cfg, ctx, run, timer):
     return batch, rewards, invalid, logp_t_tok, logp_0_tok, logp_diff
 
 
+def truncated_is(cfg, ctx, batch, logp_t_tok):
+    """--tis-cap: the per-token weights of tis_weights [N, R] (None when off) from the sampler's log-probs of the
+    batch, and their metrics over the online batch, all ranks: train/tis_weight_mean (per response token) and
+    train/tis_clip_frac (share of response tokens whose ratio pi_t / pi_sampler exceeded the cap)."""
+    if not cfg.tis_cap:
+        return None, {}
+    mask = batch.response_mask.to(logp_t_tok.device).float()
+    w, capped = tis_weights(logp_t_tok, batch.sampler_logp.to(logp_t_tok.device).float(), mask, cfg.tis_cap)
+    s = infra.gather(ctx, torch.stack([w.sum(), capped.sum(), mask.sum()]).double().to(ctx.device)).view(-1, 3).sum(0)
+    return w, {"train/tis_weight_mean": (s[0] / s[2]).item(), "train/tis_clip_frac": (s[1] / s[2]).item()}
+
+
 def ppo_step(step, cfg, ctx, run):
     """PPO and its dual-KL variants: token-level shaped rewards, a value model, GAE, clipped updates."""
     timer = {}
     batch, rewards, invalid, logp_t_tok, logp_0_tok, logp_diff = sample_judge_score(step, cfg, ctx, run, timer)
     dev, mask = ctx.device, batch.response_mask.to(ctx.device).float()
+    tis, tis_metrics = truncated_is(cfg, ctx, batch, logp_t_tok)                        # --tis-cap  [N, R]
 
     # 2b. the score of a response that never emitted EOS is lowered (TRL's missing_eos_penalty); an invalid
     #     judgment (NaN) leaves its sequence out of the loss
@@ -370,19 +435,22 @@ def ppo_step(step, cfg, ctx, run):
         values = token_values(run.value_ddp, part)                                           # [n, R]
         adv, returns = gae(shaped(mb, logp_tok.detach(), R), values_old[mb, :R], m, cfg.gamma, cfg.gae_lambda)
         adv = (adv - adv_mean) / (adv_std + 1e-8)
-        pg = ppo_policy_loss(logp_tok, logp_t_tok[mb, :R], adv, m, cfg.clip_eps)
+        pg = ppo_policy_loss(logp_tok, logp_t_tok[mb, :R], adv, m, cfg.clip_eps, cfg.clip_eps_high,
+                             None if tis is None else tis[mb, :R])
         vf = value_loss(values, values_old[mb, :R], returns, m, cfg.value_clip)
         loss = torch.where(valid[mb], pg + cfg.vf_coef * vf, 0.0)
         ratio = (logp_tok.detach() - logp_t_tok[mb, :R]).exp()
         return loss.sum(), {"policy_loss": pg.mean().item(), "value_loss": vf.mean().item(),
-                            "ratio_clip_frac": masked_mean(((ratio - 1).abs() > cfg.clip_eps).float(), m).mean().item(),
+                            "ratio_clip_frac": masked_mean(outside_clip(ratio, cfg.clip_eps, cfg.clip_eps_high).float(),
+                                                           m).mean().item(),
                             "kl_pi_t": (logp_t_tok[mb, :R] - logp_tok.detach()).sum(1).mean().item()}
 
     with infra.timed(timer, "update"):
         upd = loop.minibatch_updates(cfg, ctx, run, len(batch), cfg.online_batch // cfg.minibatch, cfg.micro_batch,
                                      loss_fn, cfg.epochs, cost=batch.lengths())
     return loop.online_metrics(step, cfg, ctx, run, batch, rewards, invalid, logp_t_tok, logp_0_tok, upd, timer,
-                               logp_diff=logp_diff, extra={"train/adv_mean": adv_mean, "train/adv_std": adv_std})
+                               logp_diff=logp_diff, extra={"train/adv_mean": adv_mean, "train/adv_std": adv_std,
+                                                           **tis_metrics})
 
 
 def sequence_step(step, cfg, ctx, run):
@@ -391,12 +459,14 @@ def sequence_step(step, cfg, ctx, run):
     batch, rewards, invalid, logp_t_tok, logp_0_tok, logp_diff = sample_judge_score(step, cfg, ctx, run, timer)
     logp_t, logp_0 = logp_t_tok.sum(1).cpu(), logp_0_tok.sum(1).cpu()                      # [N]
     mask = batch.response_mask.float()
+    tis, tis_metrics = truncated_is(cfg, ctx, batch, logp_t_tok)                        # --tis-cap  [N, R]
 
     # 4. advantages                                                                         [N]
     if cfg.algo == "rloo":
         adv = rloo_advantages(kl_penalised_rewards(rewards, logp_t, logp_0, cfg.beta), cfg.k)
     elif cfg.algo == "grpo":
-        adv = grpo_advantages(rewards, cfg.k)
+        every = infra.gather(ctx, rewards.to(ctx.device)).cpu() if cfg.scale_rewards == "batch" else None
+        adv = grpo_advantages(rewards, cfg.k, scale=cfg.scale_rewards, batch_rewards=every)
     else:  # DAO: DAR's Monte-Carlo advantage and batch normalisation (Algorithm 1)
         adv = loop.group_advantages(rewards, cfg.k)
         if cfg.normalize_adv:
@@ -416,27 +486,33 @@ def sequence_step(step, cfg, ctx, run):
         a, lt, l0 = adv[mb].to(logp.device), logp_t[mb].to(logp.device), logp_0[mb].to(logp.device)
         if cfg.algo == "grpo":
             loss = grpo_loss(logp_tok, logp_t_tok[mb, :R], logp_0_tok[mb, :R], a, mask[mb, :R].to(logp.device),
-                             cfg.clip_eps, cfg.beta)
+                             cfg.clip_eps, cfg.beta, cfg.clip_eps_high, cfg.loss_agg, cfg.max_new_tokens,
+                             None if tis is None else tis[mb, :R])
         # rloo, dao: a batch's later updates see samples of pi_t, not of the moved pi_theta: the clipped ratio
         elif cfg.algo == "rloo":
-            loss = rloo_loss(logp, a, cfg.max_new_tokens, logp_old=lt, clip_eps=cfg.clip_eps)
+            loss = rloo_loss(logp, a, cfg.max_new_tokens, logp_old=lt, clip_eps=cfg.clip_eps,
+                             clip_eps_high=cfg.clip_eps_high)
         elif cfg.algo == "dao":
-            loss = dao_loss(logp, lt, l0, a, cfg.alpha, cfg.beta, cfg.max_new_tokens, logp_old=lt, clip_eps=cfg.clip_eps)
+            loss = dao_loss(logp, lt, l0, a, cfg.alpha, cfg.beta, cfg.max_new_tokens, logp_old=lt, clip_eps=cfg.clip_eps,
+                            clip_eps_high=cfg.clip_eps_high)
         else:
             loss = dao_ppo_loss(logp, lt, l0, a, cfg.alpha, cfg.beta, cfg.max_new_tokens)
         loss = torch.where(valid[mb].to(logp.device), loss, 0.0)
         rho = (logp.detach() - lt).exp()
         return loss.sum(), {"kl_pi_t": (lt - logp.detach()).mean().item(),
-                            "ratio_clip_frac": ((rho - 1).abs() > cfg.clip_eps).float().mean().item()}
+                            "ratio_clip_frac": outside_clip(rho, cfg.clip_eps, cfg.clip_eps_high).float().mean().item()}
 
+    # --loss-agg token: a minibatch's loss is divided by its response tokens (of valid sequences, all ranks), not
+    # by its sequences: each sequence counts as many times as it has tokens (minibatch_updates' `used`)
+    tokens = mask.sum(1) * valid if cfg.algo == "grpo" and cfg.loss_agg == "token" else None
     with infra.timed(timer, "update"):
         upd = loop.minibatch_updates(cfg, ctx, run, len(batch), cfg.online_batch // cfg.minibatch, cfg.micro_batch,
-                                     loss_fn, cfg.epochs, cost=batch.lengths())
+                                     loss_fn, cfg.epochs, cost=batch.lengths(), used=tokens)
     A = infra.gather(ctx, torch.where(valid, adv.double(), math.nan).to(ctx.device)).cpu()
     A = A[~torch.isnan(A)]
     return loop.online_metrics(step, cfg, ctx, run, batch, rewards, invalid, logp_t_tok, logp_0_tok, upd, timer,
                                logp_diff=logp_diff, extra={"train/adv_abs_mean": A.abs().mean().item(),
-                                "train/adv_zero_frac": (A == 0).double().mean().item()})
+                                "train/adv_zero_frac": (A == 0).double().mean().item(), **tis_metrics})
 
 
 def iter_sft_step(step, cfg, ctx, run):

@@ -97,6 +97,20 @@ class Config:
     simpo_gamma: float = arg(1.6, "SimPO target reward margin gamma")
     is_clip: float = arg(math.inf, "IS-DPO: upper clip of the importance ratio pi_theta/pi_0 of a pair; inf = none, "
                                    "the unbiased estimator of Theorem 1; a finite clip trades bias for variance")
+    # TRL-compatible options of the baselines (TRL's GRPOConfig / RLOOConfig name in brackets); the defaults are
+    # the GRPO paper's and this code's behaviour before them, not TRL's defaults (README: "Coming from TRL")
+    loss_agg: str = arg("sequence", "grpo: how per-token losses add up [loss_type]: sequence (mean over each response's "
+                                    "tokens, then over responses: the GRPO paper, TRL's 'grpo'), token (sum over the "
+                                    "minibatch's tokens, all ranks, over their count: DAPO, TRL's default 'dapo'), "
+                                    "dr_grpo (each response's token sum over --max-new-tokens, then the mean: Dr. GRPO)")
+    scale_rewards: str = arg("group", "grpo: A = (r - group mean) / (std + 1e-4) with the std of the prompt's group "
+                                      "(group), of the whole online batch, all ranks (batch), or no division "
+                                      "(none: Dr. GRPO) [scale_rewards]")
+    clip_eps_high: float = arg(0.0, "upper clip range: ratios clipped to [1 - clip_eps, 1 + clip_eps_high] wherever "
+                                    "--clip-eps clips (clip-higher, DAPO: 0.28) [epsilon_high]; 0 = --clip-eps")
+    tis_cap: float = arg(0.0, "grpo and the PPO family with --logp-source policy: weight each token's policy-gradient "
+                              "term by min(pi_t / pi_sampler, C), detached (truncated importance sampling, Yao et al. "
+                              "2025) [vllm_importance_sampling_cap, token_truncate mode]; 0 = off")
     # online sampling (Appendix B.1)
     k: int = arg(4, "responses sampled per prompt, the Monte-Carlo sample size K")
     temperature: float = arg(0.9, "sampling temperature for online data and evaluation")
@@ -299,9 +313,39 @@ def check_config(cfg, world):
         bad("--fsdp-offload offloads the shards of --fsdp; add --fsdp")
     if cfg.fsdp_offload and not torch.cuda.is_available():
         bad("--fsdp-offload moves shards between GPU and CPU memory; without a GPU they are in CPU memory already")
+    check_trl_options(cfg, bad)
     if not 0 < cfg.vllm_gpu_memory <= 1:
         bad(f"--vllm-gpu-memory is a share of the GPU's memory in (0, 1], got {cfg.vllm_gpu_memory}")
 
+
+
+TIS_ALGOS = ("grpo",) + VALUE_MODEL  # token-level policy-gradient losses: --tis-cap weighs their tokens
+CLIPPED_ALGOS = VALUE_MODEL + ("grpo", "rloo", "dao")  # a ratio clipped to 1 +- --clip-eps
+
+
+def check_trl_options(cfg, bad):
+    """The TRL-compatible options of the baselines: values, and the algorithms that read them."""
+    for name, allowed in (("loss_agg", ("sequence", "token", "dr_grpo")), ("scale_rewards", ("group", "batch", "none"))):
+        value, flag = getattr(cfg, name), "--" + name.replace("_", "-")
+        if value not in allowed:
+            bad(f"{flag} must be one of {', '.join(allowed)}, got {value!r}")
+        if value != allowed[0] and cfg.algo != "grpo":
+            bad(f"{flag} {value} is an option of --algo grpo, not of {cfg.algo}; leave it at {allowed[0]}")
+    if not cfg.clip_eps_high >= 0:
+        bad(f"--clip-eps-high must be >= 0 (0 = --clip-eps), got {cfg.clip_eps_high}")
+    if cfg.clip_eps_high and cfg.algo not in CLIPPED_ALGOS:
+        bad(f"--clip-eps-high is the upper ratio clip of {', '.join(CLIPPED_ALGOS)}; --algo {cfg.algo} clips no "
+            "ratio (leave it at 0)")
+    if cfg.tis_cap:
+        if not cfg.tis_cap >= 1:
+            bad(f"--tis-cap must be >= 1 (a cap below 1 would shrink every token's weight), or 0 for off, "
+                f"got {cfg.tis_cap}")
+        if cfg.algo not in TIS_ALGOS:
+            bad(f"--tis-cap weighs the tokens of a token-level policy-gradient loss: {', '.join(TIS_ALGOS)}; "
+                f"--algo {cfg.algo} has none (leave --tis-cap at 0)")
+        if cfg.logp_source == "sampler":
+            bad("--tis-cap with --logp-source sampler: the loss's pi_t is then the sampler's own log-probs, so "
+                "pi_t / pi_sampler = 1; use --logp-source policy (the default) with --tis-cap")
 
 
 # Fields added after runs were saved, with the value that reproduces what the code did before them: a checkpoint

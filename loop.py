@@ -279,7 +279,8 @@ def sample(step, cfg, ctx, run):
         run.sampler.sleep()  # on GPUs: the engine's memory is the updates' until the weight sync wakes it
         return batch
     return rollout.generate(run.policy, run.tok, prompts, cfg.k, cfg.max_new_tokens, cfg.temperature,
-                            record_logp=cfg.logp_source == "sampler", synced=cfg.fsdp and ctx.world > 1,
+                            record_logp=cfg.logp_source == "sampler" or cfg.tis_cap > 0,  # --tis-cap needs them
+                            synced=cfg.fsdp and ctx.world > 1,
                             logp_temperature=logp_temperature(cfg))
 
 
@@ -406,7 +407,9 @@ def minibatch_updates(cfg, ctx, run, n_units, n_updates, micro_units, loss_fn, e
     count [n_units] bool (None = all); the divisor is then (used units of the minibatch, all ranks) / ranks,
     and DDP averages the ranks' gradients: the gradient is the mean over the units used, and a unit left
     out (an online DAP pair without a preference) dilutes nothing; a minibatch with no used unit on any rank
-    takes no optimizer step. Returns
+    takes no optimizer step. used may also be a float weight per unit: with a sequence's response tokens as
+    its weight and loss_fn returning token sums, the gradient is the mean over every token of the minibatch on
+    all ranks (GRPO's --loss-agg token), whatever the micro-batches. Returns
     {"loss", "grad_norm", and the mean of every reported stat}.
     """
     per_update = n_units // n_updates

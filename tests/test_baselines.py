@@ -222,6 +222,157 @@ def test_grpo_loss_value_and_gradient_at_pi_t_equal_pi_0():
 
 
 # ---------------------------------------------------------------------------------------------------
+# TRL-compatible options: --scale-rewards, --loss-agg, --clip-eps-high, --tis-cap
+# ---------------------------------------------------------------------------------------------------
+def test_grpo_advantages_scaled_by_the_batch_std_or_not_at_all():
+    r = T([1.0, 2.0, 6.0, 5.0, 5.0, 5.0], dtype=torch.float64)       # group means 3 and 5
+    centred = T([-2.0, -1.0, 3.0, 0.0, 0.0, 0.0], dtype=torch.float64)
+    assert torch.allclose(B.grpo_advantages(r, 3, scale="none"), centred)              # Dr. GRPO: r - mean
+    # batch: mean 4, squared deviations 9 4 4 1 1 1 = 20, sample variance 20 / 5 = 4, std 2
+    assert torch.allclose(B.grpo_advantages(r, 3, scale="batch"), centred / (2 + 1e-4))
+    # the batch of every rank (here another rank's 3 rewards, one invalid): 8 valid, mean 4, 20 / 7
+    every = torch.cat([r, T([math.nan, 4.0, 4.0], dtype=torch.float64)])
+    assert torch.allclose(B.grpo_advantages(r, 3, scale="batch", batch_rewards=every),
+                          centred / (math.sqrt(20 / 7) + 1e-4))
+    # an invalid judgment stays NaN, and out of its group's mean, with every scaling
+    r2 = T([1.0, math.nan, 3.0], dtype=torch.float64)
+    for scale in ("group", "batch", "none"):
+        a = B.grpo_advantages(r2, 3, scale=scale)
+        assert math.isnan(a[1]) and a[0] == pytest.approx(-a[2]) and a[0] < 0
+
+
+def test_clip_higher_widens_only_the_upper_clip():
+    lt = T([[0.0, 0.0, 0.0, 0.0]])
+    lp = T([[math.log(1.5), math.log(1.5), math.log(0.5), math.log(1.25)]])   # ratios 1.5, 1.5, 0.5, 1.25
+    adv, m = T([[1.0, -1.0, -1.0, 2.0]]), torch.ones(1, 4)
+    # clip to [0.8, 1.28]: min(rho A, clip(rho) A) = 1.28, -1.5, -0.8, 2.5 (1.25 is inside the wider range)
+    loss = B.ppo_policy_loss(lp, lt, adv, m, clip_eps=0.2, clip_eps_high=0.28)
+    assert loss.item() == pytest.approx(-(1.28 - 1.5 - 0.8 + 2.5) / 4, abs=1e-6)
+    # symmetric (0 = clip_eps): 1.25 is clipped to 1.2
+    assert B.ppo_policy_loss(lp, lt, adv, m, 0.2, 0.0).item() == pytest.approx(-(1.2 - 1.5 - 0.8 + 2.4) / 4, abs=1e-6)
+    ratio = lp.exp()
+    assert B.outside_clip(ratio, 0.2, 0.28).tolist() == [[True, True, True, False]]
+    assert B.outside_clip(ratio, 0.2).tolist() == [[True, True, True, True]]
+    # GRPO and the sequence-level surrogate of RLOO / DAO clip the same way
+    g = lambda high: B.grpo_loss(lp[:, 3:], lt[:, 3:], lt[:, 3:], T([2.0]), torch.ones(1, 1), 0.2, 0.0, high).item()
+    assert g(0.28) == pytest.approx(-2.5, abs=1e-6) and g(0.0) == pytest.approx(-2.4, abs=1e-6)
+    seq = B.reinforce_surrogate(T([math.log(1.5), math.log(1.25)]), T([1.0, 1.0]), T([0.0, 0.0]), 0.2, 0.28)
+    assert torch.allclose(seq, T([-1.28, -1.25]), atol=1e-6)
+    assert torch.allclose(B.rloo_loss(T([math.log(1.25)]), T([1.0]), 2.0, T([0.0]), 0.2, 0.28), T([-1.25 / 2]))
+
+
+def test_tis_weights_are_the_capped_detached_sampler_ratio():
+    lt = torch.log(T([[0.5, 0.2, 0.9], [0.3, 0.4, 0.5]])).requires_grad_(True)
+    ls = torch.log(T([[0.25, 0.2, 0.1], [0.6, 0.04, 0.5]]))     # ratios 2, 1, 9 and 0.5, 10, (padding)
+    w, capped = B.tis_weights(lt, ls, MASK, cap=3.0)
+    assert torch.allclose(w, T([[2.0, 1.0, 3.0], [0.5, 3.0, 0.0]]), atol=1e-6)
+    assert capped.tolist() == [[False, False, True], [False, True, False]]
+    assert not w.requires_grad
+    # huge log-ratios give the cap, not inf
+    assert B.tis_weights(T([[0.0]]), T([[-1e4]]), torch.ones(1, 1), 2.0)[0].item() == pytest.approx(2.0)
+
+
+def grpo_by_hand():
+    """Two responses (3 and 2 tokens), pi_theta = pi_t (ratio 1: the policy-gradient term of a token is -A w_i
+    with its TIS weight w_i), log pi_0 = log pi_theta - 0.5 (k3 = e^-0.5 - 0.5 ... per token, c below)."""
+    lp = T([[-1.0, -2.0, -0.5], [-0.3, -0.7, 0.0]])
+    tis = T([[2.0, 1.0, 0.5], [1.0, 3.0, 0.0]])
+    c = math.exp(-0.5) + 0.5 - 1
+    return lp, tis, c
+
+
+def test_grpo_loss_aggregations_by_hand():
+    lp, tis, c = grpo_by_hand()
+    adv, beta = T([1.5, -0.5]), 0.04
+    # per-token terms: -1.5 * (2, 1, 0.5) + beta c = (-3, -1.5, -0.75) + beta c; 0.5 * (1, 3) + beta c
+    sums = T([-5.25 + 3 * beta * c, 2.0 + 2 * beta * c])
+    f = lambda agg: B.grpo_loss(lp, lp, lp - 0.5, adv, MASK, 0.2, beta, agg=agg, length_norm=16.0, tis=tis)
+    assert torch.allclose(f("sequence"), T([-1.75 + beta * c, 1.0 + beta * c]), atol=1e-6)  # mean per response
+    assert torch.allclose(f("token"), sums, atol=1e-6)                   # the loop divides by the 5 tokens
+    assert torch.allclose(f("dr_grpo"), sums / 16, atol=1e-6)            # by max_new_tokens
+    # TIS weighs the policy-gradient term only: the KL penalty is the same with and without it
+    no_pg = lambda t: B.grpo_loss(lp, lp, lp - 0.5, torch.zeros(2), MASK, 0.2, beta, agg="token", tis=t)
+    assert torch.allclose(no_pg(tis), no_pg(None))
+
+
+@pytest.mark.parametrize("agg", ["token", "sequence", "dr_grpo"])
+def test_loss_agg_gradient_through_minibatch_updates_is_independent_of_micro_batching(agg):
+    """The loop's update with --loss-agg token is one mean over the minibatch's valid tokens, for any
+    --micro-batch: the gradient of a hand-written token mean (sequence, dr_grpo: of their own means)."""
+    g = torch.Generator().manual_seed(0)
+    mask = T([[1.0, 1.0, 1.0, 1.0], [1.0, 0.0, 0.0, 0.0], [1.0, 1.0, 0.0, 0.0], [1.0, 1.0, 1.0, 0.0]])
+    feat, base = torch.randn(4, 4, generator=g), -torch.rand(4, 4, generator=g)
+    adv, valid, beta = T([1.0, -2.0, 0.5, -0.5]), T([True, True, False, True]), 0.04
+
+    def tokens(theta, rows):  # log pi_theta per token, a function of 4 parameters
+        return base[rows] + theta * feat[rows] * 0.1
+
+    def update(micro):
+        theta = torch.nn.Parameter(torch.zeros(4))
+        model = torch.nn.Module()
+        model.theta = theta
+        opt = torch.optim.SGD([theta], lr=1.0)
+        run = type("Run", (), {"trained": [model], "opt": opt,
+                               "sched": torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)})()
+
+        def loss_fn(rows):
+            lp = tokens(theta, rows)
+            loss = B.grpo_loss(lp, base[rows], base[rows] - 0.3, adv[rows], mask[rows], 0.2, beta, agg=agg,
+                               length_norm=8.0)
+            return torch.where(valid[rows], loss, 0.0).sum(), {}
+        used = mask.sum(1) * valid if agg == "token" else None
+        cfg = config.Config(max_grad_norm=0.0)
+        loop.minibatch_updates(cfg, infra.Dist(), run, 4, 1, micro, loss_fn, epochs=1, used=used)
+        return -theta.detach()                                               # SGD, lr 1: the gradient
+
+    theta = torch.zeros(4, requires_grad=True)
+    lp = base + theta * feat * 0.1
+    d = (base - 0.3) - lp
+    tok = -adv[:, None] * (lp - base).exp() + beta * (d.exp() - d - 1)      # ratio 1: inside the clip range
+    tok = tok * mask * valid[:, None]
+    want = {"token": tok.sum() / (mask.sum(1) * valid).sum(),                # one mean over 3 + 1 + 3 tokens
+            "sequence": (tok.sum(1) / mask.sum(1)).sum() / 4, "dr_grpo": (tok.sum(1) / 8.0).sum() / 4}[agg]
+    want.backward()
+    for micro in (1, 2, 4):
+        assert torch.allclose(update(micro), theta.grad, atol=1e-6), micro
+
+
+def test_trl_options_are_checked():
+    def check(**kw):
+        cfg = config.Config(**{"algo": "grpo", **kw})
+        config.check_config(cfg, 1)
+    check(loss_agg="token", scale_rewards="batch", clip_eps_high=0.28, tis_cap=2.0)
+    for kw, words in [(dict(loss_agg="dapo"), "--loss-agg must be one of sequence, token, dr_grpo"),
+                      (dict(scale_rewards="std"), "--scale-rewards must be one of group, batch, none"),
+                      (dict(algo="rloo", loss_agg="token"), "--loss-agg token is an option of --algo grpo"),
+                      (dict(algo="dar", scale_rewards="none"), "--scale-rewards none is an option of --algo grpo"),
+                      (dict(clip_eps_high=-0.1), "--clip-eps-high must be >= 0"),
+                      (dict(algo="dpo", clip_eps_high=0.28), "--algo dpo clips no ratio"),
+                      (dict(tis_cap=0.5), "--tis-cap must be >= 1"),
+                      (dict(algo="rloo", tis_cap=2.0), "grpo, ppo, dual_ppo, dual_ppo_clip, dual_mix_ppo"),
+                      (dict(tis_cap=2.0, logp_source="sampler"), "--tis-cap with --logp-source sampler")]:
+        with pytest.raises(SystemExit, match=words):
+            check(**kw)
+
+
+@pytest.mark.slow
+def test_grpo_with_trl_options_trains_and_logs_the_tis_weights(toy_cache, tmp_path):
+    cfg = config.parse_config(TINY + ["--algo", "grpo", "--steps", "2", "--cache-dir", toy_cache, "--out-dir",
+                                      str(tmp_path), "--print-every", "1000", "--eval-prompts", "0",
+                                      "--loss-agg", "token", "--scale-rewards", "batch", "--clip-eps-high", "0.28",
+                                      "--tis-cap", "2"])
+    config.check_config(cfg, 1)
+    train(cfg)
+    lines = read_metrics(tmp_path)
+    assert len(lines) == 2
+    for l in lines:
+        assert math.isfinite(l["train/loss"]) and l["train/grad_norm"] > 0
+        # generate recorded its log-probs for the correction: the same model, so the ratios are ~1
+        assert 0 < l["train/tis_weight_mean"] <= 2 and l["train/tis_weight_mean"] == pytest.approx(1, abs=1e-2)
+        assert l["train/tis_clip_frac"] == 0 and "rollout/logp_abs_diff" in l
+
+
+# ---------------------------------------------------------------------------------------------------
 # Filtered SFT and direct alignment
 # ---------------------------------------------------------------------------------------------------
 def test_best_of_k_and_reward_pairs_handle_ties_and_invalid_judgments():
