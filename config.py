@@ -351,6 +351,9 @@ def check_trl_options(cfg, bad):
 # Fields added after runs were saved, with the value that reproduces what the code did before them: a checkpoint
 # without the field resumes only with that value (given on the command line), never silently with a new default.
 VALUE_BEFORE_FIELD = {"logp_temperature": 1.0, "pair_labels": "reward"}
+# The TRL-compatible options' defaults are what the code did before them: a checkpoint without them resumes with
+# those values, and with another value (a different experiment) stops like any changed setting.
+VALUE_BEFORE_FIELD.update(loss_agg="sequence", scale_rewards="group", clip_eps_high=0.0, tis_cap=0.0)
 # Fields read by these algorithms only: a checkpoint of another algorithm may hold an older default (is_clip was 1
 # before issue 16), or lack a newer field, without making its resume a different experiment.
 USED_ONLY_BY = {"is_clip": ("is_dpo",), "pair_labels": ("online_dpo", "ipo", "slic")}

@@ -1,5 +1,6 @@
 """Every baseline loss of baselines.py against a hand computation on small tensors (values and gradients),
 and every algorithm training for a few online batches on the toy task through loop.train (conftest.train)."""
+import dataclasses
 import json
 import math
 import os
@@ -355,6 +356,14 @@ def test_trl_options_are_checked():
             check(**kw)
 
 
+def test_a_checkpoint_from_before_the_trl_options_resumes_only_with_their_defaults():
+    saved = {k: v for k, v in dataclasses.asdict(config.Config(algo="grpo")).items()
+             if k not in ("loss_agg", "scale_rewards", "clip_eps_high", "tis_cap")}
+    config.check_resumable(config.Config(algo="grpo", resume=True), saved)
+    with pytest.raises(SystemExit, match="--loss-agg 'token' \\(was 'sequence'\\)"):
+        config.check_resumable(config.Config(algo="grpo", loss_agg="token"), saved)
+
+
 @pytest.mark.slow
 def test_grpo_with_trl_options_trains_and_logs_the_tis_weights(toy_cache, tmp_path):
     cfg = config.parse_config(TINY + ["--algo", "grpo", "--steps", "2", "--cache-dir", toy_cache, "--out-dir",
@@ -509,10 +518,12 @@ def test_ppo_resumes_with_its_value_model_to_the_same_metrics(toy_cache, tmp_pat
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("algo", ["ppo", "grpo", "iter_sft", "online_dpo", "dpo"])   # one per step function
+@pytest.mark.parametrize("algo", ["ppo", "grpo", "iter_sft", "online_dpo", "dpo",   # one per step function
+                                  "grpo --loss-agg token --scale-rewards batch --tis-cap 2"])  # token counts of 2 ranks
 def test_baselines_run_under_torchrun_with_identical_replicas(algo, toy_cache, tmp_path):
-    p = run_dar(TINY + ["--algo", algo, "--cache-dir", toy_cache, "--out-dir", str(tmp_path / algo), "--steps", "2"],
-                cwd=tmp_path, launcher=TORCHRUN)
+    algo, *extra = algo.split()
+    p = run_dar(TINY + ["--algo", algo, "--cache-dir", toy_cache, "--out-dir", str(tmp_path / algo), "--steps", "2"]
+                + extra, cwd=tmp_path, launcher=TORCHRUN)
     assert p.returncode == 0, p.stderr[-3000:]
     # the policy, and PPO's value model too
     assert p.stdout.count("parameters identical on all 2 ranks") == (2 if algo == "ppo" else 1)
