@@ -493,8 +493,8 @@ def sequence_step(step, cfg, ctx, run):
             loss = rloo_loss(logp, a, cfg.max_new_tokens, logp_old=lt, clip_eps=cfg.clip_eps,
                              clip_eps_high=cfg.clip_eps_high)
         elif cfg.algo == "dao":
-            loss = dao_loss(logp, lt, l0, a, cfg.alpha, cfg.beta, cfg.max_new_tokens, logp_old=lt, clip_eps=cfg.clip_eps,
-                            clip_eps_high=cfg.clip_eps_high)
+            loss = dao_loss(logp, lt, l0, a, cfg.alpha, cfg.beta, cfg.max_new_tokens, logp_old=lt,
+                            clip_eps=cfg.clip_eps, clip_eps_high=cfg.clip_eps_high)
         else:
             loss = dao_ppo_loss(logp, lt, l0, a, cfg.alpha, cfg.beta, cfg.max_new_tokens)
         loss = torch.where(valid[mb].to(logp.device), loss, 0.0)

@@ -99,10 +99,11 @@ class Config:
                                    "the unbiased estimator of Theorem 1; a finite clip trades bias for variance")
     # TRL-compatible options of the baselines (TRL's GRPOConfig / RLOOConfig name in brackets); the defaults are
     # the GRPO paper's and this code's behaviour before them, not TRL's defaults (README: "Coming from TRL")
-    loss_agg: str = arg("sequence", "grpo: how per-token losses add up [loss_type]: sequence (mean over each response's "
-                                    "tokens, then over responses: the GRPO paper, TRL's 'grpo'), token (sum over the "
-                                    "minibatch's tokens, all ranks, over their count: DAPO, TRL's default 'dapo'), "
-                                    "dr_grpo (each response's token sum over --max-new-tokens, then the mean: Dr. GRPO)")
+    loss_agg: str = arg("sequence", "grpo: how per-token losses add up [loss_type]: sequence (mean over each "
+                                    "response's tokens, then over responses: the GRPO paper, TRL's 'grpo'), token "
+                                    "(sum over the minibatch's tokens, all ranks, over their count: DAPO, TRL's "
+                                    "default 'dapo'), dr_grpo (each response's token sum over --max-new-tokens, then "
+                                    "the mean: Dr. GRPO)")
     scale_rewards: str = arg("group", "grpo: A = (r - group mean) / (std + 1e-4) with the std of the prompt's group "
                                       "(group), of the whole online batch, all ranks (batch), or no division "
                                       "(none: Dr. GRPO) [scale_rewards]")
@@ -325,7 +326,8 @@ CLIPPED_ALGOS = VALUE_MODEL + ("grpo", "rloo", "dao")  # a ratio clipped to 1 +-
 
 def check_trl_options(cfg, bad):
     """The TRL-compatible options of the baselines: values, and the algorithms that read them."""
-    for name, allowed in (("loss_agg", ("sequence", "token", "dr_grpo")), ("scale_rewards", ("group", "batch", "none"))):
+    for name, allowed in (("loss_agg", ("sequence", "token", "dr_grpo")),
+                          ("scale_rewards", ("group", "batch", "none"))):
         value, flag = getattr(cfg, name), "--" + name.replace("_", "-")
         if value not in allowed:
             bad(f"{flag} must be one of {', '.join(allowed)}, got {value!r}")
