@@ -456,16 +456,14 @@ class WandbTracker:
     def __init__(self, cfg, start_step):
         import wandb  # optional: --report-to wandb
         self.wandb, id_path = wandb, os.path.join(cfg.out_dir, "wandb_id")
-        if start_step > 0 and os.path.isfile(id_path):
-            run_id = open(id_path).read().strip()
-        else:  # a new run (a fresh start in an old directory too: its metrics.jsonl starts over as well)
-            run_id = wandb.util.generate_id()
-            write_atomic(id_path, run_id)
+        # a new wandb run unless resuming (a fresh start in an old directory too: its metrics.jsonl starts over)
+        run_id = open(id_path).read().strip() if start_step > 0 and os.path.isfile(id_path) else None
         # A resume logs again the batches a killed run logged after its checkpoint; wandb keeps the first value
         # of a step, which an exact resume reproduces (timings aside).
         self.run = wandb.init(project=cfg.wandb_project or os.environ.get("WANDB_PROJECT") or "dar",
                               name=os.path.basename(os.path.normpath(cfg.out_dir)), dir=cfg.out_dir, id=run_id,
                               resume="allow")
+        write_atomic(id_path, self.run.id)
         self.run.config.update(dataclasses.asdict(cfg), allow_val_change=True)  # a resume may change --steps
 
     def log(self, metrics, step):
