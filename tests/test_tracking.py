@@ -6,9 +6,12 @@ import importlib.util
 import json
 import math
 import os
+import random
 import shutil
 
+import numpy as np
 import pytest
+import torch
 import wandb
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from wandb.proto import wandb_internal_pb2
@@ -86,6 +89,7 @@ def scalar_keys(row):
     return [k for k in row if k != "step"]
 
 
+@pytest.mark.slow
 def test_tensorboard_reads_back_every_metric_at_every_step(tracked):
     rows = read_metrics(tracked)
     acc, scalars = tensorboard_scalars(tracked)
@@ -98,6 +102,7 @@ def test_tensorboard_reads_back_every_metric_at_every_step(tracked):
     assert table.step == 2 and text.startswith("| prompt | response | reward |") and text.count("\n") == 5
 
 
+@pytest.mark.slow
 def test_offline_wandb_run_holds_every_metric_and_the_sample_table(tracked):
     rows = read_metrics(tracked)
     run_id = open(tracked / "wandb_id").read().strip()
@@ -115,6 +120,7 @@ def test_offline_wandb_run_holds_every_metric_and_the_sample_table(tracked):
     assert all(prompt in text.tensor_proto.string_val[0].decode() for prompt, _, _ in saved["data"])
 
 
+@pytest.mark.slow
 def test_a_resumed_run_continues_the_same_tracker_runs(tracked, toy_cache, tmp_path):
     """Killed after batch 3 before its checkpoint (latest rewound to batch 2), resumed to batch 4: TensorBoard
     shows batches 1-4 once each, batch 3 as the resume logged it; wandb continues the run with the same id."""
@@ -155,3 +161,18 @@ def test_report_to_is_checked_before_any_model_loads(monkeypatch):
     assert "pip install wandb" in check("tensorboard,wandb")
     config.check_config(config.parse_config(["--report-to", "tensorboard"]), 1)  # installed: accepted
     assert config.trackers("none") == [] and config.trackers("tensorboard, wandb") == ["tensorboard", "wandb"]
+
+
+def test_trackers_leave_the_random_streams_alone(tmp_path):
+    """Starting and feeding the trackers draws nothing from python's, numpy's or torch's generator: a run with
+    --report-to trains exactly as one without."""
+    def draws():
+        return random.random(), np.random.rand(), torch.rand(1).item()
+    infra.seed_everything(0)
+    expected = draws()
+    infra.seed_everything(0)
+    log = infra.Logger(config.Config(out_dir=str(tmp_path), report_to="tensorboard,wandb"), infra.Dist(), 0)
+    log.log({"step": 1, "train/loss": 0.5, infra.SAMPLES: [("a prompt", "a response", 1.0)]})
+    log.close()
+    assert draws() == expected
+    assert json.loads(open(tmp_path / "metrics.jsonl").read()) == {"step": 1, "train/loss": 0.5}  # no table in it
