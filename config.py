@@ -8,6 +8,7 @@ lengths, judge); else Config's default. The whole config is saved with the run a
 """
 import argparse
 import dataclasses
+import importlib.util
 import math
 import os
 from dataclasses import dataclass, field
@@ -144,7 +145,13 @@ class Config:
     save_every: int = arg(20, "checkpoint every N online batches (and at the end); 0 = 10 checkpoints a run")
     keep_checkpoints: int = arg(2, "how many recent checkpoints to keep")
     print_every: int = arg(1, "print a one-line summary every N steps (the toy pi_0's SFT prints every 100)")
-    sample_every: int = arg(20, "print a table of sample prompt / response / reward every N batches")
+    sample_every: int = arg(20, "print a table of sample prompt / response / reward every N batches (and send it "
+                                "to the --report-to trackers)")
+    # experiment tracking (--report-to): copies of metrics.jsonl's rows and the sample tables (infra.Logger)
+    report_to: str = arg("none", "experiment trackers that get every metric and sample table, comma-separated: "
+                                 "none, tensorboard (OUT_DIR/tensorboard), wandb (offline with WANDB_MODE=offline)")
+    wandb_project: str = arg("", "wandb project of --report-to wandb; '' = $WANDB_PROJECT, else dar (the entity: "
+                                 "$WANDB_ENTITY, else wandb's default)")
     eval_prompts: int = arg(1000, "test prompts of the comparison with pi_0 (paper: a random 1,000), a random "
                                   "subset drawn with --eval-seed, capped at the task's (toy: 256)")
     eval_seed: int = arg(1234, "seed of the evaluation: which test prompts, and the compared responses' sampling")
@@ -181,7 +188,19 @@ RESUMABLE_CHANGES = {"resume", "steps", "prompt_epochs", "pref_epochs", "save_ev
                      "sample_every", "eval_prompts", "eval_seed", "eval_judge_url", "eval_judge_model",
                      "eval_judge_api_key_env", "gradient_checkpointing", "max_invalid_frac", "judge_url",
                      "judge_concurrency", "judge_timeout", "judge_retries", "judge_log", "dist_timeout",
-                     "trust_remote_code", "fsdp_offload", "export_hf", "out_dir"}
+                     "trust_remote_code", "fsdp_offload", "export_hf", "out_dir",
+                     # where copies of the metrics go, not what is trained: a resume may add or drop a tracker
+                     "report_to", "wandb_project"}
+
+
+# --report-to's trackers and the package each needs (imported only by a run that reports to it: infra.py)
+TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb"}
+
+
+def trackers(report_to):
+    """The tracker names of a --report-to value: [] for none."""
+    names = [n.strip() for n in report_to.split(",") if n.strip()]
+    return [] if names == ["none"] else names
 
 
 def config_from_dict(saved):
@@ -317,6 +336,14 @@ def check_config(cfg, world):
     check_trl_options(cfg, bad)
     if not 0 < cfg.vllm_gpu_memory <= 1:
         bad(f"--vllm-gpu-memory is a share of the GPU's memory in (0, 1], got {cfg.vllm_gpu_memory}")
+    if "none" in trackers(cfg.report_to):
+        bad(f"--report-to {cfg.report_to!r}: none means no tracker and goes alone; give none, or trackers")
+    for name in trackers(cfg.report_to):
+        if name not in TRACKERS:
+            bad(f"unknown --report-to {name!r}; give none or any of {', '.join(TRACKERS)}, comma-separated")
+        if importlib.util.find_spec(TRACKERS[name]) is None:
+            bad(f"--report-to {name} needs the {TRACKERS[name]} package, which is not installed: pip install "
+                f"{TRACKERS[name]} (or leave {name} out of --report-to)")
 
 
 

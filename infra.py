@@ -34,7 +34,7 @@ from transformers.optimization import Adafactor
 from transformers.utils import logging as hf_logging
 
 import tasks
-from config import config_from_dict
+from config import config_from_dict, trackers
 
 # ---------------------------------------------------------------------------------------------------
 # Processes, seeds, models
@@ -380,11 +380,19 @@ def latest_checkpoint(cfg):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Logging: stable, namespaced keys; one JSON line per online batch (README lists every key)
+# Logging: stable, namespaced keys; one JSON line per online batch (README lists every key), and the same
+# numbers, at the same step, to each experiment tracker of --report-to
 # ---------------------------------------------------------------------------------------------------
+# The metrics key of a --sample-every table, rows of (prompt, response, reward): loop.online_metrics returns it
+# with the numbers, as a step returns everything it logs; Logger.log takes it out of the JSON line (it is no
+# number to plot) and hands it to the trackers as a table.
+SAMPLES = "samples"
+SAMPLE_COLUMNS = ["prompt", "response", "reward"]
+
+
 class Logger:
     def __init__(self, cfg, ctx, start_step):
-        self.ctx, self.path = ctx, os.path.join(cfg.out_dir, "metrics.jsonl")
+        self.ctx, self.path, self.trackers = ctx, os.path.join(cfg.out_dir, "metrics.jsonl"), []
         if ctx.master:
             os.makedirs(cfg.out_dir, exist_ok=True)
             kept = []
@@ -394,11 +402,81 @@ class Logger:
                 f.writelines(kept)
             with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
                 json.dump(dataclasses.asdict(cfg), f, indent=1)
+            self.trackers = [TRACKER_CLASSES[name](cfg, start_step) for name in trackers(cfg.report_to)]
 
     def log(self, metrics):
-        if self.ctx.master:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(metrics) + "\n")
+        """One online batch's row (its "step" the x-axis of every tracker)."""
+        if not self.ctx.master:
+            return
+        metrics = dict(metrics)
+        table = metrics.pop(SAMPLES, None)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        step = metrics["step"]
+        for t in self.trackers:
+            t.log({k: v for k, v in metrics.items() if k != "step"}, step)
+            if table:
+                t.table(SAMPLES, SAMPLE_COLUMNS, table, step)
+
+    def close(self, failed=False):
+        for t in self.trackers:
+            t.close(failed)
+        self.trackers = []
+
+
+class TensorBoardTracker:
+    """--report-to tensorboard: event files in OUT_DIR/tensorboard (`tensorboard --logdir OUT_DIR/tensorboard`)."""
+
+    def __init__(self, cfg, start_step):
+        from torch.utils.tensorboard import SummaryWriter  # optional: needs the tensorboard package
+        # purge_step: readers drop the events at steps after the checkpoint this run starts from (a killed run's
+        # batches, logged again by this one), as Logger drops their lines from metrics.jsonl
+        self.writer = SummaryWriter(os.path.join(cfg.out_dir, "tensorboard"), purge_step=start_step + 1)
+
+    def log(self, metrics, step):
+        for k, v in metrics.items():
+            self.writer.add_scalar(k, v, step)
+        self.writer.flush()  # once a batch: a killed run loses no batch its checkpoint holds
+
+    def table(self, name, columns, rows, step):
+        cell = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v).replace("|", "\\|").replace("\n", "<br>")
+        lines = [columns, ["---"] * len(columns), *[[cell(v) for v in row] for row in rows]]
+        self.writer.add_text(name, "\n".join("| " + " | ".join(line) + " |" for line in lines), step)
+        self.writer.flush()
+
+    def close(self, failed=False):
+        self.writer.close()
+
+
+class WandbTracker:
+    """--report-to wandb: one wandb run per run directory, its id kept in OUT_DIR/wandb_id so that --resume
+    continues it; files under OUT_DIR/wandb. WANDB_MODE=offline writes them there and never needs the network
+    (`wandb sync` uploads them later)."""
+
+    def __init__(self, cfg, start_step):
+        import wandb  # optional: --report-to wandb
+        self.wandb, id_path = wandb, os.path.join(cfg.out_dir, "wandb_id")
+        # a new wandb run unless resuming (a fresh start in an old directory too: its metrics.jsonl starts over)
+        run_id = open(id_path).read().strip() if start_step > 0 and os.path.isfile(id_path) else None
+        # A resume logs again the batches a killed run logged after its checkpoint; wandb keeps the first value
+        # of a step, which an exact resume reproduces (timings aside).
+        self.run = wandb.init(project=cfg.wandb_project or os.environ.get("WANDB_PROJECT") or "dar",
+                              name=os.path.basename(os.path.normpath(cfg.out_dir)), dir=cfg.out_dir, id=run_id,
+                              resume="allow")
+        write_atomic(id_path, self.run.id)
+        self.run.config.update(dataclasses.asdict(cfg), allow_val_change=True)  # a resume may change --steps
+
+    def log(self, metrics, step):
+        self.run.log(metrics, step=step)
+
+    def table(self, name, columns, rows, step):
+        self.run.log({name: self.wandb.Table(columns=columns, data=[list(r) for r in rows])}, step=step)
+
+    def close(self, failed=False):
+        self.run.finish(exit_code=1 if failed else 0)
+
+
+TRACKER_CLASSES = {"tensorboard": TensorBoardTracker, "wandb": WandbTracker}
 
 
 def no_dropout(model):

@@ -30,7 +30,7 @@ from tqdm import tqdm
 import rollout
 import tasks
 from config import OFFLINE, VALUE_MODEL, Config, check_resumable, resolve_schedule
-from infra import (Dist, Logger, TermSignal, barrier, gather, is_sharded_checkpoint, latest_checkpoint,
+from infra import (SAMPLES, Dist, Logger, TermSignal, barrier, gather, is_sharded_checkpoint, latest_checkpoint,
                    load_model, load_sharded_checkpoint, load_state, load_tokenizer, load_value_model, local_gradients,
                    model_dtype, no_dropout, optimizer_and_schedule, optimizer_step, rank_means, rng_state,
                    save_checkpoint, save_final, seed_everything, set_rng_state, trained_modules)
@@ -197,7 +197,7 @@ def train(cfg, ctx, step_fn):
         print("config: " + json.dumps(dataclasses.asdict(cfg)), flush=True)
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not ctx.master,
                desc=cfg.algo, dynamic_ncols=True)
-    term, nonfinite_run = TermSignal(), 0
+    term, nonfinite_run, finished = TermSignal(), 0, False
     try:
         for step in bar:
             t0, rng_before = time.time(), rng_state()
@@ -250,6 +250,7 @@ def train(cfg, ctx, step_fn):
                 print(f"SIGTERM after online batch {step + 1}: checkpoint {latest_checkpoint(cfg)} written; "
                       f"continue with --resume", file=sys.stderr, flush=True)
                 raise SystemExit(143)
+        finished = True
     except Exception as e:
         if ctx.world > 1:  # a dead or hung peer surfaces here as a collective's error (or its --dist-timeout)
             print(f"error: rank {ctx.rank} failed in online batch {step + 1} ({type(e).__name__}); torchrun stops "
@@ -258,6 +259,7 @@ def train(cfg, ctx, step_fn):
         raise
     finally:
         term.restore()
+        log.close(failed=not finished)  # the trackers' runs end (wandb: failed, when the run stops early)
     bar.close()
     save_final(cfg, ctx, [m for m in (run.policy, run.value) if m is not None], run.tok)
     return run
@@ -456,8 +458,10 @@ def online_metrics(step, cfg, ctx, run, batch, rewards, invalid, logp_t_tok, log
     lengths, ended = g(batch.response_mask.sum(1)), g(batch.ended)
     kl0 = g(k3(logp_t_tok, logp_0_tok, batch.response_mask.to(logp_t_tok.device)))
     n_invalid = g(torch.tensor([float(invalid)]))
+    samples = {}
     if ctx.master and (step + 1) % cfg.sample_every == 0:
-        print_samples(batch, rewards.tolist())
+        samples[SAMPLES] = sample_rows(batch, rewards.tolist())  # Logger.log sends it to the trackers as a table
+        print_samples(samples[SAMPLES])
     return {
         "train/reward_mean": R[valid].mean().item(), "train/reward_std": R[valid].std(correction=0).item(),
         "train/invalid_judgments": int(n_invalid.sum().item()), "train/invalid_frac": n_invalid.sum().item() / len(R),
@@ -469,6 +473,7 @@ def online_metrics(step, cfg, ctx, run, batch, rewards, invalid, logp_t_tok, log
         **extra,
         "perf/tokens_per_s": lengths.sum().item() / max(timer["sample"], 1e-9),
         **{f"perf/{k}_s": v for k, v in timer.items()},
+        **samples,
     }
 
 
@@ -568,13 +573,19 @@ def report_long_prompts(cfg, skipped):
               f" (counts in {os.path.join(cfg.out_dir, 'data.json')})", flush=True)
 
 
-def print_samples(batch, rewards, n=4):
-    rows = [f"  {'prompt':<22} | {'response':<24} | reward"]
+def sample_rows(batch, rewards, n=4):
+    """(prompt, response, reward) of n responses spread over the batch; a response cut before its EOS says so."""
+    rows = []
     for i in range(0, len(batch), max(1, len(batch) // n))[:n]:
         resp = batch.responses[i] + ("" if batch.ended[i] else " [no EOS]")
         prompt = batch.prompts[i] if isinstance(batch.prompts[i], str) else rollout.plain_dialogue(batch.prompts[i])
-        rows.append(f"  {prompt.strip()[-22:]:<22} | {resp[:24]!r:<24} | {rewards[i]:.2f}")
-    tqdm.write("\n".join(rows))
+        rows.append((prompt, resp, rewards[i]))
+    return rows
+
+
+def print_samples(rows):
+    tqdm.write("\n".join([f"  {'prompt':<22} | {'response':<24} | reward"] +
+                          [f"  {p.strip()[-22:]:<22} | {r[:24]!r:<24} | {w:.2f}" for p, r, w in rows]))
 
 
 def summary_line(m):
