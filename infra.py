@@ -322,13 +322,14 @@ def checkpoint_name(step):
 
 
 def prune_checkpoints(cfg):
-    """Delete all but the newest --keep-checkpoints checkpoints, and never the one that out_dir/best names (the
-    best evaluation of --eval-every, loop.keep_best): that one is kept beside them."""
+    """Delete all but the newest --keep-checkpoints checkpoints, except the one that out_dir/best names (the best
+    evaluation of --eval-every, loop.keep_best): that one is kept beside them."""
     best = os.path.join(cfg.out_dir, "best")
     best = open(best).read().strip() if os.path.isfile(best) else None
-    ckpts = sorted(d for d in os.listdir(cfg.out_dir) if d.startswith("ckpt-") and not d.endswith(".tmp") and d != best)
+    ckpts = sorted(d for d in os.listdir(cfg.out_dir) if d.startswith("ckpt-") and not d.endswith(".tmp"))
     for old in ckpts[:-cfg.keep_checkpoints]:
-        shutil.rmtree(os.path.join(cfg.out_dir, old), ignore_errors=True)
+        if old != best:
+            shutil.rmtree(os.path.join(cfg.out_dir, old), ignore_errors=True)
 
 
 def load_state(path):

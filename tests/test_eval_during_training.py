@@ -92,6 +92,9 @@ def test_prune_checkpoints_keeps_the_best(tmp_path):
     infra.write_atomic(str(tmp_path / "best"), "ckpt-000002")
     infra.prune_checkpoints(config.Config(out_dir=str(tmp_path), keep_checkpoints=1))
     assert sorted(os.listdir(tmp_path)) == ["best", "ckpt-000002", "ckpt-000004"]
+    infra.write_atomic(str(tmp_path / "best"), "ckpt-000004")  # the newest is the best: nothing more is kept
+    infra.prune_checkpoints(config.Config(out_dir=str(tmp_path), keep_checkpoints=1))
+    assert sorted(os.listdir(tmp_path)) == ["best", "ckpt-000004"]
 
 
 def test_bad_eval_every_flags_are_rejected():
