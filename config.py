@@ -155,6 +155,13 @@ class Config:
     eval_prompts: int = arg(1000, "test prompts of the comparison with pi_0 (paper: a random 1,000), a random "
                                   "subset drawn with --eval-seed, capped at the task's (toy: 256)")
     eval_seed: int = arg(1234, "seed of the evaluation: which test prompts, and the compared responses' sampling")
+    # evaluation during training (--eval-every; loop.evaluate_during_training): the held-out curve against pi_0
+    eval_every: int = arg(0, "evaluate the policy every N online batches (and at the last) on --eval-every-prompts "
+                             "validation prompts with --eval-judge against pi_0 (eval/* metrics), and keep the best "
+                             "checkpoint by eval/win_rate (out_dir/best, best.json); 0 = off")
+    eval_every_prompts: int = arg(64, "validation prompts (Task.valid_prompts, disjoint from training and test "
+                                      "prompts) of each --eval-every evaluation: one subset for the run, drawn "
+                                      "with --eval-seed")
     dtype: str = arg("auto", "auto (bf16 on GPUs that have it, else float32), float32 or bfloat16")
     gradient_checkpointing: bool = arg(False, "recompute the layers' activations in backward: less memory for "
                                               "long responses, one more forward pass of the layers per update")
@@ -185,7 +192,8 @@ class Config:
 
 # Fields a resumed run may change; any other difference from the checkpoint's config is an error.
 RESUMABLE_CHANGES = {"resume", "steps", "prompt_epochs", "pref_epochs", "save_every", "keep_checkpoints",
-                     "sample_every", "eval_prompts", "eval_seed", "eval_judge_url", "eval_judge_model",
+                     "sample_every", "eval_prompts", "eval_seed", "eval_every", "eval_every_prompts",
+                     "eval_judge_url", "eval_judge_model",
                      "eval_judge_api_key_env", "gradient_checkpointing", "max_invalid_frac", "judge_url",
                      "judge_concurrency", "judge_timeout", "judge_retries", "judge_log", "dist_timeout",
                      "trust_remote_code", "fsdp_offload", "export_hf", "out_dir",
@@ -297,13 +305,19 @@ def check_config(cfg, world):
             (f" in whole groups of {unit} responses" if unit > 1 else ""))
     used = ([cfg.judge] if cfg.algo not in OFFLINE else []) + ([cfg.eval_judge] if cfg.algo != "sft" else [])
     training_llm = cfg.judge == "llm" and cfg.algo not in OFFLINE
-    evaluating_llm = cfg.eval_judge == "llm" and cfg.algo != "sft" and cfg.eval_prompts > 0
+    evaluating_llm = cfg.eval_judge == "llm" and cfg.algo != "sft" and (cfg.eval_prompts > 0 or cfg.eval_every > 0)
     if (training_llm or evaluating_llm and not cfg.eval_judge_url) and not cfg.judge_url:
         bad("--judge llm (this task's default) needs --judge-url, the annotator's OpenAI-compatible endpoint, e.g. "
             "http://127.0.0.1:8000/v1 (python judge.py --serve --task toy --port 8000 starts a stand-in); "
             "--eval-judge llm takes --eval-judge-url, else --judge-url")
     if cfg.eval_prompts < 0:
         bad(f"--eval-prompts must be >= 0 (0 = no evaluation at the end of the run), got {cfg.eval_prompts}")
+    if cfg.eval_every < 0:
+        bad(f"--eval-every must be >= 0 (0 = no evaluation during training), got {cfg.eval_every}")
+    if cfg.eval_every and cfg.algo == "sft":
+        bad("--eval-every compares the policy with pi_0, and --algo sft has none; drop --eval-every")
+    if cfg.eval_every and cfg.eval_every_prompts < 1:
+        bad(f"--eval-every-prompts must be >= 1 with --eval-every, got {cfg.eval_every_prompts}")
     if "reward_model" in used and not os.path.isfile(os.path.join(cfg.reward_model, "config.json")):
         bad(f"--judge reward_model needs --reward-model, a reward model directory: a sequence classifier or a "
             f"causal LM (got {cfg.reward_model!r})")

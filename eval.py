@@ -53,7 +53,8 @@ import tasks
 from config import USED_ONLY_BY, VALUE_BEFORE_FIELD, Config, config_from_dict
 from infra import Dist, load_model, load_tokenizer
 from judge import make_judge
-from loop import distinct_n, ensure_toy_models, fitting_task, golden_win_rate, k3, mean_ci, score, t975, win_rate
+from loop import (distinct_n, ensure_toy_models, evaluator_config, fitting_task, golden_win_rate, k3, mean_ci, score,
+                  t975, win_rate)
 
 ABLATION_PARAMS = ("alpha", "beta", "k", "w_clip")  # Fig. 5(c)-(f)
 # Config fields that never make two runs different experiments (bookkeeping, endpoints, the seed itself)
@@ -62,7 +63,7 @@ NOT_HYPERPARAMETERS = {"seed", "out_dir", "resume", "cache_dir", "print_every", 
                        "eval_judge_api_key_env", "judge_url", "judge_api_key_env", "judge_concurrency",
                        "judge_timeout", "judge_retries", "rollout", "vllm_gpu_memory", "backend", "dtype",
                        "logp_source", "steps", "prompt_epochs", "pref_epochs", "gradient_checkpointing",
-                       "max_invalid_frac", "judge_log"}
+                       "max_invalid_frac", "judge_log", "eval_every", "eval_every_prompts"}
 
 
 def alpha_kl(logp, logp_0, logp_prev, mask, alpha):
@@ -81,16 +82,6 @@ def alpha_kl(logp, logp_0, logp_prev, mask, alpha):
     one-batch KL. With alpha = 1 this is KL(pi_theta || pi_0), the x-axis of the baselines in Fig. 4.
     """
     return alpha * k3(logp, logp_0, mask) + (1 - alpha) * k3(logp, logp_prev, mask)
-
-
-def evaluator_config(cfg):
-    """The settings the eval judge is built from: with --eval-judge-url, that endpoint, --eval-judge-model and
-    the key in --eval-judge-api-key-env in place of the training annotator's; without, cfg itself (the training
-    annotator's endpoint judges; evaluator_note says so)."""
-    if not cfg.eval_judge_url:
-        return cfg
-    return dataclasses.replace(cfg, judge_url=cfg.eval_judge_url, judge_model=cfg.eval_judge_model,
-                               judge_api_key_env=cfg.eval_judge_api_key_env)
 
 
 def evaluator_note(cfg):

@@ -299,7 +299,7 @@ def save_checkpoint(cfg, ctx, step, run):
         torch.distributed.all_gather_object(states, rng_state())
     else:
         states = [rng_state()]
-    name = f"ckpt-{step:06d}"
+    name = checkpoint_name(step)
     state = dict(step=step, scheduler=run.sched.state_dict(), rng=states, config=dataclasses.asdict(cfg))
     try:
         if cfg.fsdp:
@@ -313,10 +313,23 @@ def save_checkpoint(cfg, ctx, step, run):
                          f"continue with --resume.") from e
     if ctx.master:
         write_atomic(os.path.join(cfg.out_dir, "latest"), name)
-        ckpts = sorted(d for d in os.listdir(cfg.out_dir) if d.startswith("ckpt-") and not d.endswith(".tmp"))
-        for old in ckpts[:-cfg.keep_checkpoints]:
-            shutil.rmtree(os.path.join(cfg.out_dir, old), ignore_errors=True)
+        prune_checkpoints(cfg)
     barrier(ctx)
+
+
+def checkpoint_name(step):
+    return f"ckpt-{step:06d}"
+
+
+def prune_checkpoints(cfg):
+    """Delete all but the newest --keep-checkpoints checkpoints, except the one that out_dir/best names (the best
+    evaluation of --eval-every, loop.keep_best): that one is kept beside them."""
+    best = os.path.join(cfg.out_dir, "best")
+    best = open(best).read().strip() if os.path.isfile(best) else None
+    ckpts = sorted(d for d in os.listdir(cfg.out_dir) if d.startswith("ckpt-") and not d.endswith(".tmp"))
+    for old in ckpts[:-cfg.keep_checkpoints]:
+        if old != best:
+            shutil.rmtree(os.path.join(cfg.out_dir, old), ignore_errors=True)
 
 
 def load_state(path):

@@ -7,6 +7,7 @@
     pi_t_logps, score          step 4: log pi_t and log pi_0 of the sampled tokens, once per batch
     minibatch_updates          step 6's optimizer steps, with gradient accumulation under DDP / FSDP2
     online_metrics             what every online algorithm logs
+    evaluate_during_training   --eval-every: the policy against pi_0 on held-out prompts (eval/*), and keep_best
     sft_step                   supervised fine-tuning (the toy task's pi_0 is made with it)
 
 A reader of dar.py can take these by their names; infra.py below holds what a learner can skip entirely.
@@ -30,10 +31,11 @@ from tqdm import tqdm
 import rollout
 import tasks
 from config import OFFLINE, VALUE_MODEL, Config, check_resumable, resolve_schedule
-from infra import (SAMPLES, Dist, Logger, TermSignal, barrier, gather, is_sharded_checkpoint, latest_checkpoint,
-                   load_model, load_sharded_checkpoint, load_state, load_tokenizer, load_value_model, local_gradients,
-                   model_dtype, no_dropout, optimizer_and_schedule, optimizer_step, rank_means, rng_state,
-                   save_checkpoint, save_final, seed_everything, set_rng_state, trained_modules)
+from infra import (SAMPLES, Dist, Logger, TermSignal, barrier, checkpoint_name, gather, is_sharded_checkpoint,
+                   latest_checkpoint, load_model, load_sharded_checkpoint, load_state, load_tokenizer, load_value_model,
+                   local_gradients, model_dtype, no_dropout, optimizer_and_schedule, optimizer_step, prune_checkpoints,
+                   rank_means, rng_state, save_checkpoint, save_final, seed_everything, set_rng_state, trained_modules,
+                   write_atomic)
 from judge import make_judge
 
 
@@ -193,6 +195,7 @@ def train(cfg, ctx, step_fn):
     batch, checkpoints and exits 143."""
     run, start = start_run(cfg, ctx)
     log = Logger(cfg, ctx, start)
+    ev = start_training_eval(cfg, ctx, run, start)
     if ctx.master and start == 0:
         print("config: " + json.dumps(dataclasses.asdict(cfg)), flush=True)
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not ctx.master,
@@ -228,6 +231,9 @@ def train(cfg, ctx, step_fn):
             if not skipped:  # a skipped batch has no loss: it neither ends nor extends a run of non-finite ones
                 nonfinite_run = 0 if finite else nonfinite_run + 1
             metrics["train/nonfinite_batches_in_a_row"] = nonfinite_run
+            evaluated = ev is not None and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps)
+            if evaluated:
+                metrics.update(evaluate_during_training(step, cfg, ctx, run, ev))
             log.log(metrics)
             if not finite:  # optimizer_step skipped every update whose gradient was not finite
                 last = latest_checkpoint(cfg) or "none yet"
@@ -244,6 +250,8 @@ def train(cfg, ctx, step_fn):
             saved = finite and ((step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps)
             if saved:
                 save_checkpoint(cfg, ctx, step + 1, run)
+            if evaluated and finite:  # the best evaluation so far gets a checkpoint, named in out_dir/best
+                saved = keep_best(cfg, ctx, step + 1, run, ev, metrics, saved) or saved
             if term.received(ctx) and step + 1 < cfg.steps:  # pre-emption: keep this batch's work, then stop
                 if not saved:
                     save_checkpoint(cfg, ctx, step + 1, run)
@@ -594,6 +602,134 @@ def summary_line(m):
             ("train/response_len", "len", ".1f"), ("train/missing_eos", "noeos", ".2f"),
             ("train/loss", "loss", ".4f"), ("train/grad_norm", "gnorm", ".2f"), ("perf/seconds_per_batch", "s", ".2f")]
     return "  ".join(f"{short} {m[k]:{fmt}}" for k, short, fmt in keys if k in m)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Evaluation during training (--eval-every): the held-out curve against pi_0 that shows reward hacking while it
+# happens (eval/reward falling as train/reward_mean rises), and the best checkpoint by it
+# ---------------------------------------------------------------------------------------------------
+@dataclass
+class TrainingEval:
+    """What a run's evaluations share: the prompts (one subset for the whole run), the eval judge (built once),
+    pi_0's figures on those prompts (sampled at the first evaluation, then reused) and the best evaluation so far."""
+    prompts: list
+    source: str              # which of the task's prompt lists they come from, for the summary line
+    judge: object
+    pi_0: dict = None        # {"rewards", "lengths", "ended"}: [n] each, every rank's responses together
+    best: dict = None        # what best.json holds: step, checkpoint, eval_seed, prompts and the eval/* figures
+
+
+def evaluator_config(cfg):
+    """The settings the eval judge is built from: with --eval-judge-url, that endpoint, --eval-judge-model and
+    the key in --eval-judge-api-key-env in place of the training annotator's; without, cfg itself (the training
+    annotator's endpoint judges; eval.evaluator_note says so)."""
+    if not cfg.eval_judge_url:
+        return cfg
+    return dataclasses.replace(cfg, judge_url=cfg.eval_judge_url, judge_model=cfg.eval_judge_model,
+                               judge_api_key_env=cfg.eval_judge_api_key_env)
+
+
+def start_training_eval(cfg, ctx, run, start):
+    """The TrainingEval of a run with --eval-every (else None): --eval-every-prompts of the task's validation
+    prompts (disjoint from training and test prompts; the test prompts when a task has none), drawn with
+    --eval-seed. A resumed run reads the best so far from best.json; a new one (with --eval-every or without)
+    removes an old run's best.json and `best`, so neither names a checkpoint of another run."""
+    best_json, pointer = os.path.join(cfg.out_dir, "best.json"), os.path.join(cfg.out_dir, "best")
+    if start == 0 and ctx.master:  # a new run in a used --out-dir: an old run's best is none of this one's
+        for path in (best_json, pointer):
+            if os.path.exists(path):
+                os.remove(path)
+    if not cfg.eval_every:
+        return None
+    pool, source = run.task.valid_prompts, "validation"
+    if not pool:
+        pool, source = run.task.eval_prompts, "test"
+        if ctx.master:
+            print(f"note: task {cfg.task} has no validation prompts; --eval-every evaluates on test prompts, which "
+                  "the end-of-run report uses too", flush=True)
+    prompts, _ = tasks.random_subset(pool, cfg.eval_every_prompts, cfg.eval_seed)
+    ev = TrainingEval(prompts, source, make_judge(cfg.eval_judge, run.task, evaluator_config(cfg)))
+    if start > 0 and os.path.isfile(best_json):
+        best = json.load(open(best_json))
+        same = (best["eval_seed"], best["prompts"]) == (cfg.eval_seed, len(prompts))
+        if best["step"] <= start and same and os.path.isdir(os.path.join(cfg.out_dir, best["checkpoint"])):
+            ev.best = best
+            if ctx.master:  # best.json is written first: a run killed between the two writes left `best` behind
+                write_atomic(pointer, best["checkpoint"])
+        elif ctx.master:
+            print(f"note: {best_json} is of other evaluation prompts (--eval-seed, --eval-every-prompts) or of a "
+                  "later checkpoint; this run's best starts afresh", flush=True)
+    return ev
+
+
+def eval_responses(cfg, ctx, run, ev, model):
+    """One response per evaluation prompt from `model` at --temperature, judged by the eval judge: {"rewards"
+    (NaN = invalid), "lengths", "ended"}, [n] float64 each, every rank's share together (on every rank).
+
+    The prompts are split over the ranks in equal shares (the last share padded with repeats, dropped after the
+    gather): a sharded model (--fsdp) answers only when every rank calls it. The seed is the same at every
+    evaluation, so the curve compares policies on the same sampling noise rather than on fresh noise."""
+    n = len(ev.prompts)
+    per_rank = -(-n // ctx.world)
+    mine = [ev.prompts[i % n] for i in range(ctx.rank * per_rank, (ctx.rank + 1) * per_rank)]
+    torch.manual_seed(cfg.eval_seed + 1000 * ctx.rank)
+    # With --rollout vllm too the policy itself samples here (transformers generate): simpler than waking the
+    # engine, and exactly the weights being evaluated
+    batch = rollout.generate(model, run.tok, mine, 1, cfg.max_new_tokens, cfg.temperature,
+                             synced=cfg.fsdp and ctx.world > 1)
+    rewards = torch.tensor(ev.judge(batch.prompts, batch.responses, batch.ended.tolist()).rewards, dtype=torch.float64)
+    rewards = torch.where(torch.isinf(rewards), math.nan, rewards)  # an infinite reward is no judgment (judge_batch)
+    g = lambda x: gather(ctx, x.to(ctx.device, torch.float64)).cpu()[:n]
+    return {"rewards": g(rewards), "lengths": g(batch.response_mask.sum(1)), "ended": g(batch.ended)}
+
+
+def evaluate_during_training(step, cfg, ctx, run, ev):
+    """--eval-every: the current policy against pi_0 (run.ref) on the evaluation prompts; eval/* metrics for
+    this online batch's row, the same on every rank. Training's random stream is saved and restored around it, so
+    a run draws the same batches with and without evaluations."""
+    t0, rng = time.time(), rng_state()
+    try:
+        if ev.pi_0 is None:
+            ev.pi_0 = eval_responses(cfg, ctx, run, ev, run.ref)
+        policy = eval_responses(cfg, ctx, run, ev, run.policy)
+    finally:
+        set_rng_state(rng)
+    figures = {"eval/reward": mean_ci(policy["rewards"])[0],
+               "eval/win_rate": win_rate(policy["rewards"], ev.pi_0["rewards"])[0],  # per prompt; a tie counts 1/2
+               "eval/pi0_reward": mean_ci(ev.pi_0["rewards"])[0],
+               "eval/length": policy["lengths"].mean().item(), "eval/no_eos": 1 - policy["ended"].mean().item(),
+               "eval/invalid_judgments": int(torch.isnan(policy["rewards"]).sum())}
+    if ctx.master:
+        tqdm.write(f"eval after batch {step + 1} on {len(ev.prompts)} {ev.source} prompts: win rate over pi_0 "
+                   f"{figures['eval/win_rate']:.3f}, reward {figures['eval/reward']:.3f} (pi_0 "
+                   f"{figures['eval/pi0_reward']:.3f}), len {figures['eval/length']:.1f}, no-EOS "
+                   f"{figures['eval/no_eos']:.2f}" + (", best so far" if better_eval(figures, ev.best) else ""))
+    return {**figures, "perf/eval_s": time.time() - t0}
+
+
+def better_eval(figures, best):
+    """Whether an evaluation beats the best so far: a higher eval/win_rate, on a tie a higher eval/reward (a NaN
+    figure, every judgment invalid, never does)."""
+    key = (figures["eval/win_rate"], figures["eval/reward"])
+    return not any(map(math.isnan, key)) and (best is None or key > (best["eval/win_rate"], best["eval/reward"]))
+
+
+def keep_best(cfg, ctx, step, run, ev, figures, saved):
+    """After an evaluation at `step` online batches: when it is the best so far, make sure checkpoint ckpt-step
+    exists (written here when `saved` says this step wrote none) and name it in out_dir/best, with its figures in
+    best.json; infra.prune_checkpoints never deletes it. Returns whether it wrote a checkpoint."""
+    if not better_eval(figures, ev.best):
+        return False
+    if not saved:
+        save_checkpoint(cfg, ctx, step, run)
+    ev.best = {"step": step, "checkpoint": checkpoint_name(step), "eval_seed": cfg.eval_seed,
+               "prompts": len(ev.prompts), **{k: v for k, v in figures.items() if k.startswith("eval/")}}
+    if ctx.master:  # best.json first: it is what a resumed run trusts
+        write_atomic(os.path.join(cfg.out_dir, "best.json"), json.dumps(ev.best, indent=1))
+        write_atomic(os.path.join(cfg.out_dir, "best"), ev.best["checkpoint"])
+        prune_checkpoints(cfg)  # the previous best, no longer protected, if it is past --keep-checkpoints
+    barrier(ctx)
+    return not saved
 
 
 # ---------------------------------------------------------------------------------------------------
