@@ -322,12 +322,17 @@ def checkpoint_name(step):
 
 
 def prune_checkpoints(cfg):
-    """Delete all but the newest --keep-checkpoints checkpoints, except the one that out_dir/best names (the best
-    evaluation of --eval-every, loop.keep_best): that one is kept beside them."""
-    best = os.path.join(cfg.out_dir, "best")
+    """Delete all but the newest --keep-checkpoints checkpoints up to the one `latest` names, except the one that
+    out_dir/best names (the best evaluation of --eval-every, loop.keep_best): that one is kept beside them.
+    Checkpoints past `latest` are left over from an earlier run in this directory (a fresh run over it): they are
+    deleted, since names sort by step and they would otherwise count as the newest and outlive this run's own."""
+    best, latest = (os.path.join(cfg.out_dir, f) for f in ("best", "latest"))
     best = open(best).read().strip() if os.path.isfile(best) else None
+    latest = open(latest).read().strip() if os.path.isfile(latest) else None
     ckpts = sorted(d for d in os.listdir(cfg.out_dir) if d.startswith("ckpt-") and not d.endswith(".tmp"))
-    for old in ckpts[:-cfg.keep_checkpoints]:
+    stale = [d for d in ckpts if latest is not None and d > latest]
+    ckpts = [d for d in ckpts if d not in stale]
+    for old in stale + ckpts[:-cfg.keep_checkpoints]:
         if old != best:
             shutil.rmtree(os.path.join(cfg.out_dir, old), ignore_errors=True)
 

@@ -97,6 +97,16 @@ def test_prune_checkpoints_keeps_the_best(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["best", "ckpt-000004"]
 
 
+def test_prune_checkpoints_deletes_an_earlier_runs_later_checkpoints(tmp_path):
+    """A fresh run over a directory that holds ckpt-000005 of an earlier run: at its own ckpt-000002 (`latest`),
+    the leftover is deleted, not this run's checkpoints (names sort by step, so it once counted as the newest)."""
+    for step in (1, 2, 5):
+        os.makedirs(tmp_path / infra.checkpoint_name(step))
+    infra.write_atomic(str(tmp_path / "latest"), "ckpt-000002")
+    infra.prune_checkpoints(config.Config(out_dir=str(tmp_path), keep_checkpoints=1))
+    assert sorted(os.listdir(tmp_path)) == ["ckpt-000002", "latest"]
+
+
 def test_bad_eval_every_flags_are_rejected():
     for argv, msg in ((["--eval-every", "-1"], "--eval-every must be >= 0"),
                       (["--eval-every", "2", "--algo", "sft"], "--algo sft has none"),
