@@ -367,13 +367,21 @@ def pi_t_logps(cfg, ctx, run, batch):
     uses the sampler's instead (vLLM's, or those transformers' generate recorded while sampling) and saves
     that pass: the policy then scores only the first micro-batch, enough to log the difference
     (rollout/logp_abs_diff, logged either way) and to see a missed weight sync.
+
+    Also sets batch.entropy [N, R], pi_t's entropy where each token was sampled (train/entropy), from the
+    policy's pass; with --logp-source sampler transformers' generate recorded it already, and vLLM gives none,
+    so it is the policy-scored first micro-batch's (NaN on the other rows: train/entropy is over those rows).
     """
     if batch.sampler_logp is None:
-        return score(run.policy, batch, cfg.micro_batch), None
+        logp, batch.entropy = score(run.policy, batch, cfg.micro_batch, entropy=True)
+        return logp, None
     sampler = batch.sampler_logp.to(ctx.device).float()
     rows = slice(None) if cfg.logp_source == "policy" else slice(0, min(cfg.micro_batch, len(batch)))
-    logp = score(run.policy, batch.select(torch.arange(len(batch))[rows]), cfg.micro_batch)
+    logp, entropy = score(run.policy, batch.select(torch.arange(len(batch))[rows]), cfg.micro_batch, entropy=True)
     R = logp.shape[1]  # select() trims the columns that are padding in every row
+    if cfg.logp_source == "policy" or batch.entropy is None:
+        batch.entropy = torch.full(batch.response_mask.shape, math.nan, device=entropy.device)
+        batch.entropy[rows, :R] = entropy
     mask = batch.response_mask[rows, :R].to(logp.device)
     diff = ((sampler[rows, :R] - logp).abs() * mask).sum(1) / mask.sum(1).clamp(min=1)
     if cfg.logp_source == "sampler":
@@ -381,9 +389,10 @@ def pi_t_logps(cfg, ctx, run, batch):
     return torch.nn.functional.pad(logp, (0, sampler.shape[1] - R)), diff
 
 
-def score(model, batch, micro_batch, per_token=rollout.token_logps):
+def score(model, batch, micro_batch, per_token=rollout.token_logps, entropy=False):
     """Token log-probs (or any per_token(model, batch) -> [n, R], e.g. PPO's values) of a whole batch under a
-    frozen view of `model`, in micro-batches: [N, R].
+    frozen view of `model`, in micro-batches: [N, R]. entropy=True: (log-probs, entropies) [N, R] each, from
+    per_token(model, batch, entropy=True) (rollout.token_logps: the distributions' entropies, same chunks).
 
     Rows go through in order of length, so each micro-batch holds rows of similar length and select() trims
     the padding they share; the results are put back in the batch's order. Inference mode: no autograd
@@ -397,12 +406,15 @@ def score(model, batch, micro_batch, per_token=rollout.token_logps):
     order = torch.argsort(batch.lengths(), stable=True)
     with torch.no_grad() if isinstance(model, FSDPModule) else torch.inference_mode():
         out = torch.zeros(batch.response_mask.shape, dtype=torch.float32, device=device)
+        ent = torch.zeros_like(out) if entropy else None
         for i in range(0, len(batch), micro_batch):
             rows = order[i:i + micro_batch]
             part = batch.select(rows).to(device)
-            out[rows.to(device), :part.response_mask.shape[1]] = per_token(model, part).float()
+            got = per_token(model, part, entropy=True) if entropy else (per_token(model, part),)
+            for t, x in zip((out, ent), got):
+                t[rows.to(device), :part.response_mask.shape[1]] = x.float()
     model.train(was_training)
-    return out.clone()
+    return (out.clone(), ent.clone()) if entropy else out.clone()
 
 
 def minibatch_updates(cfg, ctx, run, n_units, n_updates, micro_units, loss_fn, epochs, cost=None, used=None):
@@ -476,13 +488,25 @@ def online_metrics(step, cfg, ctx, run, batch, rewards, invalid, logp_t_tok, log
         **{f"train/{k}": v for k, v in rank_means(ctx, upd).items()},
         "train/kl_pi0": kl0.mean().item(),
         "train/response_len": lengths.mean().item(), "train/missing_eos": 1 - ended.mean().item(),
-        "train/lr": run.sched.get_last_lr()[0],
+        "train/lr": run.sched.get_last_lr()[0], **mean_entropy(ctx, batch),
         **({} if logp_diff is None else {"rollout/logp_abs_diff": g(logp_diff).mean().item()}),
         **extra,
         "perf/tokens_per_s": lengths.sum().item() / max(timer["sample"], 1e-9),
         **{f"perf/{k}_s": v for k, v in timer.items()},
         **samples,
     }
+
+
+def mean_entropy(ctx, batch):
+    """{"train/entropy": mean entropy of pi_t at the batch's temperature over the sampled response tokens of the
+    whole online batch (all ranks)}, from batch.entropy (pi_t_logps; rows that are NaN, not scored, left out),
+    or {} when there is none."""
+    if batch.entropy is None:
+        return {}
+    h = batch.entropy.to(ctx.device, torch.float64)
+    mask = batch.response_mask.to(ctx.device).bool() & ~torch.isnan(h)
+    s = gather(ctx, torch.stack([torch.where(mask, h, 0.0).sum(), mask.sum().double()])).view(-1, 2).sum(0)
+    return {"train/entropy": (s[0] / s[1]).item() if s[1] else math.nan}
 
 
 def sft_step(step, cfg, ctx, run):

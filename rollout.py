@@ -38,6 +38,8 @@ class Rollout:
     prompt_len: int               # P
     sampler_logp: torch.Tensor = None   # [N, R] the sampler's log-probs of the sampled tokens, if any
     temperature: float = 1.0            # the log-probs' temperature T (see the layout above)
+    entropy: torch.Tensor = None        # [N, R] entropy of pi_t at T where each token was sampled, if known
+                                        # (NaN on rows not scored: loop.pi_t_logps), for train/entropy
 
     def __len__(self):
         return len(self.prompts)
@@ -45,7 +47,8 @@ class Rollout:
     def to(self, device):
         return Rollout(self.prompts, self.responses, self.input_ids.to(device), self.attention_mask.to(device),
                        self.response_mask.to(device), self.ended.to(device), self.prompt_len,
-                       None if self.sampler_logp is None else self.sampler_logp.to(device), self.temperature)
+                       None if self.sampler_logp is None else self.sampler_logp.to(device), self.temperature,
+                       None if self.entropy is None else self.entropy.to(device))
 
     def select(self, idx):
         """The sub-batch of rows idx (a 1-D LongTensor), with the columns that are padding in every one of its
@@ -59,7 +62,8 @@ class Rollout:
         return Rollout([self.prompts[i] for i in rows], [self.responses[i] for i in rows],
                        self.input_ids[idx, first:cut], self.attention_mask[idx, first:cut],
                        self.response_mask[idx, :keep], self.ended[idx], self.prompt_len - first,
-                       None if self.sampler_logp is None else self.sampler_logp[idx, :keep], self.temperature)
+                       None if self.sampler_logp is None else self.sampler_logp[idx, :keep], self.temperature,
+                       None if self.entropy is None else self.entropy[idx, :keep])
 
     def lengths(self):
         """Real tokens per row (prompt + response) [N]: what a forward pass over the row costs."""
@@ -111,15 +115,17 @@ class _SampledLogps:
     """A logits processor that keeps log pi(y_t | x, y_<t) at `temperature` of every sampled token, from the
     logits generate() computes anyway: the sampler's log-probs, without another forward pass. generate() runs
     the processors given to it before its own temperature warper, so the scores here are the raw logits.
-    At step t the token of step t-1 is the last column of input_ids; the last token is read in finish()."""
+    At step t the token of step t-1 is the last column of input_ids; the last token is read in finish().
+    It keeps each step's entropy of pi(. | x, y_<t) at `temperature` as well (train/entropy), in `entropies`."""
 
     def __init__(self, temperature):
-        self.prev, self.steps, self.temperature = None, [], temperature
+        self.prev, self.steps, self.entropies, self.temperature = None, [], [], temperature
 
     def __call__(self, input_ids, scores):
         if self.prev is not None:
             self.steps.append(self.prev.gather(1, input_ids[:, -1:]).squeeze(1))
         self.prev = (scores.float() / self.temperature).log_softmax(-1)  # [N, V]: one step at a time
+        self.entropies.append(entropy_of(self.prev))
         return scores
 
     def finish(self, gen_ids):
@@ -166,7 +172,9 @@ def generate(model, tokenizer, prompts, k, max_new_tokens, temperature, greedy=F
     batch = finish_responses(tokenizer, prompt_ids, prompt_mask, out[:, P:], stop_ids, expanded)
     batch.temperature = logp_temperature
     if recorder:
+        R = out.shape[1] - P
         batch.sampler_logp = torch.where(batch.response_mask.bool(), recorder.finish(out[:, P:]), 0.0)
+        batch.entropy = torch.where(batch.response_mask.bool(), torch.stack(recorder.entropies[:R], 1), 0.0)
     return batch
 
 
@@ -227,6 +235,30 @@ class _SelectedLogps(torch.autograd.Function):
         return grad, None, None, None
 
 
+def entropy_of(logp):
+    """-sum_v p_v log p_v over the last axis, from log-probs (float32, normalised): the entropy of each
+    distribution. A token of probability 0 (a logit of -inf) adds 0, as 0 log 0 = 0 says, not NaN."""
+    p = logp.exp()
+    zero = p == 0  # where log p = -inf: p log p would be 0 * -inf = NaN
+    return -p.mul_(logp).masked_fill_(zero, 0.0).sum(-1)
+
+
+@torch.no_grad()
+def logps_and_entropy(logits, targets, chunk_tokens=LOGP_CHUNK_TOKENS, temperature=1.0):
+    """(log p(targets), H(p)) at `temperature`, p = softmax(logits / T), from logits [N, R, V] -> two [N, R]
+    float32: selected_logps' forward and, from the same float32 chunk, the entropy of each position's
+    distribution, H = -sum_v p_v log p_v (train/entropy). Without gradients: the scoring pass (loop.score) needs
+    it, the trained pass (selected_logps, whose backward stays as it is) does not. Per chunk: its log-softmax
+    and one more chunk-sized float32 tensor (p log p) exist at once, never a copy of the whole [N, R, V]."""
+    N, R, _ = logits.shape
+    logp, entropy = (torch.empty(N, R, dtype=torch.float32, device=logits.device) for _ in range(2))
+    for r, c in _chunks(N, R, chunk_tokens):
+        part = (logits[r, c].float() / temperature).log_softmax(-1)
+        logp[r, c] = part.gather(-1, targets[r, c, None]).squeeze(-1)
+        entropy[r, c] = entropy_of(part)
+    return logp, entropy
+
+
 def selected_logps(logits, targets, chunk_tokens=LOGP_CHUNK_TOKENS, temperature=1.0):
     """log p(targets) at `temperature`, log softmax(logits / T), from logits [N, R, V] in the model's dtype ->
     [N, R] float32, about chunk_tokens positions at a time, with gradients (_SelectedLogps).
@@ -239,9 +271,10 @@ def selected_logps(logits, targets, chunk_tokens=LOGP_CHUNK_TOKENS, temperature=
     return _SelectedLogps.apply(logits, targets, chunk_tokens, float(temperature))
 
 
-def token_logps(model, batch):
+def token_logps(model, batch, entropy=False):
     """log pi(y_j | x, y_<j) at the batch's temperature, log softmax(logits / T), for every response token of
-    `batch` (a Rollout): [N, R], 0 where masked.
+    `batch` (a Rollout): [N, R], 0 where masked. entropy=True (no gradients; loop.score's pi_t pass): also the
+    entropy of pi(. | x, y_<j) at T, the distribution y_j was drawn from: ([N, R], [N, R]), logps_and_entropy.
 
     Position ids count real tokens only, so a left-padded row sees the same positions as it did during
     generation. Only the last R+1 positions go through the LM head (`logits_to_keep`): the prompt's
@@ -254,8 +287,12 @@ def token_logps(model, batch):
     # position j predicts y_{j+1}; the last position predicts nothing (target 0, dropped). Taking all R+1
     # positions, not the view logits[:, :-1], keeps backward from building a second [N, R+1, V] gradient.
     targets = torch.nn.functional.pad(ids[:, -R:], (0, 1))
+    mask = batch.response_mask.bool()
+    if entropy:
+        logp, h = logps_and_entropy(logits, targets, temperature=batch.temperature)
+        return torch.where(mask, logp[:, :-1], 0.0), torch.where(mask, h[:, :-1], 0.0)      # [N, R] each
     logp = selected_logps(logits, targets, temperature=batch.temperature)[:, :-1]                  # [N, R]
-    return torch.where(batch.response_mask.bool(), logp, 0.0)
+    return torch.where(mask, logp, 0.0)
 
 
 # ---------------------------------------------------------------------------------------------------

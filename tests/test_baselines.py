@@ -496,6 +496,8 @@ def test_every_algorithm_trains_on_the_toy_task(algo, toy_cache, tmp_path):
     lines = [json.loads(l) for l in open(out / "metrics.jsonl")]
     assert [l["step"] for l in lines] == [1, 2, 3]
     assert all(math.isfinite(l["train/loss"]) and math.isfinite(l["train/grad_norm"]) for l in lines)
+    if algo not in config.OFFLINE:  # every online algorithm logs pi_t's entropy on its samples
+        assert all(0 < l["train/entropy"] < math.log(run.policy.config.vocab_size) for l in lines)
     assert os.path.isfile(out / "final" / "config.json")
     ckpt = out / open(out / "latest").read().strip()
     assert (ckpt / "value" / "config.json").is_file() == (algo in config.VALUE_MODEL)

@@ -239,9 +239,10 @@ def test_pi_t_logps_are_computed_once_before_the_updates_and_reused(toy_cache, t
     calls, weighed, seen = [], [], []
     real_score, real_weights, real_loss = loop.score, dar.dar_weights, dar.weighted_sft_loss
 
-    def score(model, batch, *a):
-        out = real_score(model, batch, *a)
-        calls.append((model, batch, out.sum(1).cpu()))
+    def score(model, batch, *a, **kw):
+        out = real_score(model, batch, *a, **kw)
+        logp = out[0] if kw.get("entropy") else out  # the pi_t pass also returns the entropy (train/entropy)
+        calls.append((model, batch, logp.sum(1).cpu()))
         return out
 
     def weights(adv, logp_t, *a, **kw):

@@ -5,6 +5,7 @@ tests run (never skip) in CI. This file runs last (pytest's alphabetical order) 
 vLLM engine pins the process's CPU threads.
 """
 import dataclasses
+import math
 import os
 
 import pytest
@@ -84,6 +85,8 @@ def test_dar_trains_with_the_vllm_sampler(source, toy_cache, tmp_path):
     # after every weight push the sampler still agrees with the policy: the sync happened
     assert all(r["rollout/logp_abs_diff"] < 1e-4 for r in rows)
     assert rows[-1]["train/kl_pi0"] > 0                     # the policy moved away from pi_0
+    # pi_t's entropy from the policy's pass: the whole batch, or (sampler) the first micro-batch it scores
+    assert all(0 < r["train/entropy"] < math.log(256) for r in rows)  # the toy vocabulary has more than 256
     assert "win rate of the policy over pi_0" in p.stdout
 
 
