@@ -228,6 +228,10 @@ def check_config(cfg, world):
         bad(f"unknown --algo {cfg.algo!r}; valid algorithms: {', '.join(ALGOS)}")
     if cfg.task not in tasks.TASKS:
         bad(f"unknown --task {cfg.task!r}; valid tasks: {', '.join(tasks.TASKS)}")
+    if cfg.task == "custom" and not cfg.data:
+        bad("--task custom trains on your own prompts: give --data FILE (JSONL, JSONL.gz, parquet, or a saved "
+            "`datasets` directory) or TRAIN,EVAL; README: Your own prompts")
+    parse_template_kwargs(cfg.chat_template_kwargs)
     for flag, name in (("--judge", cfg.judge), ("--eval-judge", cfg.eval_judge)):
         if name not in JUDGES:
             bad(f"unknown {flag} {name!r}; valid judges: {', '.join(JUDGES)}")
@@ -284,10 +288,6 @@ def check_config(cfg, world):
     if cfg.task != "toy" and not cfg.model:
         bad(f"--task {cfg.task} needs --model, the SFT policy pi_0 as a Hugging Face model directory "
             "(the paper: Qwen2-7B fine-tuned on the task's demonstrations; --algo sft makes one)")
-    if cfg.task == "custom" and not cfg.data:
-        bad("--task custom trains on your own prompts: give --data FILE (JSONL, JSONL.gz, parquet, or a saved "
-            "`datasets` directory) or TRAIN,EVAL; README: Your own prompts")
-    parse_template_kwargs(cfg.chat_template_kwargs)
     if cfg.model and not os.path.isfile(os.path.join(cfg.model, "config.json")):
         bad(f"--model {cfg.model!r} is not a model directory (no config.json there); give the path of a "
             "Hugging Face model directory, or omit --model on the toy task to build one")

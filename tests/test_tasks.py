@@ -482,12 +482,14 @@ def test_offline_preference_methods_run_passes_over_their_pairs():
 def test_check_config_accepts_every_task(tmp_path):
     (tmp_path / "config.json").write_text("{}")  # stands for the SFT policy's model directory
     for name in tasks.TASKS:
-        model = [] if name == "toy" else ["--model", str(tmp_path)] + (["--data", HELPFUL] if name == "custom" else [])
-        cfg = config.parse_config(["--task", name, "--judge", "toy_gold", "--eval-judge", "toy_gold"] + model)
+        given = ["--task", name, "--judge", "toy_gold", "--eval-judge", "toy_gold"] + (
+            ["--data", HELPFUL] if name == "custom" else [])  # custom has no data of its own
+        model = [] if name == "toy" else ["--model", str(tmp_path)]
+        cfg = config.parse_config(given + model)
         config.check_config(cfg, 1)
         if name != "toy":  # the paper's tasks start from a given pi_0; only the toy task builds its own
             with pytest.raises(SystemExit, match=f"--task {name} needs --model"):
-                config.check_config(config.parse_config(["--task", name, "--judge", "toy_gold", "--eval-judge", "toy_gold"]), 1)
+                config.check_config(config.parse_config(given), 1)
     with pytest.raises(SystemExit, match="valid tasks: toy, tldr, helpful, harmless, helpsteer2"):
         config.check_config(config.parse_config(["--task", "summaries"]), 1)
 
