@@ -184,6 +184,29 @@ def test_chat_template_kwargs_reach_apply_chat_template(tmp_path):
     assert off[1].startswith("<|im_start|>system\nAnswer briefly.<|im_end|>\n")
 
 
+@pytest.mark.slow
+def test_the_vllm_sampler_renders_with_the_kwargs_too(tmp_path):
+    """VllmSampler.generate hands the engine token ids it rendered itself: they carry the kwargs' effect. The
+    engine is a stand-in that records its input and answers one EOS (an engine would take minutes here)."""
+    tok = tasks.build_tokenizer()
+    tok.chat_template = THINKING
+    tok.save_pretrained(tmp_path)
+    tok = infra.load_tokenizer(str(tmp_path), False, '{"enable_thinking": false}')
+    seen = []
+
+    class Engine:
+        def generate(self, inputs, params, use_tqdm):
+            seen.extend(x["prompt_token_ids"] for x in inputs)
+            sample = type("Sample", (), {"token_ids": [tok.eos_token_id], "logprobs": [{tok.eos_token_id:
+                                         type("Logprob", (), {"logprob": -0.5})()}]})()
+            return [type("Out", (), {"outputs": [sample] * params.n})() for _ in inputs]
+
+    sampler = object.__new__(rollout.VllmSampler)
+    sampler.llm, sampler.tempered_logprobs = Engine(), True
+    batch = sampler.generate(tok, ["hi"], 2, 4, 1.0, [tok.eos_token_id])
+    assert tok.decode(seen[0]).endswith("<|im_start|>assistant\n<think></think>") and len(batch) == 2
+
+
 @pytest.mark.parametrize("text, says", [("{enable_thinking: false}", "not valid JSON"),
                                         ("[1, 2]", "must be a JSON object"),
                                         ('{"tokenize": true}', "tokenize")])
@@ -221,3 +244,12 @@ def test_dar_trains_on_a_custom_jsonl_with_chat_template_kwargs(toy_cache, tmp_p
     assert run.tok.chat_template_kwargs == {"enable_thinking": False}
     assert run.task.columns[data.prompt_key(run.task.train_prompts[0])]["mood"] in words
     assert os.path.isfile(os.path.join(out, "final", "config.json"))
+
+
+def test_a_papers_task_reads_a_saved_dataset_like_its_jsonl(tmp_path):
+    fixture = os.path.join(os.path.dirname(__file__), "fixtures", "hh_helpful.jsonl")
+    with open(fixture) as f:
+        datasets.Dataset.from_list([json.loads(line) for line in f]).save_to_disk(str(tmp_path / "hh"))
+    a, b = tasks.load_task("helpful", data=fixture), tasks.load_task("helpful", data=str(tmp_path / "hh"))
+    assert (a.train_prompts, a.eval_prompts, a.sft_data, a.pref_data) == (b.train_prompts, b.eval_prompts,
+                                                                          b.sft_data, b.pref_data)
