@@ -91,7 +91,8 @@ def chat_turns(row, name):
     system as the first turn only."""
     turns = row[name]
     if not (isinstance(turns, list) and turns and all(isinstance(m, dict) for m in turns)):
-        raise RowError(f"field {name!r} should be a list of {{\"role\", \"content\"}} chat turns, got "
+        raise RowError(f"field {name!r} should be {'' if name == 'messages' else 'a string or '}a list of "
+                       f"{{\"role\", \"content\"}} chat turns, got "
                        f"{json_type(turns)}{' (empty)' if turns == [] else ''}")
     for i, m in enumerate(turns):
         if m.get("role") not in ROLES or not isinstance(m.get("content"), str):

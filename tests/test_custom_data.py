@@ -117,8 +117,8 @@ def test_chosen_and_rejected_as_text_or_chat_turns_are_preference_pairs(tmp_path
 
 def test_two_files_and_a_datasetdicts_splits_give_the_eval_prompts(tmp_path):
     train_rows, test_rows = rows("prompt", 30), [{"prompt": f"held {i}?", "reference": f"r{i}"} for i in range(5)]
-    both = (write(fmt, tmp_path / name, r) for fmt, name, r in (("jsonl", "a", train_rows), ("parquet", "b", test_rows)))
-    t = tasks.load_task("custom", data=",".join(both))
+    both = f"{write('jsonl', tmp_path / 'a', train_rows)},{write('parquet', tmp_path / 'b', test_rows)}"
+    t = tasks.load_task("custom", data=both)
     assert t.eval_prompts == [f"held {i}?" for i in range(5)] and t.references == [f"r{i}" for i in range(5)]
     ds = datasets.DatasetDict(train=datasets.Dataset.from_list(train_rows), test=datasets.Dataset.from_list(
         [dict(r, answer="", level=0) for r in test_rows]))
