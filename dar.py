@@ -36,7 +36,7 @@ import transformers
 
 import baselines
 import rollout
-import tasks
+import data
 from config import check_config, parse_config
 from eval import compare_with_reference, evaluator_note, print_report
 from infra import barrier, export_hf, gather, load_model, setup_distributed, timed
@@ -183,7 +183,7 @@ def main(argv=None):
                 ref = load_model(run.init, cfg, ctx.device, frozen=True)
             if evaluator_note(cfg):
                 print(evaluator_note(cfg), flush=True)
-            prompts, _ = tasks.random_subset(run.task.eval_prompts, cfg.eval_prompts, cfg.eval_seed)  # as eval.py
+            prompts, _ = data.random_subset(run.task.eval_prompts, cfg.eval_prompts, cfg.eval_seed)  # as eval.py
             report = compare_with_reference(policy, ref, run.tok, prompts, cfg, task=run.task, seed=cfg.eval_seed)
             with open(os.path.join(cfg.out_dir, "eval.json"), "w") as f:
                 json.dump(report, f, indent=1)

@@ -6,7 +6,7 @@
     python eval.py runs/helpful-dar-s0 --greedy                                # greedy decoding (MT-Bench setting)
 
 The test prompts are a seeded random subset of the task's held-out prompts (--n-prompts, default the paper's
-1,000, capped at what the task has; --seed), the same that dar.py's end-of-run report uses (tasks.random_subset).
+1,000, capped at what the task has; --seed), the same that dar.py's end-of-run report uses (data.random_subset).
 Reported per model (Section 5 of the paper; golden reward and KL estimator of the IS-DPO appendix, C-D):
   * mean reward of pi_0 and of the policy under the evaluation judge, one sample per test prompt at
     temperature 0.9 (the training-time evals) or greedy;
@@ -48,6 +48,7 @@ import numpy as np
 import torch
 import transformers
 
+import data
 import rollout
 import tasks
 from config import USED_ONLY_BY, VALUE_BEFORE_FIELD, Config, config_from_dict
@@ -125,7 +126,7 @@ def compare_with_reference(policy, ref, tok, prompts, cfg, task=None, seed=1234,
     train_judge = make_judge(cfg.judge, task, cfg) if other and not win_rate_only else None
     report = {"n_prompts": len(prompts), "judge": cfg.eval_judge, "decoding": "greedy" if greedy else f"T={temperature}",
               "eval_seed": seed, "prompts_sha256": hashlib.sha256(
-                  "\n".join(tasks.prompt_key(p) for p in prompts).encode("utf-8")).hexdigest()[:16]}
+                  "\n".join(data.prompt_key(p) for p in prompts).encode("utf-8")).hexdigest()[:16]}
     if cfg.eval_judge == "llm":
         report["evaluator"] = getattr(judge, "model", "") + ("" if cfg.eval_judge_url else " at --judge-url")
     rewards, batches = {}, {}
@@ -246,7 +247,7 @@ def evaluate_checkpoint(run_dir, ckpt_dir, n_prompts, greedy=False, temperature=
 
     Rebuilds the run's config from config.json (evaluator: {field: value} over it, e.g. eval_judge_url); pi_0 is
     the config's model (the toy SFT pi_0 when it is '', made in the cache if missing); the eval judge, and the
-    seeded random subset of n_prompts test prompts with their references (tasks.random_subset). Returns
+    seeded random subset of n_prompts test prompts with their references (data.random_subset). Returns
     compare_with_reference's report plus the golden win rate, for DAR the alpha-interpolated KL against the
     previous kept checkpoint (kl_alpha; absent when there is none), "step", and "run" (task, algo, seed, step,
     checkpoint and the run's config) for grouping. validation: also the win rate on as many of the task's
@@ -258,7 +259,7 @@ def evaluate_checkpoint(run_dir, ckpt_dir, n_prompts, greedy=False, temperature=
     if not init:
         base, sft = ensure_toy_models(cfg, Dist(device=device))
         init = base if cfg.algo == "sft" else sft
-    tok = load_tokenizer(ckpt_dir, cfg.trust_remote_code)
+    tok = load_tokenizer(ckpt_dir, cfg.trust_remote_code, cfg.chat_template_kwargs)
     policy = load_model(ckpt_dir, cfg, device).eval()
     task, _ = fitting_task(cfg, tasks.load_task(cfg.task, cfg.data), tok, policy.config)  # the run's prompts
     ref = load_model(init, cfg, device).eval()
@@ -269,7 +270,7 @@ def evaluate_checkpoint(run_dir, ckpt_dir, n_prompts, greedy=False, temperature=
         if earlier:
             prev_step, path = earlier[-1]
             prev = load_model(path, cfg, device).eval()
-    prompts, refs = tasks.random_subset(task.eval_prompts, n_prompts, seed, task.references)
+    prompts, refs = data.random_subset(task.eval_prompts, n_prompts, seed, task.references)
     report = compare_with_reference(policy, ref, tok, prompts, cfg, task=task, seed=seed, greedy=greedy,
                                     temperature=temperature, references=refs, golden_samples=golden_samples,
                                     prev=prev, alpha=cfg.alpha)
@@ -278,7 +279,7 @@ def evaluate_checkpoint(run_dir, ckpt_dir, n_prompts, greedy=False, temperature=
     if validation:
         report["valid/win_rate"], report["valid/win_rate_ci"], report["valid/n_prompts"] = math.nan, math.nan, 0
         if task.valid_prompts:
-            valid, _ = tasks.random_subset(task.valid_prompts, n_prompts, seed)
+            valid, _ = data.random_subset(task.valid_prompts, n_prompts, seed)
             v = compare_with_reference(policy, ref, tok, valid, cfg, task=task, seed=seed, greedy=greedy,
                                        temperature=temperature, win_rate_only=True)
             report["valid/win_rate"], report["valid/win_rate_ci"], report["valid/n_prompts"] = (
@@ -717,7 +718,8 @@ def export_benchmarks(run_dir, out_dir, alpacaeval=None, mtbench=None, temperatu
     cfg = load_run_config(run_dir)
     device = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     final = os.path.join(run_dir, "final")
-    tok, model = load_tokenizer(final, cfg.trust_remote_code), load_model(final, cfg, device).eval()
+    tok = load_tokenizer(final, cfg.trust_remote_code, cfg.chat_template_kwargs)
+    model = load_model(final, cfg, device).eval()
     name = os.path.basename(os.path.normpath(run_dir))
     written = []
     if alpacaeval:

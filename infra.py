@@ -34,7 +34,7 @@ from transformers.optimization import Adafactor
 from transformers.utils import logging as hf_logging
 
 import tasks
-from config import config_from_dict, trackers
+from config import config_from_dict, parse_template_kwargs, trackers
 
 # ---------------------------------------------------------------------------------------------------
 # Processes, seeds, models
@@ -173,10 +173,13 @@ def load_value_model(path, cfg, device, sharded=False):
         config, trust_remote_code=cfg.trust_remote_code, dtype=dtype), cfg, device, sharded, prepare)
 
 
-def load_tokenizer(path, trust_remote_code=False):
+def load_tokenizer(path, trust_remote_code=False, chat_template_kwargs=""):
+    """The policy's tokenizer, with a pad token, and with the run's --chat-template-kwargs (JSON text) kept as
+    `chat_template_kwargs`, for rollout.render_prompts to pass to apply_chat_template."""
     tok = tasks.load_pretrained(AutoTokenizer, path, trust_remote_code)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
+    tok.chat_template_kwargs = parse_template_kwargs(chat_template_kwargs)
     return tok
 
 

@@ -132,7 +132,7 @@ def start_run(cfg, ctx):
         init = base if cfg.algo == "sft" else sft
     seed_everything(cfg.seed + 1000 * ctx.rank)  # after the (maybe) in-process SFT that made pi_0
     task = tasks.load_task(cfg.task, cfg.data)  # bad data stops the run before any model is loaded
-    tok = load_tokenizer(init, cfg.trust_remote_code)
+    tok = load_tokenizer(init, cfg.trust_remote_code, cfg.chat_template_kwargs)
     start, ckpt = 0, latest_checkpoint(cfg) if cfg.resume else None
     if cfg.resume and ckpt is None and ctx.master:
         print(f"--resume: no checkpoint in {cfg.out_dir}, starting from scratch", flush=True)

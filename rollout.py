@@ -75,11 +75,15 @@ def render_prompts(tokenizer, prompts):
     {"role", "content"} messages ending with the user's turn). With a chat template the tokenizer
     renders it and adds the assistant's turn; without one (a base model), a str is used as it is and
     a conversation becomes Anthropic HH's plain format, "\n\nHuman: ...\n\nAssistant: ...\n\nAssistant:".
+    The template also gets the run's --chat-template-kwargs (e.g. enable_thinking=False), which
+    infra.load_tokenizer keeps on the tokenizer as `chat_template_kwargs`: every sampler, scorer and
+    length check renders through here, so they all see the same text.
     """
     if tokenizer.chat_template is None:
         return [p if isinstance(p, str) else plain_dialogue(p) + "\n\nAssistant:" for p in prompts]
+    kwargs = getattr(tokenizer, "chat_template_kwargs", None) or {}
     return [tokenizer.apply_chat_template([{"role": "user", "content": p}] if isinstance(p, str) else list(p),
-                                          tokenize=False, add_generation_prompt=True) for p in prompts]
+                                          tokenize=False, add_generation_prompt=True, **kwargs) for p in prompts]
 
 
 def plain_dialogue(messages):

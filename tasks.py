@@ -20,16 +20,18 @@ The paper's tasks (Section 5, Appendix B.1) read the data sets the paper names:
   helpsteer2  nvidia/HelpSteer2, {train,validation}.jsonl.gz               conversation      helpful
 
 Without --data they are downloaded from the Hub (huggingface_hub's cache); with `--data FILE` a local
-file in the data set's own schema (JSONL, optionally gzipped, or parquet) is used for everything and
-split into train and eval prompts by `split_by_prompt` (`--data TRAIN_FILE,EVAL_FILE` gives the split
-instead). The data depend on the task and the files only, never on the run's --seed.
+file in the data set's own schema (JSONL, optionally gzipped, parquet, or a saved `datasets` directory) is
+used for everything and split into train and eval prompts by `data.split_by_prompt` (`--data
+TRAIN_FILE,EVAL_FILE`, or a saved DatasetDict's train and test splits, give the split instead). The data depend
+on the task and the files only, never on the run's --seed.
+
+The task `custom` reads your own prompts with --data, in the schema data.py's docstring gives (a `prompt` or
+a `messages` column; optional `reference`, `chosen` / `rejected`; any other column kept per prompt), split the
+same way, judged with the helpful family of annotator prompts.
 
 The external benchmarks of Table 4 (AlpacaEval 2.0, MT-Bench) are read, answered and written in their own
 formats at the end of this file; `eval.py --alpacaeval FILE --mtbench FILE` calls them.
 """
-import glob
-import gzip
-import hashlib
 import importlib.util
 import json
 import math
@@ -42,15 +44,16 @@ import uuid
 from dataclasses import dataclass, field
 from pydoc_data.topics import topics  # the standard library's reference pages, the sentiment task's text
 
-import huggingface_hub
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast, Qwen2Config,
                           Qwen2ForCausalLM)
 
 import rollout
+from data import (SkipRow, custom_examples, final_reply, hash_rank, hub_file, hub_files, make_valid_split,
+                  number_field, prompt_key, read_examples, read_train_eval, text_field)
 
-TASKS = ("toy", "tldr", "helpful", "harmless", "helpsteer2", "sentiment")
+TASKS = ("toy", "tldr", "helpful", "harmless", "helpsteer2", "sentiment", "custom")
 
 # Settings per task over Config's defaults (generation length, judge, schedule, ...), and per (task, algorithm)
 # where the paper's setting depends on both (Appendix B.1-B.3); config.parse_config layers them under the flags.
@@ -75,6 +78,7 @@ TASK_DEFAULTS = {
     "harmless": dict(max_new_tokens=256, judge="llm", eval_judge="llm", micro_batch=4, prompt_epochs=2,
                      **_PAPER_SCHEDULE),
     "sentiment": dict(max_new_tokens=32, judge="vader", eval_judge="textblob"),  # ours (sentiment_task)
+    "custom": dict(max_new_tokens=256, judge="llm", eval_judge="llm"),  # ours: the helpful task's judge, length
     "helpsteer2": dict(max_new_tokens=1000, judge="reward_model", eval_judge="reward_model", weight_decay=0.01,
                        micro_batch=2, prompt_epochs=1, **dict(_PAPER_SCHEDULE, keep_checkpoints=2)),
 }
@@ -300,8 +304,8 @@ def load_pretrained(cls, path, trust_remote_code=False, **kwargs):
 @dataclass
 class Task:
     """A prompt is a user message (str: raw text, no chat template) or a conversation (a list of
-    {"role": "user"|"assistant", "content": str} ending with the user's turn); rollout.render_prompts
-    formats either for the policy."""
+    {"role": "user"|"assistant", "content": str} ending with the user's turn, --task custom's may open with a
+    "system" turn); rollout.render_prompts formats either for the policy."""
     name: str
     train_prompts: list   # prompts to sample online batches from
     eval_prompts: list    # held out: never in train_prompts, sft_data or pref_data
@@ -328,14 +332,10 @@ def load_task(name, data=""):
             raise SystemExit("error: --task sentiment builds its prompts from Python's own documentation; drop --data")
         return sentiment_task()
     if data:
-        files = data.split(",")
-        if len(files) > 2 or not all(files):
-            raise SystemExit(f"error: --data {data!r}: give one file, or two as TRAIN_FILE,EVAL_FILE")
-        train = read_examples(name, files[0])
-        if len(files) == 2:
-            evals = read_examples(name, files[1])
-        else:
-            train, evals = split_by_prompt(train, source=files[0])
+        train, evals = read_train_eval(data, *PARSERS[name], f"--task {name}")
+    elif name == "custom":
+        raise SystemExit("error: --task custom trains on your own prompts: give them with --data FILE (JSONL, "
+                         "JSONL.gz, parquet, or a saved `datasets` directory; README: Your own prompts)")
     else:
         train, evals = hub_examples(name)
     return assemble(name, finish_examples(name, train), finish_examples(name, evals))
@@ -416,71 +416,20 @@ def without_long_prompts(task, tokenizer, max_tokens):
     pick = lambda xs, name: [xs[i] for i in keep[name]]
     return Task(task.name, pick(task.train_prompts, "train_prompts"), pick(task.eval_prompts, "eval_prompts"),
                 pick(task.sft_data, "sft_data"), pick(task.pref_data, "pref_data"), task.reward_prompt,
-                pick(task.references, "eval_prompts"), pick(task.valid_prompts, "valid_prompts")), skipped
+                pick(task.references, "eval_prompts"), pick(task.valid_prompts, "valid_prompts"), task.columns), skipped
 
 
 # ---------------------------------------------------------------------------------------------------
-# The paper's data sets: one parser per schema, from a row (a dict) to examples
-#   ("sft", prompt, response)             a demonstration (HH: the chosen reply; TL;DR: the human summary)
-#   ("pref", prompt, chosen, rejected)    a preference pair
-#   ("rated", prompt, response, score)    a HelpSteer2 response and its helpfulness, paired in finish_examples
-# A row that breaks the schema (missing field, wrong type) stops the run with its file and line. A row that
-# fits the schema but whose text cannot be made into a prompt ending with the user's turn is skipped and
-# counted (a note names the first one).
+# The paper's data sets: one parser per schema, from a row (a dict) to examples (data.py: the kinds of
+# example, the errors a bad row gives, the reading of files and the Hub)
 # ---------------------------------------------------------------------------------------------------
-REWARD_PROMPT = {"tldr": "tldr", "helpful": "helpful", "harmless": "harmless", "helpsteer2": "helpful"}
-# share of a single --data file's distinct prompts held out for evaluation (the data sets' own test splits are ~5%)
-EVAL_FRACTION = 0.05
-# validation prompts (for the best checkpoint) held out of the training prompts: this share, at most this many
-VALID_FRACTION, VALID_MAX = 0.05, 1000
+REWARD_PROMPT = {"tldr": "tldr", "helpful": "helpful", "harmless": "harmless", "helpsteer2": "helpful",
+                 "custom": "helpful"}
 
 TLDR_SFT_REPO = "trl-internal-testing/tldr-preference-sft-trl-style"
 TLDR_PREF_REPO = "trl-internal-testing/tldr-preference-trl-style"
 HH_REPO, HH_DIRS = "Anthropic/hh-rlhf", {"helpful": "helpful-base", "harmless": "harmless-base"}
 HELPSTEER2_REPO = "nvidia/HelpSteer2"
-
-
-class RowError(Exception):
-    """The row does not fit the data set's schema: the run stops, naming file and line."""
-
-
-class SkipRow(Exception):
-    """The row fits the schema but yields no usable prompt: it is skipped and counted."""
-
-
-def text_field(row, name):
-    if name not in row:
-        raise RowError(f"missing field {name!r} (fields present: {', '.join(map(str, row)) or 'none'})")
-    if not isinstance(row[name], str):
-        raise RowError(f"field {name!r} should be a string, got {json_type(row[name])}")
-    return row[name]
-
-
-def number_field(row, name):
-    if name not in row:
-        raise RowError(f"missing field {name!r} (fields present: {', '.join(map(str, row)) or 'none'})")
-    x = row[name]
-    if isinstance(x, bool) or not isinstance(x, (int, float)):
-        raise RowError(f"field {name!r} should be a number, got {json_type(x)}")
-    return x
-
-
-def final_reply(row, name):
-    """The last message's content of a TRL-style message list [{"role", "content"}, ..., assistant]."""
-    if name not in row:
-        raise RowError(f"missing field {name!r} (fields present: {', '.join(map(str, row)) or 'none'})")
-    msgs = row[name]
-    ok = (isinstance(msgs, list) and msgs and all(isinstance(m, dict) and isinstance(m.get("role"), str)
-                                                   and isinstance(m.get("content"), str) for m in msgs))
-    if not ok or msgs[-1]["role"] != "assistant":
-        raise RowError(f"field {name!r} should be a list of {{\"role\", \"content\"}} messages ending with the "
-                       f"assistant's reply, got {json_type(msgs)}")
-    return msgs[-1]["content"].strip()
-
-
-def json_type(x):
-    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}.get(
-        type(x), "a number" if isinstance(x, (int, float)) else type(x).__name__)
 
 
 # TL;DR, both TRL-style sets, made by TRL's examples/datasets/tldr_preference.py (the script is uploaded next
@@ -579,7 +528,8 @@ def helpsteer2_pairs(examples):
 
 
 PARSERS = {"tldr": (tldr_examples, TLDR_COLUMNS), "helpful": (hh_examples, HH_COLUMNS),
-           "harmless": (hh_examples, HH_COLUMNS), "helpsteer2": (helpsteer2_examples, HELPSTEER2_COLUMNS)}
+           "harmless": (hh_examples, HH_COLUMNS), "helpsteer2": (helpsteer2_examples, HELPSTEER2_COLUMNS),
+           "custom": (custom_examples, None)}  # data.py: the custom task's schema; every column read
 
 
 def finish_examples(name, examples):
@@ -587,168 +537,34 @@ def finish_examples(name, examples):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Reading files, downloading from the Hub, splitting, assembling the Task
+# From files or the Hub to the Task
 # ---------------------------------------------------------------------------------------------------
-def read_examples(name, path):
+def read_file(name, path):
     """All examples of one file (JSONL, optionally gzipped, or parquet) in the task's data set schema."""
-    parse, columns = PARSERS[name]
-    unit, rows = ("row", read_parquet(path, columns)) if path.endswith(".parquet") else ("line", read_jsonl(path))
-    out, skipped = [], []
-    for n, row in rows:
-        try:
-            out += parse(row)
-        except RowError as e:
-            raise SystemExit(f"error: {path} {unit} {n}: {e}")
-        except SkipRow as e:
-            skipped.append((n, e))
-    if skipped:
-        n, why = skipped[0]
-        print(f"note: {path}: skipped {len(skipped)} of {len(rows)} {unit}s with no usable prompt "
-              f"(first: {unit} {n}: {why})", flush=True)
-    if not out:
-        raise SystemExit(f"error: {path}: no usable {unit}s for --task {name}")
-    return out
-
-
-def read_jsonl(path):
-    """[(line number, object)] of a JSON-lines file, gzipped or not (told by its first bytes); blank lines
-    are allowed. Anything else stops with the file, the line and what is wrong."""
-    if not os.path.isfile(path):
-        raise SystemExit(f"error: --data {path!r}: no such file")
-    with open(path, "rb") as f:
-        gzipped = f.read(2) == b"\x1f\x8b"
-    rows = []
-    try:
-        with (gzip.open if gzipped else open)(path, "rb") as f:
-            for n, raw in enumerate(f, 1):
-                try:
-                    line = raw.decode("utf-8-sig" if n == 1 else "utf-8")
-                except UnicodeDecodeError as e:
-                    raise SystemExit(f"error: {path} line {n}: not UTF-8 text (byte {raw[e.start]:#04x} at "
-                                     f"column {e.start + 1}); the file must be UTF-8 encoded JSON lines")
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise SystemExit(f"error: {path} line {n}: bad JSON ({e.msg} at column {e.colno})")
-                if not isinstance(row, dict):
-                    raise SystemExit(f"error: {path} line {n}: expected a JSON object, got {json_type(row)}")
-                rows.append((n, row))
-    except (OSError, EOFError) as e:  # a damaged gzip stream
-        raise SystemExit(f"error: {path}: cannot be read as {'gzipped ' if gzipped else ''}JSON lines ({e})")
-    if not rows:
-        raise SystemExit(f"error: {path}: the file is empty (no JSON lines)")
-    return rows
-
-
-def read_parquet(path, columns):
-    """[(row number, dict of the columns that exist)] of a parquet file."""
-    if not os.path.isfile(path):
-        raise SystemExit(f"error: --data {path!r}: no such file")
-    try:
-        import pyarrow.parquet as pq  # optional: only parquet files need it (requirements.txt installs it)
-    except ImportError:
-        raise SystemExit(f"error: reading {path} needs pyarrow (pip install pyarrow)")
-    try:
-        f = pq.ParquetFile(path)
-        table = f.read(columns=[c for c in columns if c in f.schema_arrow.names])
-    except Exception as e:  # pyarrow raises ArrowInvalid, OSError, ... for a damaged or foreign file
-        raise SystemExit(f"error: {path}: not a readable parquet file ({type(e).__name__}: {e})")
-    if table.num_rows == 0:
-        raise SystemExit(f"error: {path}: the file is empty (no rows)")
-    return list(enumerate(table.to_pylist(), 1))
+    return read_examples(path, *PARSERS[name], f"--task {name}")[""]
 
 
 def hub_examples(name):
     """(train, eval) examples from the data sets on the Hugging Face Hub (cached by huggingface_hub)."""
     if name == "tldr":  # online prompts from both sets; eval prompts and their human summaries: SFT test split
         files = hub_files(TLDR_SFT_REPO, "data/train-") + hub_files(TLDR_PREF_REPO, "data/train-")
-        train = [ex for f in files for ex in read_examples(name, f)]
-        return train, [ex for f in hub_files(TLDR_SFT_REPO, "data/test-") for ex in read_examples(name, f)]
+        train = [ex for f in files for ex in read_file(name, f)]
+        return train, [ex for f in hub_files(TLDR_SFT_REPO, "data/test-") for ex in read_file(name, f)]
     repo, train, test = ((HELPSTEER2_REPO, "train.jsonl.gz", "validation.jsonl.gz") if name == "helpsteer2" else
                          (HH_REPO, f"{HH_DIRS[name]}/train.jsonl.gz", f"{HH_DIRS[name]}/test.jsonl.gz"))
-    return read_examples(name, hub_file(repo, train)), read_examples(name, hub_file(repo, test))
-
-
-def hub_failure(repo, what, e):
-    return SystemExit(f"error: could not get {what} of the data set {repo} from the Hugging Face Hub "
-                      f"({type(e).__name__}: {e}). Without access to the Hub, pass --data PATH: a local JSONL "
-                      f"(.gz) or parquet file in that data set's schema (or TRAIN_FILE,EVAL_FILE).")
-
-
-def hub_file(repo, filename):
-    try:
-        return huggingface_hub.hf_hub_download(repo, filename, repo_type="dataset")
-    except Exception as e:  # no network, unknown repo or file, gated access, ...: all end in the same advice
-        raise hub_failure(repo, filename, e)
-
-
-def hub_files(repo, prefix):
-    """Every parquet shard of one split (names like data/train-00000-of-00002.parquet), downloaded (or found
-    in the cache when HF_HUB_OFFLINE=1)."""
-    try:
-        root = huggingface_hub.snapshot_download(repo, repo_type="dataset", allow_patterns=[prefix + "*.parquet"])
-    except Exception as e:
-        raise hub_failure(repo, f"the files {prefix}*.parquet", e)
-    names = sorted(glob.glob(os.path.join(root, glob.escape(prefix) + "*.parquet")))
-    if not names:
-        raise SystemExit(f"error: the data set {repo} on the Hub has no {prefix}*.parquet files; pass --data PATH")
-    return names
-
-
-def prompt_key(prompt):
-    """A hashable, exact identity of a prompt (a str or a conversation)."""
-    if isinstance(prompt, str):
-        return "s:" + prompt
-    return "c:" + json.dumps(prompt, ensure_ascii=False, sort_keys=True)
-
-
-def split_by_prompt(examples, source=""):
-    """Split one file's examples into (train, eval) by prompt: the EVAL_FRACTION of its distinct prompts (at
-    least one) with the smallest SHA-256 of prompt_key are held out, with every example of those prompts.
-    Deterministic in the file's content, independent of line order and of any seed."""
-    keys = list(dict.fromkeys(prompt_key(ex[1]) for ex in examples))
-    if len(keys) < 2:
-        raise SystemExit(f"error: {source}: needs at least 2 distinct prompts to hold some out for evaluation")
-    digest = {k: hashlib.sha256(k.encode("utf-8")).hexdigest() for k in keys}
-    held = set(sorted(keys, key=digest.get)[:max(1, round(EVAL_FRACTION * len(keys)))])
-    return ([ex for ex in examples if prompt_key(ex[1]) not in held],
-            [ex for ex in examples if prompt_key(ex[1]) in held])
-
-
-def hash_rank(keys, salt):
-    """keys sorted by the SHA-256 of salt + key: a pseudo-random order that depends only on the keys and the
-    salt (not on their order in a file, nor on Python's random module)."""
-    return sorted(keys, key=lambda k: hashlib.sha256((salt + k).encode("utf-8")).hexdigest())
-
-
-def random_subset(prompts, n, seed, references=None):
-    """(prompts, references or None): a seeded random subset of n prompts (all when there are no more), in their
-    order in the list: the n whose salted hash of prompt_key ranks first. One seed picks the same prompts wherever
-    it is used (dar.py's end-of-run report, eval.py), and a larger n keeps the smaller n's prompts."""
-    keys = [prompt_key(p) for p in prompts]
-    chosen = set(hash_rank(set(keys), f"eval-subset:{seed}:")[:n])
-    idx = [i for i, k in enumerate(keys) if k in chosen][:n]
-    return [prompts[i] for i in idx], [references[i] for i in idx] if references else None
-
-
-def make_valid_split(train):
-    """(train, validation prompts): VALID_FRACTION of the distinct training prompts (rounded, at most VALID_MAX;
-    none from 10 or fewer) whose SHA-256 of "valid:" + prompt_key ranks first, removed with every example of
-    theirs (demonstrations, pairs), so they are in no training list. Deterministic in the data alone."""
-    keys = list(dict.fromkeys(prompt_key(ex[1]) for ex in train))
-    held = set(hash_rank(keys, "valid:")[:min(VALID_MAX, round(VALID_FRACTION * len(keys)))])
-    valid = {prompt_key(ex[1]): ex[1] for ex in train if prompt_key(ex[1]) in held}
-    return [ex for ex in train if prompt_key(ex[1]) not in held], list(valid.values())
+    return read_file(name, hub_file(repo, train)), read_file(name, hub_file(repo, test))
 
 
 def assemble(name, train, evals):
     """Examples -> Task. Eval prompts are distinct, in order of first appearance; the reference of each is its
     first demonstration (else the chosen response of its first pair). Anything whose prompt is an eval prompt
     is dropped from the training side, so the eval prompts stay held out; the validation prompts are held out
-    of what is left (make_valid_split)."""
-    refs = {}
+    of what is left (make_valid_split). A ("prompt", prompt, columns) example gives the prompt's other columns
+    (the first row of a prompt that has several)."""
+    refs, columns = {}, {}
+    for ex in train + evals:
+        if ex[0] == "prompt":
+            columns.setdefault(prompt_key(ex[1]), ex[2])
     for ex in evals:
         refs.setdefault(prompt_key(ex[1]), [ex[1], None, None])
         slot = refs[prompt_key(ex[1])]
@@ -766,7 +582,7 @@ def assemble(name, train, evals):
     return Task(name, train_prompts, eval_prompts,
                 sft_data=[(ex[1], ex[2]) for ex in train if ex[0] == "sft"],
                 pref_data=[(ex[1], ex[2], ex[3]) for ex in train if ex[0] == "pref"],
-                reward_prompt=REWARD_PROMPT[name], references=references, valid_prompts=valid)
+                reward_prompt=REWARD_PROMPT[name], references=references, valid_prompts=valid, columns=columns)
 
 
 # ---------------------------------------------------------------------------------------------------

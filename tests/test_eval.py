@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import config
+import data
 import eval as ev
 import infra
 import judge
@@ -318,15 +319,15 @@ def test_the_defaults_are_the_papers_1000_random_test_prompts_in_both_scripts():
 
 def test_the_test_prompts_are_a_seeded_random_subset():
     task = tasks.toy_task()
-    prompts, refs = tasks.random_subset(task.eval_prompts, 50, 1234, task.references)
-    assert (prompts, refs) == tasks.random_subset(task.eval_prompts, 50, 1234, task.references)  # same seed, same
+    prompts, refs = data.random_subset(task.eval_prompts, 50, 1234, task.references)
+    assert (prompts, refs) == data.random_subset(task.eval_prompts, 50, 1234, task.references)  # same seed, same
     assert prompts != task.eval_prompts[:50] and len(set(prompts)) == 50                  # not the first N
-    assert prompts != tasks.random_subset(task.eval_prompts, 50, 7)[0]                          # another seed, another
+    assert prompts != data.random_subset(task.eval_prompts, 50, 7)[0]                          # another seed, another
     order = {p: i for i, p in enumerate(task.eval_prompts)}
     assert [order[p] for p in prompts] == sorted(order[p] for p in prompts)  # kept in the task's order
     assert all(r == tasks.toy_target(tasks.toy_word_of(p)) for p, r in zip(prompts, refs))  # references follow
-    assert set(tasks.random_subset(task.eval_prompts, 20, 1234)[0]) <= set(prompts)            # nested in n
-    assert tasks.random_subset(task.eval_prompts, 1000, 1234)[0] == task.eval_prompts           # capped: all 256
+    assert set(data.random_subset(task.eval_prompts, 20, 1234)[0]) <= set(prompts)            # nested in n
+    assert data.random_subset(task.eval_prompts, 1000, 1234)[0] == task.eval_prompts           # capped: all 256
 
 
 def test_validation_prompts_are_disjoint_from_test_and_training_data(tmp_path):
