@@ -53,7 +53,7 @@ import tasks
 from config import USED_ONLY_BY, VALUE_BEFORE_FIELD, Config, config_from_dict
 from infra import Dist, load_model, load_tokenizer
 from judge import make_judge
-from rewards import describe_reward, make_reward
+from rewards import NO_JUDGE, describe_reward, with_functions
 from loop import distinct_n, ensure_toy_models, fitting_task, golden_win_rate, k3, mean_ci, score, t975, win_rate
 
 ABLATION_PARAMS = ("alpha", "beta", "k", "w_clip")  # Fig. 5(c)-(f)
@@ -132,7 +132,9 @@ def compare_with_reference(policy, ref, tok, prompts, cfg, task=None, seed=1234,
     # The training judge too when it is another one (the paper's annotator vs. its stronger evaluator; the toy
     # proxy vs. the gold rule): reward going up under it and down under the eval judge is reward hacking.
     other = (cfg.judge != cfg.eval_judge or cfg.reward or evaluator is not cfg) and (cfg.judge != "llm" or cfg.judge_url)
-    train_judge = make_reward(cfg, task) if other and not win_rate_only else None  # with any --reward functions
+    train_judge = None
+    if other and not win_rate_only:  # with the --reward functions when there are any
+        train_judge = with_functions(cfg, task, make_judge(cfg.judge, task, cfg) if cfg.judge != NO_JUDGE else None)
     report = {"n_prompts": len(prompts), "judge": cfg.eval_judge, "decoding": "greedy" if greedy else f"T={temperature}",
               "eval_seed": seed, "prompts_sha256": hashlib.sha256(
                   "\n".join(tasks.prompt_key(p) for p in prompts).encode("utf-8")).hexdigest()[:16]}

@@ -122,7 +122,8 @@ def check(cfg):
 
 
 def make_reward(cfg, task=None):
-    """The training reward: the --judge itself when no --reward is given, else a CombinedReward."""
+    """The training reward: the --judge itself when no --reward is given, else a CombinedReward (loop.py and
+    eval.py build the judge themselves and call with_functions)."""
     return with_functions(cfg, task, None if cfg.judge == NO_JUDGE else make_judge(cfg.judge, task, cfg))
 
 

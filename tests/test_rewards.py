@@ -11,6 +11,7 @@ from types import SimpleNamespace
 import pytest
 
 import config
+import eval as eval_py
 import judge
 import loop
 import rewards
@@ -129,13 +130,19 @@ def tiny(toy_cache, out, *extra):
 
 def test_a_run_logs_each_functions_mean(toy_cache, tmp_path):
     out = tmp_path / "run"
-    train(tiny(toy_cache, out, "--steps", "2", "--judge", "none", "--reward", f"{FNS}:length_reward",
-               "--reward", f"{FNS}:ended_bonus", "--reward-weights", "2,3"))
+    cfg = tiny(toy_cache, out, "--steps", "2", "--judge", "none", "--reward", f"{FNS}:length_reward",
+               "--reward", f"{FNS}:ended_bonus", "--reward-weights", "2,3")
+    run = train(cfg)
     rows = read_metrics(out)
     assert len(rows) == 2
     for m in rows:  # no invalid judgment: the combined mean is the weighted sum of the components' means
         assert m["reward/length_reward"] > 0 and 0 <= m["reward/ended_bonus"] <= 1
         assert m["train/reward_mean"] == pytest.approx(2 * m["reward/length_reward"] + 3 * m["reward/ended_bonus"])
+    # the end-of-run evaluation reports the training reward (the functions) beside the eval judge's
+    report = eval_py.compare_with_reference(run.policy, run.ref, run.tok, run.task.eval_prompts[:8], cfg,
+                                            task=run.task, pairwise=False)
+    assert report["train_judge"] == f"reward functions {FNS}:length_reward, {FNS}:ended_bonus"
+    assert report["policy/train_judge_reward"] > 0
 
 
 @pytest.mark.slow
