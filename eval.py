@@ -159,8 +159,8 @@ def compare_with_reference(policy, ref, tok, prompts, cfg, task=None, seed=1234,
                 report[f"{name}/train_judge_reward"] = mean_ci(
                     train_judge(batch.prompts, batch.responses, batch.ended.tolist()).rewards)[0]
         if train_judge is not None:
-            report["train_judge"] = describe_reward(cfg, cfg.judge if cfg.judge != cfg.eval_judge else
-                                                    f"{cfg.judge} annotator")
+            report["train_judge"] = describe_reward(cfg, cfg.judge if cfg.judge != cfg.eval_judge or cfg.reward
+                                                    else f"{cfg.judge} annotator")
         if getattr(judge, "top", None) is not None:
             report["top"] = judge.top
         report["reward_win_rate"], report["reward_win_rate_ci"] = win_rate(rewards["policy"], rewards["pi_0"])
