@@ -210,7 +210,8 @@ def train(cfg, ctx, step_fn):
                     save_checkpoint(cfg, ctx, step, run)
                 last = latest_checkpoint(cfg) or "none yet (no batch was trained)"
                 raise SystemExit(f"error: online batch {step + 1}: {e}. Stopped before training on it; the "
-                                 f"last checkpoint is {last}. Once the judge works, continue with --resume.")
+                                 f"last checkpoint is {last}. Once the judge (or reward function) works, continue "
+                                 "with --resume.")
             except SkippedBatch as e:  # raised on every rank together, before any update of this batch
                 # No optimizer step, no LR-schedule step (it counts the updates taken), no weight push. The batch
                 # counter advances, so the run still ends after --steps batches, and so does the prompt stream
