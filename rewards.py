@@ -62,7 +62,11 @@ def load_function(spec):
                 loader = importlib.util.spec_from_file_location(module_name, path)
                 module = importlib.util.module_from_spec(loader)
                 sys.modules[module_name] = module  # what dataclasses and pickle look a module's classes up in
-                loader.loader.exec_module(module)
+                try:
+                    loader.loader.exec_module(module)
+                except BaseException:
+                    del sys.modules[module_name]
+                    raise
                 _FILES[path] = module
             module = _FILES[path]
         else:

@@ -103,6 +103,7 @@ def test_a_raising_function_names_itself_and_the_failing_sample():
     (["--judge", "none"], "--judge none leaves only --reward"),
     (["--reward", "nofile.py:f"], "no such file 'nofile.py'"),
     (["--reward", f"{FNS}:nothing"], "defines no 'nothing'"),
+    (["--reward", "no_such_module_xyz:f"], "importing no_such_module_xyz raised ModuleNotFoundError"),
     (["--reward", f"{FNS}:IN_FLIGHT"], "not a function"),
     (["--reward", "length_reward"], "give FILE.py:NAME or module:NAME"),
     (["--reward", f"{FNS}:length_reward", "--reward-weights", "1"], "--reward-weights gives 1 weights; --judge"),
