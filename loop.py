@@ -37,6 +37,7 @@ from infra import (SAMPLES, Dist, Logger, TermSignal, barrier, checkpoint_name, 
                    rank_means, rng_state, save_checkpoint, save_final, seed_everything, set_rng_state, trained_modules,
                    write_atomic)
 from judge import make_judge
+from rewards import NO_JUDGE, RewardFunctionError, describe_reward, with_functions
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -173,7 +174,7 @@ def start_run(cfg, ctx):
     ref = None
     if cfg.algo != "sft":  # pi_0: a frozen copy of the initial policy
         ref = load_model(init, cfg, ctx.device, sharded=cfg.fsdp, frozen=True)
-    run = Run(task, tok, make_judge(cfg.judge, task, cfg) if cfg.algo not in OFFLINE else None, policy, wrapped[0], ref,
+    run = Run(task, tok, training_reward(cfg, task) if cfg.algo not in OFFLINE else None, policy, wrapped[0], ref,
               opt, sched, value, wrapped[1] if value is not None else None, init=init)
     if cfg.rollout == "vllm" and cfg.algo not in OFFLINE:
         run.sampler = rollout.VllmSampler(weights, model_dtype(cfg, ctx.device), cfg.seed + 1000 * ctx.rank,
@@ -212,7 +213,8 @@ def train(cfg, ctx, step_fn):
                     save_checkpoint(cfg, ctx, step, run)
                 last = latest_checkpoint(cfg) or "none yet (no batch was trained)"
                 raise SystemExit(f"error: online batch {step + 1}: {e}. Stopped before training on it; the "
-                                 f"last checkpoint is {last}. Once the judge works, continue with --resume.")
+                                 f"last checkpoint is {last}. Once the judge (or reward function) works, continue "
+                                 "with --resume.")
             except SkippedBatch as e:  # raised on every rank together, before any update of this batch
                 # No optimizer step, no LR-schedule step (it counts the updates taken), no weight push. The batch
                 # counter advances, so the run still ends after --steps batches, and so does the prompt stream
@@ -307,7 +309,7 @@ def judge_batch(cfg, ctx, run, batch):
     Raises JudgeFailure (on every rank alike) when the share of invalid judgments over the whole online batch
     exceeds cfg.max_invalid_frac: a judge that is down or answering garbage, whose batch must not be trained on.
     """
-    judged = run.judge(batch.prompts, batch.responses, batch.ended.tolist())
+    judged = judge_or_fail(ctx, run.judge, batch)
     rewards = torch.tensor(judged.rewards, dtype=torch.float64)
     if torch.isinf(rewards).any():  # an infinite reward (a reward model overflowing) is no judgment either
         judged.reasons["infinite reward"] = int(torch.isinf(rewards).sum())
@@ -322,9 +324,41 @@ def judge_batch(cfg, ctx, run, batch):
 
 
 def judge_name(cfg):
-    """The judge, as the fault messages name it."""
+    """The judge (and --reward functions), as the fault messages name it."""
     where = {"llm": f"the annotator at {cfg.judge_url}", "reward_model": f"the reward model {cfg.reward_model}"}
-    return where.get(cfg.judge, "judge " + cfg.judge)
+    return describe_reward(cfg, where.get(cfg.judge, "judge " + cfg.judge))
+
+
+def training_reward(cfg, task):
+    """The training judge, with the --reward functions (rewards.py) when there are any."""
+    judge = None if cfg.judge == NO_JUDGE else make_judge(cfg.judge, task, cfg)
+    return with_functions(cfg, task, judge)
+
+
+def judge_or_fail(ctx, judge, batch):
+    """judge(batch) -> judge.Judgment; when a reward function raised on any rank, JudgeFailure on every rank (a
+    rank stopping alone would leave the others waiting in the checkpoint's collectives)."""
+    judged, error = None, ""
+    try:
+        judged = judge(batch.prompts, batch.responses, batch.ended.tolist())
+    except RewardFunctionError as e:
+        error = str(e)
+    failed = gather(ctx, torch.tensor([float(bool(error))], device=ctx.device))
+    if failed.any():
+        raise JudgeFailure(error or f"a reward function raised on rank {int(failed.nonzero()[0])} (its message there)")
+    return judged
+
+
+def reward_components(ctx, judge):
+    """reward/<name>: each component's mean over its valid values in the online batch (all ranks), when the
+    reward combines a judge with --reward functions (rewards.CombinedReward.components)."""
+    out = {}
+    for name, values in getattr(judge, "components", {}).items():
+        v = torch.tensor(values, dtype=torch.float64)
+        s = gather(ctx, torch.stack([torch.nan_to_num(v, nan=0.0).sum(), (~torch.isnan(v)).sum().double()])
+                   .to(ctx.device)).view(-1, 2).sum(0)
+        out[f"reward/{name}"] = (s[0] / s[1]).item() if s[1] else math.nan
+    return out
 
 
 def invalid_share(ctx, judgments):
@@ -486,6 +520,7 @@ def online_metrics(step, cfg, ctx, run, batch, rewards, invalid, logp_t_tok, log
         "train/reward_mean": R[valid].mean().item(), "train/reward_std": R[valid].std(correction=0).item(),
         "train/invalid_judgments": int(n_invalid.sum().item()), "train/invalid_frac": n_invalid.sum().item() / len(R),
         **{f"train/{k}": v for k, v in rank_means(ctx, upd).items()},
+        **reward_components(ctx, run.judge),
         "train/kl_pi0": kl0.mean().item(),
         "train/response_len": lengths.mean().item(), "train/missing_eos": 1 - ended.mean().item(),
         "train/lr": run.sched.get_last_lr()[0], **mean_entropy(ctx, batch),

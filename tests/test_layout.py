@@ -81,9 +81,9 @@ def test_nothing_imports_the_script():
 
 
 def test_the_layers_are_the_documented_order():
-    """rollout < data < tasks < prompts < judge < config < infra < loop < baselines < dar; eval and bench sit beside dar and
-    import only lower files (dar.py imports eval for its end-of-run report)."""
-    layers = ["rollout", "data", "tasks", "prompts", "judge", "config", "infra", "loop", "baselines", "dar"]
+    """rollout < data < tasks < prompts < judge < rewards < config < infra < loop < baselines < dar; eval and bench sit
+    beside dar and import only lower files (dar.py imports eval for its end-of-run report)."""
+    layers = ["rollout", "data", "tasks", "prompts", "judge", "rewards", "config", "infra", "loop", "baselines", "dar"]
     for i, m in enumerate(layers):
         assert GRAPH[m] <= set(layers[:i]) | ({"eval"} if m == "dar" else set()), m
     for script in ("eval", "bench"):
