@@ -65,7 +65,9 @@ class Config:
                      "smollm2-135m-instruct = SmolLM2-135M-Instruct, built in --cache-dir from a PyPI wheel")
     judge: str = arg("toy_gold", "reward r(x, y) used for training (judge.py): " + ", ".join(JUDGES) + ", or "
                      f"{rewards.NO_JUDGE} (the --reward functions alone)")
-    eval_judge: str = arg("toy_gold", "reward used for the final evaluation against pi_0")
+    eval_judge: str = arg("toy_gold", "reward used for the final evaluation against pi_0 (and --eval-every): a judge, "
+                                      f"or {rewards.TRAINING_REWARD} (the training reward: --judge and the --reward "
+                                      "functions, for rewards that are the ground truth)")
     data: str = arg("", "a local JSONL(.gz) or parquet file, or a saved `datasets` directory, in the task's data set "
                         "schema (--task custom: README, Your own prompts), used instead of the Hub (5% of prompts "
                         "held out by hash; a DatasetDict's train and test splits), or TRAIN,EVAL: two such files")
@@ -290,10 +292,12 @@ def check_config(cfg, world):
         bad("--task custom trains on your own prompts: give --data FILE (JSONL, JSONL.gz, parquet, or a saved "
             "`datasets` directory) or TRAIN,EVAL; README: Your own prompts")
     parse_template_kwargs(cfg.chat_template_kwargs)
-    for flag, name in (("--judge", cfg.judge), ("--eval-judge", cfg.eval_judge)):
-        if name not in JUDGES and (flag, name) != ("--judge", rewards.NO_JUDGE):
-            bad(f"unknown {flag} {name!r}; valid judges: {', '.join(JUDGES)}" +
-                (f", or {rewards.NO_JUDGE} (the --reward functions alone)" if flag == "--judge" else ""))
+    for flag, name, extra in (("--judge", cfg.judge, rewards.NO_JUDGE), ("--eval-judge", cfg.eval_judge,
+                                                                            rewards.TRAINING_REWARD)):
+        if name not in JUDGES and name != extra:
+            bad(f"unknown {flag} {name!r}; valid judges: {', '.join(JUDGES)}, or " +
+                (f"{extra} (the --reward functions alone)" if flag == "--judge" else
+                 f"{extra} (the training reward: --judge and the --reward functions)"))
     if not 0.0 <= cfg.alpha <= 1.0:
         bad(f"--alpha must lie in [0, 1] (it weighs KL to pi_0 against KL to pi_t), got {cfg.alpha}")
     for name in ("beta", "w_clip", "clip_eps", "is_clip"):
@@ -338,9 +342,12 @@ def check_config(cfg, world):
         if online_pairs and cfg.pair_labels == "preference":
             bad("--pair-labels preference asks the judge to compare two responses, which reward functions "
                 "(--reward) cannot; use --pair-labels reward (best vs. worst of K by the combined reward)")
-    used = ([cfg.judge] if cfg.algo not in OFFLINE else []) + ([cfg.eval_judge] if cfg.algo != "sft" else [])
+    evaluator = cfg.judge if cfg.eval_judge == rewards.TRAINING_REWARD else cfg.eval_judge
+    if evaluator == rewards.NO_JUDGE and not rewards.specs(cfg) and cfg.algo != "sft":
+        bad("--eval-judge reward evaluates with the training reward, and --judge none without --reward has none")
+    used = ([cfg.judge] if cfg.algo not in OFFLINE else []) + ([evaluator] if cfg.algo != "sft" else [])
     training_llm = cfg.judge == "llm" and cfg.algo not in OFFLINE
-    evaluating_llm = cfg.eval_judge == "llm" and cfg.algo != "sft" and (cfg.eval_prompts > 0 or cfg.eval_every > 0)
+    evaluating_llm = evaluator == "llm" and cfg.algo != "sft" and (cfg.eval_prompts > 0 or cfg.eval_every > 0)
     if (training_llm or evaluating_llm and not cfg.eval_judge_url) and not cfg.judge_url:
         bad("--judge llm (this task's default) needs --judge-url, the annotator's OpenAI-compatible endpoint, e.g. "
             "http://127.0.0.1:8000/v1 (python judge.py --serve --task toy --port 8000 starts a stand-in); "

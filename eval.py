@@ -54,9 +54,9 @@ import tasks
 from config import USED_ONLY_BY, VALUE_BEFORE_FIELD, Config, config_from_dict
 from infra import Dist, load_model, load_tokenizer
 from judge import make_judge
-from loop import (distinct_n, ensure_toy_models, evaluator_config, fitting_task, golden_win_rate, k3, mean_ci, score,
-                  t975, win_rate)
-from rewards import NO_JUDGE, describe_reward, with_functions
+from loop import (distinct_n, ensure_toy_models, eval_judge, evaluator_config, fitting_task, golden_win_rate, k3,
+                  mean_ci, score, t975, win_rate)
+from rewards import NO_JUDGE, TRAINING_REWARD, describe_reward, with_functions
 
 ABLATION_PARAMS = ("alpha", "beta", "k", "w_clip")  # Fig. 5(c)-(f)
 # Config fields that never make two runs different experiments (bookkeeping, endpoints, the seed itself)
@@ -120,10 +120,11 @@ def compare_with_reference(policy, ref, tok, prompts, cfg, task=None, seed=1234,
     """
     temperature = cfg.temperature if temperature is None else temperature
     evaluator = evaluator_config(cfg)
-    judge = make_judge(cfg.eval_judge, task, evaluator)
+    judge = eval_judge(cfg, task)
     # The training judge too when it is another one (the paper's annotator vs. its stronger evaluator; the toy
     # proxy vs. the gold rule): reward going up under it and down under the eval judge is reward hacking.
-    other = (cfg.judge != cfg.eval_judge or cfg.reward or evaluator is not cfg) and (cfg.judge != "llm" or cfg.judge_url)
+    other = (cfg.judge != cfg.eval_judge or cfg.reward or evaluator is not cfg) and (cfg.judge != "llm" or cfg.judge_url) \
+        and cfg.eval_judge != TRAINING_REWARD
     train_judge = None
     if other and not win_rate_only:  # with the --reward functions when there are any
         train_judge = with_functions(cfg, task, make_judge(cfg.judge, task, cfg) if cfg.judge != NO_JUDGE else None)

@@ -481,9 +481,14 @@ class WandbTracker:
         run_id = open(id_path).read().strip() if start_step > 0 and os.path.isfile(id_path) else None
         # A resume logs again the batches a killed run logged after its checkpoint; wandb keeps the first value
         # of a step, which an exact resume reproduces (timings aside).
-        self.run = wandb.init(project=cfg.wandb_project or os.environ.get("WANDB_PROJECT") or "dar",
-                              name=os.path.basename(os.path.normpath(cfg.out_dir)), dir=cfg.out_dir, id=run_id,
-                              resume="allow")
+        try:
+            self.run = wandb.init(project=cfg.wandb_project or os.environ.get("WANDB_PROJECT") or "dar",
+                                  name=os.path.basename(os.path.normpath(cfg.out_dir)), dir=cfg.out_dir, id=run_id,
+                                  resume="allow")
+        except Exception as e:  # no API key, no network: say what to do, before any batch (nothing is lost yet)
+            raise SystemExit(f"error: --report-to wandb could not start a wandb run ({type(e).__name__}: {e}). Log in "
+                             "(`wandb login`, or WANDB_API_KEY), or log offline with WANDB_MODE=offline (`wandb sync "
+                             "OUT_DIR/wandb/...` uploads later), or drop wandb from --report-to") from None
         write_atomic(id_path, self.run.id)
         self.run.config.update(dataclasses.asdict(cfg), allow_val_change=True)  # a resume may change --steps
 

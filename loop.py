@@ -28,6 +28,7 @@ from torch.distributed.fsdp import FSDPModule
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+import data
 import rollout
 import tasks
 from config import OFFLINE, VALUE_MODEL, Config, check_resumable, resolve_schedule
@@ -37,7 +38,7 @@ from infra import (SAMPLES, Dist, Logger, TermSignal, barrier, checkpoint_name, 
                    rank_means, rng_state, save_checkpoint, save_final, seed_everything, set_rng_state, trained_modules,
                    write_atomic)
 from judge import make_judge
-from rewards import NO_JUDGE, RewardFunctionError, describe_reward, with_functions
+from rewards import NO_JUDGE, TRAINING_REWARD, RewardFunctionError, describe_reward, with_functions
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -333,6 +334,15 @@ def training_reward(cfg, task):
     """The training judge, with the --reward functions (rewards.py) when there are any."""
     judge = None if cfg.judge == NO_JUDGE else make_judge(cfg.judge, task, cfg)
     return with_functions(cfg, task, judge)
+
+
+def eval_judge(cfg, task):
+    """The evaluation judge: --eval-judge, built from evaluator_config(cfg); --eval-judge reward: the training
+    reward itself (--judge with the --reward functions, weighted as in training), for rewards that are the
+    ground truth (a checked answer) rather than a proxy."""
+    if cfg.eval_judge == TRAINING_REWARD:
+        return training_reward(cfg, task)
+    return make_judge(cfg.eval_judge, task, evaluator_config(cfg))
 
 
 def judge_or_fail(ctx, judge, batch):
@@ -706,8 +716,8 @@ def start_training_eval(cfg, ctx, run, start):
         if ctx.master:
             print(f"note: task {cfg.task} has no validation prompts; --eval-every evaluates on test prompts, which "
                   "the end-of-run report uses too", flush=True)
-    prompts, _ = tasks.random_subset(pool, cfg.eval_every_prompts, cfg.eval_seed)
-    ev = TrainingEval(prompts, source, make_judge(cfg.eval_judge, run.task, evaluator_config(cfg)))
+    prompts, _ = data.random_subset(pool, cfg.eval_every_prompts, cfg.eval_seed)
+    ev = TrainingEval(prompts, source, eval_judge(cfg, run.task))
     if start > 0 and os.path.isfile(best_json):
         best = json.load(open(best_json))
         same = (best["eval_seed"], best["prompts"]) == (cfg.eval_seed, len(prompts))

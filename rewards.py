@@ -30,6 +30,7 @@ import tasks
 from judge import Judgment, make_judge, prefer_by_score
 
 NO_JUDGE = "none"  # --judge none: the reward comes from the --reward functions alone
+TRAINING_REWARD = "reward"  # --eval-judge reward: evaluate with the training reward itself (judge and functions)
 _LOADED = {}       # spec -> function: a file or module is imported once per process
 _FILES = {}        # FILE.py's absolute path -> its module
 

@@ -13,7 +13,6 @@ import pytest
 import config
 import eval as eval_py
 import judge
-import loop
 import rewards
 import tasks
 from conftest import ROOT, TINY, comparable, read_metrics, train

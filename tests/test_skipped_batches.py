@@ -4,9 +4,7 @@ pair with a preference for the online DAP methods), is reported and skipped with
 algorithm, on every rank together; a partly invalid batch still trains, and --resume across a skipped batch
 ends where an uninterrupted run ends."""
 import math
-import os
 import subprocess
-import sys
 
 import pytest
 import torch

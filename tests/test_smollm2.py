@@ -8,7 +8,6 @@ in-process, like test_vllm.py's: its tests run at the end of the session (confte
 in-process engine pins the process's CPU threads.
 """
 import dataclasses
-import json
 import os
 
 import pytest

@@ -186,7 +186,6 @@ def test_eval_prompts_are_held_out_and_references_parallel(name, path):
     assert not held & {tasks.prompt_key(p) for p in used}
     trained = {tasks.prompt_key(p) for p in t.train_prompts}
     assert {tasks.prompt_key(x[0]) for x in t.sft_data + t.pref_data} <= trained
-    docs = re.sub(r"\s+", " ", " ".join(tasks.topics.values()))
     for p in t.train_prompts + t.eval_prompts:  # the prompt contract of rollout.render_prompts
         assert isinstance(p, str) or (p and p[-1]["role"] == "user" and
                                       all(m["role"] in ("user", "assistant") for m in p))
