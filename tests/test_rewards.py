@@ -13,6 +13,7 @@ import pytest
 import config
 import eval as eval_py
 import judge
+import loop
 import rewards
 import tasks
 from conftest import ROOT, TINY, comparable, read_metrics, train
@@ -70,6 +71,21 @@ def test_weights_combine_a_rule_judge_with_functions():
     assert r.prefer(prompts[:1], responses[:1], responses[1:]) == [judge.prefer_by_score(j.rewards[0], j.rewards[1])]
 
 
+def test_eval_judge_reward_evaluates_with_the_training_reward():
+    """--eval-judge reward: the evaluation judge is the training reward, functions and weights included; any other
+    --eval-judge is that judge alone."""
+    prompt = tasks.toy_prompts(1, seed=0)[0]
+    prompts, responses = [prompt, prompt], [tasks.toy_target(tasks.toy_word_of(prompt)), "xyz"]
+    flags = ["--judge", "toy_gold", "--reward", f"{FNS}:length_reward", "--reward-weights", "0.5,2"]
+    trained = reward_of(*flags)(prompts, responses, [True, True]).rewards
+    cfg = cfg_of(*flags, "--eval-judge", "reward")
+    config.check_config(cfg, 1)
+    assert loop.eval_judge(cfg, None)(prompts, responses, [True, True]).rewards == pytest.approx(trained)
+    gold = [tasks.toy_gold_score(p, x, True) for p, x in zip(prompts, responses)]
+    assert loop.eval_judge(cfg_of(*flags), None)(prompts, responses, [True, True]).rewards == pytest.approx(gold)
+    assert trained != pytest.approx(gold)
+
+
 def test_none_is_an_invalid_judgment_counted_with_its_reason():
     r = reward_of("--judge", "toy_gold", "--reward", f"{FNS}:none_for_short")
     j = r(tasks.toy_prompts(3, seed=0), ["cba", "c", "cbb"], [True] * 3)
@@ -108,6 +124,8 @@ def test_a_raising_function_names_itself_and_the_failing_sample():
     (["--reward", f"{FNS}:length_reward", "--reward-weights", "1"], "--reward-weights gives 1 weights; --judge"),
     (["--reward", f"{FNS}:length_reward", "--algo", "online_dpo"], "--pair-labels reward"),
     (["--reward", f"{FNS}:length_reward", "--algo", "dpo"], "--algo dpo trains on a fixed data set"),
+    (["--eval-judge", "none"], "or reward (the training reward"),
+    (["--algo", "dpo", "--judge", "none", "--eval-judge", "reward"], "--judge none without --reward has none"),
 ])
 def test_bad_reward_flags_stop_before_any_model_loads(flags, message):
     with pytest.raises(SystemExit) as e:
