@@ -39,7 +39,7 @@ import rollout
 import data
 from config import check_config, parse_config
 from eval import compare_with_reference, evaluator_note, print_report
-from infra import barrier, export_hf, gather, load_model, setup_distributed, timed
+from infra import barrier, end_distributed, export_hf, gather, load_model, setup_distributed, timed
 from loop import (advantage_stats, group_advantages, judge_batch, minibatch_updates, online_metrics, pi_t_logps,
                   sample, score, sft_step, skip_unusable, train)
 
@@ -192,8 +192,7 @@ def main(argv=None):
     finally:
         if run is not None and run.sampler is not None:
             run.sampler.close()  # vLLM's shutdown may take the default process group down with it
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+        end_distributed(run)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ loop.py is the training loop and the pieces every algorithm shares; dar.py is th
 import contextlib
 import dataclasses
 import datetime
+import gc
 import importlib.util
 import json
 import os
@@ -67,6 +68,21 @@ def setup_distributed(cfg):
     tdist.init_process_group(cfg.backend or ("nccl" if cuda else "gloo"),
                              timeout=datetime.timedelta(minutes=cfg.dist_timeout), **store)
     return Dist(rank, world, local, device)
+
+
+def end_distributed(run):
+    """Destroy the process group at the end of a run, after freeing the DDP wrappers (run: a loop.Run, or None).
+
+    DDP's reducer holds a reference to the group. Freed after destroy_process_group (when main returns), it would
+    run gloo's destructor, which joins the group's worker threads while holding the GIL; a worker still freeing a
+    finished work that holds Python tensors waits for that GIL, and the process hangs at exit (seen under
+    torchrun in the tests, rank 1 stuck in ~ProcessGroupGloo <- ~Reducer; pytorch#75097)."""
+    if not torch.distributed.is_initialized():
+        return
+    if run is not None:
+        run.ddp = run.value_ddp = None
+        gc.collect()
+    torch.distributed.destroy_process_group()
 
 
 def barrier(ctx):

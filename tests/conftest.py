@@ -3,6 +3,7 @@ make a run of dar.py take seconds."""
 import os
 import re
 import select
+import signal
 import subprocess
 import sys
 
@@ -88,9 +89,20 @@ def dar_env(env_extra=None):
 
 
 def run_dar(args, cwd, env_extra=None, launcher=None, timeout=600):
-    """Run dar.py in a subprocess (optionally under torchrun); returns the CompletedProcess."""
+    """Run dar.py in a subprocess (optionally under torchrun); returns the CompletedProcess. Past `timeout` the
+    whole process group goes (torchrun's ranks too, which would otherwise live on as orphans) and the test fails
+    with the output's tail, so a hang shows where it stopped."""
     cmd = (launcher or [sys.executable]) + [os.path.join(ROOT, "dar.py")] + args
-    return subprocess.run(cmd, cwd=cwd, env=dar_env(env_extra), capture_output=True, text=True, timeout=timeout)
+    p = subprocess.Popen(cmd, cwd=cwd, env=dar_env(env_extra), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, start_new_session=True)
+    try:
+        out, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        out, err = p.communicate()
+        raise AssertionError(f"dar.py ran past {timeout} s: {' '.join(cmd)}\nstdout tail:\n{out[-2000:]}\n"
+                             f"stderr tail:\n{err[-3000:]}") from None
+    return subprocess.CompletedProcess(cmd, p.returncode, out, err)
 
 
 def start_dar(args, cwd, launcher=None):
