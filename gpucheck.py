@@ -104,7 +104,8 @@ def run_proc(cmd, timeout, log_path, env=None):
 def tail(path, lines=3):
     """The last lines of a log, on one line: what a FAIL shows."""
     try:
-        text = [l.strip() for l in open(path, errors="replace").read().splitlines() if l.strip()]
+        text = [l.strip() for l in open(path, errors="replace").read().splitlines()
+                if l.strip() and not l.startswith("$ ")]  # not the command lines run_proc writes
     except OSError:
         return ""
     return " | ".join(text[-lines:])[-400:]
