@@ -64,9 +64,10 @@ RESULT = "BENCH-RESULT "
 # ---------------------------------------------------------------------------------------------------
 # Models: the toy pi_0 of dar.py, and a small random Qwen2 whose responses always run SMALL_TOKENS tokens
 # ---------------------------------------------------------------------------------------------------
-def model_dirs(cache):
-    """{"toy": the toy pi_0, "small": the small model}, built in the cache on first use."""
-    cfg = parse_config(["--cache-dir", cache])
+def model_dirs(cache, toy_flags=()):
+    """{"toy": the toy pi_0, "small": the small model}, built in the cache on first use (toy_flags: the toy
+    pi_0's flags, e.g. a shorter --sft-steps)."""
+    cfg = parse_config(["--cache-dir", cache, *toy_flags])
     _, toy = ensure_toy_models(cfg, Dist())
     key = "x".join(str(SMALL_MODEL[k]) for k in ("num_hidden_layers", "hidden_size", "intermediate_size"))
     small = os.path.join(os.path.expanduser(cache), f"bench-small-{key}-{SMALL_TOKENS}")
@@ -111,6 +112,7 @@ def work_loop(job):
     out = tempfile.mkdtemp(prefix="bench-")
     steps = job["warmup"] + job["batches"]
     flags = loop_flags(job["model"], job["model_dir"], job["algo"], steps, out, job["logp_source"])
+    flags += job.get("flags", [])  # e.g. --rollout vllm (gpucheck.py)
     sys.argv = [os.path.join(ROOT, "dar.py"), *flags]
     runpy.run_path(sys.argv[0], run_name="__main__")
     cfg = parse_config(flags)
@@ -122,6 +124,8 @@ def work_loop(job):
     for p in PHASES:
         if f"perf/{p}_s" in rows[0]:
             res[p] = float(np.median([r[f"perf/{p}_s"] for r in rows]))
+    if "rollout/logp_abs_diff" in rows[0]:  # the sampler's log-probs against the policy's (vLLM)
+        res["logp_abs_diff"] = float(np.mean([r["rollout/logp_abs_diff"] for r in rows]))
     if job.get("floor"):
         res["floor"] = floor_loop(cfg, setup_distributed(cfg), job["model_dir"], job["warmup"], job["batches"])
     return res
@@ -249,12 +253,15 @@ def work_logps(job):
 WORKERS = {"loop": work_loop, "trl": work_trl, "rollout": work_rollout, "logps": work_logps}
 
 
-def run_worker(job, threads):
-    """Run one job in a fresh process; its RESULT line as a dict, or {"error": ...}."""
+def run_worker(job, threads, timeout=None):
+    """Run one job in a fresh process (for at most `timeout` seconds); its RESULT line as a dict, or {"error": ...}."""
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), TQDM_DISABLE="1",
                PYTHONUNBUFFERED="1")
-    p = subprocess.run([job.pop("python", sys.executable), os.path.join(ROOT, "bench.py"), "--worker",
-                        json.dumps(job)], cwd=ROOT, env=env, capture_output=True, text=True)
+    try:
+        p = subprocess.run([job.pop("python", sys.executable), os.path.join(ROOT, "bench.py"), "--worker",
+                            json.dumps(job)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f} s"}
     for line in p.stdout.splitlines():
         if line.startswith(RESULT):
             return json.loads(line[len(RESULT):])
@@ -280,6 +287,8 @@ def arg_parser():
     p.add_argument("--trl-python", default=sys.executable,
                    help="interpreter for the TRL section: one that can import trl (this one by default)")
     p.add_argument("--json", help="also write every figure to this JSON file")
+    p.add_argument("--gpu-check", action="store_true",
+                   help="check the GPU-only paths instead, on one CUDA GPU (gpucheck.py, with --json and --cache-dir)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     return p
 
@@ -291,6 +300,9 @@ def main(argv=None):
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", os.cpu_count())))
         print(RESULT + json.dumps(WORKERS[job["kind"]](job)), flush=True)
         return
+    if args.gpu_check:  # gpucheck.py as its own program (it imports this file, this file never imports it)
+        sys.exit(subprocess.call([sys.executable, os.path.join(ROOT, "gpucheck.py"), "--cache-dir", args.cache_dir,
+                                  *(["--json", args.json] if args.json else [])]))
     sections = set(args.sections.split(","))
     dirs = model_dirs(args.cache_dir)
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None

@@ -9,7 +9,6 @@ import contextlib
 import dataclasses
 import datetime
 import gc
-import importlib.util
 import json
 import os
 import pickle
@@ -111,11 +110,24 @@ def model_dtype(cfg, device):
     return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
 
 
+def attention_implementation(device, dtype):
+    """flash_attention_2 on a GPU in bf16 or fp16 when the flash-attn package imports, else PyTorch's SDPA. Its
+    kernels take no float32 (--dtype float32 on a GPU), and a wheel built for another torch is installed but
+    fails to import (an undefined symbol): both fall back to SDPA instead of failing at the first forward."""
+    if device.type != "cuda" or dtype not in (torch.bfloat16, torch.float16):
+        return "sdpa"
+    try:
+        import flash_attn  # noqa: F401  optional: flash-attention-2 kernels, used when they import
+    except ImportError:
+        return "sdpa"
+    return "flash_attention_2"
+
+
 def load_model(path, cfg, device, sharded=False, frozen=False):
     """A causal LM from a model directory or a checkpoint (sharded ones too), on `device`, or sharded over the
     ranks (--fsdp: place); frozen: eval mode, no gradients."""
-    flash = device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None
-    kwargs = dict(dtype=model_dtype(cfg, device), attn_implementation="flash_attention_2" if flash else "sdpa")
+    dtype = model_dtype(cfg, device)
+    kwargs = dict(dtype=dtype, attn_implementation=attention_implementation(device, dtype))
 
     def read():
         if is_sharded_checkpoint(path):  # one process reading a sharded checkpoint: eval.py, --export-hf

@@ -14,7 +14,7 @@ import config
 from conftest import ROOT
 
 MODULES = sorted(f[:-3] for f in os.listdir(ROOT) if f.endswith(".py"))
-SCRIPTS = ("dar", "eval", "bench", "judge")  # run as programs; dar.py is the one nothing may import
+SCRIPTS = ("dar", "eval", "bench", "judge", "gpucheck")  # run as programs; dar.py is the one nothing may import
 # Third-party packages that a run may do without, imported where they are needed (with a comment that says so)
 # (torch.utils.tensorboard: torch's writer of TensorBoard files, importable only with the tensorboard package)
 OPTIONAL = {"vllm", "matplotlib", "trl", "datasets", "pyarrow", "flash_attn", "gguf", "accelerate", "vaderSentiment",
@@ -82,12 +82,14 @@ def test_nothing_imports_the_script():
 
 def test_the_layers_are_the_documented_order():
     """rollout < data < tasks < prompts < judge < rewards < config < infra < loop < baselines < dar; eval and bench sit
-    beside dar and import only lower files (dar.py imports eval for its end-of-run report)."""
+    beside dar and import only lower files (dar.py imports eval for its end-of-run report); gpucheck.py (the GPU check,
+    `bench.py --gpu-check` runs it as a program) sits above bench and imports it."""
     layers = ["rollout", "data", "tasks", "prompts", "judge", "rewards", "config", "infra", "loop", "baselines", "dar"]
     for i, m in enumerate(layers):
         assert GRAPH[m] <= set(layers[:i]) | ({"eval"} if m == "dar" else set()), m
     for script in ("eval", "bench"):
         assert GRAPH[script] <= set(layers[:-2]), script
+    assert GRAPH["gpucheck"] <= set(layers[:-2]) | {"bench"}
 
 
 def test_imports_inside_functions_are_only_optional_packages_that_say_so():
