@@ -281,8 +281,8 @@ def selected_logps(logits, targets, chunk_tokens=LOGP_CHUNK_TOKENS, temperature=
 # product and the log-softmax done together, a block at a time, in forward and backward (the technique of
 # Liger's fused linear cross-entropy and of Cut Cross-Entropy, in plain PyTorch).
 # ---------------------------------------------------------------------------------------------------
-HEAD_CHUNK_ELEMENTS = 2 ** 23  # float32 logits the fused head makes at once (32 MB): [positions, vocabulary rows]
-HEAD_MIN_ROWS = 4096           # vocabulary rows a block has at least: positions are grouped by 2 ** 23 / 4096 = 2,048
+HEAD_CHUNK_ELEMENTS = 2 ** 22  # float32 logits the fused head makes at once (16 MB): [positions, vocabulary rows]
+HEAD_MIN_ROWS = 2048           # vocabulary rows a block has at least: positions are grouped by 2 ** 22 / 2048 = 2,048
 # model types whose CausalLM forward applies the LM head bare (logits = lm_head(h), nothing after): only there
 # may the head compute the log-probs in place of the logits. Gemma 2's soft-capping, Granite's and Cohere's
 # scaling (and any model not named) take the logits path (selected_logps).
@@ -366,7 +366,7 @@ class _HeadLogps(torch.autograd.Function):
                 dz[hit, t[hit] - j] += g[r][hit]                                               # + g onehot / T
                 low = dz.to(weight.dtype)
                 if need_h:
-                    grad_h[r] += (low @ w).float()
+                    grad_h[r] += low @ w  # added into float32 in place: no float32 copy of the product
                 if need_w:
                     grad_w[c] = low.T @ hr if i == 0 else grad_w[c] + low.T @ hr
                 if need_b:
