@@ -20,7 +20,8 @@ Sections, each one table in a fixed format:
              with the tokens each side generated
   rollout    sampling throughput of transformers' generate and of vLLM (when importable), tokens per second
   logps      peak memory and time of the chosen tokens' log-probs (with gradients) at Qwen2's vocabulary, for one
-             micro-batch of two 1,024-token responses: the float32 log-softmax against rollout.selected_logps
+             micro-batch of two 1,024-token responses, from the last hidden states and the LM head: the float32
+             log-softmax of the logits, rollout.selected_logps of the logits, and rollout.head_logps (no logits)
 
 Every figure is a median over --batches online batches after --warmup ones. Each measurement runs in its own
 process (peak memory is a per-process figure: max RSS on a CPU, torch's peak allocation on a GPU) with
@@ -232,22 +233,29 @@ def work_rollout(job):
 
 
 def work_logps(job):
-    """Peak memory and time of the log-probs of the chosen tokens, with gradients, at Qwen2's vocabulary:
-    one micro-batch of bf16 logits [rows, tokens, 151,936], by the straightforward float32 log-softmax or by
-    rollout.selected_logps. The logits are made before the peak is read, so the extra is what the method adds."""
+    """Peak memory and time of the log-probs of the chosen tokens, with gradients, at Qwen2's vocabulary: one
+    micro-batch of bf16 last hidden states [rows, tokens, hidden] and a bf16 LM head [151,936, hidden], through
+    the head's product and the straightforward float32 log-softmax, through the product and
+    rollout.selected_logps (the logits path), or by rollout.head_logps (fused: no logits). The hidden states
+    and the head are made before the peak is read, so the extra is what the method adds; it includes the head's
+    gradient [151,936, hidden] (weight_grad_mb), which every method makes."""
     torch.manual_seed(0)
-    shape = (job["rows"], job["tokens"], 151936)
-    logits = torch.empty(shape, dtype=torch.bfloat16).normal_().requires_grad_()  # in place: no float32 temporary
-    targets = torch.randint(0, shape[2], shape[:2])
+    (rows, tokens), V, d = (job["rows"], job["tokens"]), 151936, job["hidden"]
+    h = torch.empty(rows, tokens, d, dtype=torch.bfloat16).normal_().requires_grad_()  # in place: no float32 copy
+    w = torch.empty(V, d, dtype=torch.bfloat16).normal_(std=d ** -0.5).requires_grad_()
+    targets = torch.randint(0, V, (rows, tokens))
     base = peak_memory_mb()
     t0 = time.time()
     if job["method"] == "straightforward":
+        logits = torch.nn.functional.linear(h, w)
         logp = logits.float().log_softmax(-1).gather(-1, targets[..., None]).squeeze(-1)
+    elif job["method"] == "chunked":
+        logp = rollout.selected_logps(torch.nn.functional.linear(h, w), targets)
     else:
-        logp = rollout.selected_logps(logits, targets)
+        logp = rollout.head_logps(h.view(-1, d), w, None, targets.view(-1))
     logp.sum().backward()
     return {"seconds": time.time() - t0, "extra_mb": peak_memory_mb() - base,
-            "logits_mb": logits.numel() * 2 / 2 ** 20}
+            "logits_mb": rows * tokens * V * 2 / 2 ** 20, "weight_grad_mb": w.numel() * 2 / 2 ** 20}
 
 
 WORKERS = {"loop": work_loop, "trl": work_trl, "rollout": work_rollout, "logps": work_logps}
@@ -286,6 +294,8 @@ def arg_parser():
     p.add_argument("--cache-dir", default="~/.cache/dar", help="where the toy pi_0 and the small model are kept")
     p.add_argument("--trl-python", default=sys.executable,
                    help="interpreter for the TRL section: one that can import trl (this one by default)")
+    p.add_argument("--logps-hidden", type=int, default=3584,
+                   help="hidden size of the logps section's LM head (3,584: Qwen2-7B's; 1 GB of bf16 weight)")
     p.add_argument("--json", help="also write every figure to this JSON file")
     p.add_argument("--gpu-check", action="store_true",
                    help="check the GPU-only paths instead, on one CUDA GPU (gpucheck.py, with --json and --cache-dir)")
@@ -398,13 +408,18 @@ def main(argv=None):
             print(f"{backend:8} " + (f"error: {r['error']}" if "error" in r else
                                      f"{r['tokens_per_s']:10.0f} tokens/s  ({r['tokens']:.0f} tokens a batch)"))
     if "logps" in sections:
-        print("\n[logps] log-probs of the chosen tokens with gradients, bf16 logits at Qwen2's 151,936-word vocabulary")
-        print(f"{'method':16} {'tokens':>7} {'logits MB':>10} {'extra peak MB':>14} {'seconds':>8}")
-        for method in ("straightforward", "chunked"):
-            r = run_worker(dict(kind="logps", method=method, rows=2, tokens=1024), args.threads)
+        print(f"\n[logps] log-probs of the chosen tokens with gradients, bf16, from hidden states [2, 1024, "
+              f"{args.logps_hidden}] and an LM head at Qwen2's 151,936-word vocabulary (extra: peak beyond them)")
+        print(f"{'method':16} {'tokens':>7} {'logits MB':>10} {'extra peak MB':>14} {'less head grad':>15} "
+              f"{'seconds':>8}")
+        for method in ("straightforward", "chunked", "fused"):
+            r = run_worker(dict(kind="logps", method=method, rows=2, tokens=1024, hidden=args.logps_hidden),
+                           args.threads)
             report.setdefault("logps", {})[method] = r
             print(f"{method:16} " + (f"error: {r['error']}" if "error" in r else
-                                     f"{2 * 1024:7d} {r['logits_mb']:10.0f} {r['extra_mb']:14.0f} {r['seconds']:8.2f}"))
+                                     f"{2 * 1024:7d} {r['logits_mb'] if method != 'fused' else 0:10.0f} "
+                                     f"{r['extra_mb']:14.0f} {r['extra_mb'] - r['weight_grad_mb']:15.0f} "
+                                     f"{r['seconds']:8.2f}"))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)

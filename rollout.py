@@ -19,6 +19,7 @@ Two samplers return this same structure: `generate` (transformers' generate on t
 `VllmSampler.generate` (a vLLM engine holding a copy of the policy, refreshed after every online batch).
 Both can fill `sampler_logp` with their log-probs of the sampled tokens (vLLM always, generate on request).
 """
+import contextlib
 import gc
 import os
 from dataclasses import dataclass
@@ -275,28 +276,181 @@ def selected_logps(logits, targets, chunk_tokens=LOGP_CHUNK_TOKENS, temperature=
     return _SelectedLogps.apply(logits, targets, chunk_tokens, float(temperature))
 
 
-def token_logps(model, batch, entropy=False):
+# ---------------------------------------------------------------------------------------------------
+# Log-probs from the last hidden states and the LM head, without the [tokens, vocab] logits: the head's matrix
+# product and the log-softmax done together, a block at a time, in forward and backward (the technique of
+# Liger's fused linear cross-entropy and of Cut Cross-Entropy, in plain PyTorch).
+# ---------------------------------------------------------------------------------------------------
+HEAD_CHUNK_ELEMENTS = 2 ** 22  # float32 logits the fused head makes at once (16 MB): [positions, vocabulary rows]
+HEAD_MIN_ROWS = 2048           # vocabulary rows a block has at least: positions are grouped by 2 ** 22 / 2048 = 2,048
+# model types whose CausalLM forward applies the LM head bare (logits = lm_head(h), nothing after): only there
+# may the head compute the log-probs in place of the logits. Gemma 2's soft-capping, Granite's and Cohere's
+# scaling (and any model not named) take the logits path (selected_logps).
+FUSED_HEAD_MODELS = frozenset({"llama", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "mistral", "mixtral", "phi",
+                               "phi3", "gemma", "olmo2", "smollm3"})
+
+
+def _head_logits(h, weight, bias, temperature):
+    """Logits / T of hidden states h [n, d] against the head rows `weight` [v, d] (and bias [v]): float32 [n, v].
+    The product is made in the weights' dtype, as the model's own head makes it, then divided in float32."""
+    return torch.nn.functional.linear(h.to(weight.dtype), weight, bias).float().div_(temperature)
+
+
+def _head_blocks(M, V, chunk):
+    """(positions, vocabulary rows) of one block: all M positions (up to chunk / HEAD_MIN_ROWS) by as many rows
+    as the chunk allows. The head's weight is read once per group of positions, not once per few positions."""
+    rows = min(M, max(1, chunk // HEAD_MIN_ROWS))
+    return rows, max(1, chunk // rows)
+
+
+def _head_scan(h, weight, bias, targets, temperature, chunk, entropy):
+    """(log p(targets), logsumexp, entropy or None), each [M] float32, p = softmax((h W^T + b) / T): the
+    vocabulary in blocks of rows, the logsumexp (and sum p z, for H = lse - sum p z) carried across blocks."""
+    M, V = h.shape[0], weight.shape[0]
+    rows, cols = _head_blocks(M, V, chunk)
+    f32 = dict(dtype=torch.float32, device=h.device)
+    m, s, u = torch.full((M,), -torch.inf, **f32), torch.zeros(M, **f32), torch.zeros(M, **f32)
+    picked = torch.empty(M, **f32)
+    for i in range(0, M, rows):
+        r, t = slice(i, i + rows), targets[i:i + rows]
+        for j in range(0, V, cols):
+            z = _head_logits(h[r], weight[j:j + cols], None if bias is None else bias[j:j + cols], temperature)
+            top = torch.maximum(m[r], z.amax(-1))
+            scale, e = (m[r] - top).exp(), (z - top[:, None]).exp_()
+            s[r] = s[r] * scale + e.sum(-1)
+            if entropy:  # sum e z without an e * z block
+                u[r] = u[r] * scale + torch.bmm(e[:, None], z[:, :, None]).view(-1)
+            m[r] = top
+            hit = ((t >= j) & (t < j + z.shape[1])).nonzero().squeeze(1)
+            picked[i + hit] = z[hit, t[hit] - j]
+    lse = m + s.log()
+    return picked - lse, lse, (lse - u / s) if entropy else None
+
+
+class _HeadLogps(torch.autograd.Function):
+    """log softmax((h W^T + b) / T)[target] per position, from hidden states h [M, d] and the head's W [V, d]
+    (bias [V] or None), never holding [M, V] logits (_head_scan; autograd keeps h, W and [M] logsumexps).
+
+    Backward: with dz = g (onehot(target) - softmax(z)) / T, grad_h = dz W, grad_W = dz^T h and grad_b = the
+    column sums of dz, a block of (positions, vocabulary rows) at a time from logits recomputed for the block.
+    A row block of grad_W is one product summing over a group's positions inside the matrix multiply (float32
+    accumulation), written in W's dtype (added to, in W's dtype, for groups after the first: micro-batches over
+    2,048 positions); grad_h adds up in float32. Cost: one more product of the head's size than the logits path.
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, targets, temperature, chunk):
+        logp, lse, _ = _head_scan(h, weight, bias, targets, temperature, chunk, entropy=False)
+        ctx.save_for_backward(h, weight, bias, targets, lse)
+        ctx.temperature, ctx.chunk = temperature, chunk
+        return logp
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        h, weight, bias, targets, lse = ctx.saved_tensors
+        (M, d), V = h.shape, weight.shape[0]
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        g = grad_out.float() / ctx.temperature                                                 # [M]
+        grad_h = torch.zeros(M, d, dtype=torch.float32, device=h.device) if need_h else None
+        grad_w = torch.empty_like(weight) if need_w else None
+        grad_b = torch.empty_like(bias) if need_b else None
+        rows, cols = _head_blocks(M, V, ctx.chunk)
+        for i in range(0, M, rows):
+            r, t, hr = slice(i, i + rows), targets[i:i + rows], h[i:i + rows].to(weight.dtype)
+            for j in range(0, V, cols):
+                c = slice(j, j + cols)
+                w = weight[c]
+                dz = _head_logits(hr, w, None if bias is None else bias[c], ctx.temperature)
+                dz = dz.sub_(lse[r, None]).exp_().mul_(-g[r, None])                          # -g softmax / T
+                hit = ((t >= j) & (t < j + w.shape[0])).nonzero().squeeze(1)
+                dz[hit, t[hit] - j] += g[r][hit]                                               # + g onehot / T
+                low = dz.to(weight.dtype)
+                if need_h:
+                    grad_h[r] += low @ w  # added into float32 in place: no float32 copy of the product
+                if need_w:
+                    grad_w[c] = low.T @ hr if i == 0 else grad_w[c] + low.T @ hr
+                if need_b:
+                    grad_b[c] = dz.sum(0).to(bias.dtype) if i == 0 else grad_b[c] + dz.sum(0).to(bias.dtype)
+        return None if grad_h is None else grad_h.to(h.dtype), grad_w, grad_b, None, None, None
+
+
+def head_logps(h, weight, bias, targets, temperature=1.0, chunk=None):
+    """log p(targets) at `temperature`, p = softmax((h W^T + b) / T), from hidden states h [M, d], the LM head's
+    weight W [V, d] and bias [V] (or None), targets [M] -> [M] float32 with gradients to h, W and b
+    (_HeadLogps): what selected_logps(lm_head(h)) gives, without the [M, V] logits or their gradient. `chunk`:
+    logits per block (HEAD_CHUNK_ELEMENTS)."""
+    return _HeadLogps.apply(h, weight, bias, targets, float(temperature), chunk or HEAD_CHUNK_ELEMENTS)
+
+
+@torch.no_grad()
+def head_logps_and_entropy(h, weight, bias, targets, temperature=1.0, chunk=None):
+    """(log p(targets), H(p)), two [M] float32: what logps_and_entropy(lm_head(h)) gives, from h [M, d] and
+    the head a block at a time (no gradients: loop.score's pi_t pass)."""
+    logp, _, entropy = _head_scan(h, weight, bias, targets, float(temperature), chunk or HEAD_CHUNK_ELEMENTS, True)
+    return logp, entropy
+
+
+def fusable_head(model):
+    """The LM head (an nn.Linear) of `model`, or of the module a DistributedDataParallel wraps, when it may
+    compute log-probs in place of logits (FUSED_HEAD_MODELS, and its forward not already replaced by someone
+    else, such as accelerate's device hooks); else None, and token_logps takes the logits path."""
+    inner = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+    model_type = getattr(getattr(inner, "config", None), "model_type", None)
+    head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
+    if model_type not in FUSED_HEAD_MODELS or type(head) is not torch.nn.Linear or "forward" in vars(head):
+        return None
+    return head
+
+
+@contextlib.contextmanager
+def head_computes_logps(head, targets, temperature, entropy):
+    """While active, `head` (the model's LM head) maps the hidden states h [N, R+1, d] the model hands it to the
+    log-probs of `targets` [N, R+1] (with entropy: [N, R+1, 2], log-prob and entropy). The model's forward runs
+    as it is, under DDP or FSDP2 too, and the head's weight is used inside it, where FSDP2 has it whole, just as
+    the logits path uses it. Tied embeddings are one parameter: its gradient is the head's plus the embedding's."""
+    def forward(h):
+        N, K, d = h.shape
+        flat, t = h.reshape(N * K, d), targets.reshape(N * K)
+        if entropy:
+            logp, ent = head_logps_and_entropy(flat, head.weight, head.bias, t, temperature)
+            return torch.stack([logp, ent], -1).view(N, K, 2)
+        return head_logps(flat, head.weight, head.bias, t, temperature).view(N, K)
+    head.forward = forward
+    try:
+        yield
+    finally:
+        del head.forward
+
+
+def token_logps(model, batch, entropy=False, fused=True):
     """log pi(y_j | x, y_<j) at the batch's temperature, log softmax(logits / T), for every response token of
     `batch` (a Rollout): [N, R], 0 where masked. entropy=True (no gradients; loop.score's pi_t pass): also the
-    entropy of pi(. | x, y_<j) at T, the distribution y_j was drawn from: ([N, R], [N, R]), logps_and_entropy.
+    entropy of pi(. | x, y_<j) at T, the distribution y_j was drawn from: ([N, R], [N, R]).
 
     Position ids count real tokens only, so a left-padded row sees the same positions as it did during
-    generation. Only the last R+1 positions go through the LM head (`logits_to_keep`): the prompt's
-    logits are never needed; selected_logps reduces them without a float32 copy of the whole tensor.
+    generation. Only the last R+1 positions reach the LM head (`logits_to_keep`): the prompt's logits are never
+    needed. Where the head allows it (fusable_head), it computes the log-probs itself from the hidden states and
+    its weight, a block at a time (head_logps, head_logps_and_entropy): no [N, R+1, V] logits or gradient ever
+    exist. Otherwise (fused=False, or another kind of head) the logits are made and reduced by selected_logps /
+    logps_and_entropy without a float32 copy of the whole tensor.
     """
     ids, mask, R = batch.input_ids, batch.attention_mask, batch.response_mask.shape[1]
     position_ids = (mask.cumsum(1) - 1).clamp(min=0)
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids,
-                   logits_to_keep=R + 1, use_cache=False).logits  # [N, R+1, V]
     # position j predicts y_{j+1}; the last position predicts nothing (target 0, dropped). Taking all R+1
     # positions, not the view logits[:, :-1], keeps backward from building a second [N, R+1, V] gradient.
     targets = torch.nn.functional.pad(ids[:, -R:], (0, 1))
-    mask = batch.response_mask.bool()
+    keep = batch.response_mask.bool()
+    head = fusable_head(model) if fused else None
+    with head_computes_logps(head, targets, batch.temperature, entropy) if head else contextlib.nullcontext():
+        out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, logits_to_keep=R + 1,
+                    use_cache=False).logits  # fused: [N, R+1] log-probs ([N, R+1, 2] with the entropy)
+    if head is None and entropy:
+        out = torch.stack(logps_and_entropy(out, targets, temperature=batch.temperature), -1)
+    elif head is None:
+        out = selected_logps(out, targets, temperature=batch.temperature)
     if entropy:
-        logp, h = logps_and_entropy(logits, targets, temperature=batch.temperature)
-        return torch.where(mask, logp[:, :-1], 0.0), torch.where(mask, h[:, :-1], 0.0)      # [N, R] each
-    logp = selected_logps(logits, targets, temperature=batch.temperature)[:, :-1]                  # [N, R]
-    return torch.where(mask, logp, 0.0)
+        return torch.where(keep, out[:, :-1, 0], 0.0), torch.where(keep, out[:, :-1, 1], 0.0)   # [N, R] each
+    return torch.where(keep, out[:, :-1], 0.0)                                                  # [N, R]
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -1,0 +1,229 @@
+"""Log-probs from the last hidden states and the LM head, a block at a time (rollout.head_logps,
+head_logps_and_entropy, and token_logps' fused path): the values, the entropy and the gradients to the hidden
+states, the head's weight and bias and every parameter of a real Qwen2 model (tied and untied embeddings) equal
+the straightforward full-vocabulary computation; no tensor of the micro-batch's [positions, vocabulary] size is
+made; and under DDP and FSDP2 on 2 ranks the gradients are those of one unsharded process.
+
+Run as a script under torchrun (`test_ddp_and_fsdp2_match_one_process` does), it is the 2-rank worker."""
+import os
+import sys
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from transformers import Qwen2Config, Qwen2ForCausalLM
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import rollout  # noqa: E402
+
+V = 300  # vocabulary of the tiny model
+
+
+def tiny_qwen2(tied, seed=0):
+    torch.manual_seed(seed)
+    cfg = Qwen2Config(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tied)
+    return Qwen2ForCausalLM(cfg).float()
+
+
+def tiny_batch(temperature=0.8, seed=1, R=6):
+    """4 rows, left-padded prompts of 3 to 5 tokens, responses of R with padding after EOS in two rows."""
+    g = torch.Generator().manual_seed(seed)
+    N, P = 4, 5
+    ids = torch.randint(1, V, (N, P + R), generator=g)
+    mask = torch.ones(N, P + R, dtype=torch.long)
+    mask[0, :2] = mask[1, :1] = 0  # left padding
+    ids[mask == 0] = 0
+    response_mask = torch.ones(N, R, dtype=torch.long)
+    response_mask[1, 4:] = response_mask[3, 2:] = 0
+    mask[:, P:] = response_mask
+    return rollout.Rollout(["p"] * N, ["r"] * N, ids, mask, response_mask, response_mask[:, -1] == 0, P,
+                           temperature=temperature)
+
+
+def straightforward(model, batch, entropy=False):
+    """The reference: the whole logits, their float32 log-softmax over the whole vocabulary at T."""
+    ids, mask, R = batch.input_ids, batch.attention_mask, batch.response_mask.shape[1]
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0),
+                   use_cache=False).logits[:, -R - 1:-1]
+    logp_all = (logits.float() / batch.temperature).log_softmax(-1)
+    keep = batch.response_mask.bool()
+    logp = torch.where(keep, logp_all.gather(-1, ids[:, -R:, None]).squeeze(-1), 0.0)
+    return (logp, torch.where(keep, -(logp_all.exp() * logp_all).sum(-1), 0.0)) if entropy else logp
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("chunk", [1, 7 * 13, 10 ** 6])  # one logit per block, uneven blocks, all at once
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_head_logps_match_the_straightforward_values_and_gradients(bias, chunk, temperature):
+    torch.manual_seed(0)
+    M, d, V_ = 37, 8, 50
+    h = torch.randn(M, d, dtype=torch.float64, requires_grad=True)
+    W = (2 * torch.randn(V_, d, dtype=torch.float64)).requires_grad_()
+    b = torch.randn(V_, dtype=torch.float64, requires_grad=True) if bias else None
+    t, g = torch.randint(0, V_, (M,)), torch.randn(M, dtype=torch.float64)
+    inputs = [h, W] + ([b] if bias else [])
+    ref = (torch.nn.functional.linear(h, W, b) / temperature).log_softmax(-1).gather(-1, t[:, None]).squeeze(-1)
+    grads_ref = torch.autograd.grad((ref * g).sum(), inputs)
+    got = rollout.head_logps(h, W, b, t, temperature, chunk=chunk)
+    grads = torch.autograd.grad((got * g).sum(), inputs)
+    assert got.dtype == torch.float32 and got.shape == (M,)
+    torch.testing.assert_close(got.double(), ref, rtol=0, atol=1e-5)
+    for a, e in zip(grads, grads_ref, strict=True):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)  # float32 inside
+    logp, entropy = rollout.head_logps_and_entropy(h, W, b, t, temperature, chunk=chunk)
+    logp_all = (torch.nn.functional.linear(h, W, b) / temperature).log_softmax(-1)
+    torch.testing.assert_close(logp.double(), ref.detach(), rtol=0, atol=1e-5)
+    torch.testing.assert_close(entropy.double(), -(logp_all.exp() * logp_all).sum(-1).detach(), rtol=0, atol=2e-5)
+    assert not torch.allclose(got.double(), logp_all.exp().gather(-1, t[:, None]).squeeze(-1), atol=1e-2)
+
+
+def test_head_logps_in_bfloat16_match_the_logits_path():
+    """bf16 hidden states and weight: the same products as the model's head, so the same figures as
+    selected_logps on lm_head(h) (to bf16 rounding of the gradients)."""
+    torch.manual_seed(0)
+    h = torch.randn(2, 24, 16).bfloat16().requires_grad_()
+    W = torch.randn(500, 16).bfloat16().requires_grad_()
+    t, g = torch.randint(0, 500, (2, 24)), torch.randn(2, 24)
+    ref = rollout.selected_logps(torch.nn.functional.linear(h, W), t, chunk_tokens=5, temperature=0.9)
+    ref_h, ref_w = torch.autograd.grad((ref * g).sum(), [h, W])
+    got = rollout.head_logps(h.view(48, 16), W, None, t.view(48), 0.9, chunk=4000).view(2, 24)
+    got_h, got_w = torch.autograd.grad((got * g).sum(), [h, W])
+    assert got_h.dtype == got_w.dtype == torch.bfloat16
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-5)
+    torch.testing.assert_close(got_h.float(), ref_h.float(), rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(got_w.float(), ref_w.float(), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_token_logps_through_a_qwen2_model_equal_the_straightforward_computation(tied):
+    """Values and the gradient of every parameter (with tied embeddings, the one matrix gets the head's
+    gradient and the embedding's), at T = 0.8, with left padding and masked response tokens."""
+    model, batch = tiny_qwen2(tied), tiny_batch()
+    assert (model.lm_head.weight is model.model.embed_tokens.weight) == tied
+    assert rollout.fusable_head(model) is model.lm_head
+    weights = torch.randn(batch.response_mask.shape)
+    params = [p for _, p in model.named_parameters()]
+    ref = straightforward(model, batch)
+    grads_ref = torch.autograd.grad((ref * weights).sum(), params)
+    got = rollout.token_logps(model, batch)
+    grads = torch.autograd.grad((got * weights).sum(), params)
+    assert "forward" not in vars(model.lm_head)  # the head is itself again
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-5)
+    assert (got[batch.response_mask == 0] == 0).all()
+    for (name, _), a, e in zip(model.named_parameters(), grads, grads_ref, strict=True):
+        torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-6, msg=name)
+    assert grads[0].abs().max() > 0  # the embedding (the head too, when tied) has a gradient
+    unfused = rollout.token_logps(model, batch, fused=False)  # the logits path stays as it was
+    torch.testing.assert_close(unfused, ref, rtol=0, atol=1e-5)
+    with torch.inference_mode():  # loop.score's pi_t pass
+        logp, entropy = rollout.token_logps(model, batch, entropy=True)
+        logp_ref, entropy_ref = straightforward(model, batch, entropy=True)
+    torch.testing.assert_close(logp, logp_ref, rtol=0, atol=1e-5)
+    torch.testing.assert_close(entropy, entropy_ref, rtol=0, atol=1e-5)
+
+
+class LargestTensor(TorchDispatchMode):
+    """Records the most elements of any tensor (any dtype) an operation makes while it is active."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+def test_no_tensor_of_the_micro_batch_logits_size_is_made(monkeypatch):
+    """Forward and backward through the model: the largest tensor is a block of HEAD_CHUNK_ELEMENTS logits or a
+    weight, never [N, R+1, V] (which the logits path makes, as the same measure sees)."""
+    model, batch = tiny_qwen2(tied=True), tiny_batch(R=40)
+    N, R = batch.response_mask.shape
+    full = N * (R + 1) * V  # 49,200: more than the weight's 300 x 32
+    monkeypatch.setattr(rollout, "HEAD_CHUNK_ELEMENTS", 2 * V)  # blocks far smaller than [N, R+1, V] = 8,400
+    monkeypatch.setattr(rollout, "HEAD_MIN_ROWS", 64)
+    with LargestTensor() as fused:
+        rollout.token_logps(model, batch).sum().backward()
+        with torch.no_grad():
+            rollout.token_logps(model, batch, entropy=True)
+    with LargestTensor() as logits_path:
+        rollout.token_logps(model, batch, fused=False).sum().backward()
+    # the largest are the MLP's activations [N, P+R, 64] and the embedding's gradient [V, 32]
+    assert fused.largest < full and fused.largest <= max(V * 32, N * (5 + R) * 64)
+    assert logits_path.largest >= full
+
+
+def test_a_head_that_is_not_a_bare_linear_takes_the_logits_path():
+    model, batch = tiny_qwen2(tied=False), tiny_batch()
+    model.config.model_type = "gemma2"  # soft-capped logits: the head cannot give log-probs by itself
+    assert rollout.fusable_head(model) is None
+    torch.testing.assert_close(rollout.token_logps(model, batch), straightforward(model, batch), rtol=0, atol=1e-5)
+
+
+def averaged_reference(tied):
+    """One process, no sharding: the log-probs of the 4 rows and the gradient each rank's loss (its 2 rows)
+    gives, averaged over the 2 ranks as DDP and FSDP2 average them."""
+    model, batch = tiny_qwen2(tied), tiny_batch()
+    weights = torch.randn(batch.response_mask.shape, generator=torch.Generator().manual_seed(2))
+    logp = straightforward(model, batch)
+    grads = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
+    for rank in range(2):
+        rows = slice(2 * rank, 2 * rank + 2)
+        model.zero_grad()
+        (straightforward(model, batch.select(torch.arange(4)[rows])) * weights[rows]).sum().backward()
+        for n, p in model.named_parameters():
+            grads[n] += p.grad / 2
+    return logp.detach(), grads
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tied", [True, False])
+def test_ddp_and_fsdp2_match_one_process(tied, tmp_path):
+    """torchrun, 2 ranks, gloo: each rank scores its 2 rows through token_logps' fused path, under DDP and under
+    FSDP2 (infra.shard: the head's weight sharded outside the root's forward); log-probs and averaged gradients
+    equal one unsharded process's straightforward computation."""
+    import subprocess
+    from conftest import TORCHRUN, dar_env
+    p = subprocess.run(TORCHRUN + [os.path.abspath(__file__), str(tmp_path), str(int(tied))], env=dar_env(),
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    logp, grads = averaged_reference(tied)
+    for mode in ("ddp", "fsdp"):
+        got = torch.load(tmp_path / f"{mode}.pt")
+        torch.testing.assert_close(got["logp"], logp, rtol=0, atol=1e-5, msg=mode)
+        assert got["grads"].keys() == grads.keys()
+        for n in grads:
+            torch.testing.assert_close(got["grads"][n], grads[n], rtol=1e-4, atol=1e-6, msg=f"{mode} {n}")
+
+
+def worker(out, tied):
+    """One rank of test_ddp_and_fsdp2_match_one_process."""
+    import config
+    import infra
+    torch.distributed.init_process_group("gloo")
+    rank = torch.distributed.get_rank()
+    batch = tiny_batch()
+    weights = torch.randn(batch.response_mask.shape, generator=torch.Generator().manual_seed(2))
+    rows = torch.arange(2 * rank, 2 * rank + 2)
+    for mode in ("ddp", "fsdp"):
+        model = tiny_qwen2(tied)
+        wrapped = (torch.nn.parallel.DistributedDataParallel(model) if mode == "ddp"
+                   else infra.shard(model, config.Config()))
+        assert rollout.fusable_head(wrapped) is not None
+        logp = rollout.token_logps(wrapped, batch.select(rows))
+        (logp * weights[rows]).sum().backward()
+        every = [torch.empty_like(logp) for _ in range(2)]
+        torch.distributed.all_gather(every, logp.detach())
+        grads = {n: p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
+                 for n, p in model.named_parameters()}
+        if rank == 0:
+            torch.save({"logp": torch.cat(every), "grads": grads}, os.path.join(out, f"{mode}.pt"))
+    torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    worker(sys.argv[1], bool(int(sys.argv[2])))
