@@ -417,7 +417,9 @@ def test_headline_win_rate_is_the_pairwise_preference_for_llm_evaluators(eval_ju
     cfg = config.Config(judge="llm", eval_judge=eval_judge, max_new_tokens=4, micro_batch=4,
                         judge_url="http://annotator/v1", eval_judge_url="http://evaluator/v1")
     built = []
-    monkeypatch.setattr(ev, "make_judge", lambda name, task, cfg: built.append((name, cfg.judge_url)) or SplitJudge())
+    fake = lambda name, task, cfg: built.append((name, cfg.judge_url)) or SplitJudge()
+    monkeypatch.setattr(ev, "make_judge", fake)  # the training judge, reported beside
+    monkeypatch.setattr(loop, "make_judge", fake)  # the eval judge (loop.eval_judge)
     r = ev.compare_with_reference(model, model, tok, tasks.toy_prompts(4, seed=2), cfg, pairwise=False)
     assert (r["reward_win_rate"], r["pref_win_rate" if eval_judge == "llm" else "reward_win_rate"]) == (1.0, headline)
     assert r["win_rate"] == headline and r["win_rate_from"] == ev.headline_key(eval_judge)
@@ -585,7 +587,8 @@ def test_evaluation_reports_distinct_n_of_each_models_responses(random_toy_model
         if name != "textblob":
             return j
         return RecordingJudge(j, seen)
-    monkeypatch.setattr(ev, "make_judge", recording)
+    monkeypatch.setattr(ev, "make_judge", recording)  # the training judge
+    monkeypatch.setattr(loop, "make_judge", recording)  # the eval judge (loop.eval_judge)
     r = ev.compare_with_reference(model, model, tok, tasks.toy_prompts(6, seed=2), cfg, pairwise=False)
     assert len(seen) == 2 and r["train_judge"] == "vader"
     for name, responses in zip(("pi_0", "policy"), seen):
