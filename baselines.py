@@ -369,12 +369,12 @@ def sample_judge_score(step, cfg, ctx, run, timer):
     the sampler-vs-policy log-prob difference [N] (None without vLLM)."""
     with infra.timed(timer, "sample"):
         batch = loop.sample(step, cfg, ctx, run)                                       # 1. y ~ pi_t   [N]
-    with infra.timed(timer, "judge"):
-        rewards, invalid = loop.judge_batch(cfg, ctx, run, batch)                                # 2. r(x, y)    [N]
+    pending = loop.judge_async(cfg, run, batch)                 # 2. r(x, y) [N]; --judge-overlap: while 3. runs
     with infra.timed(timer, "logp_t"):
         logp_t_tok, logp_diff = loop.pi_t_logps(cfg, ctx, run, batch)                  # 3. [N, R]
     with infra.timed(timer, "logp_0"):
         logp_0_tok = loop.score(run.ref, batch, cfg.micro_batch)
+    rewards, invalid = loop.judge_batch(cfg, ctx, run, batch, pending, timer)
     return batch, rewards, invalid, logp_t_tok, logp_0_tok, logp_diff
 
 

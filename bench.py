@@ -19,6 +19,9 @@ Sections, each one table in a fixed format:
              can be imported (it is not a dependency; nothing is installed): ours/TRL per online batch,
              with the tokens each side generated
   rollout    sampling throughput of transformers' generate and of vLLM (when importable), tokens per second
+  overlap    DAR on the toy model against the served stand-in annotator (judge.py --serve), its --delay per request
+             chosen so that judging takes about as long as the two log-prob passes: --judge-overlap off and on,
+             the judge's seconds, the step's wait for it, the seconds saved per batch
   logps      peak memory and time of the chosen tokens' log-probs (with gradients) at Qwen2's vocabulary, for one
              micro-batch of two 1,024-token responses, from the last hidden states and the LM head: the float32
              log-softmax of the logits, rollout.selected_logps of the logits, and rollout.head_logps (no logits)
@@ -122,7 +125,7 @@ def work_loop(job):
     res = {"seconds": float(np.median([r["perf/seconds_per_batch"] for r in rows])),
            "tokens": float(np.mean([r["train/response_len"] for r in rows])) * cfg.online_batch,
            "memory_mb": peak_memory_mb()}
-    for p in PHASES:
+    for p in PHASES + ("judge_wait",):
         if f"perf/{p}_s" in rows[0]:
             res[p] = float(np.median([r[f"perf/{p}_s"] for r in rows]))
     if "rollout/logp_abs_diff" in rows[0]:  # the sampler's log-probs against the policy's (vLLM)
@@ -276,6 +279,47 @@ def run_worker(job, threads, timeout=None):
     return {"error": (p.stderr.strip().splitlines() or ["no output"])[-1][:200]}
 
 
+def overlap_section(base, model_dir, threads):
+    """[overlap]: DAR with --judge llm against `judge.py --serve --delay D` (D: judging, 16 requests in flight,
+    about as long as scoring, from a first run without delay), --judge-overlap off and on. Returns the figures."""
+    def served_run(delay, overlap):
+        server = subprocess.Popen([sys.executable, os.path.join(ROOT, "judge.py"), "--serve", "--task", "toy",
+                                   "--port", "0", "--delay", str(delay)], stdout=subprocess.PIPE,
+                                  stderr=subprocess.DEVNULL, text=True)
+        try:
+            url = server.stdout.readline().split("http://")[1].split()[0]
+            return run_worker(dict(base, kind="loop", model="toy", model_dir=model_dir, algo="dar", floor=False,
+                                   logp_source="policy", flags=["--judge", "llm", "--judge-url", "http://" + url,
+                                                                "--judge-overlap", overlap]), threads)
+        finally:
+            server.terminate()
+            server.wait(10)
+
+    first = served_run(0.0, "off")
+    if "error" in first:
+        print(f"\n[overlap] error: {first['error']}")
+        return first
+    rounds = -(-SETTINGS["toy"]["online_batch"] // Config().judge_concurrency)  # requests one after another
+    delay = max(0.0, first["logp_t"] + first["logp_0"] - first["judge"]) / rounds
+    out = {"delay": delay, **{mode: served_run(delay, mode) for mode in ("off", "on")}}
+    print(f"\n[overlap] DAR on the toy model, --judge llm against judge.py --serve --delay {delay:.4f} "
+          f"({rounds} rounds of 16 requests), seconds per online batch")
+    print(f"{'--judge-overlap':16} {'batch':>7} {'judging':>8} {'scoring':>8} {'waited':>7} {'saved':>6} "
+          f"{'target':>7} {'batch/target':>12}")
+    off = out["off"]
+    for mode in ("off", "on"):
+        r = out[mode]
+        if "error" in r:
+            print(f"{mode:16} error: {r['error']}")
+            continue
+        scoring = r["logp_t"] + r["logp_0"]
+        rest = off["seconds"] - off["judge_wait"] - off["logp_t"] - off["logp_0"]  # what overlap cannot touch
+        r["target"] = rest + max(r["judge"], scoring)
+        print(f"{mode:16} {r['seconds']:7.3f} {r['judge']:8.3f} {scoring:8.3f} {r['judge_wait']:7.3f} "
+              f"{r['judge'] - r['judge_wait']:6.3f} {r['target']:7.3f} {r['seconds'] / r['target']:12.2f}")
+    return out
+
+
 # ---------------------------------------------------------------------------------------------------
 # The report
 # ---------------------------------------------------------------------------------------------------
@@ -420,6 +464,8 @@ def main(argv=None):
                                      f"{2 * 1024:7d} {r['logits_mb'] if method != 'fused' else 0:10.0f} "
                                      f"{r['extra_mb']:14.0f} {r['extra_mb'] - r['weight_grad_mb']:15.0f} "
                                      f"{r['seconds']:8.2f}"))
+    if "overlap" in sections:
+        report["overlap"] = overlap_section(base, dirs["toy"], args.threads)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)

@@ -90,6 +90,10 @@ class Config:
     judge_retries: int = arg(5, "retries per request on connection errors, timeouts, 429 and 5xx (backoff)")
     judge_log: str = arg("", "append every annotator reply (--judge llm, --eval-judge llm) to this JSONL file, one "
                              "line per batch: its text, finish_reason and usage, or why the request failed")
+    # judging hidden behind scoring (issue 19): the judge's call runs while pi_t's and pi_0's log-probs are computed
+    judge_overlap: str = arg("auto", "run the judge's call on a thread while the log-probs of pi_t and pi_0 are "
+                                     "computed (same results): auto = with --judge llm, whose requests only wait; "
+                                     "on = any judge; off = judge, then score")
     reward_model: str = arg("", "a reward model directory (--judge reward_model): a sequence classifier "
                                 "(num_labels 1), or a causal LM read at --reward-token-id")
     reward_token_id: int = arg(0, "a causal-LM reward model's reward: this token's logit after the response "
@@ -213,7 +217,7 @@ RESUMABLE_CHANGES = {"resume", "steps", "prompt_epochs", "pref_epochs", "save_ev
                      "sample_every", "eval_prompts", "eval_seed", "eval_every", "eval_every_prompts",
                      "eval_judge_url", "eval_judge_model",
                      "eval_judge_api_key_env", "gradient_checkpointing", "max_invalid_frac", "judge_url",
-                     "judge_concurrency", "judge_timeout", "judge_retries", "judge_log", "dist_timeout",
+                     "judge_concurrency", "judge_timeout", "judge_retries", "judge_log", "judge_overlap", "dist_timeout",
                      "trust_remote_code", "fsdp_offload", "export_hf", "out_dir",
                      # where copies of the metrics go, not what is trained: a resume may add or drop a tracker
                      "report_to", "wandb_project"}
@@ -390,6 +394,8 @@ def check_config(cfg, world):
     if cfg.fsdp_offload and not torch.cuda.is_available():
         bad("--fsdp-offload moves shards between GPU and CPU memory; without a GPU they are in CPU memory already")
     check_trl_options(cfg, bad)
+    if cfg.judge_overlap not in ("auto", "on", "off"):
+        bad(f"--judge-overlap must be auto, on or off, got {cfg.judge_overlap!r}")
     if not 0 < cfg.vllm_gpu_memory <= 1:
         bad(f"--vllm-gpu-memory is a share of the GPU's memory in (0, 1], got {cfg.vllm_gpu_memory}")
     if "none" in trackers(cfg.report_to):

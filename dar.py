@@ -10,7 +10,7 @@ Regularization in RLHF", ICLR 2026): one online loop around one weighted-SFT los
 
 Each online batch t of Algorithm 1 is one call of dar_step, one function per line of the algorithm box:
     1. prompts x and K responses y_1..y_K ~ pi_t(.|x) each              loop.sample (rollout.py samples)
-    2. rewards r(x, y_i)                                                  loop.judge_batch (judge.py)
+    2. rewards r(x, y_i)                                                  loop.judge_async, judge_batch (judge.py)
     3. A_i = r_i - mean_K r, then batch statistics mu_A, sigma_A          loop.group_advantages, advantage_stats
     4. log pi_t(y|x) and log pi_0(y|x), once, before any update           loop.pi_t_logps, loop.score
     5. w_i = min((pi_0/pi_t)^alpha exp(A_norm/beta), w_clip)     (Eq. 4)  dar_weights
@@ -40,8 +40,8 @@ import data
 from config import check_config, parse_config
 from eval import compare_with_reference, evaluator_note, print_report
 from infra import barrier, end_distributed, export_hf, gather, load_model, setup_distributed, timed
-from loop import (advantage_stats, group_advantages, judge_batch, minibatch_updates, online_metrics, pi_t_logps,
-                  sample, score, sft_step, skip_unusable, train)
+from loop import (advantage_stats, group_advantages, judge_async, judge_batch, minibatch_updates, online_metrics,
+                  pi_t_logps, sample, score, sft_step, skip_unusable, train)
 
 # DAR's own flags, the first fields of config.Config (`python dar.py --help` lists them first, with the
 # paper's values, Appendix B.2), and the symbols of Eq. 3-4 they set:
@@ -109,15 +109,8 @@ def dar_step(step, cfg, ctx, run):
     with timed(timer, "sample"):
         batch = sample(step, cfg, ctx, run)
 
-    # 2. rewards r(x, y_i) from the judge; NaN = invalid judgment                       [N]
-    with timed(timer, "judge"):
-        rewards, invalid = judge_batch(cfg, ctx, run, batch)
-    skip_unusable(cfg, ctx, rewards, ~torch.isnan(rewards), "")  # no valid judgment on any rank: no update
-
-    # 3. advantages: A_i = r_i - mean_K r (per prompt, on this rank), then batch statistics mu_A, sigma_A over
-    #    the whole online batch (all ranks), so the result does not depend on the number of ranks  [N]
-    adv = group_advantages(rewards, cfg.k)
-    adv_mean, adv_std = advantage_stats(gather(ctx, adv.to(ctx.device)).cpu())
+    # 2. rewards r(x, y_i) from the judge, its call started now (NaN = invalid judgment)  [N]
+    pending = judge_async(cfg, run, batch)  # --judge-overlap: an annotator judges while step 4 computes
 
     # 4. log pi_t(y|x) and log pi_0(y|x), once per online batch: pi_t is the policy that sampled the batch
     with timed(timer, "logp_t"):
@@ -125,6 +118,13 @@ def dar_step(step, cfg, ctx, run):
     with timed(timer, "logp_0"):
         logp_0_tok = score(run.ref, batch, cfg.micro_batch)                                     # [N, R]
     logp_t, logp_0 = logp_t_tok.sum(1).cpu(), logp_0_tok.sum(1).cpu()                  # [N]
+    rewards, invalid = judge_batch(cfg, ctx, run, batch, pending, timer)  # step 2's rewards, waited for
+    skip_unusable(cfg, ctx, rewards, ~torch.isnan(rewards), "")  # no valid judgment on any rank: no update
+
+    # 3. advantages: A_i = r_i - mean_K r (per prompt, on this rank), then batch statistics mu_A, sigma_A over
+    #    the whole online batch (all ranks), so the result does not depend on the number of ranks  [N]
+    adv = group_advantages(rewards, cfg.k)
+    adv_mean, adv_std = advantage_stats(gather(ctx, adv.to(ctx.device)).cpu())
 
     # 5. weights w_i = min((pi_0/pi_t)^alpha * exp(A_norm/beta), w_clip)  (Eq. 4)        [N]
     w, parts = dar_weights(adv, logp_t, logp_0, cfg.alpha, cfg.beta, cfg.w_clip, cfg.normalize_adv,

@@ -20,6 +20,7 @@ import os
 import re
 import sys
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -303,14 +304,18 @@ def logp_temperature(cfg):
     return cfg.logp_temperature or cfg.temperature
 
 
-def judge_batch(cfg, ctx, run, batch):
+def judge_batch(cfg, ctx, run, batch, pending=None, timer=None):
     """Step 2: rewards r(x, y_i) [N] (float64, NaN = invalid judgment, an infinite one included) and the number
-    of invalid ones.
+    of invalid ones. pending: judge_async's handle when the judge's call was started before the log-probs (then
+    this waits for it); timer gets judge (the call's own seconds) and judge_wait (what this thread waited).
 
     Raises JudgeFailure (on every rank alike) when the share of invalid judgments over the whole online batch
     exceeds cfg.max_invalid_frac: a judge that is down or answering garbage, whose batch must not be trained on.
     """
-    judged = judge_or_fail(ctx, run.judge, batch)
+    pending, t = pending or judge_async(cfg, run, batch, overlap=False), time.time()
+    judged, seconds = judge_or_fail(ctx, pending)
+    if timer is not None:  # a call made in place (no overlap) was all waiting
+        timer.update(judge=seconds, judge_wait=time.time() - t + (seconds if getattr(pending, "in_place", 0) else 0))
     rewards = torch.tensor(judged.rewards, dtype=torch.float64)
     if torch.isinf(rewards).any():  # an infinite reward (a reward model overflowing) is no judgment either
         judged.reasons["infinite reward"] = int(torch.isinf(rewards).sum())
@@ -322,6 +327,31 @@ def judge_batch(cfg, ctx, run, batch):
         raise JudgeFailure(f"{frac:.0%} of its judgments are invalid, above --max-invalid-frac "
                            f"{cfg.max_invalid_frac:g} ({judge_name(cfg)}; on this rank: {reasons})")
     return rewards, invalid
+
+
+_JUDGE_THREAD = ThreadPoolExecutor(1, thread_name_prefix="judge_async")  # one call in flight, in batch order
+
+
+def judge_async(cfg, run, batch, overlap=None):
+    """Start the judge's call on the batch: a Future of (Judgment or None, a RewardFunctionError's message,
+    seconds) for judge_batch(pending=). overlap (default --judge-overlap: auto = with --judge llm, whose thread
+    only waits on HTTP, while a rule, --reward functions or a reward model would take the log-probs' cores or
+    GPU): on a thread while this one computes the log-probs; else here and now. Only the call runs there, no
+    collective (two threads issuing them could interleave differently on different ranks and hang)."""
+    args = (list(batch.prompts), list(batch.responses), batch.ended.tolist())
+
+    def call():
+        t = time.time()
+        try:
+            return run.judge(*args), "", time.time() - t
+        except RewardFunctionError as e:
+            return None, str(e), time.time() - t
+    if cfg.judge_overlap == "on" or cfg.judge_overlap == "auto" and cfg.judge == "llm" if overlap is None else overlap:
+        return _JUDGE_THREAD.submit(call)  # a concurrent.futures.Future: no in_place
+    done = Future()
+    done.set_result(call())
+    done.in_place = True
+    return done
 
 
 def judge_name(cfg):
@@ -345,18 +375,15 @@ def eval_judge(cfg, task):
     return make_judge(cfg.eval_judge, task, evaluator_config(cfg))
 
 
-def judge_or_fail(ctx, judge, batch):
-    """judge(batch) -> judge.Judgment; when a reward function raised on any rank, JudgeFailure on every rank (a
-    rank stopping alone would leave the others waiting in the checkpoint's collectives)."""
-    judged, error = None, ""
-    try:
-        judged = judge(batch.prompts, batch.responses, batch.ended.tolist())
-    except RewardFunctionError as e:
-        error = str(e)
+def judge_or_fail(ctx, pending):
+    """judge_async's (Judgment, seconds) once its call is done; when a reward function raised on any rank,
+    JudgeFailure on every rank (a rank stopping alone would leave the others waiting in the checkpoint's
+    collectives)."""
+    judged, error, seconds = pending.result()
     failed = gather(ctx, torch.tensor([float(bool(error))], device=ctx.device))
     if failed.any():
         raise JudgeFailure(error or f"a reward function raised on rank {int(failed.nonzero()[0])} (its message there)")
-    return judged
+    return judged, seconds
 
 
 def reward_components(ctx, judge):
