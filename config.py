@@ -217,8 +217,8 @@ RESUMABLE_CHANGES = {"resume", "steps", "prompt_epochs", "pref_epochs", "save_ev
                      "sample_every", "eval_prompts", "eval_seed", "eval_every", "eval_every_prompts",
                      "eval_judge_url", "eval_judge_model",
                      "eval_judge_api_key_env", "gradient_checkpointing", "max_invalid_frac", "judge_url",
-                     "judge_concurrency", "judge_timeout", "judge_retries", "judge_log", "judge_overlap", "dist_timeout",
-                     "trust_remote_code", "fsdp_offload", "export_hf", "out_dir",
+                     "judge_concurrency", "judge_timeout", "judge_retries", "judge_log", "judge_overlap",
+                     "dist_timeout", "trust_remote_code", "fsdp_offload", "export_hf", "out_dir",
                      # where copies of the metrics go, not what is trained: a resume may add or drop a tracker
                      "report_to", "wandb_project"}
 

@@ -123,8 +123,8 @@ def compare_with_reference(policy, ref, tok, prompts, cfg, task=None, seed=1234,
     judge = eval_judge(cfg, task)
     # The training judge too when it is another one (the paper's annotator vs. its stronger evaluator; the toy
     # proxy vs. the gold rule): reward going up under it and down under the eval judge is reward hacking.
-    other = (cfg.judge != cfg.eval_judge or cfg.reward or evaluator is not cfg) and (cfg.judge != "llm" or cfg.judge_url) \
-        and cfg.eval_judge != TRAINING_REWARD
+    other = ((cfg.judge != cfg.eval_judge or cfg.reward or evaluator is not cfg) and cfg.eval_judge != TRAINING_REWARD
+             and (cfg.judge != "llm" or cfg.judge_url))
     train_judge = None
     if other and not win_rate_only:  # with the --reward functions when there are any
         train_judge = with_functions(cfg, task, make_judge(cfg.judge, task, cfg) if cfg.judge != NO_JUDGE else None)

@@ -216,7 +216,8 @@ class CombinedReward:
                                       f"return a list with one float (or None) per completion")
         bad = [i for i, x in enumerate(out) if x is not None and not isinstance(x, numbers.Real)]
         if bad:
-            raise RewardFunctionError(f"reward function {spec} returned {out[bad[0]]!r} (a {type(out[bad[0]]).__name__})"
+            x = out[bad[0]]
+            raise RewardFunctionError(f"reward function {spec} returned {x!r} (a {type(x).__name__})"
                                       f" for sample {bad[0]}; it must return a float or None per completion")
         return [math.nan if x is None else float(x) for x in out]
 
