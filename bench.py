@@ -171,6 +171,13 @@ def floor_loop(cfg, ctx, model_dir, warmup, batches):
             "tokens": float(np.mean(tokens))}
 
 
+# TRL's settings the table prints beside ours (`--algo grpo`'s, from loop_flags and config.ALGO_DEFAULTS)
+TRL_SETTINGS = ("gradient_checkpointing", "loss_type", "scale_rewards", "beta", "epsilon", "bf16", "temperature",
+                "num_iterations", "disable_dropout")
+OURS_FOR_TRL = dict(gradient_checkpointing=False, loss_type="sequence (TRL: grpo)", scale_rewards="group", beta=0.04,
+                    epsilon=0.2, temperature=0.9, num_iterations=1, disable_dropout=True)
+
+
 def work_trl(job):
     """TRL's GRPOTrainer on the same model, prompts, K, response length, updates per online batch and dtype:
     one generation of online_batch completions every online_batch / minibatch optimizer steps."""
@@ -193,13 +200,18 @@ def work_trl(job):
 
     fields = trl.GRPOConfig.__dataclass_fields__
     extra = {"generation_kwargs": {"min_new_tokens": s["max_new_tokens"]}} if "generation_kwargs" in fields else {}
+    # Every setting where TRL's default differs from ours, set explicitly: GRPOConfig defaults to gradient
+    # checkpointing, bf16 and the "dapo" token mean; ours (`--algo grpo`) to none of them
+    extra.update({k: v for k, v in dict(loss_type="grpo", scale_rewards="group", epsilon=0.2,
+                                         disable_dropout=True).items() if k in fields})
     config = trl.GRPOConfig(
         output_dir=tempfile.mkdtemp(prefix="bench-trl-"), per_device_train_batch_size=s["minibatch"],
         gradient_accumulation_steps=1, num_generations=s["k"], steps_per_generation=n_updates, num_iterations=1,
         max_completion_length=s["max_new_tokens"], temperature=0.9, top_p=1.0, top_k=0, beta=0.04,
         learning_rate=1e-5, max_steps=steps, optim="adafactor", lr_scheduler_type="constant", warmup_steps=0,
         logging_steps=1, report_to="none", save_strategy="no", seed=0, bf16=job["dtype"] == "bfloat16",
-        use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0, shuffle_dataset=False, **extra)
+        gradient_checkpointing=False, use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0,
+        shuffle_dataset=False, **extra)
     trainer = trl.GRPOTrainer(model=job["model_dir"], reward_funcs=toy_proxy, args=config, train_dataset=data,
                               callbacks=[Stamp()])
     t0 = time.time()
@@ -207,8 +219,9 @@ def work_trl(job):
     ends = [t0] + stamps[n_updates - 1::n_updates]  # the end of each online batch
     per_batch = np.diff(ends)[job["warmup"]:]
     lengths = [h["completions/mean_length"] for h in trainer.state.log_history if "completions/mean_length" in h]
+    effective = {k: getattr(config, k, None) for k in TRL_SETTINGS}
     return {"seconds": float(np.median(per_batch)), "tokens": float(np.mean(lengths)) * s["online_batch"],
-            "memory_mb": peak_memory_mb(), "trl_version": trl.__version__}
+            "memory_mb": peak_memory_mb(), "trl_version": trl.__version__, "settings": effective}
 
 
 def work_rollout(job):
@@ -435,6 +448,9 @@ def main(argv=None):
             print(f"{'':24} {'s/batch':>8} {'tokens':>8} {'memory MB':>10} {'ours/TRL':>8}")
             print(f"{'TRL GRPOTrainer':24} {r['seconds']:8.3f} {r['tokens']:8.0f} {r['memory_mb']:10.0f} {'':8}   "
                   f"(trl {r['trl_version']})")
+            ours_settings = dict(OURS_FOR_TRL, bf16=dtype == "bfloat16")
+            print("  settings, TRL | ours: " + ", ".join(f"{k} {r['settings'].get(k)} | {ours_settings[k]}"
+                                                        for k in TRL_SETTINGS))
             for source in ("policy", "sampler"):
                 ours = loop("small", "grpo", logp_source=source)
                 if "error" in ours:
