@@ -10,11 +10,14 @@ Sections, each one table in a fixed format:
   breakdown  one DAR online batch on the toy model and on a small one (8 x 512 Qwen2, about 25M parameters,
              128-token responses, where compute dominates): sampling, judging, the pi_t and pi_0 log-prob
              passes, the updates, the weight sync (vLLM only)
-  floor      the same work done by a minimal loop in the same process: sampling the same prompts x K to the
-             same length, then one forward/backward and optimizer step per update on those tokens;
-             efficiency = floor / DAR
+  floor      the work DAR cannot avoid, done by a minimal loop in the same process: sampling the same prompts
+             x K to the same length, one pi_0 forward on them (what every method regularised toward pi_0
+             needs), then one forward/backward and optimizer step per update on those tokens;
+             efficiency = floor / DAR, for --logp-source policy and sampler
   algos      DAR, GRPO, RLOO and PPO on identical settings (prompts, K, tokens, updates, one epoch): seconds
              per online batch and peak memory, as ratios to DAR
+  table8     the same four, each at its own paper settings (PPO's 4 epochs and value model), as the paper's
+             Table 8 compares them
   trl        TRL's GRPOTrainer on the identical model, prompts, K, tokens, updates and precision, when `trl`
              can be imported (it is not a dependency; nothing is installed): ours/TRL per online batch,
              with the tokens each side generated
@@ -50,7 +53,7 @@ import rollout
 import tasks
 from config import Config, parse_config
 from infra import Dist, load_model, load_tokenizer, model_dtype, optimizer_and_schedule, setup_distributed
-from loop import ensure_toy_models, prompt_indices
+from loop import ensure_toy_models, prompt_indices, score
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 SMALL_MODEL = dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4,
@@ -91,9 +94,12 @@ def model_dirs(cache, toy_flags=()):
     return {"toy": toy, "small": small}
 
 
-def loop_flags(model, model_dir, algo, steps, out_dir, logp_source="policy"):
+def loop_flags(model, model_dir, algo, steps, out_dir, logp_source="policy", paper=False):
+    """dar.py's flags for a measured run; paper: the algorithm's own paper settings (config.ALGO_DEFAULTS: PPO's 4
+    epochs), else one epoch for every algorithm (identical work)."""
     s = SETTINGS[model]
-    return ["--algo", algo, "--logp-source", logp_source, "--model", model_dir, "--judge", "toy_proxy", "--steps", str(steps), "--epochs", "1",
+    return ["--algo", algo, "--logp-source", logp_source, "--model", model_dir, "--judge", "toy_proxy", "--steps",
+            str(steps), *([] if paper else ["--epochs", "1"]),
             "--k", str(s["k"]), "--online-batch", str(s["online_batch"]), "--minibatch", str(s["minibatch"]),
             "--micro-batch", str(s["micro_batch"]), "--max-new-tokens", str(s["max_new_tokens"]),
             "--lr", "1e-5", "--out-dir", out_dir, "--save-every", str(10 ** 6), "--print-every", str(10 ** 6),
@@ -115,7 +121,7 @@ def work_loop(job):
     job["floor"], then the minimal loop."""
     out = tempfile.mkdtemp(prefix="bench-")
     steps = job["warmup"] + job["batches"]
-    flags = loop_flags(job["model"], job["model_dir"], job["algo"], steps, out, job["logp_source"])
+    flags = loop_flags(job["model"], job["model_dir"], job["algo"], steps, out, job["logp_source"], job.get("paper"))
     flags += job.get("flags", [])  # e.g. --rollout vllm (gpucheck.py)
     sys.argv = [os.path.join(ROOT, "dar.py"), *flags]
     runpy.run_path(sys.argv[0], run_name="__main__")
@@ -136,11 +142,13 @@ def work_loop(job):
 
 
 def floor_loop(cfg, ctx, model_dir, warmup, batches):
-    """The least work an online batch of these settings needs: sample the same prompts x K, then per update
-    one forward/backward on its responses (the plain log-softmax of the logits) and one optimizer step.
-    No judge, no pi_t or pi_0 pass, no metrics. Returns {"seconds", "sample", "update", "tokens"}."""
+    """The least work an online batch of these settings needs: sample the same prompts x K, one forward of pi_0
+    on them (loop.score: every method regularised toward pi_0 needs its log-probs), then per update one
+    forward/backward on its responses (the plain log-softmax of the logits) and one optimizer step. No judge,
+    no pi_t pass, no metrics. Returns {"seconds", "sample", "logp_0", "update", "tokens"}."""
     task = tasks.load_task(cfg.task)
     policy, tok = load_model(model_dir, cfg, ctx.device), load_tokenizer(model_dir)
+    ref = load_model(model_dir, cfg, ctx.device, frozen=True)
     policy.config.use_cache = False
     opt, _ = optimizer_and_schedule(cfg, [policy])
     n_prompts = cfg.online_batch // cfg.k
@@ -150,6 +158,8 @@ def floor_loop(cfg, ctx, model_dir, warmup, batches):
         idx = prompt_indices(step, n_prompts, len(task.train_prompts), cfg.seed)
         batch = rollout.generate(policy, tok, [task.train_prompts[i] for i in idx], cfg.k, cfg.max_new_tokens,
                                  cfg.temperature)
+        t_ref = time.time()
+        score(ref, batch, cfg.micro_batch)
         t1 = time.time()
         order = torch.randperm(len(batch))
         for u in range(cfg.online_batch // cfg.minibatch):
@@ -164,11 +174,11 @@ def floor_loop(cfg, ctx, model_dir, warmup, batches):
             opt.step()
             opt.zero_grad(set_to_none=True)
         if step >= warmup:
-            times.append((t1 - t0, time.time() - t1))
+            times.append((t_ref - t0, t1 - t_ref, time.time() - t1))
             tokens.append(batch.response_mask.sum().item())
-    sample, update = (float(np.median(x)) for x in zip(*times))
-    return {"seconds": float(np.median([a + b for a, b in times])), "sample": sample, "update": update,
-            "tokens": float(np.mean(tokens))}
+    sample, logp_0, update = (float(np.median(x)) for x in zip(*times))
+    return {"seconds": float(np.median([sum(t) for t in times])), "sample": sample, "logp_0": logp_0,
+            "update": update, "tokens": float(np.mean(tokens))}
 
 
 # TRL's settings the table prints beside ours (`--algo grpo`'s, from loop_flags and config.ALGO_DEFAULTS)
@@ -343,7 +353,7 @@ def fmt(x, spec=".3f"):
 def arg_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--sections", default="breakdown,floor,algos,trl,rollout,logps",
+    p.add_argument("--sections", default="breakdown,floor,algos,table8,trl,rollout,logps",
                    help="the sections to run, comma-separated (the module docstring says what each measures)")
     p.add_argument("--batches", type=int, default=10, help="measured online batches (median over them)")
     p.add_argument("--warmup", type=int, default=3, help="online batches run first and not measured")
@@ -388,11 +398,11 @@ def main(argv=None):
     base = dict(warmup=args.warmup, batches=args.batches)
     loops = {}
 
-    def loop(model, algo, floor=False, logp_source="policy"):
-        key = (model, algo, logp_source)
+    def loop(model, algo, floor=False, logp_source="policy", paper=False):
+        key = (model, algo, logp_source) + (("paper",) if paper else ())
         if key not in loops:
             loops[key] = run_worker(dict(base, kind="loop", model=model, model_dir=dirs[model], algo=algo,
-                                         floor=floor, logp_source=logp_source), args.threads)
+                                         floor=floor, logp_source=logp_source, paper=paper), args.threads)
         return loops[key]
 
     if sections & {"breakdown", "floor"}:
@@ -407,8 +417,9 @@ def main(argv=None):
             print(f"{model:8} {r['seconds']:8.3f}" + "".join(f" {fmt(r.get(ph)):>11}" for ph in PHASES)
                   + f" {r['tokens']:8.0f}")
     if "floor" in sections:
-        print("\n[floor] the same sampling + one forward/backward per update; efficiency = floor / DAR")
-        print(f"{'model':8} {'DAR s':>8} {'floor s':>8} {'sample':>8} {'update':>8} {'efficiency':>10} "
+        print("\n[floor] the same sampling + one pi_0 forward + one forward/backward per update; efficiency = "
+              "floor / DAR")
+        print(f"{'model':8} {'DAR s':>8} {'floor s':>8} {'sample':>8} {'pi_0':>8} {'update':>8} {'efficiency':>10} "
               f"{'tokens':>8}")
         for model in SETTINGS:
             r = loops[(model, "dar", "policy")]
@@ -416,14 +427,14 @@ def main(argv=None):
                 continue
             f = r["floor"]
             report.setdefault("floor", {})[model] = dict(f, efficiency=f["seconds"] / r["seconds"])
-            print(f"{model:8} {r['seconds']:8.3f} {f['seconds']:8.3f} {f['sample']:8.3f} {f['update']:8.3f} "
-                  f"{f['seconds'] / r['seconds']:10.2f} {f['tokens']:8.0f}")
+            print(f"{model:8} {r['seconds']:8.3f} {f['seconds']:8.3f} {f['sample']:8.3f} {f['logp_0']:8.3f} "
+                  f"{f['update']:8.3f} {f['seconds'] / r['seconds']:10.2f} {f['tokens']:8.0f}")
         r = loop("small", "dar", logp_source="sampler")  # DAR without the pi_t pass
         if "error" not in r and "error" not in loops[("small", "dar", "policy")]:
             f = loops[("small", "dar", "policy")]["floor"]
             report["floor"]["small, --logp-source sampler"] = dict(dar_seconds=r["seconds"],
                                                                    efficiency=f["seconds"] / r["seconds"])
-            print(f"{'small*':8} {r['seconds']:8.3f} {f['seconds']:8.3f} {'':8} {'':8} "
+            print(f"{'small*':8} {r['seconds']:8.3f} {f['seconds']:8.3f} {'':8} {'':8} {'':8} "
                   f"{f['seconds'] / r['seconds']:10.2f}   * DAR with --logp-source sampler: no pi_t pass")
     if "algos" in sections:
         print("\n[algos] small model, identical settings (one epoch): seconds per online batch, peak memory")
@@ -435,6 +446,19 @@ def main(argv=None):
                 print(f"{algo:8} error: {r['error']}")
                 continue
             d = loops[("small", "dar", "policy")]
+            print(f"{algo:8} {r['seconds']:8.3f} {r['seconds'] / d['seconds']:7.2f} {r['memory_mb']:10.0f} "
+                  f"{r['memory_mb'] / d['memory_mb']:7.2f} {r['tokens']:8.0f}")
+    if "table8" in sections:
+        print("\n[table8] small model, each algorithm at its paper settings (config.ALGO_DEFAULTS; PPO: 4 epochs and "
+              "a value model), as the paper's Table 8 compares them")
+        print(f"{'algo':8} {'s/batch':>8} {'vs DAR':>7} {'memory MB':>10} {'vs DAR':>7} {'tokens':>8}")
+        for algo in ("dar", "grpo", "rloo", "ppo"):
+            r = loop("small", algo, paper=True)
+            report.setdefault("table8", {})[algo] = r
+            d = loops[("small", "dar", "policy", "paper")]
+            if "error" in r or "error" in d:
+                print(f"{algo:8} error: {r.get('error') or d.get('error')}")
+                continue
             print(f"{algo:8} {r['seconds']:8.3f} {r['seconds'] / d['seconds']:7.2f} {r['memory_mb']:10.0f} "
                   f"{r['memory_mb'] / d['memory_mb']:7.2f} {r['tokens']:8.0f}")
     if "trl" in sections:
