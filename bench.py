@@ -144,8 +144,8 @@ def work_loop(job):
 def floor_loop(cfg, ctx, model_dir, warmup, batches):
     """The least work an online batch of these settings needs: sample the same prompts x K, one forward of pi_0
     on them (loop.score: every method regularised toward pi_0 needs its log-probs), then per update one
-    forward/backward on its responses (the plain log-softmax of the logits) and one optimizer step. No judge,
-    no pi_t pass, no metrics. Returns {"seconds", "sample", "logp_0", "update", "tokens"}."""
+    forward/backward on its responses (rollout.token_logps, the pass DAR's updates make) and one optimizer step.
+    No judge, no pi_t pass, no metrics. Returns {"seconds", "sample", "logp_0", "update", "tokens"}."""
     task = tasks.load_task(cfg.task)
     policy, tok = load_model(model_dir, cfg, ctx.device), load_tokenizer(model_dir)
     ref = load_model(model_dir, cfg, ctx.device, frozen=True)
@@ -166,11 +166,7 @@ def floor_loop(cfg, ctx, model_dir, warmup, batches):
             rows = order[u * cfg.minibatch:(u + 1) * cfg.minibatch]
             for i in range(0, len(rows), cfg.micro_batch):
                 part = batch.select(rows[i:i + cfg.micro_batch]).to(ctx.device)
-                R = part.response_mask.shape[1]
-                logits = policy(input_ids=part.input_ids, attention_mask=part.attention_mask,
-                                logits_to_keep=R + 1).logits[:, :-1]
-                logp = logits.float().log_softmax(-1).gather(-1, part.input_ids[:, -R:, None]).squeeze(-1)
-                (-(logp * part.response_mask).sum() / len(rows)).backward()
+                (-rollout.token_logps(policy, part).sum() / len(rows)).backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
         if step >= warmup:
