@@ -6,13 +6,12 @@ import math
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import config
 import infra
 import loop
 import rollout
-from conftest import TINY, train
+from conftest import TINY, LargestTensor, train
 from test_perf import policy_and_batch  # noqa: F401  (a fixture: the toy pi_0 and a sampled batch)
 
 
@@ -58,29 +57,14 @@ def test_chunked_entropy_and_logps_match_the_full_vocabulary_computation(dtype, 
     assert (at_07 - full_entropy(logits, 1.0)).abs().max() > 0.1
 
 
-class LargestTensor(TorchDispatchMode):
-    """Records the most elements of any float32 tensor an operation makes while it is active."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else [out]:
-            if isinstance(t, torch.Tensor) and t.dtype == torch.float32:
-                self.largest = max(self.largest, t.numel())
-        return out
-
-
 def test_the_chunk_loop_makes_no_float32_tensor_of_the_whole_logits():
     """Every float32 tensor made is one chunk's (chunk_tokens positions x V) or [N, R]: never [N, R, V]."""
     N, R, V, chunk = 4, 32, 100, 16
     logits = torch.randn(N, R, V, dtype=torch.bfloat16)
     targets = torch.randint(0, V, (N, R))
-    with LargestTensor() as chunked:
+    with LargestTensor(torch.float32) as chunked:
         rollout.logps_and_entropy(logits, targets, chunk_tokens=chunk, temperature=0.9)
-    with LargestTensor() as full:
+    with LargestTensor(torch.float32) as full:
         full_entropy(logits, 0.9)
     assert chunked.largest == chunk * V
     assert full.largest == N * R * V  # the measure sees the straightforward computation's copy

@@ -10,11 +10,11 @@ import sys
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import rollout  # noqa: E402
+from conftest import LargestTensor  # noqa: E402
 
 V = 300  # vocabulary of the tiny model
 
@@ -121,21 +121,6 @@ def test_token_logps_through_a_qwen2_model_equal_the_straightforward_computation
         logp_ref, entropy_ref = straightforward(model, batch, entropy=True)
     torch.testing.assert_close(logp, logp_ref, rtol=0, atol=1e-5)
     torch.testing.assert_close(entropy, entropy_ref, rtol=0, atol=1e-5)
-
-
-class LargestTensor(TorchDispatchMode):
-    """Records the most elements of any tensor (any dtype) an operation makes while it is active."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else [out]:
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.numel())
-        return out
 
 
 def test_no_tensor_of_the_micro_batch_logits_size_is_made(monkeypatch):
