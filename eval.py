@@ -53,10 +53,9 @@ import rollout
 import tasks
 from config import USED_ONLY_BY, VALUE_BEFORE_FIELD, Config, config_from_dict
 from infra import Dist, load_model, load_tokenizer
-from judge import make_judge
 from loop import (distinct_n, ensure_toy_models, eval_judge, evaluator_config, fitting_task, golden_win_rate, k3,
-                  mean_ci, score, t975, win_rate)
-from rewards import NO_JUDGE, TRAINING_REWARD, describe_reward, with_functions
+                  mean_ci, score, t975, training_reward, win_rate)
+from rewards import TRAINING_REWARD, describe_reward
 
 ABLATION_PARAMS = ("alpha", "beta", "k", "w_clip")  # Fig. 5(c)-(f)
 # Config fields that never make two runs different experiments (bookkeeping, endpoints, the seed itself)
@@ -127,7 +126,7 @@ def compare_with_reference(policy, ref, tok, prompts, cfg, task=None, seed=1234,
              and (cfg.judge != "llm" or cfg.judge_url))
     train_judge = None
     if other and not win_rate_only:  # with the --reward functions when there are any
-        train_judge = with_functions(cfg, task, make_judge(cfg.judge, task, cfg) if cfg.judge != NO_JUDGE else None)
+        train_judge = training_reward(cfg, task)
     report = {"n_prompts": len(prompts), "judge": cfg.eval_judge, "decoding": "greedy" if greedy else f"T={temperature}",
               "eval_seed": seed, "prompts_sha256": hashlib.sha256(
                   "\n".join(data.prompt_key(p) for p in prompts).encode("utf-8")).hexdigest()[:16]}

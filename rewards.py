@@ -27,7 +27,7 @@ import os
 import sys
 
 import tasks
-from judge import Judgment, make_judge, prefer_by_score
+from judge import Judgment, prefer_by_score
 
 NO_JUDGE = "none"  # --judge none: the reward comes from the --reward functions alone
 TRAINING_REWARD = "reward"  # --eval-judge reward: evaluate with the training reward itself (judge and functions)
@@ -124,12 +124,6 @@ def check(cfg):
     for s in specs(cfg):
         load_function(s)
     weights(cfg)
-
-
-def make_reward(cfg, task=None):
-    """The training reward: the --judge itself when no --reward is given, else a CombinedReward (loop.py and
-    eval.py build the judge themselves and call with_functions)."""
-    return with_functions(cfg, task, None if cfg.judge == NO_JUDGE else make_judge(cfg.judge, task, cfg))
 
 
 def with_functions(cfg, task, judge):

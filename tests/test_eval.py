@@ -418,8 +418,7 @@ def test_headline_win_rate_is_the_pairwise_preference_for_llm_evaluators(eval_ju
                         judge_url="http://annotator/v1", eval_judge_url="http://evaluator/v1")
     built = []
     fake = lambda name, task, cfg: built.append((name, cfg.judge_url)) or SplitJudge()
-    monkeypatch.setattr(ev, "make_judge", fake)  # the training judge, reported beside
-    monkeypatch.setattr(loop, "make_judge", fake)  # the eval judge (loop.eval_judge)
+    monkeypatch.setattr(loop, "make_judge", fake)  # both judges: loop.eval_judge and loop.training_reward
     r = ev.compare_with_reference(model, model, tok, tasks.toy_prompts(4, seed=2), cfg, pairwise=False)
     assert (r["reward_win_rate"], r["pref_win_rate" if eval_judge == "llm" else "reward_win_rate"]) == (1.0, headline)
     assert r["win_rate"] == headline and r["win_rate_from"] == ev.headline_key(eval_judge)
@@ -580,15 +579,14 @@ def test_evaluation_reports_distinct_n_of_each_models_responses(random_toy_model
     """With the TextBlob judge (--task sentiment's evaluator): distinct-1/2 of exactly the responses it scored."""
     model, tok = random_toy_model
     cfg = config.Config(judge="vader", eval_judge="textblob", max_new_tokens=6, micro_batch=4)
-    seen, real = [], ev.make_judge
+    seen, real = [], loop.make_judge
 
     def recording(name, task, c):
         j = real(name, task, c)
         if name != "textblob":
             return j
         return RecordingJudge(j, seen)
-    monkeypatch.setattr(ev, "make_judge", recording)  # the training judge
-    monkeypatch.setattr(loop, "make_judge", recording)  # the eval judge (loop.eval_judge)
+    monkeypatch.setattr(loop, "make_judge", recording)  # both judges: loop.eval_judge and loop.training_reward
     r = ev.compare_with_reference(model, model, tok, tasks.toy_prompts(6, seed=2), cfg, pairwise=False)
     assert len(seen) == 2 and r["train_judge"] == "vader"
     for name, responses in zip(("pi_0", "policy"), seen):

@@ -28,7 +28,7 @@ def cfg_of(*flags):
 def reward_of(*flags, task=None):
     cfg = cfg_of(*flags)
     config.check_config(cfg, 1)
-    return rewards.make_reward(cfg, task)
+    return loop.training_reward(cfg, task)
 
 
 def test_a_file_function_gets_trl_keywords_with_the_data_sets_columns():
