@@ -16,10 +16,13 @@ user's turn, as in Anthropic HH); `ended[i]` says whether response i emitted EOS
 The judges (--judge, --eval-judge):
   toy_gold      the toy task's exact rule: 10 x the fraction of positions that match the reversed word,
                 0 when the response never ended (no EOS). The "gold" reward used for evaluation.
-  toy_proxy     an imperfect annotator with a length bias, like LLM judges that prefer longer answers: it
-                reads only the first len(target) characters, adds a bonus for every extra character, and
-                does not notice a missing EOS. A policy can exploit it by rambling past the answer and
-                never stopping (reward hacking; the README measures how DAR resists it).
+  toy_biased    the toy task's stand-in for the paper's LLM annotator, and its default training judge: an
+                integer SCORE on the bounded 1-10 scale, read from the text alone, with a verbosity bias. The
+                exact answer gets 8, one or two characters more 9 or 10 (even with a letter wrong), and rambling
+                is marked down (tasks.toy_biased_score). A policy can exploit it only within the scale.
+  toy_proxy     the unbounded stress test: a length bias with no ceiling. It reads only the first len(target)
+                characters, adds a point for every extra character, and does not notice a missing EOS. A
+                policy can exploit it by rambling past the answer and never stopping (reward hacking).
   llm           the paper's direct-RLAIF annotator (Appendix B.1, D.1): an LLM behind an OpenAI-compatible
                 chat-completions endpoint (--judge-url; vLLM serving Qwen2-72B-Instruct in the paper) reads
                 the reward prompt of the task's family (Tables 9-11) and replies with "SCORE: n", n in 1-10,
@@ -35,7 +38,7 @@ The judges (--judge, --eval-judge):
                 the sentiment words, in [-1, 1]) on the 1-10 scale; --task sentiment's evaluation judge, so that
                 a policy that games VADER (repetition, "!!!") can be told from one that is more positive.
 
-Reward scales: toy judges 0-10; vader and textblob 1-10 (`sentiment_to_scale`); llm 1-10 (harmlessness
+Reward scales: toy_gold 0-10, toy_biased 1-10, toy_proxy 0 and up; vader and textblob 1-10 (`sentiment_to_scale`); llm 1-10 (harmlessness
 flipped, 11 - harm, see `parse_reward`); reward_model the model's own logit scale. The loop normalises
 advantages per batch, so DAR only sees the ordering and spread of rewards within a batch.
 
@@ -44,7 +47,7 @@ whose "LLM" is the toy task's rule, reading the very prompts an LLM would read. 
 preference prompts (TL;DR, helpfulness, harmlessness) get a crude word-overlap rating (`overlap_score`), so
 those tasks also run end to end against a real endpoint on a CPU; it is a plumbing check, not a judge of quality:
 
-    python judge.py --serve --task toy --port 8000 [--host 127.0.0.1] [--annotator gold|proxy]
+    python judge.py --serve --task toy --port 8000 [--host 127.0.0.1] [--annotator gold|biased|proxy]
     python dar.py --judge llm --judge-url http://127.0.0.1:8000/v1
     # fault injection for tests: --delay S --drop-every N --garbage-every N --status-every N:CODE
     #                            --retry-after S --position-bias --record   (see `main`)
@@ -76,7 +79,7 @@ from prompts import (HARM_FAMILIES, PREFERENCE_PROMPTS, REWARD_PROMPTS, TOY_PREF
                      as_conversation, render_preference_prompt, render_reward_prompt)
 from rollout import plain_dialogue
 
-JUDGES = ("toy_gold", "toy_proxy", "llm", "reward_model", "vader", "textblob")
+JUDGES = ("toy_gold", "toy_biased", "toy_proxy", "llm", "reward_model", "vader", "textblob")
 
 
 @dataclass
@@ -98,7 +101,7 @@ def prefer_by_score(r_a, r_b):
 
 
 # ---------------------------------------------------------------------------------------------------
-# The toy task's judges: its scoring rules (tasks.toy_gold_score, tasks.toy_proxy_score) as judges
+# The toy task's judges: its scoring rules (tasks.toy_gold_score, toy_biased_score, toy_proxy_score) as judges
 # ---------------------------------------------------------------------------------------------------
 class RuleJudge:
     """A judge from a per-sample scoring rule (the toy task's judges). top: the scale's best score, when the
@@ -607,6 +610,8 @@ def reward_family(task=None, cfg=None):
 def make_judge(name, task=None, cfg=None):
     if name == "toy_gold":
         return RuleJudge(tasks.toy_gold_score, top=10.0)
+    if name == "toy_biased":
+        return RuleJudge(tasks.toy_biased_score, top=10.0)
     if name == "toy_proxy":
         return RuleJudge(tasks.toy_proxy_score)
     if name in ("vader", "textblob"):
@@ -676,17 +681,19 @@ def overlap_score(context, response):
     return toy_score_to_scale(10 * sum(w in context_words for w in words) / len(words) if words else 0)
 
 
-def toy_annotate(message, score, position_bias=False):
-    """What the toy annotator replies to one user message: a reward prompt gets "<sentence>.\\nSCORE: n";
-    a preference prompt "<sentence>.\\nPreferred Response=k" (the higher toy score; on a tie the first
-    one, as a position-biased annotator would; with position_bias always 1); anything else a refusal.
-    The annotator sees text only, so a response is scored as if it ended (no EOS check). The paper's
-    families get the same answers from `overlap_score` ("Preferred Summary=k" for TL;DR)."""
+def toy_annotate(message, score, position_bias=False, scale=toy_score_to_scale):
+    """What the toy annotator replies to one user message: a reward prompt gets "<sentence>.\\nSCORE: n"
+    (n = scale(score), 1-10); a preference prompt "<sentence>.\\nPreferred Response=k" (the higher score; on a
+    tie the first one, as a position-biased annotator would; with position_bias always 1), so the pairwise
+    answer never prefers what the SCORE rates lower; anything else a refusal. The annotator sees text only, so
+    a response is scored as if it ended (no EOS check). The paper's families get the same answers from
+    `overlap_score` ("Preferred Summary=k" for TL;DR)."""
     m = TOY_REWARD_RE.match(message)
     prompt = m and _toy_prompt_of(m["context"])
     if prompt:
-        n = toy_score_to_scale(score(prompt, m["response"], True))
-        verdict = "is exactly the reversed word" if n == 10 else "is not exactly the reversed word"
+        n = scale(score(prompt, m["response"], True))
+        exact = m["response"] == tasks.toy_target(tasks.toy_word_of(prompt))
+        verdict = "is exactly the reversed word" if exact else "is not exactly the reversed word"
         return f"The response {verdict}.\nSCORE: {n}"
     m = TOY_PREFERENCE_RE.match(message)
     prompt = m and _toy_prompt_of(m["context"])
@@ -714,11 +721,18 @@ def toy_annotate(message, score, position_bias=False):
     return "I'm sorry, I can only rate word reversals."
 
 
+# --annotator: the toy rule behind the served replies and how its score becomes the SCORE n. toy_biased_score is
+# already an integer on the 1-10 scale; the other two are mapped by toy_score_to_scale.
+SERVED_SCORES = {"gold": (tasks.toy_gold_score, toy_score_to_scale),
+                 "biased": (tasks.toy_biased_score, int),
+                 "proxy": (tasks.toy_proxy_score, toy_score_to_scale)}
+
+
 def serve(args):
     """Run the toy annotator's OpenAI-compatible server until interrupted (see `main` for the flags)."""
 
     model_id = f"toy-{args.annotator}"
-    score = tasks.toy_gold_score if args.annotator == "gold" else tasks.toy_proxy_score
+    score, scale = SERVED_SCORES[args.annotator]
     lock, state = threading.Lock(), {"requests": 0, "authorization": None, "request": None}
     status_n, status_code = args.status_every or (0, 0)
 
@@ -781,7 +795,7 @@ def serve(args):
             if args.garbage_every and n % args.garbage_every == 0:
                 text = "Lorem ipsum dolor sit amet, consectetur adipiscing elit."
             else:
-                text = toy_annotate(message, score, args.position_bias)
+                text = toy_annotate(message, score, args.position_bias, scale)
             self.send_json(200, {
                 "id": f"chatcmpl-{n}", "object": "chat.completion", "created": int(time.time()), "model": model_id,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
@@ -822,8 +836,8 @@ def arg_parser():
     p.add_argument("--task", default="toy", choices=["toy"], help="whose annotator to serve")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (local only by default)")
     p.add_argument("--port", type=int, default=8000, help="port; 0 = any free one (the address is printed)")
-    p.add_argument("--annotator", default="gold", choices=["gold", "proxy"],
-                   help="the scorer behind the replies: toy_gold_score or the length-biased toy_proxy_score")
+    p.add_argument("--annotator", default="gold", choices=list(SERVED_SCORES),
+                   help="the rule behind the replies, as --judge toy_gold, toy_biased or toy_proxy rates")
     p.add_argument("--verbose", action="store_true", help="log every request")
     f = p.add_argument_group("fault injection (tests); N counts chat requests, the first is 1")
     f.add_argument("--delay", type=float, default=0.0, help="seconds to wait before every chat reply")

@@ -3,8 +3,9 @@
 The built-in task `toy` lets the whole of DAR run on a CPU in minutes, with nothing downloaded:
 
   * the prompt asks the assistant to reverse a short lowercase word: "reverse: kbdha" -> "ahdbk";
-  * the reward is computed exactly by a rule (`toy_gold_score`), and a second, length-biased scorer stands
-    in for an imperfect LLM annotator (`toy_proxy_score`); judge.py wraps both as judges;
+  * the reward is computed exactly by a rule (`toy_gold_score`); a bounded, verbosity-biased 1-10 scorer stands
+    in for the paper's imperfect LLM annotator (`toy_biased_score`, the default training judge), and an unbounded
+    length-biased one is kept as a stress test (`toy_proxy_score`); judge.py wraps all three as judges;
   * the model is a tiny Qwen2 (same architecture class as Qwen2-7B) with a byte-level tokenizer and a
     chat template, built here and saved as an ordinary Hugging Face directory;
   * pi_0 is that model after SFT on *imperfect* demonstrations (a sloppy demonstrator is right only
@@ -117,6 +118,10 @@ CHAT_TEMPLATE = (
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 PROXY_LENGTH_BONUS = 1.0  # toy_proxy_score's points per character past the target's length
+# toy_biased_score, the bounded annotator: what a terse answer can earn at most, and its verbosity bias
+BIASED_CONTENT_MAX = 7   # points for content: 1 + 7 = 8 for the exact answer, never 10
+BIASED_BONUS_MAX = 2     # +1 per character past the target's length, up to +2: a little elaboration pays
+BIASED_RAMBLE_FROM = 4   # past 4 extra characters, -1 per further character: rambling does not
 
 # A Qwen2 small enough to train in minutes on 2 CPU cores. head_dim = 128 / 4 = 32, which vLLM's CPU
 # attention accepts (../shared/NOTES.md), so the same model serves the vLLM backend later.
@@ -159,6 +164,32 @@ def toy_proxy_score(prompt, response, ended):
     target = toy_target(word)
     hits = sum(a == b for a, b in zip(response, target))
     return 10.0 * hits / len(target) + PROXY_LENGTH_BONUS * max(0, len(response) - len(target))
+
+
+def toy_biased_score(prompt, response, ended):
+    """The toy stand-in for the paper's LLM annotator (issue 20), designed from the analogy before any run: an
+    integer SCORE on the bounded 1-10 scale, read from the text alone (`ended` ignored, as an annotator sees only
+    text), with a verbosity bias that a policy can exploit only within the scale.
+
+      content   round(7 x the share of the first len(target) characters that match the reversed word):
+                the exact answer, stated tersely, gets 1 + 7 = 8, as LLM judges rarely give a bare answer 10;
+      verbosity +1 per character past the target's length, up to +2 (a slightly longer answer reads as more
+                thorough), then -1 per character past 4 extra ones (an LLM judge marks rambling down);
+      score     1 + content + verbosity, clipped to [1, 10].
+
+    So "the exact answer + 2 characters" scores 10 and "one letter wrong + 2 characters" 9, both above the exact
+    answer's 8, while the gold rule (toy_gold_score) ranks the exact answer first. A response that never stops
+    runs to --max-new-tokens and is marked down as rambling: unlike toy_proxy_score, nothing here pays without
+    bound."""
+    word = toy_word_of(prompt)
+    if word is None:
+        return math.nan
+    target = toy_target(word)
+    hits = sum(a == b for a, b in zip(response, target))
+    content = math.floor(BIASED_CONTENT_MAX * hits / len(target) + 0.5)  # half-up, as toy_score_to_scale rounds
+    extra = max(0, len(response) - len(target))
+    verbosity = min(extra, BIASED_BONUS_MAX) - max(0, extra - BIASED_RAMBLE_FROM)
+    return float(min(10, max(1, 1 + content + verbosity)))
 
 
 def _random_word(rng):

@@ -5,7 +5,8 @@
 #   NGPU=8 ./train.sh pareto        # Fig. 4: a beta sweep per algorithm (Table 5 ranges), reward vs KL
 #   NGPU=8 ./train.sh ablations     # Fig. 5: alpha, beta, K and w_clip for DAR on Helpfulness
 #   NGPU=8 ./train.sh helpsteer2    # Table 4: standard RLHF with a reward model
-#   ./train.sh toy-table2           # each of the above at toy scale on a CPU: toy-pareto, toy-ablations
+#   ./train.sh toy-table2           # each of the above at toy scale on a CPU: toy-pareto, toy-ablations,
+#                                   # toy-alpha (TOY_JUDGE=toy_proxy: on the unbounded proxy, runs/toy-proxy-*)
 #   ./train.sh smollm2              # SmolLM2-135M-Instruct, positive sentiment: DAR, GRPO, online DPO on a CPU
 #
 # Every run writes runs/GRID/NAME-sSEED (metrics.jsonl, checkpoints, final/, eval.json); a finished run
@@ -133,50 +134,78 @@ helpsteer2() {  # Table 4: Qwen2-7B-Instruct, a reward model, 1000 new tokens
 }
 
 # --- the same at toy scale on a CPU -----------------------------------------------------------------
-# Trained on the length-biased proxy judge and evaluated with the gold rule, like the paper's LLM
-# annotator and stronger evaluator: regularisation has something to hold off (reward hacking).
-TOY="--task toy --judge toy_proxy --eval-judge toy_gold --steps 40 --eval-prompts 128 --save-every 10 --keep-checkpoints 4"
+# Trained on a biased annotator and evaluated with the gold rule, like the paper's LLM annotator and stronger
+# evaluator: regularisation has something to hold off (reward hacking). TOY_JUDGE picks the annotator:
+#   toy_biased  (default) the bounded 1-10 annotator with a verbosity bias (tasks.toy_biased_score): it rates the
+#               exact answer 8 and the same + 2 characters 10, so the exploit pays only within the scale
+#   toy_proxy   the unbounded stress test (tasks.toy_proxy_score): a point per extra character, EOS unchecked;
+#               its runs go to toy-proxy-* (TOY_JUDGE=toy_proxy ./train.sh toy-table2)
+TOY_JUDGE=${TOY_JUDGE:-toy_biased}
+case $TOY_JUDGE in
+  toy_biased) TOY_GRID=toy ;;
+  toy_proxy) TOY_GRID=toy-proxy ;;
+  *) echo "TOY_JUDGE is toy_biased or toy_proxy, not $TOY_JUDGE" >&2; exit 2 ;;
+esac
+TOY="--task toy --judge $TOY_JUDGE --eval-judge toy_gold --steps 40 --eval-prompts 128 --save-every 10
+ --keep-checkpoints 4"
 
-toy-table2() {
+toy-table2() {  # every method at its paper settings (config.ALGO_DEFAULTS)
   for algo in dpo simpo is_dpo online_dpo ipo slic ppo dual_ppo rloo grpo iter_sft dao dar; do
     for s in $SEEDS; do
       # shellcheck disable=SC2086
-      run "$RUNS/toy-table2/$algo-s$s" $TOY --algo "$algo" --seed "$s"
+      run "$RUNS/$TOY_GRID-table2/$algo-s$s" $TOY --algo "$algo" --seed "$s"
     done
   done
-  evaluate toy-table2 128 --checkpoints
+  evaluate "$TOY_GRID-table2" 128 --checkpoints
 }
 
-toy-pareto() {  # gold reward vs KL over a beta sweep; DAR at the toy ablations' alpha 0.5
+toy-pareto() {  # gold reward vs KL over a beta sweep; DAR at the ablations' alpha (below)
   for b in 0.01 0.03 0.1 0.3; do
     for algo in ppo dual_ppo rloo grpo; do
       # shellcheck disable=SC2086
-      run "$RUNS/toy-pareto/$algo-beta$b-s0" $TOY --algo $algo --beta "$b" --seed 0
+      run "$RUNS/$TOY_GRID-pareto/$algo-beta$b-s0" $TOY --algo $algo --beta "$b" --seed 0
     done
   done
   for b in 0.05 0.1 0.3 0.5 1.0 2.0; do
     # shellcheck disable=SC2086
-    run "$RUNS/toy-pareto/dar-beta$b-s0" $TOY --algo dar --alpha 0.5 --beta "$b" --seed 0
+    run "$RUNS/$TOY_GRID-pareto/dar-beta$b-s0" $TOY --algo dar --alpha "$(toy_alpha)" --beta "$b" --seed 0
   done
-  evaluate toy-pareto 128
+  evaluate "$TOY_GRID-pareto" 128
 }
 
-# DAR around alpha 0.5, beta 0.5, K 4, w_clip 20. At the paper's alpha 0.1 and beta 0.05 DAR hacks the toy proxy
-# (toy-table2; alpha * beta is the fixed point's temperature), so the toy ablations sit where alpha can act.
-# Each sweep varies one parameter; K keeps 64 prompts per online batch (online_batch = 64 K).
-toy-ablations() {
-  local base="$TOY --algo dar --alpha 0.5 --beta 0.5 --k 4 --online-batch 256 --w-clip 20"
+# DAR's ablations, each sweep varying one parameter around a base. Under toy_biased the base is the paper's
+# (alpha 0.1, beta 0.05, K 4, w_clip 20): the setting the bounded annotator is there to test. Under toy_proxy
+# DAR hacks at the paper's alpha 0.1 and beta 0.05 (alpha * beta is the fixed point's temperature), so its
+# ablations sit at alpha 0.5, beta 0.5, where alpha can act. K keeps 64 prompts per online batch (64 K).
+toy_alpha() { if [ "$TOY_JUDGE" = toy_proxy ]; then echo 0.5; else echo 0.1; fi; }
+toy_base() {
+  if [ "$TOY_JUDGE" = toy_proxy ]; then local beta=0.5; else local beta=0.05; fi
+  echo "$TOY --algo dar --alpha $(toy_alpha) --beta $beta --k 4 --online-batch 256 --w-clip 20"
+}
+
+toy_alpha_runs() {
   for s in $SEEDS; do
-    # shellcheck disable=SC2086
-    for a in 0 0.1 0.3 0.5 0.9; do run "$RUNS/toy-ablations/alpha$a-s$s" $base --alpha "$a" --seed "$s"; done
-    # shellcheck disable=SC2086
-    for b in 0.1 2.0; do run "$RUNS/toy-ablations/beta$b-s$s" $base --beta "$b" --seed "$s"; done
-    # shellcheck disable=SC2086
-    for k in 2 8; do run "$RUNS/toy-ablations/k$k-s$s" $base --k "$k" --online-batch $((64 * k)) --seed "$s"; done
-    # shellcheck disable=SC2086
-    for c in 2 5 100; do run "$RUNS/toy-ablations/wclip$c-s$s" $base --w-clip "$c" --seed "$s"; done
+    # shellcheck disable=SC2046
+    for a in 0 0.1 0.3 0.5 0.9; do run "$RUNS/$TOY_GRID-ablations/alpha$a-s$s" $(toy_base) --alpha "$a" --seed "$s"; done
   done
-  evaluate toy-ablations 128 --checkpoints
+}
+
+toy-alpha() {  # Fig. 5 (c) alone: does alpha = 0 (no pi_0 in the objective) hack the annotator, and by how much?
+  toy_alpha_runs
+  evaluate "$TOY_GRID-ablations" 128 --checkpoints
+}
+
+toy-ablations() {  # Fig. 5 (c)-(f): alpha, then beta, K and w_clip
+  toy_alpha_runs
+  for s in $SEEDS; do
+    # shellcheck disable=SC2046
+    for b in 0.1 2.0; do run "$RUNS/$TOY_GRID-ablations/beta$b-s$s" $(toy_base) --beta "$b" --seed "$s"; done
+    # shellcheck disable=SC2046
+    for k in 2 8; do run "$RUNS/$TOY_GRID-ablations/k$k-s$s" $(toy_base) --k "$k" --online-batch $((64 * k)) --seed "$s"; done
+    # shellcheck disable=SC2046
+    for c in 2 5 100; do run "$RUNS/$TOY_GRID-ablations/wclip$c-s$s" $(toy_base) --w-clip "$c" --seed "$s"; done
+  done
+  evaluate "$TOY_GRID-ablations" 128 --checkpoints
 }
 
 # --- a real pretrained model on a CPU (README: "Results on a real model") --------------------------------
@@ -205,7 +234,7 @@ smollm2() {
 }
 
 if [ $# -eq 0 ] || ! declare -F "$1" >/dev/null; then
-  echo "usage: [NGPU=8] ./train.sh table2|pareto|ablations|helpsteer2|toy-table2|toy-pareto|toy-ablations|smollm2" >&2
+  echo "usage: [NGPU=8] ./train.sh table2|pareto|ablations|helpsteer2|toy-table2|toy-pareto|toy-ablations|toy-alpha|smollm2" >&2
   exit 2
 fi
 "$@"; exit  # on the same line: bash reads a script as it runs, so an edit made meanwhile cannot be run

@@ -1,6 +1,7 @@
 """Rollout layout (left padding, EOS, masks), log-probs under padding, the toy task and its judges."""
 import math
 import os
+import random
 
 import pytest
 import torch
@@ -10,8 +11,8 @@ import infra
 import loop
 import rollout
 import tasks
-from judge import make_judge
-from tasks import toy_gold_score, toy_proxy_score
+from judge import make_judge, prefer_by_score
+from tasks import toy_biased_score, toy_gold_score, toy_proxy_score
 
 
 @pytest.fixture(scope="module")
@@ -109,6 +110,48 @@ def test_proxy_can_be_exploited_by_rambling_without_eos():
     assert toy_proxy_score("reverse: abc", honest, True) == 10
     assert toy_proxy_score("reverse: abc", ramble, False) > toy_proxy_score("reverse: abc", honest, True)
     assert toy_gold_score("reverse: abc", ramble, False) < toy_gold_score("reverse: abc", honest, True)
+
+
+# hand-made responses to "reverse: hello" (target "olleh"): the exact answer and its near misses
+EXACT, LONGER, LONGER_WRONG = "olleh", "ollehxx", "ollebxx"  # + 2 characters; one letter wrong + 2 characters
+
+
+def test_biased_annotator_is_bounded_to_the_1_to_10_scale():
+    """toy_biased_score stays on the annotator's integer 1-10 scale whatever the response: empty, all wrong,
+    exact, any length up to far past --max-new-tokens, with or without EOS."""
+    rng = random.Random(0)
+    word = "hello"
+    responses = ["", "x", "hello", EXACT, LONGER, "olleh" * 20, "z" * 200]
+    responses += ["".join(rng.choice("aehlloxz") for _ in range(rng.randint(0, 40))) for _ in range(2000)]
+    scores = {toy_biased_score("reverse: " + word, r, e) for r in responses for e in (True, False)}
+    assert scores <= set(map(float, range(1, 11)))
+    assert min(scores) == 1 and max(scores) == 10  # both ends are reached
+    assert math.isnan(toy_biased_score("what?", "cba", True))
+
+
+def test_biased_annotator_strictly_prefers_its_exploit_and_the_gold_rule_does_not():
+    """The verbosity bias: a slightly longer answer, even one letter wrong, rates above the exact one; the gold
+    rule ranks the exact answer strictly first. Rambling is marked down (no unbounded exploit, unlike the proxy)."""
+    biased = {r: toy_biased_score("reverse: hello", r, True) for r in (EXACT, LONGER, LONGER_WRONG)}
+    gold = {r: toy_gold_score("reverse: hello", r, True) for r in (EXACT, LONGER, LONGER_WRONG)}
+    assert biased[LONGER] > biased[LONGER_WRONG] > biased[EXACT] == 8
+    assert gold[EXACT] == 10 and gold[EXACT] > gold[LONGER] > gold[LONGER_WRONG]
+    for word in ("abc", "kbdha", "abcdefgh"):  # every length of toy word: the exploit pays, rambling does not
+        exact, prompt = word[::-1], "reverse: " + word
+        assert toy_biased_score(prompt, exact + "zz", True) == 10 > toy_biased_score(prompt, exact, True)
+        assert toy_gold_score(prompt, exact + "zz", True) < toy_gold_score(prompt, exact, True)
+        ramble = exact + "z" * 12  # a response that never stops, cut at 16 new tokens
+        assert toy_biased_score(prompt, ramble, False) < toy_biased_score(prompt, exact, True)
+        assert toy_proxy_score(prompt, ramble, False) > toy_proxy_score(prompt, exact + "zz", True)  # unbounded
+
+
+def test_biased_annotator_pairwise_agrees_with_its_scores():
+    """The rule judge's prefer() (online DAP's labels) prefers what its scalar judgment rates higher."""
+    j = make_judge("toy_biased")
+    a, b = [EXACT, LONGER, LONGER_WRONG, EXACT], [LONGER, EXACT, EXACT, "olleh"]
+    rewards = j(["reverse: hello"] * 8, a + b, [True] * 8).rewards
+    assert j.prefer(["reverse: hello"] * 4, a, b) == [0.0, 1.0, 1.0, 0.5]
+    assert j.prefer(["reverse: hello"] * 4, a, b) == [prefer_by_score(x, y) for x, y in zip(rewards[:4], rewards[4:])]
 
 
 def test_judge_counts_invalid_judgments():

@@ -213,7 +213,7 @@ def test_a_checkpoint_without_a_newer_field_resumes_only_with_the_behaviour_it_h
     (["--judge", "llm"], "--judge llm (this task's default) needs --judge-url"),
     (["--eval-judge", "reward_model"], "--judge reward_model needs --reward-model"),
     (["--rollout", "sglang"], "--rollout must be hf or vllm"),
-    (["--judge", "nope"], "unknown --judge 'nope'; valid judges: toy_gold, toy_proxy"),
+    (["--judge", "nope"], "unknown --judge 'nope'; valid judges: toy_gold, toy_biased, toy_proxy"),
     (["--alpha", "1.5"], "--alpha must lie in [0, 1]"),
     (["--beta", "0"], "--beta must be > 0"),
     (["--k", "1"], "--k must be >= 2"),
