@@ -21,6 +21,7 @@ sequence (or per pair); the objective is their mean, and the loop divides a mini
 DPO/IPO/SLiC: by its pairs that carry a preference).
 """
 import math
+import time
 
 import torch
 import torch.nn.functional as F
@@ -296,13 +297,18 @@ def label_pairs(first, second, p):
     return torch.where(a_wins, first, second), torch.where(a_wins, second, first), ~torch.isnan(p) & (p != 0.5)
 
 
-def judge_preferences(cfg, ctx, run, batch, first, second):
+def judge_preferences(cfg, ctx, run, batch, first, second, pending=None, timer=None):
     """Step 2b of the online DAP methods with --pair-labels preference: p = P(y_first preferred over y_second)
     per pair [P] from judge.prefer (an LLM annotator: the preference prompt of Tables 12-14, asked in both orders,
-    Appendix C.1), NaN = invalid. Like loop.judge_batch for rewards, raises loop.JudgeFailure (on every rank)
-    when more than --max-invalid-frac of the online batch's pairs got no valid judgment."""
-    p = torch.tensor(run.judge.prefer([batch.prompts[i] for i in first], [batch.responses[i] for i in first],
-                                      [batch.responses[i] for i in second]), dtype=torch.float64)
+    Appendix C.1), NaN = invalid. pending: loop.judge_async(pairs=)'s handle when the call was started before
+    the log-probs; timer gets prefer and prefer_wait, as judge_batch's judge and judge_wait. Like
+    loop.judge_batch for rewards, raises loop.JudgeFailure (on every rank) when more than --max-invalid-frac of
+    the online batch's pairs got no valid judgment."""
+    pending, t = pending or loop.judge_async(cfg, run, batch, overlap=False, pairs=(first, second)), time.time()
+    judged, seconds = loop.judge_or_fail(ctx, pending)
+    if timer is not None:
+        timer.update(prefer=seconds, prefer_wait=time.time() - t + (seconds if getattr(pending, "in_place", 0) else 0))
+    p = torch.tensor(judged, dtype=torch.float64)
     frac = loop.invalid_share(ctx, p)
     if frac > cfg.max_invalid_frac:
         raise loop.JudgeFailure(f"{frac:.0%} of its preference judgments are invalid, above --max-invalid-frac "
@@ -363,13 +369,16 @@ PAIR_LOSSES = {"online_dpo": dpo_loss, "ipo": ipo_loss, "slic": slic_loss}
 # Step functions: one online batch (or, offline, one minibatch of the data set) each, numbered like
 # dar.dar_step. They return the metrics loop.train logs.
 # ---------------------------------------------------------------------------------------------------
-def sample_judge_score(step, cfg, ctx, run, timer):
+def sample_judge_score(step, cfg, ctx, run, timer, ask_more=None):
     """Steps 1, 2 and the log-probs of every online algorithm: the Rollout, rewards [N] (NaN = invalid),
     the invalid count, log pi_t, log pi_0 per token [N, R] (once per online batch, before any update), and
-    the sampler-vs-policy log-prob difference [N] (None without vLLM)."""
+    the sampler-vs-policy log-prob difference [N] (None without vLLM). ask_more(batch): called once the batch
+    exists, after the judge's call has started, to start more annotator calls the log-prob passes overlap."""
     with infra.timed(timer, "sample"):
         batch = loop.sample(step, cfg, ctx, run)                                       # 1. y ~ pi_t   [N]
     pending = loop.judge_async(cfg, run, batch)                 # 2. r(x, y) [N]; --judge-overlap: while 3. runs
+    if ask_more:
+        ask_more(batch)
     with infra.timed(timer, "logp_t"):
         logp_t_tok, logp_diff = loop.pi_t_logps(cfg, ctx, run, batch)                  # 3. [N, R]
     with infra.timed(timer, "logp_0"):
@@ -540,16 +549,19 @@ def iter_sft_step(step, cfg, ctx, run):
 def pair_step(step, cfg, ctx, run):
     """Online DPO, IPO, SLiC: pairs of each prompt's samples, labelled by the annotator's preference (OAIF) or
     ranked by reward (--pair-labels)."""
-    timer = {}
-    batch, rewards, invalid, logp_t_tok, logp_0_tok, logp_diff = sample_judge_score(step, cfg, ctx, run, timer)
+    timer, asked = {}, []
+
+    def ask_preferences(batch):  # step 4's annotator call, sent with step 2's (--judge-overlap: during 3.)
+        asked.append(loop.judge_async(cfg, run, batch, pairs=disjoint_pairs(len(batch), cfg.k)))
+    batch, rewards, invalid, logp_t_tok, logp_0_tok, logp_diff = sample_judge_score(
+        step, cfg, ctx, run, timer, ask_preferences if cfg.pair_labels == "preference" else None)
     logp_0 = logp_0_tok.sum(1)                                                              # [N]
 
     # 4. pairs (y_w, y_l): two samples labelled by the annotator's preference prompt in both orders (Appendix B.1,
     #    B.3 after Guo et al. 2024), or the best and worst of K by the reward prompt's scores           [P]
     if cfg.pair_labels == "preference":
         first, second = disjoint_pairs(len(batch), cfg.k)
-        with infra.timed(timer, "prefer"):
-            p = judge_preferences(cfg, ctx, run, batch, first, second)
+        p = judge_preferences(cfg, ctx, run, batch, first, second, asked[0], timer)
     else:
         first, second, p = reward_pairs(rewards, cfg.k)
     chosen, rejected, used = label_pairs(first, second, p)

@@ -332,18 +332,25 @@ def judge_batch(cfg, ctx, run, batch, pending=None, timer=None):
 _JUDGE_THREAD = ThreadPoolExecutor(1, thread_name_prefix="judge_async")  # one call in flight, in batch order
 
 
-def judge_async(cfg, run, batch, overlap=None):
+def judge_async(cfg, run, batch, overlap=None, pairs=None):
     """Start the judge's call on the batch: a Future of (Judgment or None, a RewardFunctionError's message,
     seconds) for judge_batch(pending=). overlap (default --judge-overlap: auto = with --judge llm, whose thread
     only waits on HTTP, while a rule, --reward functions or a reward model would take the log-probs' cores or
     GPU): on a thread while this one computes the log-probs; else here and now. Only the call runs there, no
-    collective (two threads issuing them could interleave differently on different ranks and hang)."""
-    args = (list(batch.prompts), list(batch.responses), batch.ended.tolist())
+    collective (two threads issuing them could interleave differently on different ranks and hang). pairs:
+    (first, second) row indices [P]: the call is judge.prefer on those pairs instead, its result P(first
+    preferred) [P] (online DAP's labels, baselines.judge_preferences); calls run one after another, in order."""
+    if pairs is None:
+        fn, args = run.judge, (list(batch.prompts), list(batch.responses), batch.ended.tolist())
+    else:
+        first, second = pairs
+        fn, args = run.judge.prefer, ([batch.prompts[i] for i in first], [batch.responses[i] for i in first],
+                                      [batch.responses[i] for i in second])
 
     def call():
         t = time.time()
         try:
-            return run.judge(*args), "", time.time() - t
+            return fn(*args), "", time.time() - t
         except RewardFunctionError as e:
             return None, str(e), time.time() - t
     if cfg.judge_overlap == "on" or cfg.judge_overlap == "auto" and cfg.judge == "llm" if overlap is None else overlap:

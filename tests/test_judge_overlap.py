@@ -18,18 +18,24 @@ def flags(toy_cache, url, out, overlap, steps=3):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("algo", ["dar", "grpo"])
+@pytest.mark.parametrize("algo", ["dar", "grpo", "online_dpo --pair-labels preference"])
 def test_overlap_changes_no_metric_and_hides_the_judge(toy_cache, annotator, tmp_path, algo):
+    """Online DPO's preference labels (a second call, judge.prefer) are sent with the rewards' call and waited
+    for after the log-probs too."""
     runs = {}
     for overlap in ("off", "on"):
-        train(config.parse_config(flags(toy_cache, annotator, tmp_path / overlap, overlap) + ["--algo", algo]))
+        train(config.parse_config(flags(toy_cache, annotator, tmp_path / overlap, overlap) + ["--algo", *algo.split()]))
         runs[overlap] = read_metrics(tmp_path / overlap)
     assert len(runs["on"]) == 3
     assert comparable(runs["on"]) == comparable(runs["off"])  # rewards, losses, weights: equal, not close
+    calls = ["judge"] + (["prefer"] if "preference" in algo else [])
     for row in runs["off"]:  # judged, then scored: the step waited the whole call
-        assert row["perf/judge_wait_s"] >= row["perf/judge_s"] > 0
-    for row in runs["on"]:   # the log-probs ran during the call: the wait after them is shorter than the call
+        assert all(row[f"perf/{c}_wait_s"] >= row[f"perf/{c}_s"] > 0 for c in calls)
+    for row in runs["on"]:   # the log-probs ran during the calls: the wait after them is shorter than the calls
         assert row["perf/judge_wait_s"] < row["perf/judge_s"]
+        assert sum(row[f"perf/{c}_wait_s"] for c in calls) < sum(row[f"perf/{c}_s"] for c in calls)
+    if "preference" in algo:
+        assert runs["on"][0]["pairs/used"] > 0  # the labels came from the annotator's preference prompt
 
 
 class UnreachableAfter:
