@@ -342,10 +342,9 @@ def judge_async(cfg, run, batch, overlap=None, pairs=None):
     preferred) [P] (online DAP's labels, baselines.judge_preferences); calls run one after another, in order."""
     if pairs is None:
         fn, args = run.judge, (list(batch.prompts), list(batch.responses), batch.ended.tolist())
-    else:
-        first, second = pairs
-        fn, args = run.judge.prefer, ([batch.prompts[i] for i in first], [batch.responses[i] for i in first],
-                                      [batch.responses[i] for i in second])
+    else:  # prompts of the first rows, responses of the first and of the second rows
+        fn = run.judge.prefer
+        args = ([batch.prompts[i] for i in pairs[0]], *([batch.responses[i] for i in rows] for rows in pairs))
 
     def call():
         t = time.time()
