@@ -21,7 +21,6 @@ sequence (or per pair); the objective is their mean, and the loop divides a mini
 DPO/IPO/SLiC: by its pairs that carry a preference).
 """
 import math
-import time
 
 import torch
 import torch.nn.functional as F
@@ -304,11 +303,8 @@ def judge_preferences(cfg, ctx, run, batch, first, second, pending=None, timer=N
     the log-probs; timer gets prefer and prefer_wait, as judge_batch's judge and judge_wait. Like
     loop.judge_batch for rewards, raises loop.JudgeFailure (on every rank) when more than --max-invalid-frac of
     the online batch's pairs got no valid judgment."""
-    pending, t = pending or loop.judge_async(cfg, run, batch, overlap=False, pairs=(first, second)), time.time()
-    judged, seconds = loop.judge_or_fail(ctx, pending)
-    if timer is not None:
-        timer.update(prefer=seconds, prefer_wait=time.time() - t + (seconds if getattr(pending, "in_place", 0) else 0))
-    p = torch.tensor(judged, dtype=torch.float64)
+    pending = pending or loop.judge_async(cfg, run, batch, overlap=False, pairs=(first, second))
+    p = torch.tensor(loop.judge_or_fail(ctx, pending, timer, "prefer"), dtype=torch.float64)
     frac = loop.invalid_share(ctx, p)
     if frac > cfg.max_invalid_frac:
         raise loop.JudgeFailure(f"{frac:.0%} of its preference judgments are invalid, above --max-invalid-frac "

@@ -16,7 +16,7 @@ user's turn, as in Anthropic HH); `ended[i]` says whether response i emitted EOS
 The judges (--judge, --eval-judge):
   toy_gold      the toy task's exact rule: 10 x the fraction of positions that match the reversed word,
                 0 when the response never ended (no EOS). The "gold" reward used for evaluation.
-  toy_biased    the toy task's stand-in for the paper's LLM annotator, and its default training judge: an
+  toy_biased    the toy task's stand-in for the paper's LLM annotator, what the toy grids train on (train.sh): an
                 integer SCORE on the bounded 1-10 scale, read from the text alone, with a verbosity bias. The
                 exact answer gets 8, one or two characters more 9 or 10 (even with a letter wrong), and rambling
                 is marked down (tasks.toy_biased_score). A policy can exploit it only within the scale.
@@ -38,9 +38,10 @@ The judges (--judge, --eval-judge):
                 the sentiment words, in [-1, 1]) on the 1-10 scale; --task sentiment's evaluation judge, so that
                 a policy that games VADER (repetition, "!!!") can be told from one that is more positive.
 
-Reward scales: toy_gold 0-10, toy_biased 1-10, toy_proxy 0 and up; vader and textblob 1-10 (`sentiment_to_scale`); llm 1-10 (harmlessness
-flipped, 11 - harm, see `parse_reward`); reward_model the model's own logit scale. The loop normalises
-advantages per batch, so DAR only sees the ordering and spread of rewards within a batch.
+Reward scales: toy_gold 0-10, toy_biased 1-10, toy_proxy 0 and up; vader and textblob 1-10
+(`sentiment_to_scale`); llm 1-10 (harmlessness flipped, 11 - harm, see `parse_reward`); reward_model the
+model's own logit scale. The loop normalises advantages per batch, so DAR only sees the ordering and spread
+of rewards within a batch.
 
 A stand-in annotator for tests and demos, needing no GPU and no model: an OpenAI-compatible HTTP server
 whose "LLM" is the toy task's rule, reading the very prompts an LLM would read. The paper's reward and

@@ -310,12 +310,8 @@ def judge_batch(cfg, ctx, run, batch, pending=None, timer=None):
     this waits for it); timer gets judge (the call's own seconds) and judge_wait (what this thread waited).
 
     Raises JudgeFailure (on every rank alike) when the share of invalid judgments over the whole online batch
-    exceeds cfg.max_invalid_frac: a judge that is down or answering garbage, whose batch must not be trained on.
-    """
-    pending, t = pending or judge_async(cfg, run, batch, overlap=False), time.time()
-    judged, seconds = judge_or_fail(ctx, pending)
-    if timer is not None:  # a call made in place (no overlap) was all waiting
-        timer.update(judge=seconds, judge_wait=time.time() - t + (seconds if getattr(pending, "in_place", 0) else 0))
+    exceeds cfg.max_invalid_frac: a judge that is down or answering garbage, whose batch must not be trained on."""
+    judged = judge_or_fail(ctx, pending or judge_async(cfg, run, batch, overlap=False), timer)
     rewards = torch.tensor(judged.rewards, dtype=torch.float64)
     if torch.isinf(rewards).any():  # an infinite reward (a reward model overflowing) is no judgment either
         judged.reasons["infinite reward"] = int(torch.isinf(rewards).sum())
@@ -381,15 +377,19 @@ def eval_judge(cfg, task):
     return make_judge(cfg.eval_judge, task, evaluator_config(cfg))
 
 
-def judge_or_fail(ctx, pending):
-    """judge_async's (Judgment, seconds) once its call is done; when a reward function raised on any rank,
-    JudgeFailure on every rank (a rank stopping alone would leave the others waiting in the checkpoint's
-    collectives)."""
+def judge_or_fail(ctx, pending, timer=None, name="judge"):
+    """judge_async's result once its call is done (timer: NAME, the call's seconds, and NAME_wait, this thread's
+    wait, all of the call when it ran in place); when a reward function raised on any rank, JudgeFailure on every
+    rank (a rank stopping alone would leave the others waiting in the checkpoint's collectives)."""
+    t = time.time()
     judged, error, seconds = pending.result()
+    if timer is not None:
+        waited = time.time() - t + (seconds if getattr(pending, "in_place", 0) else 0)
+        timer.update({name: seconds, name + "_wait": waited})
     failed = gather(ctx, torch.tensor([float(bool(error))], device=ctx.device))
     if failed.any():
         raise JudgeFailure(error or f"a reward function raised on rank {int(failed.nonzero()[0])} (its message there)")
-    return judged, seconds
+    return judged
 
 
 def reward_components(ctx, judge):

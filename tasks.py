@@ -4,7 +4,7 @@ The built-in task `toy` lets the whole of DAR run on a CPU in minutes, with noth
 
   * the prompt asks the assistant to reverse a short lowercase word: "reverse: kbdha" -> "ahdbk";
   * the reward is computed exactly by a rule (`toy_gold_score`); a bounded, verbosity-biased 1-10 scorer stands
-    in for the paper's imperfect LLM annotator (`toy_biased_score`, the default training judge), and an unbounded
+    in for the paper's imperfect LLM annotator (`toy_biased_score`, the toy grids' training judge), and an unbounded
     length-biased one is kept as a stress test (`toy_proxy_score`); judge.py wraps all three as judges;
   * the model is a tiny Qwen2 (same architecture class as Qwen2-7B) with a byte-level tokenizer and a
     chat template, built here and saved as an ordinary Hugging Face directory;
