@@ -2,6 +2,7 @@
 label a pair gets (the annotator's preference, or the reward ranking), and that a pair without a preference (a
 tie, an annotator whose two orders disagree, an invalid judgment) is left out of the loss and of its divisor,
 on one rank and across DDP ranks."""
+import gc
 import math
 import os
 from types import SimpleNamespace
@@ -106,7 +107,9 @@ def ddp_worker(rank, world, init_file, out_dir):
         loop.minibatch_updates(SimpleNamespace(max_grad_norm=0), infra.Dist(rank=rank, world=world), run, 2, 1, 1,
                                loss_fn, epochs=1, used=used)
         torch.save(model.weight.detach().clone(), os.path.join(out_dir, f"w{rank}.pt"))
-    finally:
+    finally:  # DDP's reducer goes before the group, as infra.end_distributed does (a hang at exit otherwise)
+        ddp = run = None
+        gc.collect()
         tdist.destroy_process_group()
 
 
