@@ -70,16 +70,17 @@ def setup_distributed(cfg):
 
 
 def end_distributed(run):
-    """Destroy the process group at the end of a run, after freeing the DDP wrappers (run: a loop.Run, or None).
+    """Destroy the process group at the end of a run, after freeing the run's models (run: a loop.Run, or None).
 
-    DDP's reducer holds a reference to the group. Freed after destroy_process_group (when main returns), it would
-    run gloo's destructor, which joins the group's worker threads while holding the GIL; a worker still freeing a
-    finished work that holds Python tensors waits for that GIL, and the process hangs at exit (seen under
-    torchrun in the tests, rank 1 stuck in ~ProcessGroupGloo <- ~Reducer; pytorch#75097)."""
+    DDP's reducer and FSDP2's device mesh hold references to the group. Freed after destroy_process_group (when
+    main returns, or at interpreter exit), they run gloo's destructor late: it joins the group's worker threads
+    while holding the GIL, and a worker still freeing a finished work that holds Python tensors waits for that
+    GIL, so the process hangs at exit (seen under torchrun in the tests, rank 1 stuck in ~ProcessGroupGloo <-
+    ~Reducer; pytorch#75097), or a rank aborts with "terminate called without an active exception"."""
     if not torch.distributed.is_initialized():
         return
     if run is not None:
-        run.ddp = run.value_ddp = None
+        run.ddp = run.value_ddp = run.policy = run.value = run.ref = run.opt = run.sched = None
         gc.collect()
     torch.distributed.destroy_process_group()
 
