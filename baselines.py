@@ -531,8 +531,9 @@ def iter_sft_step(step, cfg, ctx, run):
 
     # 5. one optimizer step: SFT (weight 1) on the B best responses, micro-batched
     def loss_fn(mb):
-        logp = rollout.token_logps(run.ddp, batch.select(best[mb]).to(ctx.device)).sum(1)
-        return (loop.sft_loss(logp, cfg.max_new_tokens) * has_valid[mb].float().to(logp.device)).sum(), {}
+        valid = has_valid[mb].float()
+        logp = rollout.token_logps(run.ddp, batch.select(best[mb]).to(ctx.device), seq_grad=valid).sum(1)
+        return (loop.sft_loss(logp, cfg.max_new_tokens) * valid.to(logp.device)).sum(), {}
 
     with infra.timed(timer, "update"):
         upd = loop.minibatch_updates(cfg, ctx, run, len(best), 1, cfg.micro_batch, loss_fn, epochs=1,

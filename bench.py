@@ -27,7 +27,8 @@ Sections, each one table in a fixed format:
              the judge's seconds, the step's wait for it, the seconds saved per batch
   logps      peak memory and time of the chosen tokens' log-probs (with gradients) at Qwen2's vocabulary, for one
              micro-batch of two 1,024-token responses, from the last hidden states and the LM head: the float32
-             log-softmax of the logits, rollout.selected_logps of the logits, and rollout.head_logps (no logits)
+             log-softmax of the logits, rollout.selected_logps of the logits, and rollout.head_logps (no logits),
+             with the loss's gradient unknown in forward (GRPO, PPO) and known (DAR's weights: grad_hint)
 
 Every figure is a median over --batches online batches after --warmup ones. Each measurement runs in its own
 process (peak memory is a per-process figure: max RSS on a CPU, torch's peak allocation on a GPU) with
@@ -262,9 +263,10 @@ def work_logps(job):
     """Peak memory and time of the log-probs of the chosen tokens, with gradients, at Qwen2's vocabulary: one
     micro-batch of bf16 last hidden states [rows, tokens, hidden] and a bf16 LM head [151,936, hidden], through
     the head's product and the straightforward float32 log-softmax, through the product and
-    rollout.selected_logps (the logits path), or by rollout.head_logps (fused: no logits). The hidden states
-    and the head are made before the peak is read, so the extra is what the method adds; it includes the head's
-    gradient [151,936, hidden] (weight_grad_mb), which every method makes."""
+    rollout.selected_logps (the logits path), or by rollout.head_logps (fused: no logits; fused_hint: told the
+    gradient, all ones here, as DAR tells it its weights). The hidden states and the head are made before the
+    peak is read, so the extra is what the method adds; it includes the head's gradient [151,936, hidden]
+    (weight_grad_mb), which every method makes."""
     torch.manual_seed(0)
     (rows, tokens), V, d = (job["rows"], job["tokens"]), 151936, job["hidden"]
     h = torch.empty(rows, tokens, d, dtype=torch.bfloat16).normal_().requires_grad_()  # in place: no float32 copy
@@ -278,7 +280,8 @@ def work_logps(job):
     elif job["method"] == "chunked":
         logp = rollout.selected_logps(torch.nn.functional.linear(h, w), targets)
     else:
-        logp = rollout.head_logps(h.view(-1, d), w, None, targets.view(-1))
+        hint = torch.ones(rows * tokens) if job["method"] == "fused_hint" else None
+        logp = rollout.head_logps(h.view(-1, d), w, None, targets.view(-1), grad_hint=hint)
     logp.sum().backward()
     return {"seconds": time.time() - t0, "extra_mb": peak_memory_mb() - base,
             "logits_mb": rows * tokens * V * 2 / 2 ** 20, "weight_grad_mb": w.numel() * 2 / 2 ** 20}
@@ -503,12 +506,12 @@ def main(argv=None):
               f"{args.logps_hidden}] and an LM head at Qwen2's 151,936-word vocabulary (extra: peak beyond them)")
         print(f"{'method':16} {'tokens':>7} {'logits MB':>10} {'extra peak MB':>14} {'less head grad':>15} "
               f"{'seconds':>8}")
-        for method in ("straightforward", "chunked", "fused"):
+        for method in ("straightforward", "chunked", "fused", "fused_hint"):
             r = run_worker(dict(kind="logps", method=method, rows=2, tokens=1024, hidden=args.logps_hidden),
                            args.threads)
             report.setdefault("logps", {})[method] = r
             print(f"{method:16} " + (f"error: {r['error']}" if "error" in r else
-                                     f"{2 * 1024:7d} {r['logits_mb'] if method != 'fused' else 0:10.0f} "
+                                     f"{2 * 1024:7d} {0 if method.startswith('fused') else r['logits_mb']:10.0f} "
                                      f"{r['extra_mb']:14.0f} {r['extra_mb'] - r['weight_grad_mb']:15.0f} "
                                      f"{r['seconds']:8.2f}"))
     if "overlap" in sections:

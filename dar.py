@@ -131,9 +131,11 @@ def dar_step(step, cfg, ctx, run):
                            adv_mean, adv_std)
 
     # 6. weighted SFT, -w_i log pi_theta(y_i|x) with the weights of step 5 (Eq. 4): online_batch / minibatch
-    #    optimizer steps per epoch, each on a random minibatch; the loop divides a minibatch's sum by its size
+    #    optimizer steps per epoch, each on a random minibatch; the loop divides a minibatch's sum by its size.
+    #    Eq. 4 is linear in log pi_theta, so its gradient (proportional to w_i) is known before the forward:
+    #    seq_grad lets the LM head form its gradients there (rollout.head_logps' grad_hint)
     def loss_fn(mb):
-        logp = rollout.token_logps(run.ddp, batch.select(mb).to(ctx.device)).sum(1)             # [n]
+        logp = rollout.token_logps(run.ddp, batch.select(mb).to(ctx.device), seq_grad=w[mb]).sum(1)  # [n]
         loss = weighted_sft_loss(logp, w[mb].to(logp.device), length_norm=cfg.max_new_tokens)  # [n]
         return loss.sum(), {"kl_pi_t": (logp_t[mb] - logp.detach().cpu()).mean().item()}
 

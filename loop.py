@@ -596,7 +596,7 @@ def sft_step(step, cfg, ctx, run):
 
     def loss_fn(mb):
         part = batch.select(mb).to(ctx.device)
-        logp_tok = rollout.token_logps(run.ddp, part)                                          # [n, R]
+        logp_tok = rollout.token_logps(run.ddp, part, seq_grad=torch.ones(len(mb)))          # [n, R]
         loss = sft_loss(logp_tok.sum(1), cfg.max_new_tokens)
         return loss.sum(), {"nll_sum": -logp_tok.detach().sum().item(), "tokens": part.response_mask.sum().item()}
 

@@ -283,6 +283,7 @@ def selected_logps(logits, targets, chunk_tokens=LOGP_CHUNK_TOKENS, temperature=
 # ---------------------------------------------------------------------------------------------------
 HEAD_CHUNK_ELEMENTS = 2 ** 22  # float32 logits the fused head makes at once (16 MB): [positions, vocabulary rows]
 HEAD_MIN_ROWS = 2048           # vocabulary rows a block has at least: positions are grouped by 2 ** 22 / 2048 = 2,048
+HEAD_GROUP_BYTES = 2 ** 26     # logits of one group of positions kept whole when the gradient is known in forward
 # model types whose CausalLM forward applies the LM head bare (logits = lm_head(h), nothing after): only there
 # may the head compute the log-probs in place of the logits. Gemma 2's soft-capping, Granite's and Cohere's
 # scaling (and any model not named) take the logits path (selected_logps).
@@ -327,6 +328,69 @@ def _head_scan(h, weight, bias, targets, temperature, chunk, entropy):
     return picked - lse, lse, (lse - u / s) if entropy else None
 
 
+def _head_scan_with_grads(h, weight, bias, targets, temperature, chunk, coef, need):
+    """(log p(targets), logsumexp, grad_h, grad_W, grad_b) when the loss's gradient to each log-prob is known in
+    forward: `coef` [M] (Eq. 4's w_i: the loss is linear in log pi). With g = coef / T and dz = g (onehot -
+    softmax(z)), grad_h = dz W [M, d] float32, grad_W = dz^T h [V, d] in W's dtype and grad_b = the column sums
+    of dz [V] float32 (each None unless `need` asks for it).
+
+    Positions go in groups whose logits [rows, V] fit in HEAD_GROUP_BYTES, kept in W's dtype (the model's own
+    product): one product for the logits, one for grad_h, one for grad_W, three head-sized products in all, as
+    the logits path has, against four when backward must recompute the logits. grad_W adds up across groups in
+    W's dtype (8 groups for 2,048 positions at Qwen2's bf16 vocabulary of 151,936)."""
+    (M, d), V = h.shape, weight.shape[0]
+    need_h, need_w, need_b = need
+    f32 = dict(dtype=torch.float32, device=h.device)
+    rows = min(M, max(1, HEAD_GROUP_BYTES // (V * weight.element_size())))
+    cols = max(1, chunk // HEAD_MIN_ROWS)  # vocabulary rows a block: 2,048, as in _head_scan
+    logp, lse = torch.empty(M, **f32), torch.empty(M, **f32)
+    grad_h = torch.zeros(M, d, **f32) if need_h else None
+    grad_w = torch.empty_like(weight) if need_w else None
+    grad_b = torch.zeros(V, **f32) if need_b else None
+    z = torch.empty(rows, V, dtype=weight.dtype, device=h.device)
+    for i in range(0, M, rows):
+        hr, t, g = h[i:i + rows].to(weight.dtype), targets[i:i + rows], coef[i:i + rows].float() / temperature
+        n, zr = hr.shape[0], z[:hr.shape[0]]
+        m, total = torch.full((n,), -torch.inf, **f32), torch.zeros(n, **f32)
+        for j in range(0, V, cols):  # the group's logits, and their logsumexp carried across blocks
+            c = slice(j, j + cols)
+            zr[:, c] = torch.nn.functional.linear(hr, weight[c], None if bias is None else bias[c])
+            zc = zr[:, c].to(torch.float32, copy=True).div_(temperature)
+            top = torch.maximum(m, zc.amax(-1))
+            total = total * (m - top).exp() + zc.sub_(top[:, None]).exp_().sum(-1)
+            m = top
+        group_lse = m + total.log()
+        lse[i:i + n] = group_lse
+        logp[i:i + n] = zr[torch.arange(n, device=h.device), t].float().div_(temperature) - group_lse
+        for j in range(0, V, cols):
+            c = slice(j, j + cols)
+            dz = zr[:, c].to(torch.float32, copy=True).div_(temperature).sub_(group_lse[:, None]).exp_()
+            dz.mul_(-g[:, None])                                                               # -g softmax
+            hit = ((t >= j) & (t < j + dz.shape[1])).nonzero().squeeze(1)
+            dz[hit, t[hit] - j] += g[hit]                                                      # + g onehot
+            low = dz.to(weight.dtype)
+            if need_h:
+                grad_h[i:i + n] += low @ weight[c]
+            if need_w and i == 0:
+                torch.matmul(low.T, hr, out=grad_w[c])
+            elif need_w:
+                grad_w[c].addmm_(low.T, hr)
+            if need_b:
+                grad_b[c] += dz.sum(0)
+    return logp, lse, grad_h, grad_w, grad_b
+
+
+def _scale_of(grad_out, coef):
+    """s with grad_out = s * coef (to float32 rounding), or None: whether the gradient that reached the log-probs
+    is the one their forward was told to expect, up to the one factor the loss's reductions add (1 / n, ...)."""
+    g, c = grad_out.float(), coef.float()
+    cc = (c * c).sum()
+    if cc == 0:
+        return None
+    s = (g * c).sum() / cc
+    return s.item() if (g - s * c).abs().max() <= 1e-5 * g.abs().max() else None
+
+
 class _HeadLogps(torch.autograd.Function):
     """log softmax((h W^T + b) / T)[target] per position, from hidden states h [M, d] and the head's W [V, d]
     (bias [V] or None), never holding [M, V] logits (_head_scan; autograd keeps h, W and [M] logsumexps).
@@ -336,11 +400,20 @@ class _HeadLogps(torch.autograd.Function):
     A row block of grad_W is one product summing over a group's positions inside the matrix multiply (float32
     accumulation), written in W's dtype (added to, in W's dtype, for groups after the first: micro-batches over
     2,048 positions); grad_h adds up in float32. Cost: one more product of the head's size than the logits path.
+
+    With a hint `coef` (head_logps' grad_hint), forward forms those gradients itself (_head_scan_with_grads) and
+    backward only scales them by s, grad_out = s * coef (_scale_of); any other grad_out takes the path above.
     """
 
     @staticmethod
-    def forward(ctx, h, weight, bias, targets, temperature, chunk):
-        logp, lse, _ = _head_scan(h, weight, bias, targets, temperature, chunk, entropy=False)
+    def forward(ctx, h, weight, bias, targets, temperature, chunk, coef):
+        ctx.grads = None
+        if coef is not None and any(ctx.needs_input_grad[:3]):
+            logp, lse, *grads = _head_scan_with_grads(h, weight, bias, targets, temperature, chunk, coef,
+                                                      ctx.needs_input_grad[:3])
+            ctx.grads, ctx.coef = grads, coef
+        else:
+            logp, lse, _ = _head_scan(h, weight, bias, targets, temperature, chunk, entropy=False)
         ctx.save_for_backward(h, weight, bias, targets, lse)
         ctx.temperature, ctx.chunk = temperature, chunk
         return logp
@@ -348,6 +421,16 @@ class _HeadLogps(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         h, weight, bias, targets, lse = ctx.saved_tensors
+        s = None if ctx.grads is None else _scale_of(grad_out, ctx.coef)
+        if s is not None:  # the gradient forward expected: its products, scaled (once: then they are gone)
+            grad_h, grad_w, grad_b = ctx.grads
+            ctx.grads = None
+            if s != 1.0:
+                grad_h, grad_b = (None if x is None else x.mul_(s) for x in (grad_h, grad_b))
+                grad_w = None if grad_w is None else grad_w.mul_(s)
+            return (None if grad_h is None else grad_h.to(h.dtype), grad_w,
+                    None if grad_b is None else grad_b.to(bias.dtype), None, None, None, None)
+        ctx.grads = None
         (M, d), V = h.shape, weight.shape[0]
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         g = grad_out.float() / ctx.temperature                                                 # [M]
@@ -371,15 +454,22 @@ class _HeadLogps(torch.autograd.Function):
                     grad_w[c] = low.T @ hr if i == 0 else grad_w[c] + low.T @ hr
                 if need_b:
                     grad_b[c] = dz.sum(0).to(bias.dtype) if i == 0 else grad_b[c] + dz.sum(0).to(bias.dtype)
-        return None if grad_h is None else grad_h.to(h.dtype), grad_w, grad_b, None, None, None
+        return None if grad_h is None else grad_h.to(h.dtype), grad_w, grad_b, None, None, None, None
 
 
-def head_logps(h, weight, bias, targets, temperature=1.0, chunk=None):
+def head_logps(h, weight, bias, targets, temperature=1.0, chunk=None, grad_hint=None):
     """log p(targets) at `temperature`, p = softmax((h W^T + b) / T), from hidden states h [M, d], the LM head's
     weight W [V, d] and bias [V] (or None), targets [M] -> [M] float32 with gradients to h, W and b
     (_HeadLogps): what selected_logps(lm_head(h)) gives, without the [M, V] logits or their gradient. `chunk`:
-    logits per block (HEAD_CHUNK_ELEMENTS)."""
-    return _HeadLogps.apply(h, weight, bias, targets, float(temperature), chunk or HEAD_CHUNK_ELEMENTS)
+    logits per block (HEAD_CHUNK_ELEMENTS).
+
+    grad_hint [M]: the gradient the loss will send to these log-probs, up to one factor, when it is known before
+    the forward (a loss linear in log pi, such as Eq. 4's weighted SFT: w_i on sequence i's tokens). The head's
+    gradients are then formed in forward from logits made once (_head_scan_with_grads) and scaled in backward.
+    A gradient that turns out not to be proportional to the hint is computed the usual way: a wrong hint costs
+    time, never correctness."""
+    hint = grad_hint if torch.is_grad_enabled() else None  # no backward to come: nothing to form in forward
+    return _HeadLogps.apply(h, weight, bias, targets, float(temperature), chunk or HEAD_CHUNK_ELEMENTS, hint)
 
 
 @torch.no_grad()
@@ -403,18 +493,20 @@ def fusable_head(model):
 
 
 @contextlib.contextmanager
-def head_computes_logps(head, targets, temperature, entropy):
+def head_computes_logps(head, targets, temperature, entropy, grad_hint=None):
     """While active, `head` (the model's LM head) maps the hidden states h [N, R+1, d] the model hands it to the
-    log-probs of `targets` [N, R+1] (with entropy: [N, R+1, 2], log-prob and entropy). The model's forward runs
-    as it is, under DDP or FSDP2 too, and the head's weight is used inside it, where FSDP2 has it whole, just as
-    the logits path uses it. Tied embeddings are one parameter: its gradient is the head's plus the embedding's."""
+    log-probs of `targets` [N, R+1] (with entropy: [N, R+1, 2], log-prob and entropy; grad_hint [N, R+1] or
+    None: head_logps'). The model's forward runs as it is, under DDP or FSDP2 too, and the head's weight is used
+    inside it, where FSDP2 has it whole, just as the logits path uses it. Tied embeddings are one parameter: its
+    gradient is the head's plus the embedding's."""
     def forward(h):
         N, K, d = h.shape
         flat, t = h.reshape(N * K, d), targets.reshape(N * K)
         if entropy:
             logp, ent = head_logps_and_entropy(flat, head.weight, head.bias, t, temperature)
             return torch.stack([logp, ent], -1).view(N, K, 2)
-        return head_logps(flat, head.weight, head.bias, t, temperature).view(N, K)
+        hint = None if grad_hint is None else grad_hint.reshape(N * K)
+        return head_logps(flat, head.weight, head.bias, t, temperature, grad_hint=hint).view(N, K)
     head.forward = forward
     try:
         yield
@@ -422,10 +514,14 @@ def head_computes_logps(head, targets, temperature, entropy):
         del head.forward
 
 
-def token_logps(model, batch, entropy=False, fused=True):
+def token_logps(model, batch, entropy=False, fused=True, seq_grad=None):
     """log pi(y_j | x, y_<j) at the batch's temperature, log softmax(logits / T), for every response token of
     `batch` (a Rollout): [N, R], 0 where masked. entropy=True (no gradients; loop.score's pi_t pass): also the
     entropy of pi(. | x, y_<j) at T, the distribution y_j was drawn from: ([N, R], [N, R]).
+
+    seq_grad [N]: for a loss that is a weighted sum of the sequences' log-probs (Eq. 4's weighted SFT: w_i), the
+    weights, known before the forward: the fused head then forms its gradients in forward, three head-sized
+    products in place of four (head_logps' grad_hint; any other gradient is still computed exactly).
 
     Position ids count real tokens only, so a left-padded row sees the same positions as it did during
     generation. Only the last R+1 positions reach the LM head (`logits_to_keep`): the prompt's logits are never
@@ -441,7 +537,9 @@ def token_logps(model, batch, entropy=False, fused=True):
     targets = torch.nn.functional.pad(ids[:, -R:], (0, 1))
     keep = batch.response_mask.bool()
     head = fusable_head(model) if fused else None
-    with head_computes_logps(head, targets, batch.temperature, entropy) if head else contextlib.nullcontext():
+    hint = None if seq_grad is None else torch.nn.functional.pad(keep * seq_grad.to(keep.device)[:, None], (0, 1))
+    with (head_computes_logps(head, targets, batch.temperature, entropy, hint) if head
+          else contextlib.nullcontext()):
         out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, logits_to_keep=R + 1,
                     use_cache=False).logits  # fused: [N, R+1] log-probs ([N, R+1, 2] with the entropy)
     if head is None and entropy:

@@ -79,6 +79,49 @@ def test_head_logps_match_the_straightforward_values_and_gradients(bias, chunk, 
     assert not torch.allclose(got.double(), logp_all.exp().gather(-1, t[:, None]).squeeze(-1), atol=1e-2)
 
 
+def record_scales(monkeypatch):
+    """The s of every backward that had a grad_hint (None: the gradient was not the hinted one)."""
+    seen, real = [], rollout._scale_of
+
+    def scale_of(grad_out, coef):
+        seen.append(real(grad_out, coef))
+        return seen[-1]
+    monkeypatch.setattr(rollout, "_scale_of", scale_of)
+    return seen
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("group", [1, 5, 1000])  # positions per group: one, uneven groups, all at once
+@pytest.mark.parametrize("scale", [1.0, -0.37])  # the factor a loss's reductions add to the hinted gradient
+def test_a_gradient_known_in_forward_gives_the_same_values_and_gradients(bias, group, scale, monkeypatch):
+    """grad_hint: the head's gradients formed in forward (_head_scan_with_grads) and scaled in backward equal the
+    straightforward ones; a hint with zeros in it, and a loss whose gradient is not the hinted one (computed the
+    usual way), too."""
+    torch.manual_seed(0)
+    M, d, V_, T = 37, 8, 50, 0.7
+    monkeypatch.setattr(rollout, "HEAD_GROUP_BYTES", group * V_ * 8)  # float64: 8 bytes a logit
+    h = torch.randn(M, d, dtype=torch.float64, requires_grad=True)
+    W = (2 * torch.randn(V_, d, dtype=torch.float64)).requires_grad_()
+    b = torch.randn(V_, dtype=torch.float64, requires_grad=True) if bias else None
+    t, w = torch.randint(0, V_, (M,)), torch.randn(M, dtype=torch.float64)
+    w[3] = 0.0
+    inputs = [h, W] + ([b] if bias else [])
+    ref = (torch.nn.functional.linear(h, W, b) / T).log_softmax(-1).gather(-1, t[:, None]).squeeze(-1)
+    seen = record_scales(monkeypatch)
+    for loss_weights, expect in ((w * scale, scale), (torch.randn(M, dtype=torch.float64), None)):
+        grads_ref = torch.autograd.grad((ref * loss_weights).sum(), inputs, retain_graph=True)
+        got = rollout.head_logps(h, W, b, t, T, chunk=7 * 13, grad_hint=w.float())
+        grads = torch.autograd.grad((got * loss_weights).sum(), inputs)
+        torch.testing.assert_close(got.double(), ref.detach(), rtol=0, atol=1e-5)
+        for a, e in zip(grads, grads_ref, strict=True):
+            torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)
+        assert seen.pop() == pytest.approx(expect, rel=1e-6) if expect else seen.pop() is None
+    with torch.no_grad():  # no backward to come: nothing formed, nothing asked
+        torch.testing.assert_close(rollout.head_logps(h, W, b, t, T, grad_hint=w.float()).double(), ref.detach(),
+                                   rtol=0, atol=1e-5)
+    assert seen == []
+
+
 def test_head_logps_in_bfloat16_match_the_logits_path():
     """bf16 hidden states and weight: the same products as the model's head, so the same figures as
     selected_logps on lm_head(h) (to bf16 rounding of the gradients)."""
@@ -88,12 +131,18 @@ def test_head_logps_in_bfloat16_match_the_logits_path():
     t, g = torch.randint(0, 500, (2, 24)), torch.randn(2, 24)
     ref = rollout.selected_logps(torch.nn.functional.linear(h, W), t, chunk_tokens=5, temperature=0.9)
     ref_h, ref_w = torch.autograd.grad((ref * g).sum(), [h, W])
-    got = rollout.head_logps(h.view(48, 16), W, None, t.view(48), 0.9, chunk=4000).view(2, 24)
-    got_h, got_w = torch.autograd.grad((got * g).sum(), [h, W])
-    assert got_h.dtype == got_w.dtype == torch.bfloat16
-    torch.testing.assert_close(got, ref, rtol=0, atol=1e-5)
-    torch.testing.assert_close(got_h.float(), ref_h.float(), rtol=2e-2, atol=2e-2)
-    torch.testing.assert_close(got_w.float(), ref_w.float(), rtol=2e-2, atol=2e-2)
+    for hint in (None, g.view(48)):  # with the gradient known in forward: 5 groups of 10 positions (and 8)
+        rollout.HEAD_GROUP_BYTES, before = 10 * 500 * 2, rollout.HEAD_GROUP_BYTES
+        try:
+            got = rollout.head_logps(h.view(48, 16), W, None, t.view(48), 0.9, chunk=4000, grad_hint=hint)
+        finally:
+            rollout.HEAD_GROUP_BYTES = before
+        got = got.view(2, 24)
+        got_h, got_w = torch.autograd.grad((got * g).sum(), [h, W])
+        assert got_h.dtype == got_w.dtype == torch.bfloat16
+        torch.testing.assert_close(got, ref, rtol=0, atol=1e-5)
+        torch.testing.assert_close(got_h.float(), ref_h.float(), rtol=2e-2, atol=2e-2)
+        torch.testing.assert_close(got_w.float(), ref_w.float(), rtol=2e-2, atol=2e-2)
 
 
 @pytest.mark.parametrize("tied", [True, False])
@@ -124,6 +173,28 @@ def test_token_logps_through_a_qwen2_model_equal_the_straightforward_computation
     torch.testing.assert_close(entropy, entropy_ref, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("tied", [True, False])
+def test_dars_loss_told_its_weights_forms_the_heads_gradients_in_forward(tied, monkeypatch):
+    """token_logps(seq_grad=w) under Eq. 4's weighted SFT (dar.weighted_sft_loss, a minibatch mean): the
+    gradient of every parameter of a real Qwen2 equals the straightforward one, and backward took the formed
+    gradients (a scale was found), through padding and masked tokens."""
+    import dar
+    model, batch = tiny_qwen2(tied), tiny_batch()
+    w = torch.tensor([0.3, 2.0, 0.0, 1.1])
+    params = [p for _, p in model.named_parameters()]
+
+    def loss(logp):
+        return dar.weighted_sft_loss(logp.sum(1), w, length_norm=6).sum() / 4
+    grads_ref = torch.autograd.grad(loss(straightforward(model, batch)), params)
+    seen = record_scales(monkeypatch)
+    got = rollout.token_logps(model, batch, seq_grad=w)
+    grads = torch.autograd.grad(loss(got), params)
+    assert len(seen) == 1 and seen[0] == pytest.approx(-1 / 24)
+    torch.testing.assert_close(got, straightforward(model, batch), rtol=0, atol=1e-5)
+    for (name, _), a, e in zip(model.named_parameters(), grads, grads_ref, strict=True):
+        torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_no_tensor_of_the_micro_batch_logits_size_is_made(monkeypatch):
     """Forward and backward through the model: the largest tensor is a block of HEAD_CHUNK_ELEMENTS logits or a
     weight, never [N, R+1, V] (which the logits path makes, as the same measure sees)."""
@@ -150,11 +221,18 @@ def test_a_head_that_is_not_a_bare_linear_takes_the_logits_path():
     torch.testing.assert_close(rollout.token_logps(model, batch), straightforward(model, batch), rtol=0, atol=1e-5)
 
 
-def averaged_reference(tied):
+def loss_weights(batch, hinted):
+    """Per-token weights [4, R] for the 2-rank test; hinted: one weight per row (a loss like Eq. 4's, whose
+    gradient token_logps is told in forward with seq_grad)."""
+    weights = torch.randn(batch.response_mask.shape, generator=torch.Generator().manual_seed(2))
+    return weights[:, :1].expand_as(weights) if hinted else weights
+
+
+def averaged_reference(tied, hinted):
     """One process, no sharding: the log-probs of the 4 rows and the gradient each rank's loss (its 2 rows)
     gives, averaged over the 2 ranks as DDP and FSDP2 average them."""
     model, batch = tiny_qwen2(tied), tiny_batch()
-    weights = torch.randn(batch.response_mask.shape, generator=torch.Generator().manual_seed(2))
+    weights = loss_weights(batch, hinted)
     logp = straightforward(model, batch)
     grads = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
     for rank in range(2):
@@ -166,19 +244,23 @@ def averaged_reference(tied):
     return logp.detach(), grads
 
 
+MODES = ("ddp", "fsdp", "ddp_hint", "fsdp_hint")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("tied", [True, False])
 def test_ddp_and_fsdp2_match_one_process(tied, tmp_path):
     """torchrun, 2 ranks, gloo: each rank scores its 2 rows through token_logps' fused path, under DDP and under
-    FSDP2 (infra.shard: the head's weight sharded outside the root's forward); log-probs and averaged gradients
-    equal one unsharded process's straightforward computation."""
+    FSDP2 (infra.shard: the head's weight sharded outside the root's forward), with the gradient unknown and
+    known in forward (seq_grad); log-probs and averaged gradients equal one unsharded process's straightforward
+    computation."""
     import subprocess
     from conftest import TORCHRUN, dar_env
     p = subprocess.run(TORCHRUN + [os.path.abspath(__file__), str(tmp_path), str(int(tied))], env=dar_env(),
                        capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
-    logp, grads = averaged_reference(tied)
-    for mode in ("ddp", "fsdp"):
+    for mode in MODES:
+        logp, grads = averaged_reference(tied, mode.endswith("hint"))
         got = torch.load(tmp_path / f"{mode}.pt")
         torch.testing.assert_close(got["logp"], logp, rtol=0, atol=1e-5, msg=mode)
         assert got["grads"].keys() == grads.keys()
@@ -193,15 +275,20 @@ def worker(out, tied):
     torch.distributed.init_process_group("gloo")
     rank = torch.distributed.get_rank()
     batch = tiny_batch()
-    weights = torch.randn(batch.response_mask.shape, generator=torch.Generator().manual_seed(2))
     rows = torch.arange(2 * rank, 2 * rank + 2)
-    for mode in ("ddp", "fsdp"):
+    scales, real_scale_of = [], rollout._scale_of
+    rollout._scale_of = lambda grad_out, coef: scales.append(real_scale_of(grad_out, coef)) or scales[-1]
+    for mode in MODES:
+        weights = loss_weights(batch, mode.endswith("hint"))
         model = tiny_qwen2(tied)
-        wrapped = (torch.nn.parallel.DistributedDataParallel(model) if mode == "ddp"
+        wrapped = (torch.nn.parallel.DistributedDataParallel(model) if mode.startswith("ddp")
                    else infra.shard(model, config.Config()))
         assert rollout.fusable_head(wrapped) is not None
-        logp = rollout.token_logps(wrapped, batch.select(rows))
+        hint = weights[rows, 0] if mode.endswith("hint") else None
+        logp = rollout.token_logps(wrapped, batch.select(rows), seq_grad=hint)
         (logp * weights[rows]).sum().backward()
+        assert scales == ([1.0] if mode.endswith("hint") else []), (mode, scales)  # the formed gradients, used
+        scales.clear()
         every = [torch.empty_like(logp) for _ in range(2)]
         torch.distributed.all_gather(every, logp.detach())
         grads = {n: p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad

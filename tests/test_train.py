@@ -42,6 +42,17 @@ def test_one_dar_step_changes_the_parameters(toy_cache, tmp_path):
     assert all(torch.equal(before[k], v) for k, v in params(ref).items())  # pi_0 stays frozen
 
 
+@pytest.mark.parametrize("algo", ["dar", "sft", "iter_sft"])
+def test_losses_linear_in_log_pi_have_the_head_form_its_gradient_in_forward(algo, toy_cache, tmp_path, monkeypatch):
+    """DAR's weighted SFT (Eq. 4), SFT and best-of-K SFT tell token_logps their per-sequence weights (seq_grad):
+    every backward through the LM head finds the gradient it was told, up to the loss's one factor (the toy
+    model's head is fusable, so none recomputes its logits)."""
+    seen, real = [], rollout._scale_of
+    monkeypatch.setattr(rollout, "_scale_of", lambda grad_out, coef: seen.append(real(grad_out, coef)) or seen[-1])
+    train(tiny_cfg(toy_cache, tmp_path / algo, "--algo", algo, "--steps", "1"))
+    assert seen and all(s is not None and s < 0 for s in seen), seen
+
+
 @pytest.mark.slow
 def test_sft_reduces_nll_on_its_data(toy_cache, tmp_path):
     cfg = tiny_cfg(toy_cache, tmp_path / "sft", "--algo", "sft", "--steps", "15", "--minibatch", "32")
