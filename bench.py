@@ -171,7 +171,8 @@ def floor_loop(cfg, ctx, model_dir, warmup, batches):
             rows = order[u * cfg.minibatch:(u + 1) * cfg.minibatch]
             for i in range(0, len(rows), cfg.micro_batch):
                 part = batch.select(rows[i:i + cfg.micro_batch]).to(ctx.device)
-                (-rollout.token_logps(policy, part).sum() / len(rows)).backward()
+                ones = torch.ones(len(part))  # a loss linear in log pi, as DAR's: the head's gradient in forward
+                (-rollout.token_logps(policy, part, seq_grad=ones).sum() / len(rows)).backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
         if step >= warmup:

@@ -423,11 +423,8 @@ class _HeadLogps(torch.autograd.Function):
         h, weight, bias, targets, lse = ctx.saved_tensors
         s = None if ctx.grads is None else _scale_of(grad_out, ctx.coef)
         if s is not None:  # the gradient forward expected: its products, scaled (once: then they are gone)
-            grad_h, grad_w, grad_b = ctx.grads
+            grad_h, grad_w, grad_b = (x if x is None or s == 1.0 else x.mul_(s) for x in ctx.grads)
             ctx.grads = None
-            if s != 1.0:
-                grad_h, grad_b = (None if x is None else x.mul_(s) for x in (grad_h, grad_b))
-                grad_w = None if grad_w is None else grad_w.mul_(s)
             return (None if grad_h is None else grad_h.to(h.dtype), grad_w,
                     None if grad_b is None else grad_b.to(bias.dtype), None, None, None, None)
         ctx.grads = None
