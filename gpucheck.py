@@ -169,13 +169,23 @@ def check_bf16(env):
         (logp.sum() / batch.response_mask.sum()).backward()
         logps.append(logp.detach())
         grads.append(torch.cat([p.grad.float().flatten() for p in m.parameters()]))
+    # the same loss told its gradient in forward (seq_grad, as DAR's updates tell theirs): the bf16 head's
+    # gradients formed there, against the bf16 ones formed in backward
+    model.zero_grad(set_to_none=True)
+    ones = torch.ones(len(batch), device=device)
+    (rollout.token_logps(model, batch, seq_grad=ones).sum() / batch.response_mask.sum()).backward()
+    hinted = torch.cat([p.grad.float().flatten() for p in model.parameters()])
     diff = mean_abs(*logps, batch.response_mask)
     cos = float(torch.nn.functional.cosine_similarity(*grads, dim=0))
+    cos_hint = float(torch.nn.functional.cosine_similarity(hinted, grads[0], dim=0))
     param = next(model.parameters())
-    ok = param.dtype == torch.bfloat16 and param.device.type == device.type and diff < BF16_TOL and cos > GRAD_COS
+    ok = (param.dtype == torch.bfloat16 and param.device.type == device.type and diff < BF16_TOL and cos > GRAD_COS
+          and cos_hint > GRAD_COS)
     return dict(ok=ok, dtype=str(param.dtype), device=str(param.device), logp_abs_diff=diff, grad_cosine=cos,
+                hinted_grad_cosine=cos_hint,
                 figure=f"weights {str(param.dtype)[6:]} on {param.device}; mean |dlog p| vs float32 {diff:.4f} "
-                       f"(< {BF16_TOL}), gradient cosine {cos:.4f} (> {GRAD_COS})")
+                       f"(< {BF16_TOL}), gradient cosine {cos:.4f} (> {GRAD_COS}); gradient formed in forward vs "
+                       f"in backward, cosine {cos_hint:.4f}")
 
 
 def check_attention(env):

@@ -72,6 +72,7 @@ def test_the_bf16_and_attention_checks_measure_on_a_cpu(toy_cache, tmp_path):
     r = gpucheck.check_bf16(env)
     assert r["dtype"] == "torch.bfloat16" and r["device"] == "cpu"
     assert 0 < r["logp_abs_diff"] < gpucheck.BF16_TOL and 0.99 < r["grad_cosine"] < 1
+    assert 0.99 < r["hinted_grad_cosine"] < 1.001 and r["ok"]
     r = gpucheck.check_attention(env)
     assert (r["implementation"], r["other"], r["float32_implementation"]) == ("sdpa", "eager", "sdpa")
     assert 0 < r["logp_abs_diff"] < gpucheck.ATTN_TOL
