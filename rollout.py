@@ -328,6 +328,16 @@ def _head_scan(h, weight, bias, targets, temperature, chunk, entropy):
     return picked - lse, lse, (lse - u / s) if entropy else None
 
 
+def _logit_grad(z, lse, g, t, j):
+    """dz = g (onehot(t) - softmax) for a block z [n, v] of float32 logits / T (overwritten) holding vocabulary
+    rows j .. j+v-1, given its positions' logsumexp lse [n], upstream gradients g [n] (already / T) and
+    targets t [n]."""
+    dz = z.sub_(lse[:, None]).exp_().mul_(-g[:, None])                                        # -g softmax
+    hit = ((t >= j) & (t < j + z.shape[1])).nonzero().squeeze(1)
+    dz[hit, t[hit] - j] += g[hit]                                                              # + g onehot
+    return dz
+
+
 def _head_scan_with_grads(h, weight, bias, targets, temperature, chunk, coef, need):
     """(log p(targets), logsumexp, grad_h, grad_W, grad_b) when the loss's gradient to each log-prob is known in
     forward: `coef` [M] (Eq. 4's w_i: the loss is linear in log pi). With g = coef / T and dz = g (onehot -
@@ -364,10 +374,7 @@ def _head_scan_with_grads(h, weight, bias, targets, temperature, chunk, coef, ne
         logp[i:i + n] = zr[torch.arange(n, device=h.device), t].float().div_(temperature) - group_lse
         for j in range(0, V, cols):
             c = slice(j, j + cols)
-            dz = zr[:, c].to(torch.float32, copy=True).div_(temperature).sub_(group_lse[:, None]).exp_()
-            dz.mul_(-g[:, None])                                                               # -g softmax
-            hit = ((t >= j) & (t < j + dz.shape[1])).nonzero().squeeze(1)
-            dz[hit, t[hit] - j] += g[hit]                                                      # + g onehot
+            dz = _logit_grad(zr[:, c].to(torch.float32, copy=True).div_(temperature), group_lse, g, t, j)
             low = dz.to(weight.dtype)
             if need_h:
                 grad_h[i:i + n] += low @ weight[c]
@@ -440,10 +447,8 @@ class _HeadLogps(torch.autograd.Function):
             for j in range(0, V, cols):
                 c = slice(j, j + cols)
                 w = weight[c]
-                dz = _head_logits(hr, w, None if bias is None else bias[c], ctx.temperature)
-                dz = dz.sub_(lse[r, None]).exp_().mul_(-g[r, None])                          # -g softmax / T
-                hit = ((t >= j) & (t < j + w.shape[0])).nonzero().squeeze(1)
-                dz[hit, t[hit] - j] += g[r][hit]                                               # + g onehot / T
+                dz = _logit_grad(_head_logits(hr, w, None if bias is None else bias[c], ctx.temperature),
+                                 lse[r], g[r], t, j)
                 low = dz.to(weight.dtype)
                 if need_h:
                     grad_h[r] += low @ w  # added into float32 in place: no float32 copy of the product
