@@ -443,7 +443,7 @@ def main(argv=None):
         r = loop("small", "dar", logp_source="sampler")  # DAR without the pi_t pass
         if "error" not in r and "error" not in floors["small"]:
             f = floors["small"]
-            report["floor"]["small, --logp-source sampler"] = dict(dar_seconds=r["seconds"],
+            report.setdefault("floor", {})["small, --logp-source sampler"] = dict(dar_seconds=r["seconds"],
                                                                    efficiency=f["seconds"] / r["seconds"])
             print(f"{'small*':8} {r['seconds']:8.3f} {f['seconds']:8.3f} {'':8} {'':8} {'':8} "
                   f"{f['seconds'] / r['seconds']:10.2f}   * DAR with --logp-source sampler: no pi_t pass")

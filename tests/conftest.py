@@ -18,6 +18,7 @@ import config  # noqa: E402  (the project's modules, from ROOT)
 import dar  # noqa: E402
 import infra  # noqa: E402
 import loop  # noqa: E402
+import rollout  # noqa: E402
 
 SFT_STEPS = 40
 
@@ -147,6 +148,18 @@ def build_causal_reward_model(path, padding_side="right"):
     Qwen2ForCausalLM(config).save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+def record_scales(monkeypatch):
+    """The list of s that every backward through the fused head with a grad_hint found (rollout._scale_of; None:
+    the gradient was not the hinted one, and the head recomputed its logits)."""
+    seen, real = [], rollout._scale_of
+
+    def scale_of(grad_out, coef):
+        seen.append(real(grad_out, coef))
+        return seen[-1]
+    monkeypatch.setattr(rollout, "_scale_of", scale_of)
+    return seen
 
 
 class LargestTensor(TorchDispatchMode):

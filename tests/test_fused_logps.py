@@ -15,7 +15,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import rollout  # noqa: E402
-from conftest import LargestTensor  # noqa: E402
+from conftest import LargestTensor, record_scales  # noqa: E402
 
 V = 300  # vocabulary of the tiny model
 
@@ -77,17 +77,6 @@ def test_head_logps_match_the_straightforward_values_and_gradients(bias, chunk, 
     torch.testing.assert_close(logp.double(), ref.detach(), rtol=0, atol=1e-5)
     torch.testing.assert_close(entropy.double(), -(logp_all.exp() * logp_all).sum(-1).detach(), rtol=0, atol=2e-5)
     assert not torch.allclose(got.double(), logp_all.exp().gather(-1, t[:, None]).squeeze(-1), atol=1e-2)
-
-
-def record_scales(monkeypatch):
-    """The s of every backward that had a grad_hint (None: the gradient was not the hinted one)."""
-    seen, real = [], rollout._scale_of
-
-    def scale_of(grad_out, coef):
-        seen.append(real(grad_out, coef))
-        return seen[-1]
-    monkeypatch.setattr(rollout, "_scale_of", scale_of)
-    return seen
 
 
 @pytest.mark.parametrize("bias", [False, True])
@@ -276,8 +265,7 @@ def worker(out, tied):
     rank = torch.distributed.get_rank()
     batch = tiny_batch()
     rows = torch.arange(2 * rank, 2 * rank + 2)
-    scales, real_scale_of = [], rollout._scale_of
-    rollout._scale_of = lambda grad_out, coef: scales.append(real_scale_of(grad_out, coef)) or scales[-1]
+    scales = record_scales(pytest.MonkeyPatch())  # undone by nothing: the worker's process ends here
     for mode in MODES:
         weights = loss_weights(batch, mode.endswith("hint"))
         model = tiny_qwen2(tied)

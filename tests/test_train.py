@@ -19,7 +19,7 @@ import infra
 import loop
 import rollout
 import tasks
-from conftest import ROOT, TINY, TORCHRUN, comparable, read_metrics, run_dar, train
+from conftest import ROOT, TINY, TORCHRUN, comparable, read_metrics, record_scales, run_dar, train
 
 
 def tiny_cfg(toy_cache, out, *extra):
@@ -47,8 +47,7 @@ def test_losses_linear_in_log_pi_have_the_head_form_its_gradient_in_forward(algo
     """DAR's weighted SFT (Eq. 4), SFT and best-of-K SFT tell token_logps their per-sequence weights (seq_grad):
     every backward through the LM head finds the gradient it was told, up to the loss's one factor (the toy
     model's head is fusable, so none recomputes its logits)."""
-    seen, real = [], rollout._scale_of
-    monkeypatch.setattr(rollout, "_scale_of", lambda grad_out, coef: seen.append(real(grad_out, coef)) or seen[-1])
+    seen = record_scales(monkeypatch)
     train(tiny_cfg(toy_cache, tmp_path / algo, "--algo", algo, "--steps", "1"))
     assert seen and all(s is not None and s < 0 for s in seen), seen
 
