@@ -3,11 +3,14 @@ and per task, the checks that reject a bad setting before any model loads, and w
 
 A learner can skip this file: `python dar.py --help` prints every flag with its default, DAR's own first.
 Each setting comes from, in order of precedence: the command line; the paper's setting for this task and
-algorithm (tasks.TASK_ALGO_DEFAULTS); for this algorithm (ALGO_DEFAULTS); for this task (tasks.TASK_DEFAULTS:
-lengths, judge); else Config's default. The whole config is saved with the run and with every checkpoint.
+algorithm (tasks.TASK_ALGO_DEFAULTS); the paper's learning rate for this algorithm when --model is a pretrained
+model (PAPER_LR); for this algorithm (ALGO_DEFAULTS); for this task (tasks.TASK_DEFAULTS: lengths, judge); else
+Config's default, sized for the toy task. dar.py prints where the learning rate, batch sizes and lengths came from
+(settings_line). The whole config is saved with the run and with every checkpoint.
 """
 import argparse
 import dataclasses
+import difflib
 import importlib.util
 import json
 import math
@@ -28,10 +31,11 @@ ALGOS = ("dar", "sft",                                           # dar.py, loop.
 OFFLINE = ("sft", "dpo", "simpo", "is_dpo")             # train on a fixed data set: no sampling, no judge
 OFFLINE_PAIRS = ("dpo", "simpo", "is_dpo")              # ... of preference pairs (tasks.Task.pref_data)
 VALUE_MODEL = ("ppo", "dual_ppo", "dual_ppo_clip", "dual_mix_ppo")   # need a learned value V(x, y_<i)
+ONLINE_PAIRS = ("online_dpo", "ipo", "slic")                         # online direct alignment (DAP)
+ONLINE = tuple(a for a in ALGOS if a not in OFFLINE)                 # sample from pi_t and judge every batch
 
 # The paper's hyperparameters per algorithm (Appendix B.2-B.3, Table 5), over the Config defaults (DAR's);
-# a flag given on the command line wins over both. beta is each method's regularisation strength. Learning
-# rates stay the toy task's (the paper's are for 7B models: 5e-7 online DAP, 1e-6 RLHF, 3e-6 Dual-PPO).
+# a flag given on the command line wins over both. beta is each method's regularisation strength.
 ALGO_DEFAULTS = {
     "ppo": dict(beta=0.03, epochs=4, clip_eps=0.2),
     "dual_ppo": dict(alpha=0.3, beta=0.02, epochs=1, clip_eps=math.inf),
@@ -41,6 +45,31 @@ ALGO_DEFAULTS = {
     "grpo": dict(beta=0.04, clip_eps=0.2),
     "online_dpo": dict(beta=0.1, k=2), "ipo": dict(beta=1.0, k=2), "slic": dict(beta=0.002, k=2),
     "dpo": dict(beta=0.1), "simpo": dict(beta=2.0), "is_dpo": dict(beta=0.1),
+}
+# The paper's learning rates (Appendix B.1, B.3), the default for any pretrained --model: 1e-6 for online RLHF,
+# 5e-7 for direct alignment (online and offline), 3e-6 for Dual-PPO, 5e-6 for the SFT that makes pi_0. The toy
+# model (no --model) keeps Config's 3e-4: 0.3M parameters trained for 60 batches need a much larger step.
+PAPER_LR = {**dict.fromkeys(ALGOS, 1e-6), **dict.fromkeys(ONLINE_PAIRS + OFFLINE_PAIRS, 5e-7),
+            **dict.fromkeys(("dual_ppo", "dual_ppo_clip", "dual_mix_ppo"), 3e-6), "sft": 5e-6}
+NO_EVALUATION = "none"  # --eval-judge none: no evaluation against pi_0 (neither at the end nor --eval-every)
+
+TIS_ALGOS = ("grpo",) + VALUE_MODEL  # token-level policy-gradient losses: --tis-cap weighs their tokens
+CLIPPED_ALGOS = VALUE_MODEL + ("grpo", "rloo", "dao")  # a ratio clipped to 1 +- --clip-eps
+# The options that only some algorithms read, and which ones. Any other algorithm refuses a value other than its
+# default (check_options_used: a flag that would silently do nothing), and a resumed run or eval.py's grouping of
+# seeds ignores such a field for it (check_resumable, eval.hyperparameters).
+USED_BY = {
+    "alpha": ("dar", "dual_ppo", "dual_ppo_clip", "dual_mix_ppo", "dao", "dao_ppo"),
+    "w_clip": ("dar",),
+    "normalize_adv": ("dar", "dao", "dao_ppo"),
+    "beta": tuple(a for a in ALGOS if a not in ("sft", "iter_sft")),
+    "clip_eps": CLIPPED_ALGOS, "clip_eps_high": CLIPPED_ALGOS,
+    **dict.fromkeys(("vf_coef", "value_clip", "gae_lambda", "gamma", "missing_eos_penalty", "value_model"),
+                    VALUE_MODEL),
+    "pair_labels": ONLINE_PAIRS, "simpo_gamma": ("simpo",), "is_clip": ("is_dpo",),
+    "loss_agg": ("grpo",), "scale_rewards": ("grpo",), "tis_cap": TIS_ALGOS,
+    "k": ONLINE, "epochs": tuple(a for a in ONLINE if a not in ("sft", "iter_sft")),
+    **dict.fromkeys(("rollout", "logp_source"), ONLINE),
 }
 
 
@@ -66,12 +95,21 @@ class Config:
     judge: str = arg("toy_gold", "reward r(x, y) used for training (judge.py): " + ", ".join(JUDGES) + ", or "
                      f"{rewards.NO_JUDGE} (the --reward functions alone)")
     eval_judge: str = arg("toy_gold", "reward used for the final evaluation against pi_0 (and --eval-every): a judge, "
-                                      f"or {rewards.TRAINING_REWARD} (the training reward: --judge and the --reward "
-                                      "functions, for rewards that are the ground truth)")
+                                      f"{rewards.TRAINING_REWARD} (the training reward: --judge and the --reward "
+                                      "functions, for rewards that are the ground truth; what --judge none with "
+                                      f"--reward evaluates with unless --eval-judge is given), or {NO_EVALUATION} "
+                                      "(no evaluation)")
     data: str = arg("", "a local JSONL(.gz) or parquet file, or a saved `datasets` directory, in the task's data set "
-                        "schema (--task custom: README, Your own prompts), used instead of the Hub (5% of prompts "
-                        "held out by hash; a DatasetDict's train and test splits), or TRAIN,EVAL: two such files")
-    # your own prompts (--task custom, issue 18): how the policy's chat template renders them
+                        "schema (--task custom: README, Your own prompts), used instead of the Hub (--eval-fraction of "
+                        "its prompts held out by hash; a DatasetDict's train and test splits), or TRAIN,EVAL: two such "
+                        "files")
+    eval_fraction: float = arg(tasks.EVAL_FRACTION, "share of a single --data file's distinct prompts held out by "
+                                                    "hash as evaluation prompts (the paper's data sets' own test "
+                                                    "splits are about 5%)")
+    valid_fraction: float = arg(tasks.VALID_FRACTION, "share of the training prompts held out by hash as validation "
+                                                      "prompts (at most 1,000) for --eval-every and the best "
+                                                      "checkpoint; the toy and sentiment tasks have fixed splits")
+    # your own prompts (--task custom): how the policy's chat template renders them
     chat_template_kwargs: str = arg("", "a JSON object passed to the tokenizer's apply_chat_template wherever "
                                         "prompts are rendered, e.g. '{\"enable_thinking\": false}'; '' = none")
     # reward functions in Python (rewards.py), combined with --judge
@@ -90,7 +128,7 @@ class Config:
     judge_retries: int = arg(5, "retries per request on connection errors, timeouts, 429 and 5xx (backoff)")
     judge_log: str = arg("", "append every annotator reply (--judge llm, --eval-judge llm) to this JSONL file, one "
                              "line per batch: its text, finish_reason and usage, or why the request failed")
-    # judging hidden behind scoring (issue 19): the judge's call runs while pi_t's and pi_0's log-probs are computed
+    # judging hidden behind scoring: the judge's call runs while pi_t's and pi_0's log-probs are computed
     judge_overlap: str = arg("auto", "run the judge's call on a thread while the log-probs of pi_t and pi_0 are "
                                      "computed (same results): auto = with --judge llm, whose requests only wait; "
                                      "on = any judge; off = judge, then score")
@@ -151,7 +189,9 @@ class Config:
     micro_batch: int = arg(64, "responses per forward/backward on one rank; gradients accumulate to a minibatch")
     epochs: int = arg(1, "passes over each online batch")
     # optimisation (Appendix B.1: Adafactor without relative step, 15 warm-up steps, constant LR)
-    lr: float = arg(3e-4, "learning rate after warm-up (paper, 7B: 5e-7 to 1e-6)")
+    lr: float = arg(3e-4, "learning rate after warm-up; with a pretrained --model the paper's for the algorithm "
+                          "(PAPER_LR: 1e-6 online RLHF, 5e-7 direct alignment, 3e-6 Dual-PPO, 5e-6 SFT); the "
+                          "default 3e-4 is the toy model's")
     warmup_steps: int = arg(15, "optimizer steps of linear warm-up")
     weight_decay: float = arg(0.0, "Adafactor weight decay")
     max_grad_norm: float = arg(1.0, "gradient norm clip; 0 = no clipping")
@@ -245,7 +285,8 @@ def arg_parser():
     with %, so a literal % is doubled); the per-algorithm defaults in the epilog."""
     epilog = "per-algorithm defaults: " + "; ".join(
         f"{a}: " + ", ".join(f"{k}={v}" for k, v in d.items()) for a, d in ALGO_DEFAULTS.items())
-    p = argparse.ArgumentParser(prog="dar.py", epilog=epilog, description="DAR: Dual-regularized Advantage "
+    p = argparse.ArgumentParser(prog="dar.py", epilog=epilog, usage="python dar.py [--flag VALUE ...] (every flag: "
+                                "python dar.py --help)", description="DAR: Dual-regularized Advantage "
                                 "Regression (ICLR 2026) and the baselines it is compared with, in one online loop.")
     for f in dataclasses.fields(Config):
         flag = "--" + f.name.replace("_", "-")
@@ -263,7 +304,10 @@ def arg_parser():
 def parse_config(argv=None):
     """The run's Config from the command line over the defaults (the precedence in this file's docstring)."""
     p = arg_parser()
-    given = vars(p.parse_args(argv))
+    args, unknown = p.parse_known_args(argv)
+    if unknown:
+        p.error(unknown_flag(unknown))
+    given = vars(args)
     for f in dataclasses.fields(Config):
         if f.metadata["repeatable"] and f.name in given:
             given[f.name] = ",".join(given[f.name])
@@ -275,8 +319,14 @@ def parse_config(argv=None):
         p.error("--export-hf needs --out-dir, the new directory to write the model to")
     if "steps" in given:  # an explicit length wins over the task's passes over the prompts or pairs
         given["prompt_epochs"] = given["pref_epochs"] = 0.0
-    cfg = Config(**{**tasks.TASK_DEFAULTS.get(task, {}), **ALGO_DEFAULTS.get(algo, {}),
-                    **tasks.TASK_ALGO_DEFAULTS.get((task, algo), {}), **given})
+    merged, origin = {}, {}
+    for source, values in default_layers(task, algo, given.get("model", "")) + [("flag", given)]:
+        merged.update(values)
+        origin.update(dict.fromkeys(values, source))
+    if merged.get("judge") == rewards.NO_JUDGE and merged.get("reward") and "eval_judge" not in given:
+        merged["eval_judge"], origin["eval_judge"] = rewards.TRAINING_REWARD, "--judge none with --reward"
+    cfg = Config(**merged)
+    cfg.origin = origin  # where each setting came from (settings_line); not a field: neither a flag nor saved
     if not cfg.out_dir:
         cfg.out_dir = f"runs/{cfg.task}-{cfg.algo}-s{cfg.seed}"
     if cfg.model in tasks.PRETRAINED:  # a shorthand: the run (and its saved config) names the built directory
@@ -284,24 +334,81 @@ def parse_config(argv=None):
     return cfg
 
 
+# TRL's names (GRPOConfig, RLOOConfig, TrainingArguments) of settings that have other names here (README: Coming
+# from TRL), for the message a TRL user gets on typing one
+TRL_NAMES = {"learning_rate": "lr", "num_generations": "k", "max_completion_length": "max_new_tokens",
+             "num_iterations": "epochs", "epsilon": "clip_eps", "epsilon_high": "clip_eps_high", "loss_type": "loss_agg",
+             "reward_funcs": "reward", "output_dir": "out_dir", "save_steps": "save_every", "max_steps": "steps",
+             "save_total_limit": "keep_checkpoints", "eval_steps": "eval_every", "num_train_epochs": "prompt_epochs",
+             "per_device_train_batch_size": "micro_batch", "generation_batch_size": "online_batch",
+             "vllm_importance_sampling_cap": "tis_cap", "vllm_gpu_memory_utilization": "vllm_gpu_memory",
+             "resume_from_checkpoint": "resume", "model_name_or_path": "model", "reward_model_path": "reward_model"}
+
+
+def unknown_flag(unknown):
+    """The message for flags dar.py does not know: TRL's name of one of ours, or a near miss of one."""
+    flags = [a.split("=")[0] for a in unknown if a.startswith("-")] or unknown
+    name = flags[0].lstrip("-").replace("-", "_")
+    if name in TRL_NAMES:
+        return (f"unrecognized argument {flags[0]}: TRL's {name} is --{TRL_NAMES[name].replace('_', '-')} here "
+                "(README: Coming from TRL)")
+    ours = ["--" + f.name.replace("_", "-") for f in dataclasses.fields(Config)]
+    hint = did_you_mean(flags[0], ours, cutoff=0.8) or " (python dar.py --help lists every flag)"
+    return f"unrecognized argument{'s' if len(unknown) > 1 else ''}: {' '.join(unknown)}{hint}"
+
+
+def default_layers(task, algo, model):
+    """The defaults under the command line as [(source, {field: value})], lowest precedence first (this file's
+    docstring); each source named as settings_line prints it."""
+    return [(f"task {task}", tasks.TASK_DEFAULTS.get(task, {})),
+            (f"algorithm {algo}", ALGO_DEFAULTS.get(algo, {})),
+            (f"the paper's for {algo} with a pretrained --model",  # every task but the toy takes a --model
+             {"lr": PAPER_LR[algo]} if (model or task != "toy") and algo in PAPER_LR else {}),
+            (f"task {task} with algorithm {algo}", tasks.TASK_ALGO_DEFAULTS.get((task, algo), {}))]
+
+
+def default_value(cfg, name):
+    """What the field would be in this run without its flag: the layered default for the run's task, algorithm
+    and --model."""
+    value = getattr(Config, name)
+    for _, values in default_layers(cfg.task, cfg.algo, cfg.model):
+        value = values.get(name, value)
+    return value
+
+
+SETTINGS_SHOWN = ("lr", "online_batch", "minibatch", "micro_batch", "k", "max_new_tokens")
+TOY_SIZED = ("lr", "online_batch", "minibatch", "micro_batch", "max_new_tokens")  # Config's defaults for the toy
+
+
+def settings_line(cfg):
+    """One line: the learning rate, batch sizes, K and response length the run took, each with where it came from
+    (a flag, the task, the algorithm, the paper's learning rate for a pretrained model, or Config's default: sized
+    for the toy model, or the paper's)."""
+    origin = getattr(cfg, "origin", {})
+    shown = [n for n in SETTINGS_SHOWN if cfg.algo not in OFFLINE or n not in ("online_batch", "k")]
+    return "settings: " + ", ".join(f"--{n.replace('_', '-')} {getattr(cfg, n):g} (" + origin.get(
+        n, "default, toy-sized" if n in TOY_SIZED else "default, the paper's") + ")" for n in shown)
+
+
 def check_config(cfg, world):
     """Reject bad settings with a message that names the flag, before any model is loaded."""
     def bad(msg):
         raise SystemExit(f"error: {msg}")
     if cfg.algo not in ALGOS:
-        bad(f"unknown --algo {cfg.algo!r}; valid algorithms: {', '.join(ALGOS)}")
+        bad(f"unknown --algo {cfg.algo!r}{did_you_mean(cfg.algo, ALGOS)}; valid algorithms: {', '.join(ALGOS)}")
     if cfg.task not in tasks.TASKS:
-        bad(f"unknown --task {cfg.task!r}; valid tasks: {', '.join(tasks.TASKS)}")
+        bad(f"unknown --task {cfg.task!r}{did_you_mean(cfg.task, tasks.TASKS)}; valid tasks: {', '.join(tasks.TASKS)}")
     if cfg.task == "custom" and not cfg.data:
         bad("--task custom trains on your own prompts: give --data FILE (JSONL, JSONL.gz, parquet, or a saved "
             "`datasets` directory) or TRAIN,EVAL; README: Your own prompts")
     parse_template_kwargs(cfg.chat_template_kwargs)
-    for flag, name, extra in (("--judge", cfg.judge, rewards.NO_JUDGE), ("--eval-judge", cfg.eval_judge,
-                                                                            rewards.TRAINING_REWARD)):
-        if name not in JUDGES and name != extra:
-            bad(f"unknown {flag} {name!r}; valid judges: {', '.join(JUDGES)}, or " +
-                (f"{extra} (the --reward functions alone)" if flag == "--judge" else
-                 f"{extra} (the training reward: --judge and the --reward functions)"))
+    if cfg.judge not in JUDGES + (rewards.NO_JUDGE,):
+        bad(f"unknown --judge {cfg.judge!r}{did_you_mean(cfg.judge, JUDGES)}; valid judges: {', '.join(JUDGES)}, or "
+            f"{rewards.NO_JUDGE} (the --reward functions alone)")
+    if cfg.eval_judge not in JUDGES + (rewards.TRAINING_REWARD, NO_EVALUATION):
+        bad(f"unknown --eval-judge {cfg.eval_judge!r}{did_you_mean(cfg.eval_judge, JUDGES)}; valid judges: "
+            f"{', '.join(JUDGES)}, {rewards.TRAINING_REWARD} (the training reward: --judge and the --reward "
+            f"functions), or {NO_EVALUATION} (no evaluation)")
     if not 0.0 <= cfg.alpha <= 1.0:
         bad(f"--alpha must lie in [0, 1] (it weighs KL to pi_0 against KL to pi_t), got {cfg.alpha}")
     for name in ("beta", "w_clip", "clip_eps", "is_clip"):
@@ -321,12 +428,14 @@ def check_config(cfg, world):
         bad(f"--pref-epochs counts passes over the preference pairs of {', '.join(OFFLINE_PAIRS)}; for --algo "
             f"{cfg.algo} give the length with --steps" + ("" if cfg.algo in OFFLINE else " or --prompt-epochs"))
     if cfg.online_batch % (cfg.k * world):
-        bad(f"--online-batch {cfg.online_batch} must be a multiple of K x ranks = {cfg.k} x {world}")
+        bad(f"--online-batch {cfg.online_batch} must be a multiple of K x ranks = {cfg.k} x {world}, e.g. "
+            f"--online-batch {nearest_multiple(cfg.online_batch, cfg.k * world)}")
     if cfg.online_batch % cfg.minibatch:
-        bad(f"--online-batch {cfg.online_batch} must be a multiple of --minibatch {cfg.minibatch}")
+        bad(f"--online-batch {cfg.online_batch} must be a multiple of --minibatch {cfg.minibatch}, e.g. --minibatch "
+            f"{math.gcd(cfg.online_batch, cfg.minibatch)}")
     if cfg.pair_labels not in ("preference", "reward"):
         bad(f"--pair-labels must be preference or reward, got {cfg.pair_labels!r}")
-    online_pairs = cfg.algo in ("online_dpo", "ipo", "slic")
+    online_pairs = cfg.algo in ONLINE_PAIRS
     if online_pairs and cfg.pair_labels == "preference" and cfg.k % 2:
         bad(f"--k must be even with --pair-labels preference: a prompt's K samples make K/2 pairs, got {cfg.k}; "
             "or use --pair-labels reward (best vs. worst of K)")
@@ -336,7 +445,8 @@ def check_config(cfg, world):
         2 if cfg.algo in OFFLINE_PAIRS else 1
     if cfg.minibatch % (world * unit):
         bad(f"--minibatch {cfg.minibatch} must split evenly into {world} ranks" +
-            (f" in whole groups of {unit} responses" if unit > 1 else ""))
+            (f" in whole groups of {unit} responses" if unit > 1 else "") +
+            f", e.g. --minibatch {nearest_multiple(cfg.minibatch, world * unit)}")
     if (cfg.reward or cfg.reward_weights) and cfg.algo in OFFLINE:
         bad(f"--reward and --reward-weights score sampled responses; --algo {cfg.algo} trains on a fixed data set "
             "and samples none")
@@ -347,21 +457,32 @@ def check_config(cfg, world):
             bad("--pair-labels preference asks the judge to compare two responses, which reward functions "
                 "(--reward) cannot; use --pair-labels reward (best vs. worst of K by the combined reward)")
     evaluator = cfg.judge if cfg.eval_judge == rewards.TRAINING_REWARD else cfg.eval_judge
-    if evaluator == rewards.NO_JUDGE and not rewards.specs(cfg) and cfg.algo != "sft":
-        bad("--eval-judge reward evaluates with the training reward, and --judge none without --reward has none")
-    used = ([cfg.judge] if cfg.algo not in OFFLINE else []) + ([evaluator] if cfg.algo != "sft" else [])
-    training_llm = cfg.judge == "llm" and cfg.algo not in OFFLINE
-    evaluating_llm = evaluator == "llm" and cfg.algo != "sft" and (cfg.eval_prompts > 0 or cfg.eval_every > 0)
-    if (training_llm or evaluating_llm and not cfg.eval_judge_url) and not cfg.judge_url:
-        bad("--judge llm (this task's default) needs --judge-url, the annotator's OpenAI-compatible endpoint, e.g. "
-            "http://127.0.0.1:8000/v1 (python judge.py --serve --task toy --port 8000 starts a stand-in); "
-            "--eval-judge llm takes --eval-judge-url, else --judge-url")
+    if cfg.eval_judge == rewards.TRAINING_REWARD and cfg.judge == rewards.NO_JUDGE and not rewards.specs(cfg) \
+            and cfg.algo != "sft":
+        bad("--eval-judge reward evaluates with the training reward, and --judge none without --reward has none; "
+            f"give --eval-judge a judge ({', '.join(JUDGES)}) or {NO_EVALUATION}")
+    evaluating = cfg.algo != "sft" and evaluator != NO_EVALUATION and (cfg.eval_prompts > 0 or cfg.eval_every > 0)
+    used = ([cfg.judge] if cfg.algo not in OFFLINE else []) + ([evaluator] if evaluating else [])
+    if cfg.judge == "llm" and cfg.algo not in OFFLINE and not cfg.judge_url:
+        bad(f"--judge llm{where_from(cfg, 'judge')} needs --judge-url URL, the annotator's OpenAI-compatible "
+            "endpoint, e.g. http://127.0.0.1:8000/v1 (python judge.py --serve --task toy --port 8000 starts a "
+            "stand-in); or train with another --judge, or --judge none with --reward FILE.py:NAME")
+    if evaluator == "llm" and evaluating and not (cfg.eval_judge_url or cfg.judge_url):
+        bad(f"--eval-judge llm{where_from(cfg, 'eval_judge')} evaluates with an annotator and needs "
+            "--eval-judge-url URL (or --judge-url); or evaluate with --eval-judge reward (the training reward), "
+            f"another judge, or --eval-judge {NO_EVALUATION} (no evaluation)")
     if cfg.eval_prompts < 0:
         bad(f"--eval-prompts must be >= 0 (0 = no evaluation at the end of the run), got {cfg.eval_prompts}")
     if cfg.eval_every < 0:
         bad(f"--eval-every must be >= 0 (0 = no evaluation during training), got {cfg.eval_every}")
     if cfg.eval_every and cfg.algo == "sft":
         bad("--eval-every compares the policy with pi_0, and --algo sft has none; drop --eval-every")
+    if cfg.eval_every and cfg.eval_judge == NO_EVALUATION:
+        bad(f"--eval-every evaluates with the eval judge, and --eval-judge {NO_EVALUATION} evaluates nothing; drop "
+            "--eval-every, or give --eval-judge a judge (or reward: the training reward)")
+    for name in ("eval_fraction", "valid_fraction"):
+        if not 0 < getattr(cfg, name) < 1:
+            bad(f"--{name.replace('_', '-')} is a share of the prompts, in (0, 1), got {getattr(cfg, name)}; e.g. 0.1")
     if cfg.eval_every and cfg.eval_every_prompts < 1:
         bad(f"--eval-every-prompts must be >= 1 with --eval-every, got {cfg.eval_every_prompts}")
     if "reward_model" in used and not os.path.isfile(os.path.join(cfg.reward_model, "config.json")):
@@ -394,6 +515,7 @@ def check_config(cfg, world):
     if cfg.fsdp_offload and not torch.cuda.is_available():
         bad("--fsdp-offload moves shards between GPU and CPU memory; without a GPU they are in CPU memory already")
     check_trl_options(cfg, bad)
+    check_options_used(cfg, bad)
     if cfg.judge_overlap not in ("auto", "on", "off"):
         bad(f"--judge-overlap must be auto, on or off, got {cfg.judge_overlap!r}")
     if not 0 < cfg.vllm_gpu_memory <= 1:
@@ -406,6 +528,40 @@ def check_config(cfg, world):
         if importlib.util.find_spec(TRACKERS[name]) is None:
             bad(f"--report-to {name} needs the {TRACKERS[name]} package, which is not installed: pip install "
                 f"{TRACKERS[name]} (or leave {name} out of --report-to)")
+
+
+def check_options_used(cfg, bad):
+    """An option the run's algorithm (USED_BY) or data (the split fractions) never reads, given a value other than
+    its default, would silently do nothing: refuse it, naming who reads it."""
+    for name, algos in USED_BY.items():
+        value = getattr(cfg, name)
+        if cfg.algo not in algos and value != default_value(cfg, name):
+            bad(f"--{name.replace('_', '-')} {value} is read by --algo {', '.join(algos)} only; --algo {cfg.algo} "
+                f"does not use it: drop the flag (or choose one of those algorithms)")
+    fixed_split = cfg.task in ("toy", "sentiment")
+    if cfg.eval_fraction != Config.eval_fraction and (fixed_split or not cfg.data or "," in cfg.data):
+        bad(f"--eval-fraction splits a single --data file; " + (f"--task {cfg.task} has a fixed split" if fixed_split
+            else "--data TRAIN,EVAL names the evaluation file itself" if cfg.data else
+            f"--task {cfg.task} from the Hub evaluates on its data set's test split") + ": drop --eval-fraction")
+    if cfg.valid_fraction != Config.valid_fraction and fixed_split:
+        bad(f"--valid-fraction: --task {cfg.task} has fixed validation prompts; drop --valid-fraction")
+
+
+def where_from(cfg, name):
+    """Where a setting that was not given came from, as a refusal says it: " (the default of task helpful)"."""
+    source = getattr(cfg, "origin", {}).get(name)
+    return "" if source == "flag" else f" (the default of {source})" if source else " (the default)"
+
+
+def did_you_mean(value, choices, cutoff=0.6):
+    """' (did you mean X?)' for a value that is a near miss of one of choices, else ''."""
+    close = difflib.get_close_matches(value, choices, n=1, cutoff=cutoff)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+def nearest_multiple(n, m):
+    """The multiple of m nearest to n (at least m): the value a refusal of a batch size suggests."""
+    return max(m, round(n / m) * m)
 
 
 def parse_template_kwargs(text):
@@ -425,31 +581,19 @@ def parse_template_kwargs(text):
     return kwargs
 
 
-TIS_ALGOS = ("grpo",) + VALUE_MODEL  # token-level policy-gradient losses: --tis-cap weighs their tokens
-CLIPPED_ALGOS = VALUE_MODEL + ("grpo", "rloo", "dao")  # a ratio clipped to 1 +- --clip-eps
-
-
 def check_trl_options(cfg, bad):
-    """The TRL-compatible options of the baselines: values, and the algorithms that read them."""
+    """The values of the TRL-compatible options of the baselines (which algorithms read them: USED_BY)."""
     for name, allowed in (("loss_agg", ("sequence", "token", "dr_grpo")),
                           ("scale_rewards", ("group", "batch", "none"))):
         value, flag = getattr(cfg, name), "--" + name.replace("_", "-")
         if value not in allowed:
             bad(f"{flag} must be one of {', '.join(allowed)}, got {value!r}")
-        if value != allowed[0] and cfg.algo != "grpo":
-            bad(f"{flag} {value} is an option of --algo grpo, not of {cfg.algo}; leave it at {allowed[0]}")
     if not cfg.clip_eps_high >= 0:
         bad(f"--clip-eps-high must be >= 0 (0 = --clip-eps), got {cfg.clip_eps_high}")
-    if cfg.clip_eps_high and cfg.algo not in CLIPPED_ALGOS:
-        bad(f"--clip-eps-high is the upper ratio clip of {', '.join(CLIPPED_ALGOS)}; --algo {cfg.algo} clips no "
-            "ratio (leave it at 0)")
     if cfg.tis_cap:
         if not cfg.tis_cap >= 1:
             bad(f"--tis-cap must be >= 1 (a cap below 1 would shrink every token's weight), or 0 for off, "
                 f"got {cfg.tis_cap}")
-        if cfg.algo not in TIS_ALGOS:
-            bad(f"--tis-cap weighs the tokens of a token-level policy-gradient loss: {', '.join(TIS_ALGOS)}; "
-                f"--algo {cfg.algo} has none (leave --tis-cap at 0)")
         if cfg.logp_source == "sampler":
             bad("--tis-cap with --logp-source sampler: the loss's pi_t is then the sampler's own log-probs, so "
                 "pi_t / pi_sampler = 1; use --logp-source policy (the default) with --tis-cap")
@@ -462,16 +606,12 @@ VALUE_BEFORE_FIELD = {"logp_temperature": 1.0, "pair_labels": "reward", "reward"
 # The TRL-compatible options' defaults are what the code did before them: a checkpoint without them resumes with
 # those values, and with another value (a different experiment) stops like any changed setting.
 VALUE_BEFORE_FIELD.update(loss_agg="sequence", scale_rewards="group", clip_eps_high=0.0, tis_cap=0.0)
-# Fields read by these algorithms only: a checkpoint of another algorithm may hold an older default (is_clip was 1
-# before issue 16), or lack a newer field, without making its resume a different experiment.
-USED_ONLY_BY = {"is_clip": ("is_dpo",), "pair_labels": ("online_dpo", "ipo", "slic")}
-
 
 def check_resumable(cfg, saved):
     """Stop a --resume whose settings differ from the checkpoint's in a field outside RESUMABLE_CHANGES."""
     saved = {**VALUE_BEFORE_FIELD, **saved}
     diff = [k for k, v in saved.items() if k not in RESUMABLE_CHANGES and getattr(cfg, k, v) != v
-            and cfg.algo in USED_ONLY_BY.get(k, (cfg.algo,))]
+            and cfg.algo in USED_BY.get(k, (cfg.algo,))]  # a field this algorithm never reads changes nothing
     if diff:
         raise SystemExit("error: --resume with settings that differ from the checkpoint's: " +
                          ", ".join(f"--{k.replace('_', '-')} {getattr(cfg, k)!r} (was {saved[k]!r})" for k in diff) +

@@ -37,7 +37,7 @@ import transformers
 import baselines
 import rollout
 import data
-from config import check_config, parse_config
+from config import NO_EVALUATION, check_config, parse_config, settings_line
 from eval import compare_with_reference, evaluator_note, print_report
 from infra import barrier, end_distributed, export_hf, gather, load_model, setup_distributed, timed
 from loop import (advantage_stats, group_advantages, judge_async, judge_batch, minibatch_updates, online_metrics,
@@ -175,10 +175,13 @@ def main(argv=None):
         return
     ctx = setup_distributed(cfg)
     check_config(cfg, ctx.world)
+    if ctx.master:
+        print(settings_line(cfg), flush=True)
     run = None
     try:
         run = train(cfg, ctx, STEPS[cfg.algo])
-        if cfg.algo != "sft" and ctx.master and cfg.eval_prompts > 0:  # the end-of-run comparison with pi_0
+        evaluated = cfg.algo != "sft" and cfg.eval_prompts > 0 and cfg.eval_judge != NO_EVALUATION
+        if evaluated and ctx.master:  # the end-of-run comparison with pi_0
             policy, ref = run.policy, run.ref
             if cfg.fsdp:  # sharded models answer only when every rank calls them: rank 0 evaluates whole copies
                 policy = load_model(os.path.join(cfg.out_dir, "final"), cfg, ctx.device, frozen=True)

@@ -185,8 +185,8 @@ def read_examples(path, parse, columns, what):
     return out
 
 
-def read_train_eval(data, parse, columns, what):
-    """(train, eval) examples of --data: FILE (EVAL_FRACTION of its prompts held out by split_by_prompt),
+def read_train_eval(data, parse, columns, what, eval_fraction=EVAL_FRACTION):
+    """(train, eval) examples of --data: FILE (eval_fraction of its prompts held out by split_by_prompt),
     TRAIN_FILE,EVAL_FILE, or a saved DatasetDict with a train and a test (else validation) split."""
     files = data.split(",")
     if len(files) > 2 or not all(files):
@@ -200,7 +200,7 @@ def read_train_eval(data, parse, columns, what):
         return first[""], second[""]
     if len(first) == 2:
         return tuple(first.values())
-    return split_by_prompt(next(iter(first.values())), source=files[0])
+    return split_by_prompt(next(iter(first.values())), source=files[0], fraction=eval_fraction)
 
 
 def read_jsonl(path):
@@ -219,12 +219,14 @@ def read_jsonl(path):
                 except UnicodeDecodeError as e:
                     raise SystemExit(f"error: {path} line {n}: not UTF-8 text (byte {raw[e.start]:#04x} at "
                                      f"column {e.start + 1}); the file must be UTF-8 encoded JSON lines")
+                line = line.rstrip("\r\n")  # a line cut short is then reported at its own last column
                 if not line.strip():
                     continue
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError as e:
-                    raise SystemExit(f"error: {path} line {n}: bad JSON ({e.msg} at column {e.colno})")
+                    raise SystemExit(f"error: {path} line {n} column {e.colno}: bad JSON ({e.msg}); each line must be "
+                                     "one JSON object")
                 if not isinstance(row, dict):
                     raise SystemExit(f"error: {path} line {n}: expected a JSON object, got {json_type(row)}")
                 rows.append((n, row))
@@ -328,15 +330,15 @@ def prompt_key(prompt):
     return "c:" + json.dumps(prompt, ensure_ascii=False, sort_keys=True)
 
 
-def split_by_prompt(examples, source=""):
-    """Split one file's examples into (train, eval) by prompt: the EVAL_FRACTION of its distinct prompts (at
+def split_by_prompt(examples, source="", fraction=EVAL_FRACTION):
+    """Split one file's examples into (train, eval) by prompt: the `fraction` of its distinct prompts (at
     least one) with the smallest SHA-256 of prompt_key are held out, with every example of those prompts.
     Deterministic in the file's content, independent of line order and of any seed."""
     keys = list(dict.fromkeys(prompt_key(ex[1]) for ex in examples))
     if len(keys) < 2:
         raise SystemExit(f"error: {source}: needs at least 2 distinct prompts to hold some out for evaluation")
     digest = {k: hashlib.sha256(k.encode("utf-8")).hexdigest() for k in keys}
-    held = set(sorted(keys, key=digest.get)[:max(1, round(EVAL_FRACTION * len(keys)))])
+    held = set(sorted(keys, key=digest.get)[:max(1, round(fraction * len(keys)))])
     return ([ex for ex in examples if prompt_key(ex[1]) not in held],
             [ex for ex in examples if prompt_key(ex[1]) in held])
 
@@ -357,12 +359,12 @@ def random_subset(prompts, n, seed, references=None):
     return [prompts[i] for i in idx], [references[i] for i in idx] if references else None
 
 
-def make_valid_split(train):
-    """(train, validation prompts): VALID_FRACTION of the distinct training prompts (rounded, at most VALID_MAX;
+def make_valid_split(train, fraction=VALID_FRACTION):
+    """(train, validation prompts): `fraction` of the distinct training prompts (rounded, at most VALID_MAX;
     none from 10 or fewer) whose SHA-256 of "valid:" + prompt_key ranks first, removed with every example of
     theirs (demonstrations, pairs), so they are in no training list. Deterministic in the data alone."""
     keys = list(dict.fromkeys(prompt_key(ex[1]) for ex in train))
-    held = set(hash_rank(keys, "valid:")[:min(VALID_MAX, round(VALID_FRACTION * len(keys)))])
+    held = set(hash_rank(keys, "valid:")[:min(VALID_MAX, round(fraction * len(keys)))])
     valid = {prompt_key(ex[1]): ex[1] for ex in train if prompt_key(ex[1]) in held}
     return [ex for ex in train if prompt_key(ex[1]) not in held], list(valid.values())
 

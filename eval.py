@@ -51,8 +51,9 @@ import transformers
 import data
 import rollout
 import tasks
-from config import USED_ONLY_BY, VALUE_BEFORE_FIELD, Config, config_from_dict
+from config import USED_BY, VALUE_BEFORE_FIELD, Config, config_from_dict
 from infra import Dist, load_model, load_tokenizer
+from judge import JUDGES
 from loop import (distinct_n, ensure_toy_models, eval_judge, evaluator_config, fitting_task, golden_win_rate, k3,
                   mean_ci, score, t975, training_reward, win_rate)
 from rewards import TRAINING_REWARD, describe_reward
@@ -265,7 +266,8 @@ def evaluate_checkpoint(run_dir, ckpt_dir, n_prompts, greedy=False, temperature=
         init = base if cfg.algo == "sft" else sft
     tok = load_tokenizer(ckpt_dir, cfg.trust_remote_code, cfg.chat_template_kwargs)
     policy = load_model(ckpt_dir, cfg, device).eval()
-    task, _ = fitting_task(cfg, tasks.load_task(cfg.task, cfg.data), tok, policy.config)  # the run's prompts
+    task = tasks.load_task(cfg.task, cfg.data, cfg.eval_fraction, cfg.valid_fraction)  # the run's prompts
+    task, _ = fitting_task(cfg, task, tok, policy.config)
     ref = load_model(init, cfg, device).eval()
     step = checkpoint_step(run_dir, ckpt_dir, cfg)
     prev, prev_step = None, None
@@ -323,11 +325,11 @@ def aggregate_seeds(reports):
 
 def hyperparameters(config):
     """The settings that make a run's experiment: every field but the seed and NOT_HYPERPARAMETERS, leaving out
-    those its algorithm never reads (config.USED_ONLY_BY); a field that an older run's config lacks takes the
+    those its algorithm never reads (config.USED_BY); a field that an older run's config lacks takes the
     value that reproduces what the code then did (config.VALUE_BEFORE_FIELD), else today's default."""
     full = {**dataclasses.asdict(Config()), **VALUE_BEFORE_FIELD, **config}
     return {k: v for k, v in full.items() if k not in NOT_HYPERPARAMETERS
-            and full["algo"] in USED_ONLY_BY.get(k, (full["algo"],))}
+            and full["algo"] in USED_BY.get(k, (full["algo"],))}
 
 
 def experiment_key(config):
@@ -752,6 +754,8 @@ def arg_parser():
                         "the best checkpoint by its win rate on the validation prompts")
     p.add_argument("--seed", type=int, default=Config.eval_seed,
                    help="seed of the evaluation: which test prompts, and the sampling of the compared responses")
+    p.add_argument("--eval-judge", default="", help="the judge that evaluates (as dar.py's --eval-judge: a judge, or "
+                                                    "reward, the run's training reward); '' = the run's")
     for flag, what in (("url", "the evaluator's endpoint for --eval-judge llm"), ("model", "the evaluator's model"),
                        ("api-key-env", "the variable that holds the evaluator's API key")):
         p.add_argument(f"--eval-judge-{flag}", default="", help=f"{what}; '' = the run's (config.json; see dar.py)")
@@ -802,8 +806,14 @@ def main(argv=None):
                              f"`python dar.py --out-dir {d} --resume`)")
     if args.n_prompts < 1:
         raise SystemExit(f"error: --n-prompts must be >= 1, got {args.n_prompts}")
-    evaluator = {f"eval_judge_{k}": getattr(args, f"eval_judge_{k}") for k in ("url", "model", "api_key_env")
-                 if getattr(args, f"eval_judge_{k}")}
+    names = ("eval_judge", "eval_judge_url", "eval_judge_model", "eval_judge_api_key_env")
+    evaluator = {k: getattr(args, k) for k in names if getattr(args, k)}
+    for d in args.run_dirs:
+        judge = evaluator.get("eval_judge") or load_run_config(d).eval_judge
+        if judge not in JUDGES + (TRAINING_REWARD,):
+            raise SystemExit(f"error: {d} was trained with --eval-judge {judge} (no evaluation); give eval.py "
+                             f"--eval-judge JUDGE: one of {', '.join(JUDGES)}, or {TRAINING_REWARD} (its training "
+                             "reward)")
     transformers.utils.logging.disable_progress_bar()
     os.makedirs(args.out, exist_ok=True)
     finals, pairs, every = [], [], []

@@ -32,7 +32,7 @@ from tqdm import tqdm
 import data
 import rollout
 import tasks
-from config import OFFLINE, VALUE_MODEL, Config, check_resumable, resolve_schedule
+from config import NO_EVALUATION, OFFLINE, VALUE_MODEL, Config, check_resumable, resolve_schedule
 from infra import (SAMPLES, Dist, Logger, TermSignal, barrier, checkpoint_name, gather, is_sharded_checkpoint,
                    latest_checkpoint, load_model, load_sharded_checkpoint, load_state, load_tokenizer, load_value_model,
                    local_gradients, model_dtype, no_dropout, optimizer_and_schedule, optimizer_step, prune_checkpoints,
@@ -134,7 +134,7 @@ def start_run(cfg, ctx):
         base, sft = ensure_toy_models(cfg, ctx)
         init = base if cfg.algo == "sft" else sft
     seed_everything(cfg.seed + 1000 * ctx.rank)  # after the (maybe) in-process SFT that made pi_0
-    task = tasks.load_task(cfg.task, cfg.data)  # bad data stops the run before any model is loaded
+    task = tasks.load_task(cfg.task, cfg.data, cfg.eval_fraction, cfg.valid_fraction)  # bad data stops here
     tok = load_tokenizer(init, cfg.trust_remote_code, cfg.chat_template_kwargs)
     start, ckpt = 0, latest_checkpoint(cfg) if cfg.resume else None
     if cfg.resume and ckpt is None and ctx.master:
@@ -146,6 +146,7 @@ def start_run(cfg, ctx):
     task, skipped = fitting_task(cfg, task, tok, policy.config)
     if ctx.master:
         report_long_prompts(cfg, skipped)
+        report_small_splits(cfg, task)
     resolve_schedule(cfg, task)
     value = None
     if cfg.algo in VALUE_MODEL:
@@ -683,6 +684,26 @@ def report_long_prompts(cfg, skipped):
               f" (counts in {os.path.join(cfg.out_dir, 'data.json')})", flush=True)
 
 
+SMALL_SPLIT = 32  # fewer evaluation or validation prompts than this: a win rate on them says little
+
+
+def report_small_splits(cfg, task):
+    """A note at the start when an evaluation of this run rests on fewer than SMALL_SPLIT prompts (and the run asked
+    for more): how many, out of how many, and the flag that sets the split."""
+    n_train = len(task.train_prompts) + len(task.valid_prompts)
+    evaluated = cfg.algo != "sft" and cfg.eval_prompts > 0 and cfg.eval_judge != NO_EVALUATION
+    if evaluated and len(task.eval_prompts) < min(SMALL_SPLIT, cfg.eval_prompts):
+        how = ("the EVAL file of --data TRAIN,EVAL holds them: give a larger one" if "," in cfg.data else
+               f"held out by --eval-fraction {cfg.eval_fraction:g}: raise it, or give your own split as --data "
+               "TRAIN,EVAL" if cfg.data else "the data set's test split")
+        print(f"note: the evaluation against pi_0 will use {len(task.eval_prompts)} prompts (beside {n_train} "
+              f"training prompts), too few for its win rate to say much; {how}", flush=True)
+    if cfg.eval_every and len(task.valid_prompts) < min(SMALL_SPLIT, cfg.eval_every_prompts):
+        print(f"note: --eval-every and the best checkpoint will use {len(task.valid_prompts)} validation prompts "
+              f"(--valid-fraction {cfg.valid_fraction:g} of {n_train} training prompts), too few to choose a "
+              "checkpoint by; raise --valid-fraction", flush=True)
+
+
 def sample_rows(batch, rewards, n=4):
     """(prompt, response, reward) of n responses spread over the batch; a response cut before its EOS says so."""
     rows = []
@@ -693,9 +714,19 @@ def sample_rows(batch, rewards, n=4):
     return rows
 
 
-def print_samples(rows):
-    tqdm.write("\n".join([f"  {'prompt':<22} | {'response':<24} | reward"] +
-                          [f"  {p.strip()[-22:]:<22} | {r[:24]!r:<24} | {w:.2f}" for p, r, w in rows]))
+def print_samples(rows, width=48):
+    """The sample table on the console: the end of each prompt's last turn (the user's message, what the response
+    answers) and the start of the response, each cut to `width` characters."""
+    def last_turn(prompt):  # plain_dialogue's turns are "\n\nHuman: ..." (a str prompt is one user message)
+        return re.split(r"\n\n(?:Human|Assistant|System): ", prompt)[-1]
+    def cut(text, keep_end):
+        text = " ".join(text.split())
+        if len(text) <= width:
+            return text
+        return "..." + text[3 - width:] if keep_end else text[:width - 3] + "..."
+    tqdm.write("\n".join([f"  {'prompt (its end)':<{width}} | {'response':<{width}} | reward"] +
+                          [f"  {cut(last_turn(p), True):<{width}} | {cut(r, False):<{width}} | {w:.2f}"
+                           for p, r, w in rows]))
 
 
 def summary_line(m):

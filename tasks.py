@@ -51,8 +51,8 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTr
                           Qwen2ForCausalLM)
 
 import rollout
-from data import (SkipRow, custom_examples, final_reply, hash_rank, hub_file, hub_files, make_valid_split,
-                  number_field, prompt_key, read_examples, read_train_eval, text_field)
+from data import (EVAL_FRACTION, VALID_FRACTION, SkipRow, custom_examples, final_reply, hash_rank, hub_file, hub_files,
+                  make_valid_split, number_field, prompt_key, read_examples, read_train_eval, text_field)
 
 TASKS = ("toy", "tldr", "helpful", "harmless", "helpsteer2", "sentiment", "custom")
 
@@ -60,16 +60,15 @@ TASKS = ("toy", "tldr", "helpful", "harmless", "helpsteer2", "sentiment", "custo
 # where the paper's setting depends on both (Appendix B.1-B.3); config.parse_config layers them under the flags.
 # Only values the paper states:
 #   64/256/1000 new tokens (B.1); an LLM annotator for direct AI alignment, a reward model for HelpSteer2 (B.1);
-#   online batch 512 with 4 updates of 128 (B.1); learning rates 1e-6 for online RLHF, 5e-7 for DAP, 3e-6 for
-#   Dual-PPO (B.1, B.3); length in passes over the prompts: RLHF 1 on TL;DR and 2 on HH, online DAP 5,
-#   HelpSteer2 1 (B.1); 10 checkpoints a run (B.1; HelpSteer2 evaluates only the final model and keeps 2);
-#   weight decay 0.01 in standard RLHF (B.1); DAR alpha 0.5 and beta 0.5 in
-#   standard RLHF (B.2); KL coefficients 0.05 (RLOO) and 0.03 (GRPO) on HelpSteer2 (B.3); SFT of pi_0 on the
-#   direct-alignment tasks at 5e-6 (B.1).
+#   online batch 512 with 4 updates of 128 (B.1); length in passes over the prompts: RLHF 1 on TL;DR and 2 on HH,
+#   online DAP 5, HelpSteer2 1 (B.1); 10 checkpoints a run (B.1; HelpSteer2 evaluates only the final model and
+#   keeps 2); weight decay 0.01 in standard RLHF (B.1); DAR alpha 0.5 and beta 0.5 in standard RLHF (B.2); KL
+#   coefficients 0.05 (RLOO) and 0.03 (GRPO) on HelpSteer2 (B.3). The paper's learning rates depend on the
+#   algorithm and hold for any pretrained --model: config.PAPER_LR.
 # Not stated by the paper, ours: offline DPO/SimPO/IS-DPO run 5 passes over their preference pairs (--pref-epochs;
 #   B.1 gives 5 epochs for "online DAP methods" only; with 10 checkpoints a run, 1 and 2 passes are among them).
 # micro_batch (responses per forward pass and rank) is ours: a size that fits a 7B policy on an 80 GB GPU.
-_PAPER_SCHEDULE = dict(online_batch=512, minibatch=128, lr=1e-6, save_every=0, keep_checkpoints=10)
+_PAPER_SCHEDULE = dict(online_batch=512, minibatch=128, save_every=0, keep_checkpoints=10)
 TASK_DEFAULTS = {
     "toy": {},
     "tldr": dict(max_new_tokens=64, judge="llm", eval_judge="llm", micro_batch=8, prompt_epochs=1,
@@ -92,12 +91,9 @@ TASK_ALGO_DEFAULTS = {
 }
 for _task in ("tldr", "helpful", "harmless"):
     for _algo in ("online_dpo", "ipo", "slic"):
-        TASK_ALGO_DEFAULTS[(_task, _algo)] = dict(lr=5e-7, prompt_epochs=5)
-    for _algo in ("dpo", "simpo", "is_dpo"):  # offline: the DAP learning rate, length in passes over the pairs
-        TASK_ALGO_DEFAULTS[(_task, _algo)] = dict(lr=5e-7, pref_epochs=5)
-    TASK_ALGO_DEFAULTS[(_task, "sft")] = dict(lr=5e-6)
-    for _algo in ("dual_ppo", "dual_ppo_clip", "dual_mix_ppo"):
-        TASK_ALGO_DEFAULTS[(_task, _algo)] = dict(lr=3e-6)
+        TASK_ALGO_DEFAULTS[(_task, _algo)] = dict(prompt_epochs=5)
+    for _algo in ("dpo", "simpo", "is_dpo"):  # offline: length in passes over the pairs
+        TASK_ALGO_DEFAULTS[(_task, _algo)] = dict(pref_epochs=5)
 
 # ---------------------------------------------------------------------------------------------------
 # The toy task's definition (part of the task, not tunable: changing it changes the task)
@@ -352,9 +348,10 @@ class Task:
     columns: dict = field(default_factory=dict)  # prompt_key(prompt) -> {name: value}: the data set's other columns
 
 
-def load_task(name, data=""):
-    """The task's prompts and data: built (toy), read from `data` (a local file in the data set's schema, or
-    "TRAIN_FILE,EVAL_FILE"), or downloaded from the Hugging Face Hub when `data` is ''."""
+def load_task(name, data="", eval_fraction=EVAL_FRACTION, valid_fraction=VALID_FRACTION):
+    """The task's prompts and data: built (toy, sentiment: fixed splits), read from `data` (a local file in the data
+    set's schema, eval_fraction of its prompts held out, or "TRAIN_FILE,EVAL_FILE"), or downloaded from the Hugging
+    Face Hub when `data` is ''; valid_fraction of the training prompts held out for validation."""
     if name not in TASKS:
         raise SystemExit(f"error: unknown --task {name!r}; valid tasks: {', '.join(TASKS)}")
     if name == "toy":
@@ -367,13 +364,13 @@ def load_task(name, data=""):
             raise SystemExit("error: --task sentiment builds its prompts from Python's own documentation; drop --data")
         return sentiment_task()
     if data:
-        train, evals = read_train_eval(data, *PARSERS[name], f"--task {name}")
+        train, evals = read_train_eval(data, *PARSERS[name], f"--task {name}", eval_fraction)
     elif name == "custom":
         raise SystemExit("error: --task custom trains on your own prompts: give them with --data FILE (JSONL, "
                          "JSONL.gz, parquet, or a saved `datasets` directory; README: Your own prompts)")
     else:
         train, evals = hub_examples(name)
-    return assemble(name, finish_examples(name, train), finish_examples(name, evals))
+    return assemble(name, finish_examples(name, train), finish_examples(name, evals), valid_fraction)
 
 
 def toy_task():
@@ -590,7 +587,7 @@ def hub_examples(name):
     return read_file(name, hub_file(repo, train)), read_file(name, hub_file(repo, test))
 
 
-def assemble(name, train, evals):
+def assemble(name, train, evals, valid_fraction=VALID_FRACTION):
     """Examples -> Task. Eval prompts are distinct, in order of first appearance; the reference of each is its
     first demonstration (else the chosen response of its first pair). Anything whose prompt is an eval prompt
     is dropped from the training side, so the eval prompts stay held out; the validation prompts are held out
@@ -609,7 +606,7 @@ def assemble(name, train, evals):
             slot[2] = ex[2]
     eval_prompts = [p for p, _, _ in refs.values()]
     references = [demo if demo is not None else chosen for _, demo, chosen in refs.values()]
-    train, valid = make_valid_split([ex for ex in train if prompt_key(ex[1]) not in refs])
+    train, valid = make_valid_split([ex for ex in train if prompt_key(ex[1]) not in refs], valid_fraction)
     train_prompts = list({prompt_key(ex[1]): ex[1] for ex in train}.values())
     if not train_prompts or not eval_prompts:
         raise SystemExit(f"error: --task {name}: no {'training' if not train_prompts else 'evaluation'} prompts "

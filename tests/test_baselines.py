@@ -345,12 +345,15 @@ def test_trl_options_are_checked():
     check(loss_agg="token", scale_rewards="batch", clip_eps_high=0.28, tis_cap=2.0)
     for kw, words in [(dict(loss_agg="dapo"), "--loss-agg must be one of sequence, token, dr_grpo"),
                       (dict(scale_rewards="std"), "--scale-rewards must be one of group, batch, none"),
-                      (dict(algo="rloo", loss_agg="token"), "--loss-agg token is an option of --algo grpo"),
-                      (dict(algo="dar", scale_rewards="none"), "--scale-rewards none is an option of --algo grpo"),
+                      (dict(algo="rloo", loss_agg="token"), "--loss-agg token is read by --algo grpo only; --algo "
+                                                            "rloo does not use it"),
+                      (dict(algo="dar", scale_rewards="none"), "--scale-rewards none is read by --algo grpo only"),
                       (dict(clip_eps_high=-0.1), "--clip-eps-high must be >= 0"),
-                      (dict(algo="dpo", clip_eps_high=0.28), "--algo dpo clips no ratio"),
+                      (dict(algo="dpo", clip_eps_high=0.28), "--algo ppo, dual_ppo, dual_ppo_clip, dual_mix_ppo, "
+                                                             "grpo, rloo, dao only; --algo dpo does not use it"),
                       (dict(tis_cap=0.5), "--tis-cap must be >= 1"),
-                      (dict(algo="rloo", tis_cap=2.0), "grpo, ppo, dual_ppo, dual_ppo_clip, dual_mix_ppo"),
+                      (dict(algo="rloo", tis_cap=2.0), "--tis-cap 2.0 is read by --algo grpo, ppo, dual_ppo, "
+                                                       "dual_ppo_clip, dual_mix_ppo only"),
                       (dict(tis_cap=2.0, logp_source="sampler"), "--tis-cap with --logp-source sampler")]:
         with pytest.raises(SystemExit, match=words):
             check(**kw)

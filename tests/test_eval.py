@@ -307,7 +307,7 @@ def test_the_evaluator_has_its_own_endpoint_model_and_key_and_falls_back_with_a_
     assert ev.evaluator_note(config.Config()) is None  # the toy rule evaluates: nothing to say
     # an evaluator endpoint alone is enough for --eval-judge llm; with neither, the error names both flags
     config.check_config(config.parse_config(["--eval-judge", "llm", "--eval-judge-url", "http://evaluator/v1"]), 1)
-    with pytest.raises(SystemExit, match="--eval-judge-url, else --judge-url"):
+    with pytest.raises(SystemExit, match=re.escape("needs --eval-judge-url URL (or --judge-url)")):
         config.check_config(config.parse_config(["--eval-judge", "llm"]), 1)
 
 

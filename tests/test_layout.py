@@ -101,10 +101,9 @@ def test_imports_inside_functions_are_only_optional_packages_that_say_so():
 
 
 def test_dar_py_reads_as_algorithm_1():
-    """At most about 350 lines; the loss's pieces, then the step, then main; no file over 900 lines."""
-    lengths = {m: len(open(os.path.join(ROOT, m + ".py")).read().splitlines()) for m in MODULES}
-    assert lengths["dar"] <= 350
-    assert max(lengths.values()) <= 900, lengths
+    """At most about 350 lines; the loss's pieces, then the step, then main. (Other files are shaped by purpose,
+    not by a line count: a cap squeezes code instead of splitting it where its purposes part.)"""
+    assert len(open(os.path.join(ROOT, "dar.py")).read().splitlines()) <= 350
     tree = ast.parse(open(os.path.join(ROOT, "dar.py")).read())
     functions = [n.name for n in tree.body if isinstance(n, ast.FunctionDef)]
     assert functions == ["dar_weights", "weighted_sft_loss", "dar_loss", "dar_step", "main"]
@@ -121,13 +120,13 @@ def help_text(script):
 
 def test_dar_help_lists_every_flag_with_its_default():
     """Every Config field as --name-with-dashes with "(default: VALUE)"; a literal % in a help string (the
-    "5% of prompts" of --data) once crashed argparse's formatting."""
+    "about 5%" of --eval-fraction) would crash argparse's formatting if it were not doubled."""
     text = help_text("dar")
     for f in dataclasses.fields(config.Config):
         flag = "--" + f.name.replace("_", "-")
         assert flag in text, flag
         assert re.sub(r"\s+", "", f"(default: {f.default})") in text, (flag, f.default)
-    assert "5%ofprompts" in text
+    assert "about5%)" in text
 
 
 @pytest.mark.parametrize("script", [s for s in SCRIPTS if s != "dar"])

@@ -124,7 +124,7 @@ def test_a_raising_function_names_itself_and_the_failing_sample():
     (["--reward", f"{FNS}:length_reward", "--reward-weights", "1"], "--reward-weights gives 1 weights; --judge"),
     (["--reward", f"{FNS}:length_reward", "--algo", "online_dpo"], "--pair-labels reward"),
     (["--reward", f"{FNS}:length_reward", "--algo", "dpo"], "--algo dpo trains on a fixed data set"),
-    (["--eval-judge", "none"], "or reward (the training reward"),
+    (["--eval-judge", "nope"], "reward (the training reward: --judge and the --reward functions), or none"),
     (["--algo", "dpo", "--judge", "none", "--eval-judge", "reward"], "--judge none without --reward has none"),
 ])
 def test_bad_reward_flags_stop_before_any_model_loads(flags, message):
@@ -149,7 +149,7 @@ def tiny(toy_cache, out, *extra):
 def test_a_run_logs_each_functions_mean(toy_cache, tmp_path):
     out = tmp_path / "run"
     cfg = tiny(toy_cache, out, "--steps", "2", "--judge", "none", "--reward", f"{FNS}:length_reward",
-               "--reward", f"{FNS}:ended_bonus", "--reward-weights", "2,3")
+               "--reward", f"{FNS}:ended_bonus", "--reward-weights", "2,3", "--eval-judge", "toy_gold")
     run = train(cfg)
     rows = read_metrics(out)
     assert len(rows) == 2

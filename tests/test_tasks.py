@@ -263,7 +263,8 @@ def test_bad_json_line(tmp_path):
     rows = [json.dumps(r) for r in lines(HELPFUL)]
     path = write(tmp_path / "bad.jsonl", rows[:2] + ['{"chosen": "\\n\\nHuman: hi", '] + rows[2:])
     msg = error_of("helpful", path)
-    assert path in msg and "line 3" in msg and "bad JSON" in msg
+    # the line is cut after its 28th character: JSON ends there, at column 29 of line 3 (not at its newline)
+    assert path in msg and "line 3 column 29" in msg and "bad JSON" in msg
 
 
 def test_missing_field(tmp_path):

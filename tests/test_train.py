@@ -135,6 +135,7 @@ def test_killed_run_resumes_to_the_same_metrics(toy_cache, tmp_path):
 
 
 OLD_RUN = os.path.join(ROOT, "tests", "fixtures", "run-before-layout")
+OLD_PI0 = os.path.join(OLD_RUN, "pi0")  # a toy pi_0 as a model directory
 OLD_RUN_FLAGS = ["--model", "tests/fixtures/run-before-layout/pi0", "--online-batch", "32", "--minibatch", "16",
                  "--micro-batch", "8", "--max-new-tokens", "12", "--lr", "1e-3", "--eval-prompts", "0",
                  "--save-every", "2", "--keep-checkpoints", "2", "--print-every", "1000", "--sample-every", "1000",
@@ -220,14 +221,26 @@ def test_a_checkpoint_without_a_newer_field_resumes_only_with_the_behaviour_it_h
      "--minibatch 6 must split evenly into 1 ranks in whole groups of 4"),
     (["--clip-eps", "0"], "--clip-eps must be > 0"),
     (["--value-model", "/no/such/dir"], "--value-model '/no/such/dir' is not a model directory"),
-    (["--judge", "llm"], "--judge llm (this task's default) needs --judge-url"),
+    (["--judge", "llm"], "--judge llm needs --judge-url URL"),
+    (["--task", "custom", "--data", os.path.join(ROOT, "tests/fixtures/hh_helpful.jsonl"), "--model", OLD_PI0],
+     "--judge llm (the default of task custom) needs --judge-url URL"),
+    (["--eval-judge", "llm"], "--eval-judge llm evaluates with an annotator and needs --eval-judge-url URL (or "
+                              "--judge-url); or evaluate with --eval-judge reward"),
+    (["--eval-judge", "none", "--eval-every", "2"], "--eval-every evaluates with the eval judge, and --eval-judge "
+                                                    "none evaluates nothing"),
+    (["--clip-eps", "0.3"], "--clip-eps 0.3 is read by --algo ppo, dual_ppo, dual_ppo_clip, dual_mix_ppo, grpo, "
+                            "rloo, dao only; --algo dar does not use it"),
+    (["--algo", "grpo", "--w-clip", "5"], "--w-clip 5.0 is read by --algo dar only; --algo grpo does not use it"),
+    (["--algo", "grop"], "unknown --algo 'grop' (did you mean grpo?)"),
+    (["--eval-fraction", "0.2"], "--eval-fraction splits a single --data file; --task toy has a fixed split"),
+    (["--valid-fraction", "0"], "--valid-fraction is a share of the prompts, in (0, 1), got 0.0"),
     (["--eval-judge", "reward_model"], "--judge reward_model needs --reward-model"),
     (["--rollout", "sglang"], "--rollout must be hf or vllm"),
     (["--judge", "nope"], "unknown --judge 'nope'; valid judges: toy_gold, toy_biased, toy_proxy"),
     (["--alpha", "1.5"], "--alpha must lie in [0, 1]"),
     (["--beta", "0"], "--beta must be > 0"),
     (["--k", "1"], "--k must be >= 2"),
-    (["--online-batch", "30"], "--online-batch 30 must be a multiple of K x ranks = 4 x 1"),
+    (["--online-batch", "30"], "--online-batch 30 must be a multiple of K x ranks = 4 x 1, e.g. --online-batch 32"),
     (["--model", "/no/such/dir"], "--model '/no/such/dir' is not a model directory"),
     (["--fsdp-offload"], "--fsdp-offload offloads the shards of --fsdp; add --fsdp"),
 ])

@@ -1,0 +1,206 @@
+"""config.py: where each setting comes from (the paper's learning rates for a pretrained model, the settings line),
+the evaluation judge a run takes, the options an algorithm does not read, and the messages of bad flags."""
+import json
+import os
+
+import pytest
+
+import config
+import dar
+import loop
+import tasks
+from conftest import ROOT, TINY, read_metrics
+
+PI0 = os.path.join(ROOT, "tests", "fixtures", "run-before-layout", "pi0")  # a (toy) model directory
+REWARD_FILE = os.path.join(ROOT, "tests", "fixtures", "rewards", "fns.py")
+
+
+def checked(*argv):
+    cfg = config.parse_config(list(argv))
+    config.check_config(cfg, 1)
+    return cfg
+
+
+def refusal(*argv):
+    with pytest.raises(SystemExit) as e:
+        checked(*argv)
+    return str(e.value)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Learning rates: the toy model's, else the paper's for the algorithm (Appendix B.1, B.3); a flag wins
+# ---------------------------------------------------------------------------------------------------
+PAPER = {"dar": 1e-6, "grpo": 1e-6, "rloo": 1e-6, "ppo": 1e-6, "dao": 1e-6, "iter_sft": 1e-6,
+         "dual_ppo": 3e-6, "dual_ppo_clip": 3e-6, "dual_mix_ppo": 3e-6,
+         "online_dpo": 5e-7, "ipo": 5e-7, "slic": 5e-7, "dpo": 5e-7, "simpo": 5e-7, "is_dpo": 5e-7, "sft": 5e-6}
+
+
+@pytest.mark.parametrize("algo", sorted(PAPER))
+def test_a_pretrained_model_takes_the_papers_learning_rate_for_its_algorithm(algo):
+    assert config.parse_config(["--algo", algo]).lr == 3e-4  # the toy model's own
+    assert config.parse_config(["--algo", algo, "--model", PI0]).lr == PAPER[algo]
+    assert config.parse_config(["--algo", algo, "--task", "helpful"]).lr == PAPER[algo]  # needs a --model anyway
+    assert config.parse_config(["--algo", algo, "--model", PI0, "--lr", "2e-5"]).lr == 2e-5
+
+
+def test_the_settings_line_says_where_each_setting_came_from():
+    line = config.settings_line(config.parse_config(["--task", "custom", "--model", PI0, "--algo", "grpo", "--k", "8",
+                                                     "--data", "x.jsonl"]))
+    assert line == ("settings: --lr 1e-06 (the paper's for grpo with a pretrained --model), --online-batch 256 "
+                    "(default, toy-sized), --minibatch 64 (default, toy-sized), --micro-batch 64 (default, toy-sized), "
+                    "--k 8 (flag), --max-new-tokens 256 (task custom)")
+    line = config.settings_line(config.parse_config(["--task", "helpful", "--algo", "online_dpo", "--lr", "1e-7"]))
+    assert "--lr 1e-07 (flag)" in line and "--online-batch 512 (task helpful)" in line
+    assert "--k 2 (algorithm online_dpo)" in line and "--micro-batch 4 (task helpful)" in line
+    assert "--k 4 (default, the paper's)" in config.settings_line(config.parse_config([]))
+    offline = config.settings_line(config.parse_config(["--algo", "dpo"]))
+    assert "--online-batch" not in offline and "--k" not in offline  # an offline algorithm samples nothing
+
+
+@pytest.mark.slow
+def test_dar_py_prints_the_settings_line_before_the_run(toy_cache, tmp_path, capsys):
+    dar.main(TINY + ["--cache-dir", toy_cache, "--out-dir", str(tmp_path / "run"), "--steps", "1", "--print-every",
+                     "1000", "--eval-judge", "none"])
+    out = capsys.readouterr().out
+    first = out.splitlines()[0]
+    assert first == ("settings: --lr 0.001 (flag), --online-batch 32 (flag), --minibatch 16 (flag), --micro-batch 8 "
+                     "(flag), --k 4 (default, the paper's), --max-new-tokens 12 (flag)")
+    # --eval-judge none: the run trains and writes no evaluation
+    assert len(read_metrics(tmp_path / "run")) == 1
+    assert not os.path.exists(tmp_path / "run" / "eval.json") and "win rate" not in out
+
+
+# ---------------------------------------------------------------------------------------------------
+# The evaluation judge
+# ---------------------------------------------------------------------------------------------------
+def test_judge_none_with_reward_functions_evaluates_with_the_training_reward_unless_told_otherwise():
+    fn = f"{REWARD_FILE}:length_reward"
+    data = os.path.join(ROOT, "tests", "fixtures", "hh_helpful.jsonl")
+    custom = ["--task", "custom", "--data", data, "--model", PI0, "--judge", "none", "--reward", fn]
+    cfg = checked(*custom)  # custom's eval judge is llm; without an endpoint this stopped before
+    assert cfg.eval_judge == "reward" and cfg.origin["eval_judge"] == "--judge none with --reward"
+    assert checked(*custom, "--eval-judge", "vader").eval_judge == "vader"
+    assert checked(*custom, "--eval-judge", "none").eval_judge == "none"
+    assert "--eval-judge-url URL" in refusal(*custom, "--eval-judge", "llm")
+    assert checked("--judge", "toy_biased", "--reward", fn).eval_judge == "toy_gold"  # a judge: the task's
+
+
+def test_eval_judge_none_means_no_evaluation_and_refuses_eval_every():
+    assert checked("--eval-judge", "none").eval_judge == config.NO_EVALUATION
+    assert "--eval-judge none evaluates nothing; drop --eval-every" in refusal("--eval-judge", "none",
+                                                                               "--eval-every", "5")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Options an algorithm does not read
+# ---------------------------------------------------------------------------------------------------
+NON_DEFAULT = {"alpha": "0.3", "w_clip": "5", "normalize_adv": None, "beta": "0.2", "clip_eps": "0.3",
+               "clip_eps_high": "0.28", "vf_coef": "2", "value_clip": "0.3", "gae_lambda": "0.9", "gamma": "0.99",
+               "missing_eos_penalty": "2", "value_model": PI0, "pair_labels": "reward", "simpo_gamma": "1.0",
+               "is_clip": "5", "loss_agg": "token", "scale_rewards": "batch", "tis_cap": "2", "k": "8", "epochs": "2",
+               "rollout": "vllm", "logp_source": "sampler"}
+
+
+def flag_of(name):
+    value = NON_DEFAULT[name]
+    flag = "--" + name.replace("_", "-")
+    return [flag.replace("--", "--no-")] if value is None else [flag, value]
+
+
+def test_every_option_that_only_some_algorithms_read_is_listed_with_a_non_default_value_here():
+    assert set(NON_DEFAULT) == set(config.USED_BY)
+
+
+@pytest.mark.parametrize("name", sorted(config.USED_BY))
+def test_an_option_the_algorithm_does_not_read_is_refused_naming_those_that_do(name):
+    readers = config.USED_BY[name]
+    for algo in config.ALGOS:
+        argv = ["--algo", algo, "--online-batch", "64", "--minibatch", "32"] + flag_of(name)
+        if name == "pair_labels" or algo in config.ONLINE_PAIRS:  # reward labels: pairs of whole groups
+            argv += ["--pair-labels", "reward"] if name != "pair_labels" else []
+        if algo in readers:
+            checked(*argv)
+        else:
+            assert refusal(*argv).startswith(f"error: --{name.replace('_', '-')} ") and \
+                f"is read by --algo {', '.join(readers)} only; --algo {algo} does not use it" in refusal(*argv)
+    # the algorithm's own default value is no flag to refuse: dual_ppo's clip_eps inf, online DPO's k 2
+    checked("--algo", "online_dpo", "--k", "2")
+
+
+def test_a_resume_ignores_a_field_its_algorithm_never_reads():
+    saved = {**json.loads(json.dumps(config.dataclasses.asdict(config.parse_config(["--algo", "grpo"])))),
+             "w_clip": 3.0}
+    config.check_resumable(config.parse_config(["--algo", "grpo"]), saved)  # grpo reads no w_clip
+    with pytest.raises(SystemExit, match="--w-clip 20.0 \\(was 3.0\\)"):
+        config.check_resumable(config.parse_config(["--algo", "dar"]), {**saved, "algo": "dar"})
+
+
+# ---------------------------------------------------------------------------------------------------
+# Flags dar.py does not know, and values with a near miss
+# ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("argv, message", [
+    (["--learning-rate", "1e-6"], "unrecognized argument --learning-rate: TRL's learning_rate is --lr here"),
+    (["--num_generations", "8"], "TRL's num_generations is --k here"),
+    (["--alhpa", "0.2"], "unrecognized arguments: --alhpa 0.2 (did you mean --alpha?)"),
+    (["--no-such-flag"], "unrecognized argument: --no-such-flag (python dar.py --help lists every flag)"),
+])
+def test_an_unknown_flag_is_one_line_that_names_the_right_one(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        config.parse_config(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and message in err
+    assert len(err.strip().splitlines()) == 2  # argparse's short usage line, then the error: no 60-line usage
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--task", "toyy"], "unknown --task 'toyy' (did you mean toy?)"),
+    (["--judge", "toy-gold"], "unknown --judge 'toy-gold' (did you mean toy_gold?)"),
+    (["--minibatch", "48"], "--online-batch 256 must be a multiple of --minibatch 48, e.g. --minibatch 16"),
+])
+def test_a_bad_value_names_the_fix(argv, message):
+    assert message in refusal(*argv)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Small data sets: the split flags, and the note at the start
+# ---------------------------------------------------------------------------------------------------
+def forty_prompts(tmp_path):
+    path = tmp_path / "forty.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"question number {i}"}) + "\n" for i in range(40)))
+    return str(path)
+
+
+def test_the_split_fractions_set_how_many_prompts_are_held_out(tmp_path):
+    path = forty_prompts(tmp_path)
+    t = tasks.load_task("custom", path)
+    assert (len(t.eval_prompts), len(t.valid_prompts), len(t.train_prompts)) == (2, 2, 36)  # 5% each, rounded
+    t = tasks.load_task("custom", path, eval_fraction=0.25, valid_fraction=0.2)
+    assert (len(t.eval_prompts), len(t.valid_prompts), len(t.train_prompts)) == (10, 6, 24)
+    assert not set(t.eval_prompts) & set(t.train_prompts) and not set(t.valid_prompts) & set(t.train_prompts)
+
+
+def test_a_small_evaluation_or_validation_set_is_named_at_the_start(tmp_path, capsys):
+    path = forty_prompts(tmp_path)
+    args = ["--task", "custom", "--data", path, "--model", PI0, "--judge", "vader", "--eval-every", "5"]
+    loop.report_small_splits(config.parse_config(args), tasks.load_task("custom", path))
+    out = capsys.readouterr().out
+    assert ("note: the evaluation against pi_0 will use 2 prompts (beside 38 training prompts), too few for its win "
+            "rate to say much; held out by --eval-fraction 0.05: raise it") in out
+    assert "--eval-every and the best checkpoint will use 2 validation prompts (--valid-fraction 0.05 of 38" in out
+    loop.report_small_splits(config.parse_config(args + ["--eval-every", "0", "--eval-prompts", "2"]),
+                             tasks.load_task("custom", path))
+    assert capsys.readouterr().out == ""  # two prompts asked for, two there: nothing to say
+    loop.report_small_splits(config.parse_config([]), tasks.load_task("toy"))
+    assert capsys.readouterr().out == ""
+
+
+def test_the_sample_table_shows_the_end_of_the_users_last_turn(capsys):
+    talk = [{"role": "user", "content": "An old question nobody reads."}, {"role": "assistant", "content": "Yes."},
+            {"role": "user", "content": "A long last message, whose end is what the response answers: 'ab cd'?"}]
+    long_reply = "word " * 40
+    loop.print_samples([(loop.rollout.plain_dialogue(talk), long_reply, 1.5), ("reverse: kbdha", "ahdbk", 10.0)])
+    lines = capsys.readouterr().out.splitlines()
+    prompt, response, reward = lines[1].split(" | ")
+    assert prompt.strip() == "...se end is what the response answers: 'ab cd'?" and len(prompt.strip()) == 48
+    assert response.strip() == "word " * 9 + "..." and reward.strip() == "1.50"
+    assert "reverse: kbdha" in lines[2] and "| ahdbk " in lines[2]
