@@ -259,13 +259,17 @@ def test_two_ranks_train_from_a_hub_id_and_stop_together_on_an_uncached_one(hub_
 
 
 @pytest.mark.slow
-def test_eval_finds_a_saved_snapshot_again_in_another_cache(hub_home, tmp_path):
-    """A run's config.json names the snapshot directory of its machine's cache; eval.py where that directory is
-    gone (another machine, a cleaned cache) finds the same repository and commit in this machine's cache."""
+def test_resume_and_eval_find_the_run_s_snapshot(hub_home, tmp_path):
+    """--resume with the same id resolves to the same snapshot directory, which the checkpoint's config names (no
+    "settings that differ"). eval.py where that directory is gone (another machine, a cleaned cache) finds the
+    same repository and commit in this machine's cache."""
     out = tmp_path / "run"
-    p = run_dar(["--model", TOY_ID, "--steps", "1", "--eval-prompts", "0", "--out-dir", str(out)] + TINY,
-                cwd=tmp_path, env_extra=dict(OFFLINE, HF_HOME=hub_home))
-    assert p.returncode == 0, p.stderr[-3000:]
+    for steps in ("1", "2"):
+        p = run_dar(["--model", TOY_ID, "--steps", steps, "--save-every", "1", "--eval-prompts", "0", "--out-dir",
+                     str(out)] + TINY + (["--resume"] if steps == "2" else []), cwd=tmp_path,
+                    env_extra=dict(OFFLINE, HF_HOME=hub_home))
+        assert p.returncode == 0, p.stderr[-3000:]
+    assert [r["step"] for r in read_metrics(out)] == [1, 2]
     elsewhere = str(tmp_path / "hf_home_elsewhere")
     hub_repo(elsewhere, TOY_ID, directory_files(snapshot(hub_home, TOY_ID)))
     with open(out / "config.json") as f:
