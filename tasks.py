@@ -26,6 +26,9 @@ used for everything and split into train and eval prompts by `data.split_by_prom
 TRAIN_FILE,EVAL_FILE`, or a saved DatasetDict's train and test splits, give the split instead). The data depend
 on the task and the files only, never on the run's --seed.
 
+A model (--model, --value-model, --reward-model) is a local directory or a Hub id ORG/NAME, whose snapshot
+`model_dir` finds in huggingface_hub's cache or downloads there (safetensors weights only).
+
 The task `custom` reads your own prompts with --data, in the schema data.py's docstring gives (a `prompt` or
 a `messages` column; optional `reference`, `chosen` / `rejected`; any other column kept per prompt), split the
 same way, judged with the helpful family of annotator prompts.
@@ -33,6 +36,7 @@ same way, judged with the helpful family of annotator prompts.
 The external benchmarks of Table 4 (AlpacaEval 2.0, MT-Bench) are read, answered and written in their own
 formats at the end of this file; `eval.py --alpacaeval FILE --mtbench FILE` calls them.
 """
+import glob
 import importlib.util
 import json
 import math
@@ -45,7 +49,9 @@ import uuid
 from dataclasses import dataclass, field
 from pydoc_data.topics import topics  # the standard library's reference pages, the sentiment task's text
 
+import huggingface_hub
 import torch
+from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast, Qwen2Config,
                           Qwen2ForCausalLM)
@@ -55,6 +61,7 @@ from data import (EVAL_FRACTION, VALID_FRACTION, SkipRow, custom_examples, final
                   make_valid_split, number_field, prompt_key, read_examples, read_train_eval, text_field)
 
 TASKS = ("toy", "tldr", "helpful", "harmless", "helpsteer2", "sentiment", "custom")
+HUB_TASKS = ("tldr", "helpful", "harmless", "helpsteer2")  # their data sets come from the Hub unless --data is given
 
 # Settings per task over Config's defaults (generation length, judge, schedule, ...), and per (task, algorithm)
 # where the paper's setting depends on both (Appendix B.1-B.3); config.parse_config layers them under the flags.
@@ -314,6 +321,92 @@ def build_from_gguf(name, path):
         if not os.path.isfile(os.path.join(path, "config.json")):
             raise
         shutil.rmtree(tmp)
+
+
+# ---------------------------------------------------------------------------------------------------
+# A model from the Hugging Face Hub: --model ORG/NAME (and --value-model, --reward-model)
+# ---------------------------------------------------------------------------------------------------
+# What a model's snapshot is made of: configs, tokenizers, chat templates and safetensors weights, from the top of
+# the repository. Never pickled weights (.bin, .pt: loading them can run code); Python files only with
+# --trust-remote-code; no subfolders (other formats of the same weights: Llama's original/, ONNX exports), nor
+# consolidated.safetensors (Mistral's second copy of the weights, in another layout).
+HUB_MODEL_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
+HUB_SKIPPED_FILES = ["*/*", "consolidated*"]
+HUB_ID = re.compile(r"\w[\w.-]*/[\w.-]*\w")  # ORG/NAME, as the Hub spells a repository id
+# a snapshot directory in huggingface_hub's cache: .../models--ORG--NAME/snapshots/COMMIT (a Hub id has no "--")
+SNAPSHOT = re.compile(r".*/models--(\w[\w.-]*?)--(\w[\w.-]*)/snapshots/([0-9a-f]{40})/?")
+
+
+def hub_model(name):
+    """(repository id, commit or None) when `name` is a Hub model: an id ORG/NAME that is no path on this machine,
+    or a snapshot directory of another machine's cache (a run's saved config, read where that path is not); else
+    None: a path."""
+    if os.path.exists(name):
+        return None
+    m = SNAPSHOT.fullmatch(name)
+    if m:
+        return f"{m[1]}/{m[2]}", m[3]
+    return (name, None) if HUB_ID.fullmatch(name) else None
+
+
+def model_dir(flag, name, revision="", trust_remote_code=False):
+    """The model directory that `flag` names: a local directory as it is; a Hub model as its snapshot in
+    huggingface_hub's cache ($HF_HOME/hub), downloaded there unless the cache has it (with HF_HUB_OFFLINE=1 only the
+    cache is read). The snapshot's path names the repository and the commit, so a run's saved config does too.
+    Stops with one line when the model cannot be had, or holds no safetensors weights."""
+    hub = hub_model(name)
+    path = name if hub is None else hub_snapshot(flag, hub[0], hub[1] or revision, trust_remote_code)
+    check_safetensors(flag, name, path, from_hub=hub is not None)
+    return path
+
+
+def hub_snapshot(flag, repo_id, revision, trust_remote_code):
+    patterns = HUB_MODEL_FILES + (["*.py"] if trust_remote_code else [])  # a model's own code: only if trusted
+    try:
+        path = huggingface_hub.snapshot_download(repo_id, revision=revision or None, allow_patterns=patterns,
+                                                 ignore_patterns=HUB_SKIPPED_FILES)
+    except Exception as e:  # not cached and no network, unknown, gated, a bad revision: each its own advice
+        raise SystemExit(hub_model_failure(flag, repo_id, revision, e)) from None
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise SystemExit(f"error: {flag} {repo_id}: its snapshot {path} has no config.json, so it is not a "
+                         "transformers model directory; give one, or a Hub id of one")
+    return path
+
+
+def hub_model_failure(flag, repo_id, revision, e):
+    """The one line that says why a Hub model could not be had, what was tried, and the way out."""
+    at = f" at revision {revision}" if revision else ""
+    if isinstance(e, GatedRepoError):
+        return (f"error: {flag} {repo_id}: the Hub refuses access to this gated repository; accept its terms on "
+                f"huggingface.co/{repo_id} and set HF_TOKEN to a token of that account, or give a local directory")
+    if isinstance(e, RevisionNotFoundError):
+        return (f"error: {flag} {repo_id}: the Hub has no revision {revision!r} of it (--model-revision: a branch, "
+                "tag or commit; '' = the default branch)")
+    if isinstance(e, RepositoryNotFoundError):
+        return (f"error: {flag} {repo_id} is not a local directory, and the Hub has no model {repo_id} (or it is "
+                "private: set HF_TOKEN to a token that can read it); check the name, or give a local directory")
+    cause = e.__cause__ or e  # snapshot_download's "not in the cache" comes from the Hub's own failure
+    why = " ".join(f"{type(cause).__name__}: {cause}".split())[:160]
+    tried = (f"the Hugging Face cache at {huggingface_hub.constants.HF_HUB_CACHE} does not hold it{at}, and " +
+             ("HF_HUB_OFFLINE=1 kept the Hub from being asked" if huggingface_hub.constants.HF_HUB_OFFLINE else
+              f"the Hub could not be reached ({why})"))
+    return (f"error: {flag} {repo_id} is not a local directory; {tried}. Give a local model directory, or download "
+            f"it first where there is network: hf download {repo_id}" + (f" --revision {revision}" if revision else ""))
+
+
+def check_safetensors(flag, name, path, from_hub):
+    """Stop when a model directory has pickled weights and no safetensors ones (from the Hub: no safetensors ones,
+    since no pickle is ever downloaded). A directory with neither (a sharded checkpoint of this project's) passes."""
+    if glob.glob(os.path.join(glob.escape(path), "*.safetensors")):
+        return
+    if not (from_hub or glob.glob(os.path.join(glob.escape(path), "pytorch_model*.bin"))):
+        return
+    where = f"the Hub repository's snapshot {path} has none" if from_hub else f"{path} has pytorch_model*.bin only"
+    partial = from_hub and huggingface_hub.constants.HF_HUB_OFFLINE
+    raise SystemExit(f"error: {flag} {name}: this project loads safetensors weights only (loading pickled .bin or "
+                     f".pt weights can run code), and {where}; convert them once, where you trust them "
+                     "(transformers' from_pretrained, then save_pretrained writes safetensors), and pass that "
+                     "directory" + (f"; or, if the cache holds only part of it: hf download {name}" if partial else ""))
 
 
 def load_pretrained(cls, path, trust_remote_code=False, **kwargs):
@@ -576,15 +669,21 @@ def read_file(name, path):
     return read_examples(path, *PARSERS[name], f"--task {name}")[""]
 
 
-def hub_examples(name):
-    """(train, eval) examples from the data sets on the Hugging Face Hub (cached by huggingface_hub)."""
+def hub_task_files(name):
+    """(train files, eval files) of a task's data sets on the Hugging Face Hub, downloaded into huggingface_hub's
+    cache unless it has them (with HF_HUB_OFFLINE=1 only the cache is read)."""
     if name == "tldr":  # online prompts from both sets; eval prompts and their human summaries: SFT test split
-        files = hub_files(TLDR_SFT_REPO, "data/train-") + hub_files(TLDR_PREF_REPO, "data/train-")
-        train = [ex for f in files for ex in read_file(name, f)]
-        return train, [ex for f in hub_files(TLDR_SFT_REPO, "data/test-") for ex in read_file(name, f)]
+        return (hub_files(TLDR_SFT_REPO, "data/train-") + hub_files(TLDR_PREF_REPO, "data/train-"),
+                hub_files(TLDR_SFT_REPO, "data/test-"))
     repo, train, test = ((HELPSTEER2_REPO, "train.jsonl.gz", "validation.jsonl.gz") if name == "helpsteer2" else
                          (HH_REPO, f"{HH_DIRS[name]}/train.jsonl.gz", f"{HH_DIRS[name]}/test.jsonl.gz"))
-    return read_file(name, hub_file(repo, train)), read_file(name, hub_file(repo, test))
+    return [hub_file(repo, train)], [hub_file(repo, test)]
+
+
+def hub_examples(name):
+    """(train, eval) examples from the data sets on the Hugging Face Hub."""
+    train, evals = hub_task_files(name)
+    return [ex for f in train for ex in read_file(name, f)], [ex for f in evals for ex in read_file(name, f)]
 
 
 def assemble(name, train, evals, valid_fraction=VALID_FRACTION):
