@@ -478,6 +478,21 @@ def check_resumable(cfg, saved):
                          "; resume with the original flags, or start a new run with another --out-dir")
 
 
+def updates_per_batch(cfg):
+    """Optimizer steps an online batch takes when none is skipped: --epochs passes over online_batch / minibatch
+    minibatches; iterative SFT one, on the best responses (baselines.iter_sft_step)."""
+    return 1 if cfg.algo == "iter_sft" else cfg.epochs * (cfg.online_batch // cfg.minibatch)
+
+
+def trainer_state(cfg, batches, train_prompts, optimizer_steps=None):
+    """The reward functions' trainer_state (rewards.TrainerState) after `batches` online batches of a run over
+    `train_prompts` training prompts; optimizer_steps: those taken (the LR schedule's count), None = every batch's
+    (eval.py, evaluating a saved model, counts no better)."""
+    per_batch = updates_per_batch(cfg)
+    return rewards.TrainerState(batches * per_batch if optimizer_steps is None else optimizer_steps,
+                                cfg.steps * per_batch, batches * (cfg.online_batch // cfg.k) / train_prompts)
+
+
 def resolve_schedule(cfg, task):
     """The run's length from passes over the training prompts (prompt_epochs > 0; Appendix B.1 counts epochs)
     or, for offline DPO/SimPO/IS-DPO, over the preference pairs (pref_epochs > 0; an optimizer step reads
