@@ -76,9 +76,10 @@ class Config:
                                         "prompts are rendered, e.g. '{\"enable_thinking\": false}'; '' = none")
     # reward functions in Python (rewards.py), combined with --judge
     reward: str = arg("", "a reward function, FILE.py:NAME or module:NAME, called as TRL's GRPOTrainer calls one "
-                          "(prompts, completions, ended and the data set's other columns as keywords; one float or "
-                          "None per completion); repeat the flag for several. The reward is the weighted sum of the "
-                          "judge's (unless --judge none) and theirs", repeatable=True)
+                          "(TRL's keywords: prompts, completions, completion_ids, trainer_state, log_metric, "
+                          "log_extra and the data set's other columns; and ended; one float or None per completion); "
+                          "repeat the flag for several. The reward is the weighted sum of the judge's (unless "
+                          "--judge none) and theirs", repeatable=True)
     reward_weights: str = arg("", "weights of the reward's components, comma-separated: the judge's (unless --judge "
                                   "none), then one per --reward in order; '' = 1 each")
     # the LLM annotator behind an OpenAI-compatible HTTP endpoint (--judge llm) and reward models
@@ -167,8 +168,9 @@ class Config:
     save_every: int = arg(20, "checkpoint every N online batches (and at the end); 0 = 10 checkpoints a run")
     keep_checkpoints: int = arg(2, "how many recent checkpoints to keep")
     print_every: int = arg(1, "print a one-line summary every N steps (the toy pi_0's SFT prints every 100)")
-    sample_every: int = arg(20, "print a table of sample prompt / response / reward every N batches (and send it "
-                                "to the --report-to trackers)")
+    sample_every: int = arg(20, "print a table of sample prompt / response / reward (and the reward functions' "
+                                "log_extra columns) every N batches, keep it in that batch's metrics.jsonl row "
+                                "(samples) and send it to the --report-to trackers")
     # experiment tracking (--report-to): copies of metrics.jsonl's rows and the sample tables (infra.Logger)
     report_to: str = arg("none", "experiment trackers that get every metric and sample table, comma-separated: "
                                  "none, tensorboard (OUT_DIR/tensorboard), wandb (offline with WANDB_MODE=offline)")

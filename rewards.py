@@ -66,8 +66,8 @@ class TrainerState:
     in this loop (TRL passes the Trainer's own; the others, such as log_history or best_metric, are absent).
 
     global_step  optimizer steps taken before the judged responses were sampled (the LR schedule's count: a step
-                 skipped for a non-finite gradient is not one); in evaluation, those taken before the evaluated
-                 policy
+                 skipped for a non-finite gradient is not one); in evaluation, those that made the evaluated
+                 policy (eval.py, evaluating a saved model, counts every batch's steps: config.trainer_state)
     max_steps    optimizer steps the whole run plans: --steps online batches x the steps each takes
                  (config.updates_per_batch)
     epoch        passes over the training prompts before those responses: online batches done x prompts per

@@ -266,7 +266,7 @@ RUN_FUNCTIONS = ["reward_len", "token_count", "by_progress", "logs_metrics", "lo
 @pytest.fixture(scope="module")
 def trl_run(toy_cache, tmp_path_factory):
     """3 online batches of DAR on TRL-style functions (each batch's table sampled and sent to TensorBoard; an
-    evaluation with the training reward after batches 2 and 3): (out_dir, Run, what by_progress saw)."""
+    evaluation with the training reward after batches 2 and 3): (out_dir, Run, what by_progress saw, config)."""
     out = tmp_path_factory.mktemp("trl") / "run"
     flags = ["--steps", "3", "--judge", "none", "--sample-every", "1", "--report-to", "tensorboard",
              "--eval-every", "2", "--eval-judge", "reward", "--eval-every-prompts", "8"]
@@ -274,8 +274,9 @@ def trl_run(toy_cache, tmp_path_factory):
         flags += ["--reward", f"{TRL}:{name}"]
     module = trl_module()
     module.STATES.clear()
-    run = train(tiny(toy_cache, out, *flags))
-    return out, run, list(module.STATES)
+    cfg = tiny(toy_cache, out, *flags)
+    run = train(cfg)
+    return out, run, list(module.STATES), cfg
 
 
 @pytest.mark.slow
@@ -283,7 +284,7 @@ def test_trainer_state_counts_the_optimizer_steps_taken(trl_run):
     """global_step at online batch b is the optimizer steps of the batches before (2 a batch: online batch 32,
     minibatch 16), the LR schedule's count; max_steps the run's 3 x 2; epoch the training prompts' passes so far.
     The evaluations after batches 2 and 3 (8 prompts, one response each) see the state after that batch."""
-    out, run, states = trl_run
+    out, run, states, _ = trl_run
     n = len(run.task.train_prompts)
     assert run.sched.last_epoch == 6
     assert states == [(0, 6, 0.0, 32), (2, 6, 8 / n, 32), (4, 6, 16 / n, 8), (4, 6, 16 / n, 8),  # pi_0, policy
@@ -294,7 +295,7 @@ def test_trainer_state_counts_the_optimizer_steps_taken(trl_run):
 def test_completion_ids_and_log_metric_reach_metrics_jsonl(trl_run):
     """token_count's component is minus the response length in tokens; my_metric the mean of its two values of
     the batch's call (global_step + 5 on rank 0), the evaluation's calls dropped; built-in keys untouched."""
-    out, run, _ = trl_run
+    out, run, _, _ = trl_run
     rows = read_metrics(out)
     assert [r["my_metric"] for r in rows] == [5.0, 7.0, 9.0]
     assert "rank1_only" not in rows[0] and not any(k.startswith("eval/my") for r in rows for k in r)
@@ -306,7 +307,7 @@ def test_completion_ids_and_log_metric_reach_metrics_jsonl(trl_run):
 @pytest.mark.slow
 def test_log_extra_columns_reach_the_sample_table_in_metrics_jsonl_and_tensorboard(trl_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # optional: tensorboard
-    out, run, _ = trl_run
+    out, run, _, _ = trl_run
     rows = read_metrics(out)
     acc = EventAccumulator(str(out / "tensorboard"), size_guidance={"tensors": 0})
     acc.Reload()
@@ -322,6 +323,28 @@ def test_log_extra_columns_reach_the_sample_table_in_metrics_jsonl_and_tensorboa
         assert all(f"| {s['n_chars']} |" in texts[r["step"]] for s in table)
     scalars = acc.Tags()["scalars"]
     assert "my_metric" in scalars and "samples" not in scalars
+
+
+@pytest.mark.slow
+def test_the_end_of_run_report_calls_the_functions_with_the_same_keywords(trl_run):
+    """eval.compare_with_reference with --eval-judge reward: the sampled responses' token ids, the state given,
+    and for the pairwise preference (texts compared again) the tokenizer's ids with EOS."""
+    out, run, _, cfg = trl_run
+    module = trl_module()
+    module.STATES.clear()
+    module.SEEN_IDS.clear()
+    state = rewards.TrainerState(global_step=6, max_steps=6, epoch=0.5)
+    prompts = run.task.eval_prompts[:4]
+    report = eval_py.compare_with_reference(run.policy, run.ref, run.tok, prompts, cfg, task=run.task, state=state,
+                                            win_rate_only=True)
+    assert 0 <= report["pref_win_rate"] <= 1
+    assert module.STATES == [(6, 6, 0.5, 4)] * 4  # pi_0's responses, the policy's, then prefer's two calls
+    (pi_0, policy), pairs = module.SEEN_IDS[:2], module.SEEN_IDS[2:]
+    stops, tok = set(rollout.eos_ids(run.policy, run.tok)), run.tok
+    assert all(ids[-1] in stops or len(ids) == cfg.max_new_tokens for ids in pi_0 + policy)  # as sampled
+    texts = [tok.decode(ids[:-1] if ids[-1] in stops else ids) for ids in pi_0]
+    # prefer(policy's, pi_0's): the texts again, tokenized, EOS appended (prefer takes both as ended)
+    assert pairs[1] == [tok(t, add_special_tokens=False).input_ids + [tok.eos_token_id] for t in texts]
 
 
 @pytest.mark.slow
