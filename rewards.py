@@ -236,8 +236,7 @@ class CombinedReward:
             judged = self.judge(prompts, responses, ended)
             values.append([float(x) for x in judged.rewards])
             reasons.update(judged.reasons)
-        ids = self.token_ids(responses, ended) if completion_ids is None else completion_ids
-        outs = self.call_functions(prompts, responses, ended, ids, trainer_state or self.trainer_state)
+        outs = self.call_functions(prompts, responses, ended, completion_ids, trainer_state)
         for (spec, _), out in zip(self.functions, outs):
             values.append(out)
             if any(math.isnan(x) for x in out):
@@ -262,7 +261,8 @@ class CombinedReward:
 
     def kwargs(self, prompts, responses, ended, completion_ids=None, trainer_state=None):
         """TRL's keyword arguments for a batch, but log_metric and log_extra (per function: call_functions):
-        prompts, completions, completion_ids, trainer_state, ended and the data set's other columns."""
+        prompts, completions, completion_ids (None: token_ids), trainer_state (None: this reward's), ended and the
+        data set's other columns."""
         rows = [self.columns.get(tasks.prompt_key(p), {}) for p in prompts]
         names = dict.fromkeys(k for row in rows for k in row)
         chat = [not isinstance(p, str) for p in prompts]
