@@ -116,9 +116,10 @@ class Config:
                                         "prompts are rendered, e.g. '{\"enable_thinking\": false}'; '' = none")
     # reward functions in Python (rewards.py), combined with --judge
     reward: str = arg("", "a reward function, FILE.py:NAME or module:NAME, called as TRL's GRPOTrainer calls one "
-                          "(prompts, completions, ended and the data set's other columns as keywords; one float or "
-                          "None per completion); repeat the flag for several. The reward is the weighted sum of the "
-                          "judge's (unless --judge none) and theirs", repeatable=True)
+                          "(TRL's keywords: prompts, completions, completion_ids, trainer_state, log_metric, "
+                          "log_extra and the data set's other columns; and ended; one float or None per completion); "
+                          "repeat the flag for several. The reward is the weighted sum of the judge's (unless "
+                          "--judge none) and theirs", repeatable=True)
     reward_weights: str = arg("", "weights of the reward's components, comma-separated: the judge's (unless --judge "
                                   "none), then one per --reward in order; '' = 1 each")
     # the LLM annotator behind an OpenAI-compatible HTTP endpoint (--judge llm) and reward models
@@ -210,8 +211,9 @@ class Config:
     save_every: int = arg(20, "checkpoint every N online batches (and at the end); 0 = 10 checkpoints a run")
     keep_checkpoints: int = arg(2, "how many recent checkpoints to keep")
     print_every: int = arg(1, "print a one-line summary every N steps (the toy pi_0's SFT prints every 100)")
-    sample_every: int = arg(20, "print a table of sample prompt / response / reward every N batches (and send it "
-                                "to the --report-to trackers)")
+    sample_every: int = arg(20, "print a table of sample prompt / response / reward (and the reward functions' "
+                                "log_extra columns) every N batches, keep it in that batch's metrics.jsonl row "
+                                "(samples) and send it to the --report-to trackers")
     # experiment tracking (--report-to): copies of metrics.jsonl's rows and the sample tables (infra.Logger)
     report_to: str = arg("none", "experiment trackers that get every metric and sample table, comma-separated: "
                                  "none, tensorboard (OUT_DIR/tensorboard), wandb (offline with WANDB_MODE=offline)")
@@ -630,6 +632,21 @@ def check_resumable(cfg, saved):
         raise SystemExit("error: --resume with settings that differ from the checkpoint's: " +
                          ", ".join(f"--{k.replace('_', '-')} {getattr(cfg, k)!r} (was {saved[k]!r})" for k in diff) +
                          "; resume with the original flags, or start a new run with another --out-dir")
+
+
+def updates_per_batch(cfg):
+    """Optimizer steps an online batch takes when none is skipped: --epochs passes over online_batch / minibatch
+    minibatches; iterative SFT one, on the best responses (baselines.iter_sft_step)."""
+    return 1 if cfg.algo == "iter_sft" else cfg.epochs * (cfg.online_batch // cfg.minibatch)
+
+
+def trainer_state(cfg, batches, train_prompts, optimizer_steps=None):
+    """The reward functions' trainer_state (rewards.TrainerState) after `batches` online batches of a run over
+    `train_prompts` training prompts; optimizer_steps: those taken (the LR schedule's count), None = every batch's
+    (eval.py, evaluating a saved model, counts no better)."""
+    per_batch = updates_per_batch(cfg)
+    return rewards.TrainerState(batches * per_batch if optimizer_steps is None else optimizer_steps,
+                                cfg.steps * per_batch, batches * (cfg.online_batch // cfg.k) / train_prompts)
 
 
 def resolve_schedule(cfg, task):

@@ -38,7 +38,7 @@ import transformers
 import baselines
 import rollout
 import data
-from config import NO_EVALUATION, check_config, parse_config, settings_line
+from config import NO_EVALUATION, check_config, parse_config, settings_line, trainer_state
 from eval import compare_with_reference, evaluator_note, print_report
 from infra import barrier, end_distributed, export_hf, fetch_from_hub, gather, load_model, setup_distributed, timed
 from loop import (advantage_stats, group_advantages, judge_async, judge_batch, minibatch_updates, online_metrics,
@@ -191,7 +191,9 @@ def main(argv=None):
             if evaluator_note(cfg):
                 print(evaluator_note(cfg), flush=True)
             prompts, _ = data.random_subset(run.task.eval_prompts, cfg.eval_prompts, cfg.eval_seed)  # as eval.py
-            report = compare_with_reference(policy, ref, run.tok, prompts, cfg, task=run.task, seed=cfg.eval_seed)
+            state = trainer_state(cfg, cfg.steps, len(run.task.train_prompts), run.sched.last_epoch)
+            report = compare_with_reference(policy, ref, run.tok, prompts, cfg, task=run.task, seed=cfg.eval_seed,
+                                            state=state)
             with open(os.path.join(cfg.out_dir, "eval.json"), "w") as f:
                 json.dump(report, f, indent=1)
             print_report(report)

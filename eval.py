@@ -51,12 +51,12 @@ import transformers
 import data
 import rollout
 import tasks
-from config import USED_BY, VALUE_BEFORE_FIELD, Config, config_from_dict
+from config import USED_BY, VALUE_BEFORE_FIELD, Config, config_from_dict, trainer_state
 from infra import Dist, fetch_from_hub, load_model, load_tokenizer
 from judge import JUDGES
 from loop import (distinct_n, ensure_toy_models, eval_judge, evaluator_config, fitting_task, golden_win_rate, k3,
                   mean_ci, score, t975, training_reward, win_rate)
-from rewards import TRAINING_REWARD, describe_reward
+from rewards import TRAINING_REWARD, describe_reward, judge_rollout
 
 ABLATION_PARAMS = ("alpha", "beta", "k", "w_clip")  # Fig. 5(c)-(f)
 # Config fields that never make two runs different experiments (bookkeeping, endpoints, the seed itself)
@@ -107,7 +107,7 @@ def headline_key(eval_judge):
 @torch.no_grad()
 def compare_with_reference(policy, ref, tok, prompts, cfg, task=None, seed=1234, *, greedy=False, temperature=None,
                            pairwise=True, references=None, golden_samples=2, prev=None, alpha=None,
-                           win_rate_only=False):
+                           win_rate_only=False, state=None):
     """Evaluate `policy` against `ref` (pi_0) on held-out prompts (Tables 2-3, Figs. 3-4); a dict of numbers.
 
     greedy / temperature: decoding of the compared responses (default cfg.temperature); pairwise: also the
@@ -115,19 +115,20 @@ def compare_with_reference(policy, ref, tok, prompts, cfg, task=None, seed=1234,
     data set's reference completion per prompt, for the golden-reward win rate with `golden_samples` policy
     samples per prompt; prev, alpha: a previous policy and DAR's alpha, for the alpha-interpolated KL
     (alpha_kl); win_rate_only: stop after the win rates (no training judge, golden win rate or KL: the
-    validation pass that picks the best checkpoint). The eval judge is built from evaluator_config(cfg). Runs in
-    its own RNG stream (fork_rng), so an evaluation never changes what training samples next.
+    validation pass that picks the best checkpoint). The eval judge is built from evaluator_config(cfg); --reward
+    functions get `state` as trainer_state (config.trainer_state of the evaluated policy). Runs in its own RNG
+    stream (fork_rng), so an evaluation never changes what training samples next.
     """
     temperature = cfg.temperature if temperature is None else temperature
     evaluator = evaluator_config(cfg)
-    judge = eval_judge(cfg, task)
+    judge = eval_judge(cfg, task, tok, state)
     # The training judge too when it is another one (the paper's annotator vs. its stronger evaluator; the toy
     # proxy vs. the gold rule): reward going up under it and down under the eval judge is reward hacking.
     other = ((cfg.judge != cfg.eval_judge or cfg.reward or evaluator is not cfg) and cfg.eval_judge != TRAINING_REWARD
              and (cfg.judge != "llm" or cfg.judge_url))
     train_judge = None
     if other and not win_rate_only:  # with the --reward functions when there are any
-        train_judge = training_reward(cfg, task)
+        train_judge = training_reward(cfg, task, tok, state)
     report = {"n_prompts": len(prompts), "judge": cfg.eval_judge, "decoding": "greedy" if greedy else f"T={temperature}",
               "eval_seed": seed, "prompts_sha256": hashlib.sha256(
                   "\n".join(data.prompt_key(p) for p in prompts).encode("utf-8")).hexdigest()[:16]}
@@ -138,7 +139,7 @@ def compare_with_reference(policy, ref, tok, prompts, cfg, task=None, seed=1234,
         for name, model in (("pi_0", ref), ("policy", policy)):
             torch.manual_seed(seed)
             batch = batches[name] = rollout.generate(model, tok, prompts, 1, cfg.max_new_tokens, temperature, greedy)
-            j = judge(batch.prompts, batch.responses, batch.ended.tolist())
+            j = judge_rollout(judge, batch)
             rewards[name] = j.rewards
             report[f"{name}/reward"], report[f"{name}/reward_ci"] = mean_ci(j.rewards)
             report[f"{name}/missing_eos"] = 1 - batch.ended.double().mean().item()
@@ -149,8 +150,7 @@ def compare_with_reference(policy, ref, tok, prompts, cfg, task=None, seed=1234,
                 report[f"{name}/top_score"] = (torch.tensor(j.rewards) == judge.top).double().mean().item()
             report[f"{name}/invalid_judgments"] = j.invalid
             if train_judge is not None:
-                report[f"{name}/train_judge_reward"] = mean_ci(
-                    train_judge(batch.prompts, batch.responses, batch.ended.tolist()).rewards)[0]
+                report[f"{name}/train_judge_reward"] = mean_ci(judge_rollout(train_judge, batch).rewards)[0]
         if train_judge is not None:
             report["train_judge"] = describe_reward(cfg, cfg.judge if cfg.judge != cfg.eval_judge or cfg.reward
                                                     else f"{cfg.judge} annotator")
@@ -169,7 +169,7 @@ def compare_with_reference(policy, ref, tok, prompts, cfg, task=None, seed=1234,
             s = 1 if greedy else golden_samples
             torch.manual_seed(seed + 2)
             gs = rollout.generate(policy, tok, prompts, s, cfg.max_new_tokens, temperature, greedy)
-            r_s = judge(gs.prompts, gs.responses, gs.ended.tolist()).rewards
+            r_s = judge_rollout(judge, gs).rewards
             r_ref = judge(list(prompts), list(references), [True] * len(references)).rewards
             report["golden/win_rate"], report["golden/win_rate_ci"] = golden_win_rate(
                 torch.tensor(r_s, dtype=torch.float64).view(len(prompts), s), r_ref)
@@ -271,6 +271,7 @@ def evaluate_checkpoint(run_dir, ckpt_dir, n_prompts, greedy=False, temperature=
     task, _ = fitting_task(cfg, task, tok, policy.config)
     ref = load_model(init, cfg, device).eval()
     step = checkpoint_step(run_dir, ckpt_dir, cfg)
+    state = trainer_state(cfg, step, len(task.train_prompts))
     prev, prev_step = None, None
     if cfg.algo == "dar":
         earlier = [(s, p) for s, p in checkpoints(run_dir) if s < step]
@@ -280,7 +281,7 @@ def evaluate_checkpoint(run_dir, ckpt_dir, n_prompts, greedy=False, temperature=
     prompts, refs = data.random_subset(task.eval_prompts, n_prompts, seed, task.references)
     report = compare_with_reference(policy, ref, tok, prompts, cfg, task=task, seed=seed, greedy=greedy,
                                     temperature=temperature, references=refs, golden_samples=golden_samples,
-                                    prev=prev, alpha=cfg.alpha)
+                                    prev=prev, alpha=cfg.alpha, state=state)
     if prev is not None:
         report["kl_alpha/prev_step"] = prev_step
     if validation:
@@ -288,7 +289,7 @@ def evaluate_checkpoint(run_dir, ckpt_dir, n_prompts, greedy=False, temperature=
         if task.valid_prompts:
             valid, _ = data.random_subset(task.valid_prompts, n_prompts, seed)
             v = compare_with_reference(policy, ref, tok, valid, cfg, task=task, seed=seed, greedy=greedy,
-                                       temperature=temperature, win_rate_only=True)
+                                       temperature=temperature, win_rate_only=True, state=state)
             report["valid/win_rate"], report["valid/win_rate_ci"], report["valid/n_prompts"] = (
                 v["win_rate"], v["win_rate_ci"], len(valid))
     report["step"] = step

@@ -28,11 +28,13 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_model_state_dict, set_state_dict)
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Replicate, Shard
+from tqdm import tqdm
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForTokenClassification, AutoTokenizer,
                           GenerationConfig)
 from transformers.optimization import Adafactor
 from transformers.utils import logging as hf_logging
 
+import rollout
 import tasks
 from config import config_from_dict, parse_template_kwargs, trackers
 
@@ -496,11 +498,44 @@ def latest_checkpoint(cfg):
 # Logging: stable, namespaced keys; one JSON line per online batch (README lists every key), and the same
 # numbers, at the same step, to each experiment tracker of --report-to
 # ---------------------------------------------------------------------------------------------------
-# The metrics key of a --sample-every table, rows of (prompt, response, reward): loop.online_metrics returns it
-# with the numbers, as a step returns everything it logs; Logger.log takes it out of the JSON line (it is no
-# number to plot) and hands it to the trackers as a table.
+# The metrics key of a --sample-every table: a list of rows {"prompt", "response", "reward", and a column per
+# log_extra of the reward functions}. loop.online_metrics returns it with the numbers, as a step returns
+# everything it logs; Logger.log writes it into the JSON line as it is and hands it to the trackers as a table
+# (it is no number to plot).
 SAMPLES = "samples"
-SAMPLE_COLUMNS = ["prompt", "response", "reward"]
+
+
+def sample_rows(batch, rewards, extra=None, n=4):
+    """The --sample-every table of a rank's batch: n responses spread over it, each {"prompt", "response" (one cut
+    before its EOS says so), "reward", and its value of each log_extra column (extra: {column: [N] values},
+    rewards.CombinedReward.extra)}."""
+    rows = []
+    for i in range(0, len(batch), max(1, len(batch) // n))[:n]:
+        prompt = batch.prompts[i] if isinstance(batch.prompts[i], str) else rollout.plain_dialogue(batch.prompts[i])
+        rows.append({"prompt": prompt, "response": batch.responses[i] + ("" if batch.ended[i] else " [no EOS]"),
+                     "reward": rewards[i], **{column: values[i] for column, values in (extra or {}).items()}})
+    return rows
+
+
+def print_samples(rows, width=40):
+    """The table on the console: the end of each prompt's last turn (the user's message, what the response answers),
+    the start of the response, each up to `width` characters, the reward, then each log_extra column (up to 16
+    characters of it)."""
+    if not rows:
+        return
+    extra = [c for c in rows[0] if c not in ("prompt", "response", "reward")]
+    text = lambda v: (f"{v:.4g}" if isinstance(v, float) else str(v)).replace("\n", " ")
+
+    def cut(s, keep_end):
+        s = " ".join(s.split())
+        return s if len(s) <= width else "..." + s[3 - width:] if keep_end else s[:width - 3] + "..."
+    last_turn = lambda prompt: re.split(r"\n\n(?:Human|Assistant|System): ", prompt)[-1]  # rollout.plain_dialogue
+    widths = {c: min(16, max(len(c), *(len(text(r[c])) for r in rows))) for c in extra}
+    head = [f"{'prompt (its end)':<{width}}", f"{'response':<{width}}", "reward"] + \
+        [f"{c[:widths[c]]:<{widths[c]}}" for c in extra]
+    body = [[f"{cut(last_turn(r['prompt']), True):<{width}}", f"{cut(r['response'], False):<{width}}",
+             f"{r['reward']:6.2f}"] + [f"{text(r[c])[:widths[c]]:<{widths[c]}}" for c in extra] for r in rows]
+    tqdm.write("\n".join(("  " + " | ".join(line)).rstrip() for line in [head] + body))
 
 
 class Logger:
@@ -521,15 +556,13 @@ class Logger:
         """One online batch's row (its "step" the x-axis of every tracker)."""
         if not self.ctx.master:
             return
-        metrics = dict(metrics)
-        table = metrics.pop(SAMPLES, None)
         with open(self.path, "a") as f:
             f.write(json.dumps(metrics) + "\n")
-        step = metrics["step"]
+        step, table = metrics["step"], metrics.get(SAMPLES)
         for t in self.trackers:
-            t.log({k: v for k, v in metrics.items() if k != "step"}, step)
+            t.log({k: v for k, v in metrics.items() if k not in ("step", SAMPLES)}, step)
             if table:
-                t.table(SAMPLES, SAMPLE_COLUMNS, table, step)
+                t.table(SAMPLES, list(table[0]), [list(row.values()) for row in table], step)
 
     def close(self, failed=False):
         for t in self.trackers:
@@ -588,7 +621,8 @@ class WandbTracker:
         self.run.log(metrics, step=step)
 
     def table(self, name, columns, rows, step):
-        self.run.log({name: self.wandb.Table(columns=columns, data=[list(r) for r in rows])}, step=step)
+        # a log_extra column may hold numbers and strings (or None) side by side
+        self.run.log({name: self.wandb.Table(columns=columns, data=rows, allow_mixed_types=True)}, step=step)
 
     def close(self, failed=False):
         self.run.finish(exit_code=1 if failed else 0)
@@ -715,6 +749,20 @@ def rank_means(ctx, stats):
     names = sorted(stats)
     local = torch.tensor([stats[k] for k in names], dtype=torch.float64, device=ctx.device)
     return {k: v.item() for k, v in zip(names, gather(ctx, local).view(ctx.world, -1).mean(0))}
+
+
+def pooled_means(ctx, sums):
+    """{name: total / count} over every rank's {name: [sum, count]} (the reward functions' log_metric values):
+    one object gather that every rank joins, whichever names it logged, so the collectives stay in step."""
+    parts = [sums]
+    if ctx.world > 1:
+        parts = [None] * ctx.world
+        torch.distributed.all_gather_object(parts, sums)
+    pooled = {}
+    for part in parts:
+        for name, (total, count) in part.items():
+            pooled[name] = [a + b for a, b in zip(pooled.get(name, [0.0, 0]), (total, count))]
+    return {name: total / count for name, (total, count) in sorted(pooled.items())}
 
 
 @contextlib.contextmanager

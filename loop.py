@@ -32,14 +32,15 @@ from tqdm import tqdm
 import data
 import rollout
 import tasks
-from config import NO_EVALUATION, OFFLINE, VALUE_MODEL, Config, check_resumable, resolve_schedule
+from config import NO_EVALUATION, OFFLINE, VALUE_MODEL, Config, check_resumable, resolve_schedule, trainer_state
 from infra import (SAMPLES, Dist, Logger, TermSignal, barrier, checkpoint_name, gather, is_sharded_checkpoint,
                    latest_checkpoint, load_model, load_sharded_checkpoint, load_state, load_tokenizer, load_value_model,
-                   local_gradients, model_dtype, no_dropout, optimizer_and_schedule, optimizer_step, prune_checkpoints,
-                   rank_means, rng_state, save_checkpoint, save_final, seed_everything, set_rng_state, trained_modules,
-                   write_atomic)
+                   local_gradients, model_dtype, no_dropout, optimizer_and_schedule, optimizer_step, pooled_means,
+                   print_samples, prune_checkpoints, rank_means, rng_state, sample_rows, save_checkpoint, save_final,
+                   seed_everything, set_rng_state, trained_modules, write_atomic)
 from judge import make_judge
-from rewards import NO_JUDGE, TRAINING_REWARD, RewardFunctionError, describe_reward, with_functions
+from rewards import (NO_JUDGE, TRAINING_REWARD, CombinedReward, RewardFunctionError, describe_reward, judge_rollout,
+                     with_functions)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -103,6 +104,7 @@ class Run:
     value_ddp: object = None
     sampler: object = None   # a rollout.VllmSampler with --rollout vllm; None = transformers generate on the policy
     init: str = ""           # pi_0's model directory
+    batches: int = 0         # online batches done before the one being trained (the reward functions' trainer_state)
 
     @property
     def trained(self):
@@ -177,7 +179,7 @@ def start_run(cfg, ctx):
     ref = None
     if cfg.algo != "sft":  # pi_0: a frozen copy of the initial policy
         ref = load_model(init, cfg, ctx.device, sharded=cfg.fsdp, frozen=True)
-    run = Run(task, tok, training_reward(cfg, task) if cfg.algo not in OFFLINE else None, policy, wrapped[0], ref,
+    run = Run(task, tok, training_reward(cfg, task, tok) if cfg.algo not in OFFLINE else None, policy, wrapped[0], ref,
               opt, sched, value, wrapped[1] if value is not None else None, init=init)
     if cfg.rollout == "vllm" and cfg.algo not in OFFLINE:
         run.sampler = rollout.VllmSampler(weights, model_dtype(cfg, ctx.device), cfg.seed + 1000 * ctx.rank,
@@ -207,7 +209,7 @@ def train(cfg, ctx, step_fn):
     term, nonfinite_run, finished = TermSignal(), 0, False
     try:
         for step in bar:
-            t0, rng_before = time.time(), rng_state()
+            t0, rng_before, run.batches = time.time(), rng_state(), step
             try:
                 metrics = step_fn(step, cfg, ctx, run)
             except JudgeFailure as e:  # nothing of this batch was trained on: keep the work before it, stop
@@ -337,8 +339,9 @@ def judge_async(cfg, run, batch, overlap=None, pairs=None):
     collective (two threads issuing them could interleave differently on different ranks and hang). pairs:
     (first, second) row indices [P]: the call is judge.prefer on those pairs instead, its result P(first
     preferred) [P] (online DAP's labels, baselines.judge_preferences); calls run one after another, in order."""
-    if pairs is None:
-        fn, args = run.judge, (list(batch.prompts), list(batch.responses), batch.ended.tolist())
+    if pairs is None:  # --reward functions get the sampled token ids and TRL's trainer_state too
+        state = trainer_state(cfg, run.batches, len(run.task.train_prompts), run.sched.last_epoch)
+        fn, args = judge_rollout, (run.judge, batch, state)
     else:  # prompts of the first rows, responses of the first and of the second rows
         fn = run.judge.prefer
         args = ([batch.prompts[i] for i in pairs[0]], *([batch.responses[i] for i in rows] for rows in pairs))
@@ -363,18 +366,20 @@ def judge_name(cfg):
     return describe_reward(cfg, where.get(cfg.judge, "judge " + cfg.judge))
 
 
-def training_reward(cfg, task):
-    """The training judge, with the --reward functions (rewards.py) when there are any."""
+def training_reward(cfg, task, tok=None, state=None):
+    """The training judge, with the --reward functions (rewards.py) when there are any; tok and state: what they
+    get for completion_ids of texts that were not sampled and as trainer_state when a call gives none
+    (rewards.with_functions)."""
     judge = None if cfg.judge == NO_JUDGE else make_judge(cfg.judge, task, cfg)
-    return with_functions(cfg, task, judge)
+    return with_functions(cfg, task, judge, tok, state)
 
 
-def eval_judge(cfg, task):
+def eval_judge(cfg, task, tok=None, state=None):
     """The evaluation judge: --eval-judge, built from evaluator_config(cfg); --eval-judge reward: the training
-    reward itself (--judge with the --reward functions, weighted as in training), for rewards that are the
-    ground truth (a checked answer) rather than a proxy."""
+    reward itself (--judge with the --reward functions, weighted as in training, tok and state as for
+    training_reward), for rewards that are the ground truth (a checked answer) rather than a proxy."""
     if cfg.eval_judge == TRAINING_REWARD:
-        return training_reward(cfg, task)
+        return training_reward(cfg, task, tok, state)
     return make_judge(cfg.eval_judge, task, evaluator_config(cfg))
 
 
@@ -395,14 +400,17 @@ def judge_or_fail(ctx, pending, timer=None, name="judge"):
 
 def reward_components(ctx, judge):
     """reward/<name>: each component's mean over its valid values in the online batch (all ranks), when the
-    reward combines a judge with --reward functions (rewards.CombinedReward.components)."""
+    reward combines a judge with --reward functions (rewards.CombinedReward.components); and under its own name,
+    each value the functions gave log_metric, averaged over the batch's calls on every rank, as TRL does."""
+    if not isinstance(judge, CombinedReward):
+        return {}
     out = {}
-    for name, values in getattr(judge, "components", {}).items():
+    for name, values in judge.components.items():
         v = torch.tensor(values, dtype=torch.float64)
         s = gather(ctx, torch.stack([torch.nan_to_num(v, nan=0.0).sum(), (~torch.isnan(v)).sum().double()])
                    .to(ctx.device)).view(-1, 2).sum(0)
         out[f"reward/{name}"] = (s[0] / s[1]).item() if s[1] else math.nan
-    return out
+    return {**out, **pooled_means(ctx, judge.logged)}
 
 
 def invalid_share(ctx, judgments):
@@ -558,7 +566,9 @@ def online_metrics(step, cfg, ctx, run, batch, rewards, invalid, logp_t_tok, log
     n_invalid = g(torch.tensor([float(invalid)]))
     samples = {}
     if ctx.master and (step + 1) % cfg.sample_every == 0:
-        samples[SAMPLES] = sample_rows(batch, rewards.tolist())  # Logger.log sends it to the trackers as a table
+        # rank 0's rows, with the columns the reward functions gave log_extra; Logger.log writes the table into
+        # metrics.jsonl and sends it to the trackers
+        samples[SAMPLES] = sample_rows(batch, rewards.tolist(), getattr(run.judge, "extra", None))
         print_samples(samples[SAMPLES])
     return {
         "train/reward_mean": R[valid].mean().item(), "train/reward_std": R[valid].std(correction=0).item(),
@@ -704,31 +714,6 @@ def report_small_splits(cfg, task):
               "checkpoint by; raise --valid-fraction", flush=True)
 
 
-def sample_rows(batch, rewards, n=4):
-    """(prompt, response, reward) of n responses spread over the batch; a response cut before its EOS says so."""
-    rows = []
-    for i in range(0, len(batch), max(1, len(batch) // n))[:n]:
-        resp = batch.responses[i] + ("" if batch.ended[i] else " [no EOS]")
-        prompt = batch.prompts[i] if isinstance(batch.prompts[i], str) else rollout.plain_dialogue(batch.prompts[i])
-        rows.append((prompt, resp, rewards[i]))
-    return rows
-
-
-def print_samples(rows, width=48):
-    """The sample table on the console: the end of each prompt's last turn (the user's message, what the response
-    answers) and the start of the response, each cut to `width` characters."""
-    def last_turn(prompt):  # plain_dialogue's turns are "\n\nHuman: ..." (a str prompt is one user message)
-        return re.split(r"\n\n(?:Human|Assistant|System): ", prompt)[-1]
-    def cut(text, keep_end):
-        text = " ".join(text.split())
-        if len(text) <= width:
-            return text
-        return "..." + text[3 - width:] if keep_end else text[:width - 3] + "..."
-    tqdm.write("\n".join([f"  {'prompt (its end)':<{width}} | {'response':<{width}} | reward"] +
-                          [f"  {cut(last_turn(p), True):<{width}} | {cut(r, False):<{width}} | {w:.2f}"
-                           for p, r, w in rows]))
-
-
 def summary_line(m):
     keys = [("step", "step", "d"), ("train/reward_mean", "reward", ".3f"), ("train/nll_per_token", "nll", ".4f"),
             ("weights/w_mean", "w", ".2f"), ("weights/clip_frac", "clip", ".2f"), ("train/kl_pi0", "kl0", ".3f"),
@@ -781,7 +766,7 @@ def start_training_eval(cfg, ctx, run, start):
             print(f"note: task {cfg.task} has no validation prompts; --eval-every evaluates on test prompts, which "
                   "the end-of-run report uses too", flush=True)
     prompts, _ = data.random_subset(pool, cfg.eval_every_prompts, cfg.eval_seed)
-    ev = TrainingEval(prompts, source, eval_judge(cfg, run.task))
+    ev = TrainingEval(prompts, source, eval_judge(cfg, run.task, run.tok))
     if start > 0 and os.path.isfile(best_json):
         best = json.load(open(best_json))
         same = (best["eval_seed"], best["prompts"]) == (cfg.eval_seed, len(prompts))
@@ -795,9 +780,10 @@ def start_training_eval(cfg, ctx, run, start):
     return ev
 
 
-def eval_responses(cfg, ctx, run, ev, model):
-    """One response per evaluation prompt from `model` at --temperature, judged by the eval judge: {"rewards"
-    (NaN = invalid), "lengths", "ended"}, [n] float64 each, every rank's share together (on every rank).
+def eval_responses(cfg, ctx, run, ev, model, state):
+    """One response per evaluation prompt from `model` at --temperature, judged by the eval judge (--reward
+    functions get `state` as trainer_state): {"rewards" (NaN = invalid), "lengths", "ended"}, [n] float64 each,
+    every rank's share together (on every rank).
 
     The prompts are split over the ranks in equal shares (the last share padded with repeats, dropped after the
     gather): a sharded model (--fsdp) answers only when every rank calls it. The seed is the same at every
@@ -810,7 +796,7 @@ def eval_responses(cfg, ctx, run, ev, model):
     # engine, and exactly the weights being evaluated
     batch = rollout.generate(model, run.tok, mine, 1, cfg.max_new_tokens, cfg.temperature,
                              synced=cfg.fsdp and ctx.world > 1)
-    rewards = torch.tensor(ev.judge(batch.prompts, batch.responses, batch.ended.tolist()).rewards, dtype=torch.float64)
+    rewards = torch.tensor(judge_rollout(ev.judge, batch, state).rewards, dtype=torch.float64)
     rewards = torch.where(torch.isinf(rewards), math.nan, rewards)  # an infinite reward is no judgment (judge_batch)
     g = lambda x: gather(ctx, x.to(ctx.device, torch.float64)).cpu()[:n]
     return {"rewards": g(rewards), "lengths": g(batch.response_mask.sum(1)), "ended": g(batch.ended)}
@@ -821,10 +807,11 @@ def evaluate_during_training(step, cfg, ctx, run, ev):
     this online batch's row, the same on every rank. Training's random stream is saved and restored around it, so
     a run draws the same batches with and without evaluations."""
     t0, rng = time.time(), rng_state()
+    state = trainer_state(cfg, step + 1, len(run.task.train_prompts), run.sched.last_epoch)  # after this batch
     try:
         if ev.pi_0 is None:
-            ev.pi_0 = eval_responses(cfg, ctx, run, ev, run.ref)
-        policy = eval_responses(cfg, ctx, run, ev, run.policy)
+            ev.pi_0 = eval_responses(cfg, ctx, run, ev, run.ref, state)
+        policy = eval_responses(cfg, ctx, run, ev, run.policy, state)
     finally:
         set_rng_state(rng)
     figures = {"eval/reward": mean_ci(policy["rewards"])[0],

@@ -7,7 +7,9 @@ import pytest
 
 import config
 import dar
+import infra
 import loop
+import rollout
 import tasks
 from conftest import ROOT, TINY, read_metrics
 
@@ -198,9 +200,10 @@ def test_the_sample_table_shows_the_end_of_the_users_last_turn(capsys):
     talk = [{"role": "user", "content": "An old question nobody reads."}, {"role": "assistant", "content": "Yes."},
             {"role": "user", "content": "A long last message, whose end is what the response answers: 'ab cd'?"}]
     long_reply = "word " * 40
-    loop.print_samples([(loop.rollout.plain_dialogue(talk), long_reply, 1.5), ("reverse: kbdha", "ahdbk", 10.0)])
+    infra.print_samples([dict(prompt=rollout.plain_dialogue(talk), response=long_reply, reward=1.5),
+                         dict(prompt="reverse: kbdha", response="ahdbk", reward=10.0)])
     lines = capsys.readouterr().out.splitlines()
     prompt, response, reward = lines[1].split(" | ")
-    assert prompt.strip() == "...se end is what the response answers: 'ab cd'?" and len(prompt.strip()) == 48
-    assert response.strip() == "word " * 9 + "..." and reward.strip() == "1.50"
+    assert prompt.strip() == "... is what the response answers: 'ab cd'?" and len(prompt.strip()) == 40
+    assert response.strip() == "word " * 7 + "..." and reward.strip() == "1.50"
     assert "reverse: kbdha" in lines[2] and "| ahdbk " in lines[2]

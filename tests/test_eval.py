@@ -175,9 +175,13 @@ def write_run(root, name, settings, rows):
     return str(d)
 
 
+# a --sample-every table in a metrics.jsonl row: no number, which the curves and the timing table pass over
+SAMPLES = {"samples": [{"prompt": "p", "response": "r", "reward": 1.0, "my_column": "x"}]}
+
+
 def test_curves_align_steps_and_band_over_seeds(tmp_path):
-    runs = [write_run(tmp_path, "dar-s0", dict(seed=0), [{"step": s, "train/reward_mean": s, "train/kl_pi0": 0.0}
-                                                          for s in (1, 2, 3)]),
+    runs = [write_run(tmp_path, "dar-s0", dict(seed=0), [{"step": s, "train/reward_mean": s, "train/kl_pi0": 0.0,
+                                                          **SAMPLES} for s in (1, 2, 3)]),
             write_run(tmp_path, "dar-s1", dict(seed=1), [{"step": s, "train/reward_mean": s + 2, "train/kl_pi0": 0.0}
                                                           for s in (1, 2)]),  # seed 1 stopped early
             write_run(tmp_path, "grpo-s0", dict(algo="grpo", seed=0),
@@ -217,8 +221,8 @@ def test_checkpoint_curves_start_at_pi0_and_band_over_seeds(tmp_path):
 
 def test_timing_table_medians_after_warmup(tmp_path):
     def rows(times):
-        return [{"step": i + 1, "perf/seconds_per_batch": t, "perf/sample_s": t / 2, "perf/update_s": t / 4}
-                for i, t in enumerate(times)]
+        return [{"step": i + 1, "perf/seconds_per_batch": t, "perf/sample_s": t / 2, "perf/update_s": t / 4,
+                 **SAMPLES} for i, t in enumerate(times)]
     runs = [write_run(tmp_path, "dar-s0", dict(seed=0), rows([100.0, 1.0, 2.0, 9.0])),  # 100: warm-up
             write_run(tmp_path, "dar-s1", dict(seed=1), rows([50.0, 4.0, 4.0, 4.0])),
             write_run(tmp_path, "ppo-s0", dict(algo="ppo", seed=0), rows([9.0, 6.0, 6.0]))]

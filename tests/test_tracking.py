@@ -1,6 +1,7 @@
 """--report-to: every row of metrics.jsonl reaches TensorBoard and wandb under the same names at the same steps,
 read back with TensorBoard's own reader and from wandb's offline run files; the --sample-every table arrives as
-one; --resume continues the same tracker runs; a bad --report-to stops before any model loads."""
+one (and is in metrics.jsonl too); --resume continues the same tracker runs; a bad --report-to stops before any
+model loads."""
 import glob
 import importlib.util
 import json
@@ -86,7 +87,8 @@ def close(a, b):
 
 
 def scalar_keys(row):
-    return [k for k in row if k != "step"]
+    """The keys of a metrics.jsonl row that the trackers plot (not the x-axis, not the sample table)."""
+    return [k for k in row if k not in ("step", infra.SAMPLES)]
 
 
 @pytest.mark.slow
@@ -116,6 +118,7 @@ def test_offline_wandb_run_holds_every_metric_and_the_sample_table(tracked):
     assert history[2]["samples/_type"] == "table-file"  # a wandb.Table (nested keys joined with /)
     saved = json.load(open(os.path.join(run_dir, "files", history[2]["samples/path"])))
     assert saved["columns"] == ["prompt", "response", "reward"] and len(saved["data"]) == 4
+    assert saved["data"] == [list(s.values()) for s in rows[1]["samples"]]  # the table metrics.jsonl holds
     (text,) = tensorboard_scalars(tracked)[0].Tensors("samples/text_summary")  # the same rows went to both
     assert all(prompt in text.tensor_proto.string_val[0].decode() for prompt, _, _ in saved["data"])
 
@@ -172,7 +175,8 @@ def test_trackers_leave_the_random_streams_alone(tmp_path):
     expected = draws()
     infra.seed_everything(0)
     log = infra.Logger(config.Config(out_dir=str(tmp_path), report_to="tensorboard,wandb"), infra.Dist(), 0)
-    log.log({"step": 1, "train/loss": 0.5, infra.SAMPLES: [("a prompt", "a response", 1.0)]})
+    table = [{"prompt": "a prompt", "response": "a response", "reward": 1.0, "extra": "x"}]
+    log.log({"step": 1, "train/loss": 0.5, infra.SAMPLES: table})
     log.close()
     assert draws() == expected
-    assert json.loads(open(tmp_path / "metrics.jsonl").read()) == {"step": 1, "train/loss": 0.5}  # no table in it
+    assert json.loads(open(tmp_path / "metrics.jsonl").read()) == {"step": 1, "train/loss": 0.5, "samples": table}
