@@ -204,6 +204,6 @@ def test_the_sample_table_shows_the_end_of_the_users_last_turn(capsys):
                          dict(prompt="reverse: kbdha", response="ahdbk", reward=10.0)])
     lines = capsys.readouterr().out.splitlines()
     prompt, response, reward = lines[1].split(" | ")
-    assert prompt.strip() == "... is what the response answers: 'ab cd'?" and len(prompt.strip()) == 40
+    assert prompt.strip() == "...s what the response answers: 'ab cd'?" and len(prompt.strip()) == 40
     assert response.strip() == "word " * 7 + "..." and reward.strip() == "1.50"
     assert "reverse: kbdha" in lines[2] and "| ahdbk " in lines[2]
