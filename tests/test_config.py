@@ -205,5 +205,5 @@ def test_the_sample_table_shows_the_end_of_the_users_last_turn(capsys):
     lines = capsys.readouterr().out.splitlines()
     prompt, response, reward = lines[1].split(" | ")
     assert prompt.strip() == "...s what the response answers: 'ab cd'?" and len(prompt.strip()) == 40
-    assert response.strip() == "word " * 7 + "..." and reward.strip() == "1.50"
+    assert response.strip() == "word word word word word word word wo..." and reward.strip() == "1.50"
     assert "reverse: kbdha" in lines[2] and "| ahdbk " in lines[2]
