@@ -169,8 +169,8 @@ class Config:
     lr_schedule: str = arg("constant", "learning rate after the warm-up [lr_scheduler_type; TRL: linear]: constant "
                                        "(the paper's), linear or cosine (half a cycle), which decay to 0 at the run's "
                                        "last optimizer step as transformers' schedules do")
-    warmup_steps: int = arg(15, "optimizer steps of linear warm-up: the i-th update takes i/N of --lr; 0 = none "
-                                "[warmup_steps; TRL: 0]")
+    warmup_steps: int = arg(15, "optimizer steps of linear warm-up: the i-th of these N updates takes i/N of --lr; "
+                                "0 = none [warmup_steps; TRL: 0]")
     weight_decay: float = arg(0.0, "decoupled weight decay of either optimizer, on every parameter (TRL's trainer "
                                    "exempts biases and norm weights) [weight_decay, same default; torch's AdamW "
                                    "alone defaults to 0.01]")
