@@ -72,6 +72,9 @@ USED_BY = {
     **dict.fromkeys(("rollout", "logp_source"), ONLINE),
 }
 
+# TRL's loss_type names of the GRPO loss aggregations that --loss-agg also takes, and ours for them
+LOSS_AGG_ALIASES = {"grpo": "sequence", "dapo": "token"}
+
 
 def arg(default, help, repeatable=False):
     """A Config field with its --help text; repeatable: a str field whose flag may be given several times, the
@@ -165,10 +168,10 @@ class Config:
     # TRL-compatible options of the baselines (TRL's GRPOConfig / RLOOConfig name in brackets); the defaults are
     # the GRPO paper's and this code's behaviour before them, not TRL's defaults (README: "Coming from TRL")
     loss_agg: str = arg("sequence", "grpo: how per-token losses add up [loss_type]: sequence (mean over each "
-                                    "response's tokens, then over responses: the GRPO paper, TRL's 'grpo'), token "
-                                    "(sum over the minibatch's tokens, all ranks, over their count: DAPO, TRL's "
-                                    "default 'dapo'), dr_grpo (each response's token sum over --max-new-tokens, then "
-                                    "the mean: Dr. GRPO)")
+                                    "response's tokens, then over responses: the GRPO paper; TRL's name grpo is taken "
+                                    "too), token (sum over the minibatch's tokens, all ranks, over their count: DAPO; "
+                                    "TRL's default dapo is taken too), dr_grpo (each response's token sum over "
+                                    "--max-new-tokens, then the mean: Dr. GRPO)")
     scale_rewards: str = arg("group", "grpo: A = (r - group mean) / (std + 1e-4) with the std of the prompt's group "
                                       "(group), of the whole online batch, all ranks (batch), or no division "
                                       "(none: Dr. GRPO) [scale_rewards]")
@@ -180,6 +183,10 @@ class Config:
     # online sampling (Appendix B.1)
     k: int = arg(4, "responses sampled per prompt, the Monte-Carlo sample size K")
     temperature: float = arg(0.9, "sampling temperature for online data and evaluation")
+    top_p: float = arg(1.0, "nucleus sampling [top_p]: 1.0 only, no truncation: DAR's weights and every loss need "
+                            "log pi_t of the distribution that drew the samples, and these log-probs are the whole "
+                            "softmax's")
+    top_k: int = arg(0, "top-k sampling [top_k]: 0 only (off), for the reason given at --top-p")
     max_new_tokens: int = arg(16, "longest response, in tokens (paper: 64 TL;DR, 256 HH, 1000 HelpSteer2)")
     # batch sizes, counted in responses over all ranks (Appendix B.1: 512 / 128)
     steps: int = arg(60, "online batches T (for --algo sft: optimizer steps)")
@@ -192,12 +199,25 @@ class Config:
     minibatch: int = arg(64, "responses per optimizer step; online_batch / minibatch steps per batch (paper: 128)")
     micro_batch: int = arg(64, "responses per forward/backward on one rank; gradients accumulate to a minibatch")
     epochs: int = arg(1, "passes over each online batch")
-    # optimisation (Appendix B.1: Adafactor without relative step, 15 warm-up steps, constant LR)
+    # optimisation (Appendix B.1: Adafactor without relative step, 15 warm-up steps, constant LR); TRL's names in
+    # brackets (README: "Coming from TRL")
     lr: float = arg(3e-4, "learning rate after warm-up; with a pretrained --model the paper's for the algorithm "
                           "(PAPER_LR: 1e-6 online RLHF, 5e-7 direct alignment, 3e-6 Dual-PPO, 5e-6 SFT); the "
                           "default 3e-4 is the toy model's")
-    warmup_steps: int = arg(15, "optimizer steps of linear warm-up")
-    weight_decay: float = arg(0.0, "Adafactor weight decay")
+    optimizer: str = arg("adafactor", "adafactor (the paper's: transformers' Adafactor, no relative step or "
+                                      "parameter scaling) or adamw (torch.optim.AdamW, TRL's) [optim]")
+    adam_beta1: float = arg(0.9, "--optimizer adamw: decay of the first moment [adam_beta1, same default]")
+    adam_beta2: float = arg(0.999, "--optimizer adamw: decay of the second moment [adam_beta2, same default]")
+    adam_epsilon: float = arg(1e-8, "--optimizer adamw: added to the second moment's root [adam_epsilon, same "
+                                    "default]")
+    lr_schedule: str = arg("constant", "learning rate after the warm-up [lr_scheduler_type; TRL: linear]: constant "
+                                       "(the paper's), linear or cosine (half a cycle), which decay to 0 at the run's "
+                                       "last optimizer step as transformers' schedules do")
+    warmup_steps: int = arg(15, "optimizer steps of linear warm-up: the i-th of these N updates takes i/N of --lr; "
+                                "0 = none [warmup_steps; TRL: 0]")
+    weight_decay: float = arg(0.0, "decoupled weight decay of either optimizer, on every parameter (TRL's trainer "
+                                   "exempts biases and norm weights) [weight_decay, same default; torch's AdamW "
+                                   "alone defaults to 0.01]")
     max_grad_norm: float = arg(1.0, "gradient norm clip; 0 = no clipping")
     # the toy task's pi_0: SFT of the freshly built model on the sloppy demonstrations
     sft_steps: int = arg(1500, "SFT optimizer steps that make the toy pi_0")
@@ -255,6 +275,10 @@ class Config:
     max_invalid_frac: float = arg(0.5, "stop (with a checkpoint) when more of an online batch's judgments than "
                                        "this are invalid: an unreachable or broken judge, not noise to train on; "
                                        "a batch with no usable judgment is skipped without an update")
+
+    def __post_init__(self):
+        # TRL's names of the loss aggregations are stored as ours, so a run started with one resumes with the other
+        self.loss_agg = LOSS_AGG_ALIASES.get(self.loss_agg, self.loss_agg)
 
 
 # Fields a resumed run may change; any other difference from the checkpoint's config is an error.
@@ -425,10 +449,15 @@ def check_config(cfg, world):
         bad(f"--k must be >= 2: the Monte-Carlo baseline needs several responses per prompt, got {cfg.k}")
     if not cfg.temperature > 0:
         bad(f"--temperature must be > 0, got {cfg.temperature}")
-    for name in ("steps", "online_batch", "minibatch", "micro_batch", "epochs", "max_new_tokens", "warmup_steps"):
+    for name, value, default in (("top_p", cfg.top_p, 1.0), ("top_k", cfg.top_k, 0)):
+        if value != default:
+            bad(f"--{name.replace('_', '-')} {value} is not supported: DAR's weights and every loss need log pi_t of "
+                f"the distribution that drew the samples, and the log-probs here are those of the whole softmax; "
+                f"leave --{name.replace('_', '-')} at {default} (--temperature sharpens sampling)")
+    for name in ("steps", "online_batch", "minibatch", "micro_batch", "epochs", "max_new_tokens"):
         if getattr(cfg, name) < 1:
             bad(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
-    for name in ("save_every", "prompt_epochs", "pref_epochs", "max_prompt_tokens"):
+    for name in ("save_every", "prompt_epochs", "pref_epochs", "max_prompt_tokens", "warmup_steps"):
         if getattr(cfg, name) < 0:
             bad(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
     if cfg.pref_epochs > 0 and cfg.algo not in OFFLINE_PAIRS:
@@ -525,6 +554,7 @@ def check_config(cfg, world):
         bad("--fsdp-offload offloads the shards of --fsdp; add --fsdp")
     if cfg.fsdp_offload and not torch.cuda.is_available():
         bad("--fsdp-offload moves shards between GPU and CPU memory; without a GPU they are in CPU memory already")
+    check_optimizer(cfg, bad)
     check_trl_options(cfg, bad)
     check_options_used(cfg, bad)
     if cfg.judge_overlap not in ("auto", "on", "off"):
@@ -597,13 +627,39 @@ def parse_template_kwargs(text):
     return kwargs
 
 
+ADAMW_ONLY = ("adam_beta1", "adam_beta2", "adam_epsilon")
+
+
+def check_optimizer(cfg, bad):
+    """The optimizer and its learning-rate schedule; AdamW's own flags only with --optimizer adamw."""
+    if cfg.optimizer not in ("adafactor", "adamw"):
+        bad(f"--optimizer must be adafactor (the paper's) or adamw (TRL's), got {cfg.optimizer!r}")
+    if cfg.lr_schedule not in ("constant", "linear", "cosine"):
+        bad(f"--lr-schedule must be constant, linear or cosine, got {cfg.lr_schedule!r}")
+    if not cfg.weight_decay >= 0:
+        bad(f"--weight-decay must be >= 0, got {cfg.weight_decay}")
+    defaults = {f.name: f.default for f in dataclasses.fields(Config)}
+    for name in ADAMW_ONLY:
+        flag, value, default = "--" + name.replace("_", "-"), getattr(cfg, name), defaults[name]
+        if cfg.optimizer != "adamw" and value != default:
+            bad(f"{flag} {value} is a setting of AdamW, and --optimizer is {cfg.optimizer}: add --optimizer adamw, "
+                f"or leave {flag} at {default}")
+    for name in ("adam_beta1", "adam_beta2"):
+        if not 0 <= getattr(cfg, name) < 1:
+            bad(f"--{name.replace('_', '-')} must lie in [0, 1), got {getattr(cfg, name)}")
+    if not cfg.adam_epsilon > 0:
+        bad(f"--adam-epsilon must be > 0, got {cfg.adam_epsilon}")
+
+
 def check_trl_options(cfg, bad):
     """The values of the TRL-compatible options of the baselines (which algorithms read them: USED_BY)."""
     for name, allowed in (("loss_agg", ("sequence", "token", "dr_grpo")),
                           ("scale_rewards", ("group", "batch", "none"))):
         value, flag = getattr(cfg, name), "--" + name.replace("_", "-")
         if value not in allowed:
-            bad(f"{flag} must be one of {', '.join(allowed)}, got {value!r}")
+            aliases = ", or TRL's names " + " and ".join(f"{a} (= {b})" for a, b in LOSS_AGG_ALIASES.items()) \
+                if name == "loss_agg" else ""
+            bad(f"{flag} must be one of {', '.join(allowed)}{aliases}, got {value!r}")
     if not cfg.clip_eps_high >= 0:
         bad(f"--clip-eps-high must be >= 0 (0 = --clip-eps), got {cfg.clip_eps_high}")
     if cfg.tis_cap:
@@ -622,6 +678,9 @@ VALUE_BEFORE_FIELD = {"logp_temperature": 1.0, "pair_labels": "reward", "reward"
 # The TRL-compatible options' defaults are what the code did before them: a checkpoint without them resumes with
 # those values, and with another value (a different experiment) stops like any changed setting.
 VALUE_BEFORE_FIELD.update(loss_agg="sequence", scale_rewards="group", clip_eps_high=0.0, tis_cap=0.0)
+# Before --optimizer and --lr-schedule every run took Adafactor, warm-up then constant, untruncated sampling
+VALUE_BEFORE_FIELD.update(optimizer="adafactor", adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8,
+                          lr_schedule="constant", top_p=1.0, top_k=0)
 
 def check_resumable(cfg, saved):
     """Stop a --resume whose settings differ from the checkpoint's in a field outside RESUMABLE_CHANGES."""
@@ -632,12 +691,26 @@ def check_resumable(cfg, saved):
         raise SystemExit("error: --resume with settings that differ from the checkpoint's: " +
                          ", ".join(f"--{k.replace('_', '-')} {getattr(cfg, k)!r} (was {saved[k]!r})" for k in diff) +
                          "; resume with the original flags, or start a new run with another --out-dir")
+    if cfg.lr_schedule != "constant" and cfg.steps != saved["steps"]:
+        raise SystemExit(f"error: --resume with --steps {cfg.steps} (was {saved['steps']}) under --lr-schedule "
+                         f"{cfg.lr_schedule}: the decay ends at the run's last optimizer step, so a new length would "
+                         f"bend it mid-run, a schedule no uninterrupted run has; resume with --steps {saved['steps']}, "
+                         "or extend only runs with --lr-schedule constant")
 
 
 def updates_per_batch(cfg):
-    """Optimizer steps an online batch takes when none is skipped: --epochs passes over online_batch / minibatch
-    minibatches; iterative SFT one, on the best responses (baselines.iter_sft_step)."""
-    return 1 if cfg.algo == "iter_sft" else cfg.epochs * (cfg.online_batch // cfg.minibatch)
+    """Optimizer steps a step of the run takes when none is skipped: an online batch --epochs passes over
+    online_batch / minibatch minibatches (loop.minibatch_updates); iterative SFT one, on the best responses
+    (baselines.iter_sft_step); an offline algorithm's step is one."""
+    if cfg.algo in OFFLINE or cfg.algo == "iter_sft":
+        return 1
+    return cfg.epochs * (cfg.online_batch // cfg.minibatch)
+
+
+def optimizer_steps(cfg):
+    """The run's optimizer steps, over which --lr-schedule decays. A skipped update (no usable judgment, a
+    non-finite gradient) does not advance the schedule."""
+    return cfg.steps * updates_per_batch(cfg)
 
 
 def trainer_state(cfg, batches, train_prompts, optimizer_steps=None):

@@ -10,6 +10,7 @@ import dataclasses
 import datetime
 import gc
 import json
+import math
 import os
 import pickle
 import random
@@ -36,7 +37,7 @@ from transformers.utils import logging as hf_logging
 
 import rollout
 import tasks
-from config import config_from_dict, parse_template_kwargs, trackers
+from config import config_from_dict, optimizer_steps, parse_template_kwargs, trackers
 
 # ---------------------------------------------------------------------------------------------------
 # Processes, seeds, models
@@ -644,14 +645,34 @@ def no_dropout(model):
 
 
 def optimizer_and_schedule(cfg, models):
-    """One Adafactor over every trained model (the policy, and PPO's value model), warm-up then constant."""
+    """One optimizer over every trained model (the policy, and PPO's value model), the paper's Adafactor or TRL's
+    AdamW; its learning rate per update from lr_factor, over the run's optimizer steps (config.optimizer_steps)."""
     params = [p for m in models for p in m.parameters()]
-    opt = Adafactor(params, lr=cfg.lr, scale_parameter=False, relative_step=False, warmup_init=False,
-                    weight_decay=cfg.weight_decay)
-    if cfg.fsdp:
-        opt.register_step_pre_hook(shard_adafactor_state)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / cfg.warmup_steps))
+    if cfg.optimizer == "adamw":  # its state is made like each parameter: sharded ones (DTensors) under --fsdp
+        opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon,
+                                weight_decay=cfg.weight_decay)
+    else:
+        opt = Adafactor(params, lr=cfg.lr, scale_parameter=False, relative_step=False, warmup_init=False,
+                        weight_decay=cfg.weight_decay)
+        if cfg.fsdp:
+            opt.register_step_pre_hook(shard_adafactor_state)
+    total = optimizer_steps(cfg)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda u: lr_factor(u, cfg.warmup_steps, total, cfg.lr_schedule))
     return opt, sched
+
+
+def lr_factor(u, warmup, total, schedule):
+    """The share of --lr that an update takes after u updates (LambdaLR's step count). Warm-up: the i-th of
+    `warmup` updates takes i / warmup (transformers' takes (i - 1) / warmup, its first at 0). Then 1 (constant),
+    or transformers' linear or half-cosine decay over the remaining updates, which reaches 0 after the last."""
+    if u < warmup:
+        return (u + 1) / warmup
+    done = (u - warmup) / max(1, total - warmup)
+    if schedule == "linear":
+        return max(0.0, 1.0 - done)
+    if schedule == "cosine":
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * done)))
+    return 1.0
 
 
 def shard_adafactor_state(opt, args, kwargs):

@@ -343,7 +343,8 @@ def test_trl_options_are_checked():
         cfg = config.Config(**{"algo": "grpo", **kw})
         config.check_config(cfg, 1)
     check(loss_agg="token", scale_rewards="batch", clip_eps_high=0.28, tis_cap=2.0)
-    for kw, words in [(dict(loss_agg="dapo"), "--loss-agg must be one of sequence, token, dr_grpo"),
+    for kw, words in [(dict(loss_agg="bnpo"), "--loss-agg must be one of sequence, token, dr_grpo, or TRL's names "
+                                              r"grpo \(= sequence\) and dapo \(= token\), got 'bnpo'"),
                       (dict(scale_rewards="std"), "--scale-rewards must be one of group, batch, none"),
                       (dict(algo="rloo", loss_agg="token"), "--loss-agg token is read by --algo grpo only; --algo "
                                                             "rloo does not use it"),
@@ -357,6 +358,27 @@ def test_trl_options_are_checked():
                       (dict(tis_cap=2.0, logp_source="sampler"), "--tis-cap with --logp-source sampler")]:
         with pytest.raises(SystemExit, match=words):
             check(**kw)
+
+
+def test_trls_loss_type_names_are_stored_as_ours():
+    """--loss-agg dapo is token and grpo is sequence: the config (and so every checkpoint) holds our name, and a
+    run started with one name resumes with the other."""
+    for trl, ours in (("dapo", "token"), ("grpo", "sequence")):
+        cfg = config.parse_config(["--algo", "grpo", "--loss-agg", trl])
+        config.check_config(cfg, 1)
+        assert cfg.loss_agg == ours
+        saved = dataclasses.asdict(config.parse_config(["--algo", "grpo", "--loss-agg", ours]))
+        assert saved["loss_agg"] == ours
+        config.check_resumable(cfg, saved)
+        config.check_resumable(config.parse_config(["--algo", "grpo", "--loss-agg", ours]),
+                               dataclasses.asdict(cfg))
+    with pytest.raises(SystemExit, match="--loss-agg 'sequence' \\(was 'token'\\)"):
+        config.check_resumable(config.parse_config(["--algo", "grpo", "--loss-agg", "grpo"]),
+                               dataclasses.asdict(config.parse_config(["--algo", "grpo", "--loss-agg", "dapo"])))
+    # an alias is the default (grpo) or an option of --algo grpo (dapo), like the name it stands for
+    config.check_config(config.parse_config(["--loss-agg", "grpo"]), 1)
+    with pytest.raises(SystemExit, match="--loss-agg token is an option of --algo grpo, not of dar"):
+        config.check_config(config.parse_config(["--loss-agg", "dapo"]), 1)
 
 
 def test_a_checkpoint_from_before_the_trl_options_resumes_only_with_their_defaults():

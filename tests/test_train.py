@@ -2,6 +2,7 @@
 a killed run resumes to the same metrics, and bad input stops with a clear message."""
 import dataclasses
 import json
+import math
 import os
 import re
 import shutil
@@ -12,6 +13,9 @@ import time
 
 import pytest
 import torch
+from safetensors.torch import load_file
+from transformers import get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
+from transformers.optimization import Adafactor
 
 import config
 import dar
@@ -213,6 +217,31 @@ def test_a_checkpoint_without_a_newer_field_resumes_only_with_the_behaviour_it_h
             config.check_resumable(cfg, old)
 
 
+def test_a_checkpoint_from_before_the_optimizer_flags_resumes_with_adafactor_and_a_constant_rate_only():
+    """A checkpoint without --optimizer, --lr-schedule, AdamW's and the sampler's fields trained with Adafactor,
+    warm-up then constant: it resumes with those, and another optimizer or schedule is another experiment."""
+    new = ("optimizer", "adam_beta1", "adam_beta2", "adam_epsilon", "lr_schedule", "top_p", "top_k")
+    old = {k: v for k, v in dataclasses.asdict(config.parse_config([])).items() if k not in new}
+    config.check_resumable(config.parse_config([]), old)
+    for flags, refused in ((["--optimizer", "adamw"], "--optimizer 'adamw' (was 'adafactor')"),
+                           (["--lr-schedule", "cosine"], "--lr-schedule 'cosine' (was 'constant')")):
+        with pytest.raises(SystemExit, match=re.escape(refused)):
+            config.check_resumable(config.parse_config(flags), old)
+
+
+def test_a_longer_resume_is_refused_under_a_decaying_schedule_only():
+    """--steps may grow on --resume while the rate is constant (the paper's); a linear or cosine decay ends at the
+    run's last step, so a new length would bend it mid-run."""
+    config.check_resumable(config.parse_config(["--steps", "80"]), dataclasses.asdict(config.parse_config([])))
+    for schedule in ("linear", "cosine"):
+        saved = dataclasses.asdict(config.parse_config(["--lr-schedule", schedule]))
+        config.check_resumable(config.parse_config(["--lr-schedule", schedule]), saved)
+        with pytest.raises(SystemExit, match=re.escape(f"--resume with --steps 80 (was 60) under --lr-schedule "
+                                                       f"{schedule}: the decay ends at the run's last optimizer "
+                                                       "step") + ".*resume with --steps 60"):
+            config.check_resumable(config.parse_config(["--lr-schedule", schedule, "--steps", "80"]), saved)
+
+
 @pytest.mark.parametrize("args, message", [
     (["--task", "nope"], "unknown --task 'nope'; valid tasks: toy"),
     (["--algo", "nope"], "unknown --algo 'nope'; valid algorithms: dar, sft, ppo, dual_ppo, dual_ppo_clip, "
@@ -243,6 +272,17 @@ def test_a_checkpoint_without_a_newer_field_resumes_only_with_the_behaviour_it_h
     (["--online-batch", "30"], "--online-batch 30 must be a multiple of K x ranks = 4 x 1, e.g. --online-batch 32"),
     (["--model", "/no/such/dir"], "--model '/no/such/dir' is not a model directory"),
     (["--fsdp-offload"], "--fsdp-offload offloads the shards of --fsdp; add --fsdp"),
+    (["--optimizer", "sgd"], "--optimizer must be adafactor (the paper's) or adamw (TRL's), got 'sgd'"),
+    (["--adam-beta1", "0.95"], "--adam-beta1 0.95 is a setting of AdamW, and --optimizer is adafactor: add "
+                               "--optimizer adamw, or leave --adam-beta1 at 0.9"),
+    (["--adam-epsilon", "1e-6"], "add --optimizer adamw, or leave --adam-epsilon at 1e-08"),
+    (["--optimizer", "adamw", "--adam-beta2", "1"], "--adam-beta2 must lie in [0, 1), got 1.0"),
+    (["--lr-schedule", "step"], "--lr-schedule must be constant, linear or cosine, got 'step'"),
+    (["--warmup-steps", "-1"], "--warmup-steps must be >= 0, got -1"),
+    (["--top-p", "0.9"], "--top-p 0.9 is not supported: DAR's weights and every loss need log pi_t of the "
+                         "distribution that drew the samples, and the log-probs here are those of the whole softmax; "
+                         "leave --top-p at 1.0"),
+    (["--top-k", "50"], "--top-k 50 is not supported: DAR's weights and every loss need log pi_t"),
 ])
 def test_bad_input_is_a_clear_error(args, message, capsys):
     with pytest.raises(SystemExit) as e:
@@ -309,6 +349,145 @@ def test_warmup_then_constant_learning_rate():
     assert lrs[0] == pytest.approx(1e-3 / 15) and lrs[14] == pytest.approx(1e-3)
     assert lrs[15:] == pytest.approx([1e-3] * 5)
     assert all(a < b for a, b in zip(lrs[:14], lrs[1:15]))
+
+
+def test_adamw_makes_the_updates_of_torch_adamw_with_trls_defaults():
+    """--optimizer adamw is torch.optim.AdamW with TrainingArguments' defaults (betas 0.9 and 0.999, eps 1e-8, weight
+    decay 0, where torch's own AdamW defaults to 0.01); its flags set them; Adafactor stays the default."""
+    torch.manual_seed(0)
+    ours, ref = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    ref.load_state_dict(ours.state_dict())
+    opt, sched = infra.optimizer_and_schedule(config.parse_config(["--optimizer", "adamw", "--lr", "0.01",
+                                                                   "--warmup-steps", "0"]), [ours])
+    want = torch.optim.AdamW(ref.parameters(), lr=0.01, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+    for _ in range(4):
+        x = torch.randn(5, 3)
+        for m in (ours, ref):
+            (m(x) ** 2).sum().backward()
+        opt.step()
+        sched.step()
+        want.step()
+        opt.zero_grad()
+        want.zero_grad()
+    assert all(torch.equal(a, b) for a, b in zip(ours.parameters(), ref.parameters()))
+    assert not torch.equal(ours.weight, torch.nn.Linear(3, 2).weight)
+    cfg = config.parse_config(["--optimizer", "adamw", "--adam-beta1", "0.8", "--adam-beta2", "0.95",
+                               "--adam-epsilon", "1e-6", "--weight-decay", "0.1", "--lr", "2e-5"])
+    config.check_config(cfg, 1)
+    group = infra.optimizer_and_schedule(cfg, [torch.nn.Linear(2, 1)])[0].param_groups[0]
+    assert (group["betas"], group["eps"], group["weight_decay"], group["initial_lr"]) == ((0.8, 0.95), 1e-6, 0.1, 2e-5)
+    default = infra.optimizer_and_schedule(config.parse_config([]), [torch.nn.Linear(2, 1)])[0]
+    assert isinstance(default, Adafactor) and default.param_groups[0]["relative_step"] is False
+
+
+def lrs_of_updates(cfg):
+    """The learning rate that each of the run's optimizer updates takes, then the one after the last."""
+    model = torch.nn.Linear(2, 1)
+    opt, sched = infra.optimizer_and_schedule(cfg, [model])
+    lrs = []
+    for _ in range(config.optimizer_steps(cfg)):
+        lrs.append(sched.get_last_lr()[0])
+        model(torch.ones(1, 2)).sum().backward()
+        opt.step()
+        sched.step()
+    return lrs + [sched.get_last_lr()[0]]
+
+
+@pytest.mark.parametrize("schedule", ["constant", "linear", "cosine"])
+@pytest.mark.parametrize("warmup", [0, 3])
+def test_the_learning_rate_of_every_update_follows_the_schedule(schedule, warmup):
+    """2 online batches of DAR, 2 epochs of 32 / 16 updates each: 8 updates. The i-th update takes i/W of --lr in
+    the warm-up, then the rest decays to 0 after the last update (linear, half a cosine) as transformers' schedules
+    do, or stays (constant, the paper's)."""
+    cfg = config.parse_config(TINY + ["--steps", "2", "--epochs", "2", "--lr-schedule", schedule,
+                                      "--warmup-steps", str(warmup)])
+    config.check_config(cfg, 1)
+    assert config.optimizer_steps(cfg) == 8
+    n, lr = 8, 1e-3
+
+    def by_hand(i):  # the i-th update, 1..n; n + 1: after the last
+        if i <= warmup:
+            return i / warmup
+        done = (i - 1 - warmup) / (n - warmup)
+        return {"constant": 1.0, "linear": 1 - done, "cosine": (1 + math.cos(math.pi * done)) / 2}[schedule]
+    lrs = lrs_of_updates(cfg)
+    assert lrs == pytest.approx([lr * by_hand(i) for i in range(1, n + 2)], rel=1e-12)
+    if schedule == "linear":
+        by_eye = [1 / 3, 2 / 3, 1, 1, 4 / 5, 3 / 5, 2 / 5, 1 / 5, 0] if warmup else [1, 7 / 8, 6 / 8, 5 / 8, 4 / 8,
+                                                                                    3 / 8, 2 / 8, 1 / 8, 0]
+        assert lrs == pytest.approx([lr * f for f in by_eye])
+    if schedule != "constant":  # transformers' own schedule, from the end of the warm-up on
+        model = torch.nn.Linear(2, 1)
+        opt = torch.optim.SGD(model.parameters(), lr=lr)
+        make = {"linear": get_linear_schedule_with_warmup, "cosine": get_cosine_schedule_with_warmup}[schedule]
+        theirs = make(opt, warmup, n)
+        want = []
+        for _ in range(n):
+            want.append(theirs.get_last_lr()[0])
+            opt.step()
+            theirs.step()
+        want.append(theirs.get_last_lr()[0])
+        assert lrs[warmup:] == pytest.approx(want[warmup:], rel=1e-12, abs=1e-18)
+        assert lrs[-1] == 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("algo, extra", [("dar", []), ("ppo", []), ("grpo", ["--epochs", "2"]), ("iter_sft", []),
+                                         ("online_dpo", []), ("sft", []), ("dpo", [])])
+def test_optimizer_steps_counts_the_updates_a_run_takes(algo, extra, toy_cache, tmp_path, monkeypatch):
+    """config.optimizer_steps, the length of a decaying schedule, is the number of updates the algorithm's step
+    function makes (counted where loop.minibatch_updates is called): the learning rate is 0 after the run's last.
+    An update with nothing to learn from (online DPO: no pair with a preference in a minibatch) is not taken and
+    does not advance the schedule."""
+    planned, real = [], loop.minibatch_updates
+
+    def counted(cfg, ctx, run, n_units, n_updates, micro_units, loss_fn, epochs, **kw):
+        planned.append(n_updates * epochs)
+        return real(cfg, ctx, run, n_units, n_updates, micro_units, loss_fn, epochs, **kw)
+    for module in (loop, dar):  # dar.py imports it by name
+        monkeypatch.setattr(module, "minibatch_updates", counted)
+    cfg = tiny_cfg(toy_cache, tmp_path, "--algo", algo, "--steps", "2", "--lr-schedule", "linear",
+                   "--warmup-steps", "0", *extra)
+    run = train(cfg)
+    assert sum(planned) == config.optimizer_steps(cfg) > 0
+    rows = read_metrics(tmp_path)
+    if algo == "online_dpo":  # these seeds leave a minibatch without a preference
+        assert 0 < run.sched.last_epoch < sum(planned) and rows[-1]["train/lr"] > 0
+    else:
+        assert run.sched.last_epoch == sum(planned) and rows[0]["train/lr"] > 0 and rows[-1]["train/lr"] == 0
+
+
+@pytest.mark.slow
+def test_a_killed_adamw_run_with_a_decaying_schedule_resumes_to_the_same_metrics_and_weights(toy_cache, tmp_path):
+    """AdamW's moments and the linear schedule's position come back from the checkpoint: every metrics row and the
+    final weights equal an uninterrupted run's. A longer --steps on --resume would bend the decay: refused."""
+    base = TINY + ["--cache-dir", toy_cache, "--steps", "6", "--save-every", "1", "--optimizer", "adamw",
+                   "--lr-schedule", "linear", "--warmup-steps", "2", "--print-every", "1000"]
+    ref = run_dar(base + ["--out-dir", str(tmp_path / "a")], cwd=tmp_path)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    out = tmp_path / "b"
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "dar.py")] + base + ["--out-dir", str(out)],
+                            cwd=tmp_path, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not os.path.exists(out / "latest") and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert open(out / "latest").read().strip() != "ckpt-000006", "the run finished before it was killed"
+    longer = run_dar(base + ["--out-dir", str(out), "--resume", "--steps", "8"], cwd=tmp_path)
+    assert longer.returncode != 0 and "--resume with --steps 8 (was 6) under --lr-schedule linear" in longer.stderr
+    assert "Traceback" not in longer.stderr
+    resumed = run_dar(base + ["--out-dir", str(out), "--resume"], cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a, b = comparable(read_metrics(tmp_path / "a")), comparable(read_metrics(out))
+    assert [r["step"] for r in b] == [1, 2, 3, 4, 5, 6] and a[-1]["train/lr"] == 0
+    for ra, rb in zip(a, b, strict=True):
+        assert ra.keys() == rb.keys()
+        for k in ra:
+            assert rb[k] == pytest.approx(ra[k], rel=1e-5, abs=1e-6), (ra["step"], k)
+    wa, wb = (load_file(os.path.join(d, "final", "model.safetensors")) for d in (tmp_path / "a", out))
+    assert wa.keys() == wb.keys() and all(torch.allclose(wa[k], wb[k], rtol=1e-5, atol=1e-7) for k in wa)
 
 
 def test_prompt_order_is_a_fresh_permutation_each_epoch_and_stateless():
