@@ -373,7 +373,8 @@ TRL_NAMES = {"learning_rate": "lr", "num_generations": "k", "max_completion_leng
              "save_total_limit": "keep_checkpoints", "eval_steps": "eval_every", "num_train_epochs": "prompt_epochs",
              "per_device_train_batch_size": "micro_batch", "generation_batch_size": "online_batch",
              "vllm_importance_sampling_cap": "tis_cap", "vllm_gpu_memory_utilization": "vllm_gpu_memory",
-             "resume_from_checkpoint": "resume", "model_name_or_path": "model", "reward_model_path": "reward_model"}
+             "resume_from_checkpoint": "resume", "model_name_or_path": "model", "reward_model_path": "reward_model",
+             "optim": "optimizer", "lr_scheduler_type": "lr_schedule"}
 
 
 def unknown_flag(unknown):
