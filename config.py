@@ -54,6 +54,7 @@ PAPER_LR = {**dict.fromkeys(ALGOS, 1e-6), **dict.fromkeys(ONLINE_PAIRS + OFFLINE
 NO_EVALUATION = "none"  # --eval-judge none: no evaluation against pi_0 (neither at the end nor --eval-every)
 
 TIS_ALGOS = ("grpo",) + VALUE_MODEL  # token-level policy-gradient losses: --tis-cap weighs their tokens
+KL_PENALTY_ALGOS = ("ppo", "rloo", "grpo")  # beta only weighs a KL penalty: --beta 0 (TRL's GRPO default) drops it
 CLIPPED_ALGOS = VALUE_MODEL + ("grpo", "rloo", "dao")  # a ratio clipped to 1 +- --clip-eps
 # The options that only some algorithms read, and which ones. Any other algorithm refuses a value other than its
 # default (check_options_used: a flag that would silently do nothing), and a resumed run or eval.py's grouping of
@@ -443,7 +444,10 @@ def check_config(cfg, world):
             f"functions), or {NO_EVALUATION} (no evaluation)")
     if not 0.0 <= cfg.alpha <= 1.0:
         bad(f"--alpha must lie in [0, 1] (it weighs KL to pi_0 against KL to pi_t), got {cfg.alpha}")
-    for name in ("beta", "w_clip", "clip_eps", "is_clip"):
+    if not (cfg.beta >= 0 if cfg.algo in KL_PENALTY_ALGOS else cfg.beta > 0):
+        bad(f"--beta must be > 0, got {cfg.beta}" + (f" (0, no KL term, is allowed for {', '.join(KL_PENALTY_ALGOS)})"
+                                                     if cfg.algo not in KL_PENALTY_ALGOS else ""))
+    for name in ("w_clip", "clip_eps", "is_clip"):
         if not getattr(cfg, name) > 0:
             bad(f"--{name.replace('_', '-')} must be > 0, got {getattr(cfg, name)}")
     if cfg.k < 2:

@@ -207,3 +207,11 @@ def test_the_sample_table_shows_the_end_of_the_users_last_turn(capsys):
     assert prompt.strip() == "...s what the response answers: 'ab cd'?" and len(prompt.strip()) == 40
     assert response.strip() == "word word word word word word word wo..." and reward.strip() == "1.50"
     assert "reverse: kbdha" in lines[2] and "| ahdbk " in lines[2]
+
+
+def test_beta_0_drops_the_kl_penalty_of_grpo_rloo_and_ppo_and_is_refused_where_beta_is_no_penalty():
+    for algo in config.KL_PENALTY_ALGOS:
+        assert checked("--algo", algo, "--beta", "0").beta == 0  # TRL's GRPO default
+    for algo in ("dar", "dao", "dual_ppo", "online_dpo", "dpo"):
+        assert refusal("--algo", algo, "--beta", "0") == ("error: --beta must be > 0, got 0.0 (0, no KL term, is "
+                                                          "allowed for ppo, rloo, grpo)")
