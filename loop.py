@@ -706,7 +706,8 @@ def report_small_splits(cfg, task):
         how = ("the EVAL file of --data TRAIN,EVAL holds them: give a larger one" if "," in cfg.data else
                f"held out by --eval-fraction {cfg.eval_fraction:g}: raise it, or give your own split as --data "
                "TRAIN,EVAL" if cfg.data else "the data set's test split")
-        print(f"note: the evaluation against pi_0 will use {len(task.eval_prompts)} prompts (beside {n_train} "
+        n = len(task.eval_prompts)
+        print(f"note: the evaluation against pi_0 will use {n} prompt{'s' * (n != 1)} (beside {n_train} "
               f"training prompts), too few for its win rate to say much; {how}", flush=True)
     if cfg.eval_every and len(task.valid_prompts) < min(SMALL_SPLIT, cfg.eval_every_prompts):
         print(f"note: --eval-every and the best checkpoint will use {len(task.valid_prompts)} validation prompts "
