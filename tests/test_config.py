@@ -7,6 +7,7 @@ import pytest
 
 import config
 import dar
+import eval as eval_py
 import infra
 import loop
 import rollout
@@ -67,9 +68,16 @@ def test_dar_py_prints_the_settings_line_before_the_run(toy_cache, tmp_path, cap
     first = out.splitlines()[0]
     assert first == ("settings: --lr 0.001 (flag), --online-batch 32 (flag), --minibatch 16 (flag), --micro-batch 8 "
                      "(flag), --k 4 (default, the paper's), --max-new-tokens 12 (flag)")
-    # --eval-judge none: the run trains and writes no evaluation
+    # --eval-judge none: the run trains and writes no evaluation; eval.py asks for a judge, and takes one
     assert len(read_metrics(tmp_path / "run")) == 1
     assert not os.path.exists(tmp_path / "run" / "eval.json") and "win rate" not in out
+    run, out_dir = str(tmp_path / "run"), str(tmp_path / "eval")
+    with pytest.raises(SystemExit, match="was trained with --eval-judge none \\(no evaluation\\); give eval.py "
+                                         "--eval-judge JUDGE"):
+        eval_py.main([run, "--out", out_dir, "--n-prompts", "4"])
+    eval_py.main([run, "--out", out_dir, "--n-prompts", "4", "--eval-judge", "toy_gold"])
+    with open(os.path.join(out_dir, "run.json")) as f:
+        assert json.load(f)["judge"] == "toy_gold"
 
 
 # ---------------------------------------------------------------------------------------------------
