@@ -119,10 +119,12 @@ def snapshot(home, repo_id):
 
 
 def one_error_line(p):
-    """The stopped run's message: it must be the only line on stderr, with nothing on stdout (nothing loaded,
-    nothing printed)."""
+    """The stopped run's message: it must be the only line on stderr, with nothing on stdout but the settings line
+    dar.py prints first (nothing loaded, nothing else printed)."""
     lines = [line for line in p.stderr.splitlines() if line.strip()]
-    assert p.returncode != 0 and p.stdout == "" and len(lines) == 1, (p.stdout[-2000:], p.stderr[-3000:])
+    printed = p.stdout.splitlines()
+    assert p.returncode != 0 and len(printed) <= 1 and len(lines) == 1, (p.stdout[-2000:], p.stderr[-3000:])
+    assert all(line.startswith("settings: --lr ") for line in printed)
     assert lines[0].startswith("error: ")
     return lines[0]
 
