@@ -69,9 +69,8 @@ USED_BY = {
                     VALUE_MODEL),
     "pair_labels": ONLINE_PAIRS, "simpo_gamma": ("simpo",), "is_clip": ("is_dpo",),
     "loss_agg": ("grpo",), "scale_rewards": ("grpo",), "tis_cap": TIS_ALGOS,
-    "k": ONLINE, "epochs": tuple(a for a in ONLINE if a not in ("sft", "iter_sft")),
-    **dict.fromkeys(("rollout", "logp_source"), ONLINE),
-}
+    "k": ONLINE, "epochs": tuple(a for a in ONLINE if a not in ("sft", "iter_sft")), "logp_source": ONLINE,
+}  # not --rollout: which sampler a grid's online runs use, its offline runs may be given too (train.sh table2)
 
 # TRL's loss_type names of the GRPO loss aggregations that --loss-agg also takes, and ours for them
 LOSS_AGG_ALIASES = {"grpo": "sequence", "dapo": "token"}

@@ -108,7 +108,7 @@ NON_DEFAULT = {"alpha": "0.3", "w_clip": "5", "normalize_adv": None, "beta": "0.
                "clip_eps_high": "0.28", "vf_coef": "2", "value_clip": "0.3", "gae_lambda": "0.9", "gamma": "0.99",
                "missing_eos_penalty": "2", "value_model": PI0, "pair_labels": "reward", "simpo_gamma": "1.0",
                "is_clip": "5", "loss_agg": "token", "scale_rewards": "batch", "tis_cap": "2", "k": "8", "epochs": "2",
-               "rollout": "vllm", "logp_source": "sampler"}
+               "logp_source": "sampler"}
 
 
 def flag_of(name):
@@ -223,3 +223,10 @@ def test_beta_0_drops_the_kl_penalty_of_grpo_rloo_and_ppo_and_is_refused_where_b
     for algo in ("dar", "dao", "dual_ppo", "online_dpo", "dpo"):
         assert refusal("--algo", algo, "--beta", "0") == ("error: --beta must be > 0, got 0.0 (0, no KL term, is "
                                                           "allowed for ppo, rloo, grpo)")
+
+
+def test_the_paper_grids_flags_pass_for_every_algorithm_they_run():
+    """train.sh gives every algorithm of a grid the same infrastructure flags (--rollout vllm, offline ones too)."""
+    for algo in ("dpo", "simpo", "online_dpo", "ipo", "slic", "ppo", "rloo", "grpo", "dar", "iter_sft"):
+        checked("--task", "helpful", "--model", PI0, "--judge-url", "http://annotator/v1", "--algo", algo,
+                "--seed", "1", "--rollout", "vllm", "--out-dir", "runs/table2/x", "--resume")
