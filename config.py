@@ -369,8 +369,8 @@ def parse_config(argv=None):
 # from TRL), for the message a TRL user gets on typing one
 TRL_NAMES = {"learning_rate": "lr", "num_generations": "k", "max_completion_length": "max_new_tokens",
              "num_iterations": "epochs", "epsilon": "clip_eps", "epsilon_high": "clip_eps_high",
-             "loss_type": "loss_agg",
-             "reward_funcs": "reward", "output_dir": "out_dir", "save_steps": "save_every", "max_steps": "steps",
+             "loss_type": "loss_agg", "reward_funcs": "reward", "output_dir": "out_dir", "save_steps": "save_every",
+             "max_steps": "steps",
              "save_total_limit": "keep_checkpoints", "eval_steps": "eval_every", "num_train_epochs": "prompt_epochs",
              "per_device_train_batch_size": "micro_batch", "generation_batch_size": "online_batch",
              "vllm_importance_sampling_cap": "tis_cap", "vllm_gpu_memory_utilization": "vllm_gpu_memory",
