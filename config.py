@@ -69,7 +69,7 @@ USED_BY = {
                     VALUE_MODEL),
     "pair_labels": ONLINE_PAIRS, "simpo_gamma": ("simpo",), "is_clip": ("is_dpo",),
     "loss_agg": ("grpo",), "scale_rewards": ("grpo",), "tis_cap": TIS_ALGOS,
-    "k": ONLINE, "epochs": tuple(a for a in ONLINE if a not in ("sft", "iter_sft")), "logp_source": ONLINE,
+    "k": ONLINE, "epochs": tuple(a for a in ONLINE if a != "iter_sft"), "logp_source": ONLINE,
 }  # not --rollout: which sampler a grid's online runs use, its offline runs may be given too (train.sh table2)
 
 # TRL's loss_type names of the GRPO loss aggregations that --loss-agg also takes, and ours for them
@@ -718,13 +718,12 @@ def optimizer_steps(cfg):
     return cfg.steps * updates_per_batch(cfg)
 
 
-def trainer_state(cfg, batches, train_prompts, optimizer_steps=None):
+def trainer_state(cfg, batches, train_prompts, steps_taken=None):
     """The reward functions' trainer_state (rewards.TrainerState) after `batches` online batches of a run over
-    `train_prompts` training prompts; optimizer_steps: those taken (the LR schedule's count), None = every batch's
-    (eval.py, evaluating a saved model, counts no better)."""
-    per_batch = updates_per_batch(cfg)
-    return rewards.TrainerState(batches * per_batch if optimizer_steps is None else optimizer_steps,
-                                cfg.steps * per_batch, batches * (cfg.online_batch // cfg.k) / train_prompts)
+    `train_prompts` training prompts; steps_taken: the optimizer steps taken (the LR schedule's count), None = every
+    batch's (eval.py, evaluating a saved model, counts no better)."""
+    taken = batches * updates_per_batch(cfg) if steps_taken is None else steps_taken
+    return rewards.TrainerState(taken, optimizer_steps(cfg), batches * (cfg.online_batch // cfg.k) / train_prompts)
 
 
 def resolve_schedule(cfg, task):
