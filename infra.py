@@ -227,7 +227,8 @@ def fetch_from_hub(cfg, ctx):
     its snapshot in huggingface_hub's cache), and fetch the task's Hub data sets, on rank 0 first. The other ranks
     then take rank 0's directories where they see them (one machine, or a shared disk), else fetch the same commits
     into their own machine's cache: 8 ranks do not download 8 times, nor see different commits of a branch. An
-    error on any rank stops every rank with its line, so none is left waiting in a collective for one that left."""
+    error on any rank stops every rank, so none is left waiting in a collective for one that left; each machine's
+    first rank prints its line once (ranks writing one stream at once would splice their lines together)."""
     def on_rank_0():
         if not cfg.data and cfg.task in tasks.HUB_TASKS:
             tasks.hub_task_files(cfg.task)  # loop.start_run reads them on every rank: from the cache
@@ -245,7 +246,7 @@ def fetch_from_hub(cfg, ctx):
         paths, error = attempt(lambda: on_the_others(paths))
     error = first_error(ctx, error)
     if error:
-        raise SystemExit(error)
+        raise SystemExit(error if ctx.local_rank == 0 else 1)
     for name, path in paths.items():
         if ctx.master and path != getattr(cfg, name):
             print(f"{MODEL_FLAGS[name]} {getattr(cfg, name)}: {path}", flush=True)

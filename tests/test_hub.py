@@ -240,7 +240,7 @@ def test_the_paper_task_reads_its_data_set_and_model_from_the_hub_cache(smollm2_
 
 
 # ---------------------------------------------------------------------------------------------------
-# Two ranks: rank 0 resolves, the other takes its directory; a failure on rank 0 stops both
+# Two ranks: rank 0 resolves, the other takes its directory; a failure on rank 0 stops both, with one line
 # ---------------------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_two_ranks_train_from_a_hub_id_and_stop_together_on_an_uncached_one(hub_home, tmp_path):
@@ -255,7 +255,7 @@ def test_two_ranks_train_from_a_hub_id_and_stop_together_on_an_uncached_one(hub_
     p = run_dar(["--model", UNCACHED_ID, "--out-dir", str(tmp_path / "stopped")] + TINY, cwd=tmp_path,
                 env_extra=dict(OFFLINE, HF_HOME=hub_home), launcher=TORCHRUN, timeout=300)
     errors = [line for line in p.stderr.splitlines() if line.startswith("error: ")]
-    assert p.returncode != 0 and len(errors) == 2 and errors[0] == errors[1], p.stderr[-3000:]
+    assert p.returncode != 0 and len(errors) == 1, p.stderr[-3000:]  # once, from the machine's first rank
     assert errors[0].startswith(f"error: --model {UNCACHED_ID} is not a local directory")
     assert time.perf_counter() - start < 120  # rank 1 did not wait for rank 0 in a collective (--dist-timeout 30 min)
 
