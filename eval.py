@@ -52,7 +52,7 @@ import data
 import rollout
 import tasks
 from config import USED_BY, VALUE_BEFORE_FIELD, Config, config_from_dict, trainer_state
-from infra import Dist, fetch_from_hub, load_model, load_tokenizer
+from infra import Dist, check_checkpoint, fetch_from_hub, load_model, load_tokenizer
 from judge import JUDGES
 from loop import (distinct_n, ensure_toy_models, eval_judge, evaluator_config, fitting_task, golden_win_rate, k3,
                   mean_ci, score, t975, training_reward, win_rate)
@@ -258,6 +258,7 @@ def evaluate_checkpoint(run_dir, ckpt_dir, n_prompts, greedy=False, temperature=
     checkpoint and the run's config) for grouping. validation: also the win rate on as many of the task's
     validation prompts ("valid/win_rate", NaN when the task has none), which picks the best checkpoint.
     """
+    check_checkpoint(ckpt_dir)  # a damaged one is named before anything loads
     cfg = dataclasses.replace(load_run_config(run_dir), **(evaluator or {}))
     device = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     fetch_from_hub(cfg, Dist(device=device))  # a saved Hub snapshot this machine's cache lacks: the same commit
@@ -277,6 +278,7 @@ def evaluate_checkpoint(run_dir, ckpt_dir, n_prompts, greedy=False, temperature=
         earlier = [(s, p) for s, p in checkpoints(run_dir) if s < step]
         if earlier:
             prev_step, path = earlier[-1]
+            check_checkpoint(path)
             prev = load_model(path, cfg, device).eval()
     prompts, refs = data.random_subset(task.eval_prompts, n_prompts, seed, task.references)
     report = compare_with_reference(policy, ref, tok, prompts, cfg, task=task, seed=seed, greedy=greedy,
@@ -726,6 +728,7 @@ def export_benchmarks(run_dir, out_dir, alpacaeval=None, mtbench=None, temperatu
     cfg = load_run_config(run_dir)
     device = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     final = os.path.join(run_dir, "final")
+    check_checkpoint(final)
     tok = load_tokenizer(final, cfg.trust_remote_code, cfg.chat_template_kwargs)
     model = load_model(final, cfg, device).eval()
     name = os.path.basename(os.path.normpath(run_dir))

@@ -36,8 +36,8 @@ from config import NO_EVALUATION, OFFLINE, VALUE_MODEL, Config, check_resumable,
 from infra import (SAMPLES, Dist, Logger, TermSignal, barrier, checkpoint_name, gather, is_sharded_checkpoint,
                    latest_checkpoint, load_model, load_sharded_checkpoint, load_state, load_tokenizer, load_value_model,
                    local_gradients, model_dtype, no_dropout, optimizer_and_schedule, optimizer_step, pooled_means,
-                   print_samples, prune_checkpoints, rank_means, rng_state, sample_rows, save_checkpoint, save_final,
-                   seed_everything, set_rng_state, trained_modules, write_atomic)
+                   print_samples, prune_checkpoints, rank_means, resume_checkpoint, rng_state, sample_rows,
+                   save_checkpoint, save_final, seed_everything, set_rng_state, trained_modules, write_atomic)
 from judge import make_judge
 from rewards import (NO_JUDGE, TRAINING_REWARD, CombinedReward, RewardFunctionError, describe_reward, judge_rollout,
                      with_functions)
@@ -129,7 +129,7 @@ class SkippedBatch(Exception):
 
 
 def start_run(cfg, ctx):
-    """(Run, first step): the task, the tokenizer, pi_theta (from the last checkpoint with --resume, with its
+    """(Run, first step): the task, the tokenizer, pi_theta (from the last intact checkpoint with --resume, with its
     optimizer, schedule and RNG state), PPO's value model, pi_0, the judge and the sampler, placed for this rank."""
     init = cfg.model
     if not init:
@@ -138,7 +138,7 @@ def start_run(cfg, ctx):
     seed_everything(cfg.seed + 1000 * ctx.rank)  # after the (maybe) in-process SFT that made pi_0
     task = tasks.load_task(cfg.task, cfg.data, cfg.eval_fraction, cfg.valid_fraction)  # bad data stops here
     tok = load_tokenizer(init, cfg.trust_remote_code, cfg.chat_template_kwargs)
-    start, ckpt = 0, latest_checkpoint(cfg) if cfg.resume else None
+    start, ckpt = 0, resume_checkpoint(cfg, ctx) if cfg.resume else None  # the newest intact checkpoint
     if cfg.resume and ckpt is None and ctx.master:
         print(f"--resume: no checkpoint in {cfg.out_dir}, starting from scratch", flush=True)
     sharded_ckpt = ckpt is not None and is_sharded_checkpoint(ckpt)  # its weights are read in after sharding
