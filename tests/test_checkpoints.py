@@ -11,7 +11,7 @@ import pytest
 import config
 import eval as evaluation
 import infra
-from conftest import TINY, comparable, read_metrics, train
+from conftest import TINY, TORCHRUN, comparable, read_metrics, run_dar, train
 
 
 def flags(cache, out, steps):
@@ -97,6 +97,26 @@ def test_resume_refuses_when_no_checkpoint_is_intact_and_reads_one_older_than_ma
     err = capsys.readouterr().err
     assert "checkpoint ckpt-000003 is damaged (the directory is missing); skipped" in err, err
     assert "warning: ckpt-000002 has no manifest.json" in err and "continuing from ckpt-000002" in err
+    assert comparable(read_metrics(str(out))) == whole
+
+
+@pytest.mark.slow
+def test_a_sharded_checkpoint_s_manifest_covers_every_rank_s_shards(toy_cache, tmp_path):
+    """--fsdp on 2 ranks: the manifest lists both ranks' shard files; one of them truncated in the newest checkpoint
+    is named, and --resume on 2 ranks continues from the one before, to the uninterrupted run's final metrics."""
+    out = tmp_path / "run"
+    args = flags(toy_cache, out, 3) + ["--fsdp", "--micro-batch", "4", "--eval-prompts", "8"]
+    p = run_dar(args, cwd=tmp_path, launcher=TORCHRUN)
+    assert p.returncode == 0, p.stderr[-3000:]
+    whole = comparable(read_metrics(str(out)))
+    files = json.loads((out / "ckpt-000003" / infra.MANIFEST).read_text())["files"]
+    shards = sorted(f for f in files if f.startswith("dcp/") and f.endswith(".distcp"))
+    assert len(shards) == 2 and "dcp/.metadata" in files and "state.pt" in files, files
+    truncate(out / "ckpt-000003" / shards[1])
+    p = run_dar(args + ["--resume"], cwd=tmp_path, launcher=TORCHRUN)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert f"checkpoint ckpt-000003 is damaged ({shards[1]} is truncated" in p.stderr, p.stderr[-3000:]
+    assert "--resume: continuing from ckpt-000002, the newest intact checkpoint" in p.stderr
     assert comparable(read_metrics(str(out))) == whole
 
 
