@@ -38,7 +38,7 @@ from infra import (SAMPLES, Dist, Logger, TermSignal, barrier, checkpoint_name, 
                    local_gradients, model_dtype, no_dropout, optimizer_and_schedule, optimizer_step, pooled_means,
                    print_samples, prune_checkpoints, rank_means, rng_state, sample_rows, save_checkpoint, save_final,
                    seed_everything, set_rng_state, trained_modules, write_atomic)
-from judge import make_judge
+from judge import AnnotatorUnavailable, make_judge
 from rewards import (NO_JUDGE, TRAINING_REWARD, CombinedReward, RewardFunctionError, describe_reward, judge_rollout,
                      with_functions)
 
@@ -116,7 +116,8 @@ MAX_NONFINITE_BATCHES = 3  # online batches in a row with a non-finite loss befo
 
 
 class JudgeFailure(Exception):
-    """More invalid judgments in an online batch than --max-invalid-frac allows."""
+    """More invalid judgments in an online batch than --max-invalid-frac allows, a reward function that raised,
+    or an annotator that did not answer for --judge-patience seconds."""
 
 
 class SkippedBatch(Exception):
@@ -350,7 +351,7 @@ def judge_async(cfg, run, batch, overlap=None, pairs=None):
         t = time.time()
         try:
             return fn(*args), "", time.time() - t
-        except RewardFunctionError as e:
+        except (RewardFunctionError, AnnotatorUnavailable) as e:  # judge_or_fail stops every rank on it
             return None, str(e), time.time() - t
     if cfg.judge_overlap == "on" or cfg.judge_overlap == "auto" and cfg.judge == "llm" if overlap is None else overlap:
         return _JUDGE_THREAD.submit(call)  # a concurrent.futures.Future: no in_place
@@ -385,8 +386,9 @@ def eval_judge(cfg, task, tok=None, state=None):
 
 def judge_or_fail(ctx, pending, timer=None, name="judge"):
     """judge_async's result once its call is done (timer: NAME, the call's seconds, and NAME_wait, this thread's
-    wait, all of the call when it ran in place); when a reward function raised on any rank, JudgeFailure on every
-    rank (a rank stopping alone would leave the others waiting in the checkpoint's collectives)."""
+    wait, all of the call when it ran in place); when a reward function raised or the annotator ran out of
+    --judge-patience on any rank, JudgeFailure on every rank (a rank stopping alone would leave the others waiting
+    in the checkpoint's collectives)."""
     t = time.time()
     judged, error, seconds = pending.result()
     if timer is not None:
@@ -394,7 +396,7 @@ def judge_or_fail(ctx, pending, timer=None, name="judge"):
         timer.update({name: seconds, name + "_wait": waited})
     failed = gather(ctx, torch.tensor([float(bool(error))], device=ctx.device))
     if failed.any():
-        raise JudgeFailure(error or f"a reward function raised on rank {int(failed.nonzero()[0])} (its message there)")
+        raise JudgeFailure(error or f"the judge failed on rank {int(failed.nonzero()[0])} (its message there)")
     return judged
 
 

@@ -1,6 +1,7 @@
 """judge.py: the annotator prompts and reply parsing, the LLM client against the real toy annotator server
 (`python judge.py --serve`, started in a subprocess) including injected faults, the API key's handling,
 and the reward-model judge on a tiny random Qwen2 sequence classifier. Network: 127.0.0.1 only."""
+import http.server
 import json
 import math
 import os
@@ -9,6 +10,7 @@ import select
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from types import SimpleNamespace
@@ -75,7 +77,7 @@ def last_request(url):
 
 def client(url, family="toy", **kw):
     """A client with test-sized timeouts and backoff (the defaults are for real annotators)."""
-    kw = {"timeout": 2.0, "retries": 2, "backoff": 0.01, "max_backoff": 0.5, "concurrency": 4, **kw}
+    kw = {"timeout": 2.0, "patience": 5.0, "backoff": 0.01, "max_backoff": 0.5, "concurrency": 4, **kw}
     return LLMJudge(url, family, **kw)
 
 
@@ -289,7 +291,7 @@ def test_family_resolution():
 # ---------------------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_llm_rewards_match_the_toy_scorer(gold_url):
-    cfg = config.Config(judge="llm", judge_url=gold_url, judge_timeout=5.0, judge_retries=1)
+    cfg = config.Config(judge="llm", judge_url=gold_url, judge_timeout=5.0, judge_patience=1.0)
     j = make_judge("llm", SimpleNamespace(name="toy", reward_prompt="toy"), cfg)
     assert j.model == "toy-gold" and j.family == "toy"  # the only model served, picked by the probe
     out = j(PROMPTS, RESPONSES, [True, True, True, True, False, True])
@@ -362,8 +364,7 @@ def test_dropped_connections_are_retried(start_server):
 
 @pytest.mark.slow
 def test_503_and_429_are_retried(start_server):
-    # one request at a time: each 503 (every 2nd request) is followed by a success on the first retry; with
-    # concurrent requests a retry could land on the next even count again and exhaust its retries
+    # one request at a time: each 503 (every 2nd request) is followed by a success on the first retry
     out = client(start_server("--status-every", "2:503"), concurrency=1)(PROMPTS, RESPONSES, [True] * 6)
     assert out.rewards == expected(toy_gold_score) and out.invalid == 0
     url = start_server("--status-every", "2:429", "--retry-after", "0.6")
@@ -376,10 +377,9 @@ def test_503_and_429_are_retried(start_server):
 @pytest.mark.slow
 def test_slow_server_times_out_then_works_within_the_timeout(start_server):
     url = start_server("--delay", "0.6", "--record")
-    out = client(url, timeout=0.2, retries=1)(PROMPTS[:2], RESPONSES[:2], [True] * 2)
-    assert all(math.isnan(x) for x in out.rewards) and out.invalid == 2
-    assert last_request(url)["requests"] == 4  # 2 samples x (1 try + 1 retry)
-    assert list(out.reasons) == ["ReadTimeout after 2 attempts"]
+    with pytest.raises(judge.AnnotatorUnavailable, match="ReadTimeout"):
+        client(url, timeout=0.2, patience=0.3)(PROMPTS[:2], RESPONSES[:2], [True] * 2)
+    assert last_request(url)["requests"] >= 4  # 2 samples x (1 try + at least 1 retry)
     out = client(url, timeout=3.0)(PROMPTS[:2], RESPONSES[:2], [True] * 2)
     assert out.rewards == expected(toy_gold_score, PROMPTS[:2], RESPONSES[:2])
 
@@ -396,19 +396,66 @@ def test_garbage_replies_are_invalid_not_zero_or_ten(start_server):
 
 
 @pytest.mark.slow
-def test_exhausted_retries_are_nan_and_counted(start_server, capsys):
+def test_a_server_failing_past_the_patience_judges_nothing(start_server):
+    """503 to every request: each is retried for the whole --judge-patience (many tries, backoff capped), then
+    the call raises, naming the URL, the flag and the last failure; no partial batch of judgments comes back."""
     url = start_server("--status-every", "1:503", "--record")
-    out = client(url, retries=2)(PROMPTS[:3], RESPONSES[:3], [True] * 3)
-    assert all(math.isnan(x) for x in out.rewards) and out.invalid == 3
-    assert out.reasons == {"HTTP 503 after 3 attempts": 3}
-    assert last_request(url)["requests"] == 9
-    assert "HTTP 503 after 3 attempts" in capsys.readouterr().err  # reported, once
+    t = time.monotonic()
+    with pytest.raises(judge.AnnotatorUnavailable) as e:
+        client(url, patience=1.0, max_backoff=0.2)(PROMPTS[:3], RESPONSES[:3], [True] * 3)
+    took = time.monotonic() - t
+    assert 1.0 <= took < 2.5, took  # the patience, then the other requests stop at once
+    assert url in str(e.value) and "--judge-patience 1 s" in str(e.value) and "HTTP 503" in str(e.value)
+    assert last_request(url)["requests"] > 3 * 4  # retried often: a time budget, not a count
+    with pytest.raises(judge.AnnotatorUnavailable, match="HTTP 503; 1 try in 0 s"):  # --judge-patience 0: one try, no retry
+        client(url, patience=0.0, concurrency=1)(PROMPTS[:1], RESPONSES[:1], [True])
+
+
+def test_retries_back_off_exponentially_with_jitter_up_to_the_cap():
+    """The waits between tries of a request the stand-in server keeps refusing (HTTP 503 with no Retry-After):
+    each at least half of backoff x 2^attempt and at most that, never above max_backoff; the last try is at the
+    end of the patience."""
+    tries = []
+
+    class Refusing(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.reply(200, {"data": [{"id": "m"}]})
+
+        def do_POST(self):
+            tries.append(time.monotonic())
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self.reply(503, {"error": {"message": "restarting"}})
+
+        def reply(self, code, body):
+            data = json.dumps(body).encode()
+            self.send_response(code)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *a):
+            pass
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Refusing)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+        with pytest.raises(judge.AnnotatorUnavailable):
+            client(url, patience=2.0, backoff=0.1, max_backoff=0.5, concurrency=1)(PROMPTS[:1], RESPONSES[:1], [True])
+    finally:
+        server.shutdown()
+        server.server_close()
+    waits = [b - a for a, b in zip(tries, tries[1:])]
+    assert len(waits) >= 5
+    for attempt, w in enumerate(waits[:-1]):  # the last wait is what was left of the patience
+        nominal = min(0.5, 0.1 * 2 ** attempt)
+        assert min(0.5, 0.05 * 2 ** attempt) - 0.01 <= w <= nominal + 0.15, (attempt, waits)
+    assert 2.0 <= tries[-1] - tries[0] <= 2.5, waits  # a last try at the end of the patience
 
 
 @pytest.mark.slow
 def test_client_errors_are_not_retried(start_server):
     url = start_server("--status-every", "1:400", "--record")
-    out = client(url, retries=3)(PROMPTS[:2], RESPONSES[:2], [True] * 2)
+    out = client(url, patience=30.0)(PROMPTS[:2], RESPONSES[:2], [True] * 2)
     assert out.invalid == 2 and last_request(url)["requests"] == 2
 
 
