@@ -19,6 +19,7 @@ import pytest
 import torch
 
 import config
+import eval as eval_py
 import judge
 import tasks
 from conftest import build_causal_reward_model, build_reward_model
@@ -464,6 +465,61 @@ def test_unreachable_url_at_start_exits_naming_the_url():
     with pytest.raises(SystemExit, match=re.escape(url)) as e:
         make_judge("llm", None, config.Config(judge="llm", judge_url=url, judge_timeout=2.0))
     assert "judge.py --serve" in str(e.value) and "--judge-url" in str(e.value)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The judge flags, checked before anything loads
+# ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("flags, message", [
+    (["--judge-timeout", "0"], "--judge-timeout is the seconds allowed per annotator request, > 0, got 0.0"),
+    (["--judge-timeout", "nan"], "--judge-timeout is the seconds allowed per annotator request, > 0, got nan"),
+    (["--judge-patience", "-1"], "--judge-patience is the seconds a failing annotator request is retried, >= 0"),
+    (["--judge-concurrency", "0"], "--judge-concurrency is the annotator requests in flight at once, >= 1, got 0"),
+    (["--max-invalid-frac", "-1"], "--max-invalid-frac is a share of an online batch's judgments, in [0, 1], got -1"),
+    (["--max-invalid-frac", "1.5"], "--max-invalid-frac is a share of an online batch's judgments, in [0, 1]"),
+    (["--judge-url", "not-a-url"], "--judge-url 'not-a-url' is not an http(s) URL with a host"),
+    (["--judge-url", "http:///v1"], "--judge-url 'http:///v1' is not an http(s) URL with a host"),
+    (["--judge-url", "ftp://annotator/v1"], "--judge-url 'ftp://annotator/v1' is not an http(s) URL"),
+    (["--judge-url", "http://annotator:port/v1"], "--judge-url 'http://annotator:port/v1' is not a valid URL"),
+    (["--eval-judge-url", "localhost:8000/v1"], "--eval-judge-url 'localhost:8000/v1' is not an http(s) URL"),
+])
+def test_a_bad_judge_flag_is_refused_naming_it_and_its_range(flags, message):
+    with pytest.raises(SystemExit) as e:
+        config.check_config(config.parse_config(["--judge", "llm", "--judge-url", "http://127.0.0.1:8000/v1", *flags]),
+                            1)
+    assert message in str(e.value) and str(e.value).startswith("error: ")
+
+
+def test_good_judge_flags_pass():
+    for flags in (["--judge-patience", "0", "--max-invalid-frac", "0"], ["--max-invalid-frac", "1"],
+                  ["--judge-url", "https://api.example.com/v1", "--eval-judge-url", "http://[::1]:8000/v1"]):
+        config.check_config(config.parse_config(["--judge", "llm", "--judge-url", "http://127.0.0.1:8000/v1",
+                                                 *flags]), 1)
+    assert config.Config().judge_patience == 600  # long enough for a served annotator to restart
+
+
+def test_a_bad_judge_url_is_refused_before_the_toy_model_is_built(tmp_path):
+    """With an empty cache, dar.py would first build the toy model and run pi_0's SFT (minutes)."""
+    cache = tmp_path / "cache"
+    t = time.monotonic()
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "dar.py"), "--judge", "llm", "--judge-url", "not-a-url",
+                        "--cache-dir", str(cache), "--out-dir", str(tmp_path / "run")], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 1 and p.stderr.strip().splitlines() == [
+        "error: --judge-url 'not-a-url' is not an http(s) URL with a host; give the endpoint's base URL, e.g. "
+        "http://127.0.0.1:8000/v1"], p.stderr[-2000:]
+    assert not cache.exists() and not (tmp_path / "run").exists() and time.monotonic() - t < 60
+
+
+def test_eval_py_refuses_a_bad_eval_judge_url_before_loading(tmp_path):
+    run = tmp_path / "run"
+    (run / "final").mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps(config.dataclasses.asdict(config.Config())))
+    (run / "final" / "config.json").write_text("{}")  # no model: nothing may be loaded before the refusal
+    with pytest.raises(SystemExit, match="--eval-judge-url 'not-a-url' is not an http\\(s\\) URL"):
+        eval_py.main([str(run), "--out", str(tmp_path / "eval"), "--eval-judge", "llm", "--eval-judge-url",
+                      "not-a-url"])
+    assert not (tmp_path / "eval").exists()
 
 
 def test_llm_without_url_exits():
