@@ -392,7 +392,7 @@ class LLMJudge:
         """POST one chat completion, retried for self.patience seconds -> (parsed JSON body, None) or (None, why
         the server rejected it); a request that fails every try until then sets _gave_up (see the class)."""
         deadline = time.monotonic() + self.patience
-        for attempt in itertools.count():
+        for attempt in itertools.count():  # until a reply, a rejection, or the patience is out
             if self._gave_up.is_set():
                 return None, "not asked: another request ran out of --judge-patience"
             wait = 0.0
@@ -412,7 +412,7 @@ class LLMJudge:
                 wait = _retry_after(r.headers.get("Retry-After")) or 0.0
             left = deadline - time.monotonic()
             if left <= 0:
-                self._give_up(f"{error}; {attempt + 1} {'try' if attempt == 0 else 'tries'} in {self.patience:g} s")
+                self._give_up(error)
                 return None, "ran out of --judge-patience"
             backoff = self.backoff * 2 ** min(attempt, 30) * (0.5 + 0.5 * self._rng.random())
             self._gave_up.wait(min(self.max_backoff, max(backoff, wait), left))  # the last try at the deadline

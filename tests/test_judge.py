@@ -22,7 +22,8 @@ import config
 import eval as eval_py
 import judge
 import tasks
-from conftest import build_causal_reward_model, build_reward_model
+from conftest import (TINY, build_causal_reward_model, build_reward_model, comparable, read_metrics, run_dar,
+                      start_dar)
 from judge import (LLMJudge, RuleJudge, make_judge, parse_preference, parse_reward, parse_score,
                    preference_from_choices, toy_score_to_scale)
 from tasks import toy_gold_score, toy_proxy_score
@@ -408,8 +409,10 @@ def test_a_server_failing_past_the_patience_judges_nothing(start_server):
     assert 1.0 <= took < 2.5, took  # the patience, then the other requests stop at once
     assert url in str(e.value) and "--judge-patience 1 s" in str(e.value) and "HTTP 503" in str(e.value)
     assert last_request(url)["requests"] > 3 * 4  # retried often: a time budget, not a count
-    with pytest.raises(judge.AnnotatorUnavailable, match="HTTP 503; 1 try in 0 s"):  # --judge-patience 0: one try, no retry
+    before = last_request(url)["requests"]
+    with pytest.raises(judge.AnnotatorUnavailable, match="--judge-patience 0 s \\(last: HTTP 503\\)"):
         client(url, patience=0.0, concurrency=1)(PROMPTS[:1], RESPONSES[:1], [True])
+    assert last_request(url)["requests"] == before + 1  # --judge-patience 0: one try, no retry
 
 
 def test_retries_back_off_exponentially_with_jitter_up_to_the_cap():
@@ -520,6 +523,50 @@ def test_eval_py_refuses_a_bad_eval_judge_url_before_loading(tmp_path):
         eval_py.main([str(run), "--out", str(tmp_path / "eval"), "--eval-judge", "llm", "--eval-judge-url",
                       "not-a-url"])
     assert not (tmp_path / "eval").exists()
+
+
+def serve_on(port):
+    """`judge.py --serve --task toy` on a given port (a restarted annotator comes back where it was): the process."""
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "judge.py"), "--serve", "--task", "toy", "--port",
+                             str(port)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    ready, _, _ = select.select([proc.stdout], [], [], 60)
+    assert ready and f":{port}/v1" in proc.stdout.readline(), "the annotator server did not start"
+    return proc
+
+
+@pytest.mark.slow
+def test_an_annotator_restart_longer_than_a_count_of_retries_ends_the_run_exactly(toy_cache, tmp_path):
+    """The stand-in annotator stops for 22 s mid-run (longer than 5 retries with backoff, 15-31 s, would wait) and
+    comes back on the same port: the requests of the batch it missed are retried within --judge-patience, the
+    batch is judged whole, and the run's metrics equal an uninterrupted run's."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/v1"
+    flags = TINY + ["--cache-dir", toy_cache, "--steps", "5", "--save-every", "1000", "--print-every", "1000",
+                    "--judge", "llm", "--judge-url", url, "--judge-patience", "60", "--judge-timeout", "5",
+                    "--eval-judge", "none"]
+    server = serve_on(port)
+    try:
+        whole = run_dar(flags + ["--out-dir", str(tmp_path / "whole")], cwd=tmp_path)
+        assert whole.returncode == 0, whole.stderr[-2000:]
+        out = tmp_path / "restarted"
+        run = start_dar(flags + ["--out-dir", str(out)], tmp_path)
+        metrics = out / "metrics.jsonl"
+        deadline = time.monotonic() + 300
+        while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        server.kill()
+        server.wait(10)
+        time.sleep(22)
+        server = serve_on(port)
+        _, err = run.communicate(timeout=300)
+    finally:
+        server.terminate()
+        server.wait(10)
+    assert run.returncode == 0 and "Traceback" not in err, err[-2000:]
+    rows = read_metrics(out)
+    assert max(r["perf/seconds_per_batch"] for r in rows) > 20  # a batch waited out the restart
+    assert comparable(rows) == comparable(read_metrics(tmp_path / "whole"))
+    assert all(r["train/invalid_judgments"] == 0 for r in rows)
 
 
 def test_llm_without_url_exits():
