@@ -535,7 +535,7 @@ def serve_on(port):
 
 
 @pytest.mark.slow
-def test_an_annotator_restart_longer_than_a_count_of_retries_ends_the_run_exactly(toy_cache, tmp_path):
+def test_an_annotator_restart_mid_run_ends_the_run_exactly(toy_cache, tmp_path):
     """The stand-in annotator stops for 22 s mid-run (longer than 5 retries with backoff, 15-31 s, would wait) and
     comes back on the same port: the requests of the batch it missed are retried within --judge-patience, the
     batch is judged whole, and the run's metrics equal an uninterrupted run's."""
