@@ -799,7 +799,12 @@ def eval_responses(cfg, ctx, run, ev, model, state):
     # engine, and exactly the weights being evaluated
     batch = rollout.generate(model, run.tok, mine, 1, cfg.max_new_tokens, cfg.temperature,
                              synced=cfg.fsdp and ctx.world > 1)
-    rewards = torch.tensor(judge_rollout(ev.judge, batch, state).rewards, dtype=torch.float64)
+    try:
+        judged = judge_rollout(ev.judge, batch, state).rewards
+    except AnnotatorUnavailable as e:  # this evaluation is lost (invalid, never the best), not the training run
+        tqdm.write(f"warning: evaluation on rank {ctx.rank}: {e}; its judgments are invalid", file=sys.stderr)
+        judged = [math.nan] * len(mine)
+    rewards = torch.tensor(judged, dtype=torch.float64)
     rewards = torch.where(torch.isinf(rewards), math.nan, rewards)  # an infinite reward is no judgment (judge_batch)
     g = lambda x: gather(ctx, x.to(ctx.device, torch.float64)).cpu()[:n]
     return {"rewards": g(rewards), "lengths": g(batch.response_mask.sum(1)), "ended": g(batch.ended)}

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 import config
+import dar
 import eval as eval_py
 import judge
 import tasks
@@ -567,6 +568,24 @@ def test_an_annotator_restart_mid_run_ends_the_run_exactly(toy_cache, tmp_path):
     assert max(r["perf/seconds_per_batch"] for r in rows) > 20  # a batch waited out the restart
     assert comparable(rows) == comparable(read_metrics(tmp_path / "whole"))
     assert all(r["train/invalid_judgments"] == 0 for r in rows)
+
+
+@pytest.mark.slow
+def test_an_evaluator_failing_past_the_patience_loses_the_evaluation_not_the_run(toy_cache, start_server, tmp_path,
+                                                                                 capsys):
+    """--eval-judge llm answering 503 to every request: the evaluation during training is invalid (a warning; no
+    best checkpoint), training goes on, and the final evaluation stops with the way to evaluate the saved model."""
+    url = start_server("--status-every", "1:503")
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as e:
+        dar.main(TINY + ["--cache-dir", toy_cache, "--out-dir", str(out), "--steps", "2", "--print-every", "1000",
+                         "--eval-every", "2", "--eval-every-prompts", "4", "--eval-judge", "llm",
+                         "--eval-judge-url", url, "--judge-patience", "0.5"])
+    assert str(e.value).startswith(f"error: the final evaluation: the annotator at {url} failed every try")
+    assert f"python eval.py {out}" in str(e.value) and (out / "final" / "config.json").is_file()
+    rows = read_metrics(out)
+    assert len(rows) == 2 and math.isnan(rows[-1]["eval/win_rate"]) and rows[-1]["eval/invalid_judgments"] == 4
+    assert not (out / "best").exists() and "warning: evaluation on rank 0" in capsys.readouterr().err
 
 
 def test_llm_without_url_exits():
