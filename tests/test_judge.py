@@ -5,6 +5,7 @@ import http.server
 import json
 import math
 import os
+import random
 import re
 import select
 import socket
@@ -418,8 +419,8 @@ def test_a_server_failing_past_the_patience_judges_nothing(start_server):
 
 def test_retries_back_off_exponentially_with_jitter_up_to_the_cap():
     """The waits between tries of a request the stand-in server keeps refusing (HTTP 503 with no Retry-After):
-    each at least half of backoff x 2^attempt and at most that, never above max_backoff; the last try is at the
-    end of the patience."""
+    backoff x 2^attempt x a jitter factor in [0.5, 1] from the judge's RNG, never above max_backoff; the last try
+    is at the end of the patience."""
     tries = []
 
     class Refusing(http.server.BaseHTTPRequestHandler):
@@ -443,18 +444,23 @@ def test_retries_back_off_exponentially_with_jitter_up_to_the_cap():
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Refusing)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+        j = client(f"http://127.0.0.1:{server.server_address[1]}/v1", patience=2.0, backoff=0.1, max_backoff=0.5,
+                   concurrency=1)
+        j._rng = random.Random(3)  # the jitter's draws, known to the test (the judge's own RNG, unseeded)
         with pytest.raises(judge.AnnotatorUnavailable):
-            client(url, patience=2.0, backoff=0.1, max_backoff=0.5, concurrency=1)(PROMPTS[:1], RESPONSES[:1], [True])
+            j(PROMPTS[:1], RESPONSES[:1], [True])
     finally:
         server.shutdown()
         server.server_close()
     waits = [b - a for a, b in zip(tries, tries[1:])]
-    assert len(waits) >= 5
-    for attempt, w in enumerate(waits[:-1]):  # the last wait is what was left of the patience
-        nominal = min(0.5, 0.1 * 2 ** attempt)
-        assert min(0.5, 0.05 * 2 ** attempt) - 0.01 <= w <= nominal + 0.15, (attempt, waits)
-    assert 2.0 <= tries[-1] - tries[0] <= 2.5, waits  # a last try at the end of the patience
+    draws = random.Random(3)
+    jittered = [min(0.5, 0.1 * 2 ** n * (0.5 + 0.5 * draws.random())) for n in range(len(waits))]
+    assert len(waits) >= 5 and jittered[3:] == [0.5] * (len(waits) - 3)  # 0.8 and up: capped
+    assert len({round(w / min(0.5, 0.1 * 2 ** n), 2) for n, w in enumerate(jittered[:3])}) == 3  # jitter varies
+    for w, expect in zip(waits[:-1], jittered):  # the last wait is what was left of the patience
+        assert expect - 0.01 <= w <= expect + 0.25, (waits, jittered)
+    # the last try at the end of the patience, counted from just before the first one reached the server
+    assert 1.9 <= tries[-1] - tries[0] <= 2.6, waits
 
 
 @pytest.mark.slow
@@ -605,9 +611,13 @@ def test_api_key_is_sent_but_never_shown(gold_url, monkeypatch, capsys):
     out = j(PROMPTS[:1], RESPONSES[:1], [True])
     assert out.invalid == 0 and last_request(gold_url)["authorization"] == f"Bearer {SECRET}"
     shown = [repr(j), str(j), repr(vars(j)), repr(cfg), repr(out)]
-    # a failing endpoint's messages: client errors, exhausted retries, unreachable at start
+    # a failing endpoint's messages: client errors, an endpoint gone for the whole patience, unreachable at start
     j.url = gold_url + "/nowhere"
     shown += list(j(PROMPTS[:1], RESPONSES[:1], [True]).reasons)
+    j.url, j.patience = f"http://127.0.0.1:{free_port()}/v1", 0.2
+    with pytest.raises(judge.AnnotatorUnavailable) as gone:
+        j(PROMPTS[:1], RESPONSES[:1], [True])
+    shown.append(str(gone.value))
     with pytest.raises(SystemExit) as e:
         make_judge("llm", None, config.Config(judge="llm", judge_url=f"http://127.0.0.1:{free_port()}/v1",
                                               judge_api_key_env="DAR_TEST_JUDGE_KEY", task="toy"))
