@@ -21,7 +21,7 @@ import torch
 
 import rewards
 import tasks
-from judge import JUDGES
+from judge import JUDGES, url_problem
 
 ALGOS = ("dar", "sft",                                           # dar.py, loop.py (SFT)
          "ppo", "dual_ppo", "dual_ppo_clip", "dual_mix_ppo",      # baselines.py: RL with a value model
@@ -131,7 +131,9 @@ class Config:
     judge_api_key_env: str = arg("DAR_JUDGE_API_KEY", "environment variable that holds the endpoint's API key")
     judge_concurrency: int = arg(16, "annotator requests in flight at once")
     judge_timeout: float = arg(120.0, "seconds allowed per annotator request")
-    judge_retries: int = arg(5, "retries per request on connection errors, timeouts, 429 and 5xx (backoff)")
+    judge_patience: float = arg(600.0, "seconds an annotator request is retried on connection errors, timeouts, 429 "
+                                       "and 5xx (backoff with jitter, at most 30 s apart), long enough for a served "
+                                       "annotator to restart; then the run stops with a checkpoint; 0 = one try")
     judge_log: str = arg("", "append every annotator reply (--judge llm, --eval-judge llm) to this JSONL file, one "
                              "line per batch: its text, finish_reason and usage, or why the request failed")
     # judging hidden behind scoring: the judge's call runs while pi_t's and pi_0's log-probs are computed
@@ -286,7 +288,7 @@ RESUMABLE_CHANGES = {"resume", "steps", "prompt_epochs", "pref_epochs", "save_ev
                      "sample_every", "eval_prompts", "eval_seed", "eval_every", "eval_every_prompts",
                      "eval_judge_url", "eval_judge_model",
                      "eval_judge_api_key_env", "gradient_checkpointing", "max_invalid_frac", "judge_url",
-                     "judge_concurrency", "judge_timeout", "judge_retries", "judge_log", "judge_overlap",
+                     "judge_concurrency", "judge_timeout", "judge_patience", "judge_log", "judge_overlap",
                      "dist_timeout", "trust_remote_code", "fsdp_offload", "export_hf", "out_dir",
                      # how a Hub --model was found; the snapshot directory --model becomes names the commit
                      "model_revision",
@@ -559,6 +561,7 @@ def check_config(cfg, world):
         bad("--fsdp-offload offloads the shards of --fsdp; add --fsdp")
     if cfg.fsdp_offload and not torch.cuda.is_available():
         bad("--fsdp-offload moves shards between GPU and CPU memory; without a GPU they are in CPU memory already")
+    check_judge_flags(cfg)
     check_optimizer(cfg, bad)
     check_trl_options(cfg, bad)
     check_options_used(cfg, bad)
@@ -630,6 +633,26 @@ def parse_template_kwargs(text):
         raise SystemExit(f"error: --chat-template-kwargs sets {', '.join(taken)}, which rollout.render_prompts sets "
                          "itself (text, with the assistant's turn opened); leave them out")
     return kwargs
+
+
+def check_judge_flags(cfg):
+    """The annotator's flags (dar.py; eval.py on a run's config with its overrides), before anything loads: an
+    endpoint that is no http(s) URL is refused here, not after pi_0 is built."""
+    def bad(msg):
+        raise SystemExit(f"error: {msg}")
+    for name in ("judge_url", "eval_judge_url"):
+        url = getattr(cfg, name)
+        if url and url_problem(url):
+            bad(f"--{name.replace('_', '-')} {url!r} {url_problem(url)}")
+    if not cfg.judge_timeout > 0:
+        bad(f"--judge-timeout is the seconds allowed per annotator request, > 0, got {cfg.judge_timeout}")
+    if not 0 <= cfg.judge_patience < math.inf:
+        bad(f"--judge-patience is the seconds a failing annotator request is retried, >= 0 (0 = one try), got "
+            f"{cfg.judge_patience}")
+    if cfg.judge_concurrency < 1:
+        bad(f"--judge-concurrency is the annotator requests in flight at once, >= 1, got {cfg.judge_concurrency}")
+    if not 0 <= cfg.max_invalid_frac <= 1:
+        bad(f"--max-invalid-frac is a share of an online batch's judgments, in [0, 1], got {cfg.max_invalid_frac}")
 
 
 ADAMW_ONLY = ("adam_beta1", "adam_beta2", "adam_epsilon")

@@ -41,6 +41,7 @@ import data
 from config import NO_EVALUATION, check_config, parse_config, settings_line, trainer_state
 from eval import compare_with_reference, evaluator_note, print_report
 from infra import barrier, end_distributed, export_hf, fetch_from_hub, gather, load_model, setup_distributed, timed
+from judge import AnnotatorUnavailable
 from loop import (advantage_stats, group_advantages, judge_async, judge_batch, minibatch_updates, online_metrics,
                   pi_t_logps, sample, score, sft_step, skip_unusable, train)
 
@@ -192,8 +193,13 @@ def main(argv=None):
                 print(evaluator_note(cfg), flush=True)
             prompts, _ = data.random_subset(run.task.eval_prompts, cfg.eval_prompts, cfg.eval_seed)  # as eval.py
             state = trainer_state(cfg, cfg.steps, len(run.task.train_prompts), run.sched.last_epoch)
-            report = compare_with_reference(policy, ref, run.tok, prompts, cfg, task=run.task, seed=cfg.eval_seed,
-                                            state=state)
+            try:
+                report = compare_with_reference(policy, ref, run.tok, prompts, cfg, task=run.task,
+                                                seed=cfg.eval_seed, state=state)
+            except AnnotatorUnavailable as e:  # the trained model is saved: only its evaluation is missing
+                raise SystemExit(f"error: the final evaluation: {e}. The trained model is in "
+                                 f"{os.path.join(cfg.out_dir, 'final')}; evaluate it with `python eval.py "
+                                 f"{cfg.out_dir}` once the annotator answers") from None
             with open(os.path.join(cfg.out_dir, "eval.json"), "w") as f:
                 json.dump(report, f, indent=1)
             print_report(report)

@@ -51,9 +51,9 @@ import transformers
 import data
 import rollout
 import tasks
-from config import USED_BY, VALUE_BEFORE_FIELD, Config, config_from_dict, trainer_state
+from config import USED_BY, VALUE_BEFORE_FIELD, Config, check_judge_flags, config_from_dict, trainer_state
 from infra import Dist, check_checkpoint, fetch_from_hub, load_model, load_tokenizer
-from judge import JUDGES
+from judge import JUDGES, AnnotatorUnavailable
 from loop import (distinct_n, ensure_toy_models, eval_judge, evaluator_config, fitting_task, golden_win_rate, k3,
                   mean_ci, score, t975, training_reward, win_rate)
 from rewards import TRAINING_REWARD, describe_reward, judge_rollout
@@ -63,7 +63,7 @@ ABLATION_PARAMS = ("alpha", "beta", "k", "w_clip")  # Fig. 5(c)-(f)
 NOT_HYPERPARAMETERS = {"seed", "out_dir", "resume", "cache_dir", "print_every", "sample_every", "save_every",
                        "keep_checkpoints", "eval_prompts", "eval_seed", "eval_judge_url", "eval_judge_model",
                        "eval_judge_api_key_env", "judge_url", "judge_api_key_env", "judge_concurrency",
-                       "judge_timeout", "judge_retries", "rollout", "vllm_gpu_memory", "backend", "dtype",
+                       "judge_timeout", "judge_patience", "rollout", "vllm_gpu_memory", "backend", "dtype",
                        "logp_source", "steps", "prompt_epochs", "pref_epochs", "gradient_checkpointing",
                        "max_invalid_frac", "judge_log", "eval_every", "eval_every_prompts"}
 
@@ -330,8 +330,10 @@ def aggregate_seeds(reports):
 def hyperparameters(config):
     """The settings that make a run's experiment: every field but the seed and NOT_HYPERPARAMETERS, leaving out
     those its algorithm never reads (config.USED_BY); a field that an older run's config lacks takes the
-    value that reproduces what the code then did (config.VALUE_BEFORE_FIELD), else today's default."""
-    full = {**dataclasses.asdict(Config()), **VALUE_BEFORE_FIELD, **config}
+    value that reproduces what the code then did (config.VALUE_BEFORE_FIELD), else today's default, and a field
+    this version does not know (a setting it no longer has) is left out, as config_from_dict leaves it out."""
+    known = dataclasses.asdict(Config())
+    full = {**known, **VALUE_BEFORE_FIELD, **{k: v for k, v in config.items() if k in known}}
     return {k: v for k, v in full.items() if k not in NOT_HYPERPARAMETERS
             and full["algo"] in USED_BY.get(k, (full["algo"],))}
 
@@ -814,6 +816,7 @@ def main(argv=None):
     names = ("eval_judge", "eval_judge_url", "eval_judge_model", "eval_judge_api_key_env")
     evaluator = {k: getattr(args, k) for k in names if getattr(args, k)}
     for d in args.run_dirs:
+        check_judge_flags(dataclasses.replace(load_run_config(d), **evaluator))  # --eval-judge-url, before loading
         judge = evaluator.get("eval_judge") or load_run_config(d).eval_judge
         if judge not in JUDGES + (TRAINING_REWARD,):
             raise SystemExit(f"error: {d} was trained with --eval-judge {judge} (no evaluation); give eval.py "
@@ -823,7 +826,10 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     finals, pairs, every = [], [], []
     for run_dir in args.run_dirs:
-        per_run = evaluate_run(run_dir, args, evaluator)
+        try:
+            per_run = evaluate_run(run_dir, args, evaluator)
+        except AnnotatorUnavailable as e:  # nothing of this run's evaluation is written
+            raise SystemExit(f"error: evaluating {run_dir}: {e}") from None
         report = {k: v for k, v in per_run.items() if k not in ("checkpoints", "best_step")}
         models = [report] + per_run.get("checkpoints", [])
         best = next((r for r in models if r["step"] == per_run.get("best_step")), None)

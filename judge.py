@@ -2,9 +2,10 @@
 
 The training loop calls a judge on a batch of (prompt, response) texts and gets back one float reward
 per response plus the number of invalid judgments. An invalid judgment (an annotator reply with no
-parseable score, a refusal, a request that still failed after every retry) is NaN in the rewards: the
-loop leaves that sample out of the advantage estimate and gives it zero weight, instead of silently
-scoring it 0 or 10.
+parseable score, a refusal, a request the server rejected) is NaN in the rewards: the loop leaves that
+sample out of the advantage estimate and gives it zero weight, instead of silently scoring it 0 or 10.
+An annotator that cannot be reached for --judge-patience seconds judges nothing: the call raises
+AnnotatorUnavailable, and the loop stops before training on the batch.
 
     judge = make_judge(name, task, cfg)
     judge(prompts, responses, ended) -> Judgment(rewards [N] floats, NaN = invalid; invalid: int)
@@ -54,6 +55,7 @@ those tasks also run end to end against a real endpoint on a CPU; it is a plumbi
     #                            --retry-after S --position-bias --record   (see `main`)
 """
 import argparse
+import itertools
 import json
 import math
 import os
@@ -63,6 +65,7 @@ import socket
 import sys
 import threading
 import time
+import urllib.parse
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -251,6 +254,23 @@ class _Secret:
     __str__ = __repr__
 
 
+class AnnotatorUnavailable(Exception):
+    """A request to the annotator failed every try for --judge-patience seconds: the call judged nothing."""
+
+
+def url_problem(url):
+    """What is wrong with an endpoint's base URL (--judge-url, --eval-judge-url), or "" when it is an http(s) URL
+    with a host."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # a port that is not a number raises here
+    except ValueError as e:
+        return f"is not a valid URL ({e}); give the endpoint's base URL, e.g. http://127.0.0.1:8000/v1"
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return "is not an http(s) URL with a host; give the endpoint's base URL, e.g. http://127.0.0.1:8000/v1"
+    return ""
+
+
 def _retry_after(value):
     """Seconds to wait from a Retry-After header (delta-seconds or an HTTP date), or None."""
     if not value:
@@ -269,13 +289,16 @@ class LLMJudge:
     """The LLM annotator behind an OpenAI-compatible endpoint: POST {url}/chat/completions.
 
     Requests run `concurrency` at a time (a thread pool around one pooled HTTP client). Connection errors,
-    timeouts (`timeout` seconds per connect/read/write), HTTP 429 and 5xx are retried up to `retries` times,
-    waiting backoff * 2^attempt seconds times a random factor in [0.5, 1] (jitter, from the judge's own RNG
-    so judging never moves the seeded global one), or at least the server's Retry-After; every wait is
-    capped at `max_backoff`. Other 4xx are not retried: the request itself is wrong, e.g. HTTP 400 for a
-    prompt longer than the served model's context window (--max-model-len in vLLM), which becomes an invalid
-    judgment with its own reason ("prompt longer than the annotator's context window") and the server's
-    message, shown once. A sample whose request still fails is NaN.
+    timeouts (`timeout` seconds per connect/read/write), HTTP 429 and 5xx are retried for `patience` seconds
+    from a request's first try (--judge-patience: long enough for a served annotator to restart), not a count of
+    tries: a wait of backoff * 2^attempt seconds times a random factor in [0.5, 1] (jitter, from the judge's own
+    RNG so judging never moves the seeded global one), or at least the server's Retry-After, every wait capped at
+    `max_backoff`, and a last try when the patience ends. A request still failing then raises
+    AnnotatorUnavailable for the whole call (the other requests stop waiting): the loop stops the run before
+    training on the batch, with a checkpoint, rather than train on the part of it that was judged. Other 4xx are
+    not retried: the request itself is wrong, e.g. HTTP 400 for a prompt longer than the served model's context
+    window (--max-model-len in vLLM), which becomes an invalid judgment with its own reason ("prompt longer than
+    the annotator's context window") and the server's message, shown once.
 
     A reply cut at `max_tokens` (finish_reason "length") is still read, but without a number it ends in
     (`uncut`): the paper caps judgments at 256 tokens (Appendix B.1) and pattern-matches the score in what
@@ -292,22 +315,24 @@ class LLMJudge:
     top = 10.0  # the best score of the paper's 1-10 scale (harm is flipped to 11 - h, so 10 is best there too)
 
     def __init__(self, url, family, model="", api_key_env="DAR_JUDGE_API_KEY", concurrency=16, timeout=120.0,
-                 retries=5, backoff=1.0, max_backoff=60.0, max_tokens=ANNOTATOR_MAX_TOKENS, log_path=""):
+                 patience=600.0, backoff=1.0, max_backoff=30.0, max_tokens=ANNOTATOR_MAX_TOKENS, log_path=""):
         if family not in REWARD_PROMPTS:
             raise SystemExit(f"error: no annotator prompts for family {family!r}; families: "
                              f"{', '.join(REWARD_PROMPTS)}")
         self.url = re.sub(r"/chat/completions/?\Z", "", url.strip()).rstrip("/")
-        if not re.match(r"https?://", self.url):
-            raise SystemExit(f"error: --judge-url {url!r} is not an http(s) URL; give the endpoint's base URL, "
-                             "e.g. http://127.0.0.1:8000/v1")
+        problem = url_problem(self.url)
+        if problem:
+            raise SystemExit(f"error: --judge-url {url!r} {problem}")
         self.family, self.api_key_env = family, api_key_env
-        self.retries, self.backoff, self.max_backoff = retries, backoff, max_backoff
+        self.patience, self.backoff, self.max_backoff = patience, backoff, max_backoff
+        self._gave_up = threading.Event()  # set when a request ran out of patience: the call's others stop too
+        self._why = ""
         self.max_tokens, self.log_path = max_tokens, log_path
         self._key = _Secret(os.environ.get(api_key_env, ""))
         self._http = httpx.Client(timeout=httpx.Timeout(timeout), limits=httpx.Limits(
             max_connections=concurrency, max_keepalive_connections=concurrency))
         self._pool = ThreadPoolExecutor(concurrency, thread_name_prefix="judge")
-        self._rng = random.Random()
+        self._rng, self._lock = random.Random(), threading.Lock()
         self._reported, self._details = set(), {}   # failure kinds shown; the server's message for a kind
         try:
             self.model = self._probe(model)
@@ -364,13 +389,17 @@ class LLMJudge:
         return model
 
     def _post(self, payload):
-        """POST one chat completion with retries -> (parsed JSON body, None) or (None, why it failed)."""
-        for attempt in range(self.retries + 1):
+        """POST one chat completion, retried for self.patience seconds -> (parsed JSON body, None) or (None, why
+        the server rejected it); a request that fails every try until then sets _gave_up (see the class)."""
+        deadline = time.monotonic() + self.patience
+        for attempt in itertools.count():  # until a reply, a rejection, or the patience is out
+            if self._gave_up.is_set():
+                return None, "not asked: another request ran out of --judge-patience"
             wait = 0.0
             try:
                 r = self._http.post(self.url + "/chat/completions", json=payload, headers=self._headers())
             except httpx.TransportError as e:  # refused, reset, dropped, timed out: worth another try
-                error = type(e).__name__
+                error = f"{type(e).__name__}: {self._scrub(str(e))}" if str(e) else type(e).__name__
             else:
                 if r.status_code == 200:
                     try:
@@ -381,10 +410,30 @@ class LLMJudge:
                 if r.status_code != 429 and r.status_code < 500:  # the request itself is wrong: retrying can't help
                     return None, self._rejected(r)
                 wait = _retry_after(r.headers.get("Retry-After")) or 0.0
-            if attempt < self.retries:
-                backoff = self.backoff * 2 ** attempt * (0.5 + 0.5 * self._rng.random())
-                time.sleep(min(self.max_backoff, max(backoff, wait)))
-        return None, f"{error} after {self.retries + 1} attempts"
+            left = deadline - time.monotonic()
+            if left <= 0:
+                self._give_up(error)
+                return None, "ran out of --judge-patience"
+            backoff = self.backoff * 2 ** min(attempt, 30) * (0.5 + 0.5 * self._rng.random())
+            self._gave_up.wait(min(self.max_backoff, max(backoff, wait), left))  # the last try at the deadline
+
+    def _give_up(self, why):
+        """Make the call raise AnnotatorUnavailable (once, with the first request's reason)."""
+        with self._lock:
+            if not self._gave_up.is_set():
+                self._why = why
+                self._gave_up.set()
+
+    def _map(self, texts):
+        """The replies to texts, asked `concurrency` at a time; AnnotatorUnavailable if a request ran out of
+        patience (a batch is judged whole or not at all)."""
+        self._gave_up.clear()
+        replies = list(self._pool.map(self._ask, texts))
+        if self._gave_up.is_set():
+            raise AnnotatorUnavailable(f"the annotator at {self.url} failed every try of a request for "
+                                       f"--judge-patience {self.patience:g} s (last: {self._why}); a larger "
+                                       "--judge-patience gives it more time")
+        return replies
 
     def _rejected(self, r):
         """Why the server rejected a request (a 4xx other than 429): the server's message (OpenAI's error body
@@ -450,7 +499,7 @@ class LLMJudge:
         """Rewards on the 1-10 scale (NaN = invalid). `ended` is not shown to the annotator (see
         `render_reward_prompt`)."""
         texts = [render_reward_prompt(self.family, p, r) for p, r in zip(prompts, responses)]
-        replies = list(self._pool.map(self._ask, texts))
+        replies = self._map(texts)
         self._record("reward", texts, replies)
         rewards = [parse_reward(self.uncut(r), self.family) if r.error is None else math.nan for r in replies]
         reasons = Counter(r.error or self._no("score", r) for r, x in zip(replies, rewards) if math.isnan(x))
@@ -462,7 +511,7 @@ class LLMJudge:
         if either answer is invalid."""
         ab = [render_preference_prompt(self.family, p, a, b) for p, a, b in zip(prompts, responses_a, responses_b)]
         ba = [render_preference_prompt(self.family, p, b, a) for p, a, b in zip(prompts, responses_a, responses_b)]
-        replies = list(self._pool.map(self._ask, ab + ba))
+        replies = self._map(ab + ba)
         self._record("preference", ab + ba, replies)
         choices = [parse_preference(self.uncut(r)) if r.error is None else None for r in replies]
         self._report(Counter(r.error or self._no("choice", r) for r, c in zip(replies, choices) if c is None))
@@ -626,7 +675,7 @@ def make_judge(name, task=None, cfg=None):
                              "--task toy --port 8000`)")
         return LLMJudge(cfg.judge_url, reward_family(task, cfg), model=cfg.judge_model,
                         api_key_env=cfg.judge_api_key_env, concurrency=cfg.judge_concurrency,
-                        timeout=cfg.judge_timeout, retries=cfg.judge_retries,
+                        timeout=cfg.judge_timeout, patience=cfg.judge_patience,
                         log_path=cfg.judge_log)
     if name == "reward_model":
         if cfg is None or not cfg.reward_model:

@@ -38,7 +38,7 @@ from infra import (SAMPLES, Dist, Logger, TermSignal, barrier, checkpoint_name, 
                    local_gradients, model_dtype, no_dropout, optimizer_and_schedule, optimizer_step, pooled_means,
                    print_samples, prune_checkpoints, rank_means, resume_checkpoint, rng_state, sample_rows,
                    save_checkpoint, save_final, seed_everything, set_rng_state, trained_modules, write_atomic)
-from judge import make_judge
+from judge import AnnotatorUnavailable, make_judge
 from rewards import (NO_JUDGE, TRAINING_REWARD, CombinedReward, RewardFunctionError, describe_reward, judge_rollout,
                      with_functions)
 
@@ -116,7 +116,8 @@ MAX_NONFINITE_BATCHES = 3  # online batches in a row with a non-finite loss befo
 
 
 class JudgeFailure(Exception):
-    """More invalid judgments in an online batch than --max-invalid-frac allows."""
+    """More invalid judgments in an online batch than --max-invalid-frac allows, a reward function that raised,
+    or an annotator that did not answer for --judge-patience seconds."""
 
 
 class SkippedBatch(Exception):
@@ -350,7 +351,7 @@ def judge_async(cfg, run, batch, overlap=None, pairs=None):
         t = time.time()
         try:
             return fn(*args), "", time.time() - t
-        except RewardFunctionError as e:
+        except (RewardFunctionError, AnnotatorUnavailable) as e:  # judge_or_fail stops every rank on it
             return None, str(e), time.time() - t
     if cfg.judge_overlap == "on" or cfg.judge_overlap == "auto" and cfg.judge == "llm" if overlap is None else overlap:
         return _JUDGE_THREAD.submit(call)  # a concurrent.futures.Future: no in_place
@@ -385,8 +386,9 @@ def eval_judge(cfg, task, tok=None, state=None):
 
 def judge_or_fail(ctx, pending, timer=None, name="judge"):
     """judge_async's result once its call is done (timer: NAME, the call's seconds, and NAME_wait, this thread's
-    wait, all of the call when it ran in place); when a reward function raised on any rank, JudgeFailure on every
-    rank (a rank stopping alone would leave the others waiting in the checkpoint's collectives)."""
+    wait, all of the call when it ran in place); when a reward function raised or the annotator ran out of
+    --judge-patience on any rank, JudgeFailure on every rank (a rank stopping alone would leave the others waiting
+    in the checkpoint's collectives)."""
     t = time.time()
     judged, error, seconds = pending.result()
     if timer is not None:
@@ -394,7 +396,7 @@ def judge_or_fail(ctx, pending, timer=None, name="judge"):
         timer.update({name: seconds, name + "_wait": waited})
     failed = gather(ctx, torch.tensor([float(bool(error))], device=ctx.device))
     if failed.any():
-        raise JudgeFailure(error or f"a reward function raised on rank {int(failed.nonzero()[0])} (its message there)")
+        raise JudgeFailure(error or f"the judge failed on rank {int(failed.nonzero()[0])} (its message there)")
     return judged
 
 
@@ -797,7 +799,12 @@ def eval_responses(cfg, ctx, run, ev, model, state):
     # engine, and exactly the weights being evaluated
     batch = rollout.generate(model, run.tok, mine, 1, cfg.max_new_tokens, cfg.temperature,
                              synced=cfg.fsdp and ctx.world > 1)
-    rewards = torch.tensor(judge_rollout(ev.judge, batch, state).rewards, dtype=torch.float64)
+    try:
+        judged = judge_rollout(ev.judge, batch, state).rewards
+    except AnnotatorUnavailable as e:  # this evaluation is lost (invalid, never the best), not the training run
+        tqdm.write(f"warning: evaluation on rank {ctx.rank}: {e}; its judgments are invalid", file=sys.stderr)
+        judged = [math.nan] * len(mine)
+    rewards = torch.tensor(judged, dtype=torch.float64)
     rewards = torch.where(torch.isinf(rewards), math.nan, rewards)  # an infinite reward is no judgment (judge_batch)
     g = lambda x: gather(ctx, x.to(ctx.device, torch.float64)).cpu()[:n]
     return {"rewards": g(rewards), "lengths": g(batch.response_mask.sum(1)), "ended": g(batch.ended)}

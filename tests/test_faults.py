@@ -107,7 +107,7 @@ def test_the_annotator_going_away_mid_run_stops_with_a_checkpoint_and_resume_con
     keeps the batches done, and --resume against the restarted server (another port) finishes the run."""
     out = tmp_path / "run"
     flags = TINY + ["--cache-dir", toy_cache, "--out-dir", str(out), "--steps", "40", "--save-every", "1000",
-                    "--print-every", "1000", "--judge", "llm", "--judge-retries", "1", "--judge-timeout", "5",
+                    "--print-every", "1000", "--judge", "llm", "--judge-patience", "2", "--judge-timeout", "5",
                     "--eval-judge", "toy_gold"]
     server, url = serve_annotator()
     proc = start_dar(flags + ["--judge-url", url], tmp_path)
@@ -118,6 +118,7 @@ def test_the_annotator_going_away_mid_run_stops_with_a_checkpoint_and_resume_con
     done = len(metrics.read_text().splitlines())
     assert proc.returncode == 1 and "Traceback" not in err, err[-2000:]
     assert f"online batch {done + 1}" in err and f"the annotator at {url}" in err and "--resume" in err
+    assert "--judge-patience 2 s" in err  # its requests were retried for the patience, then the run stopped
     assert open(out / "latest").read().strip() == f"ckpt-{done:06d}"  # the batches done before are kept
     server, url = serve_annotator()
     try:

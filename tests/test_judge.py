@@ -1,14 +1,17 @@
 """judge.py: the annotator prompts and reply parsing, the LLM client against the real toy annotator server
 (`python judge.py --serve`, started in a subprocess) including injected faults, the API key's handling,
 and the reward-model judge on a tiny random Qwen2 sequence classifier. Network: 127.0.0.1 only."""
+import http.server
 import json
 import math
 import os
+import random
 import re
 import select
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from types import SimpleNamespace
@@ -17,9 +20,12 @@ import pytest
 import torch
 
 import config
+import dar
+import eval as eval_py
 import judge
 import tasks
-from conftest import build_causal_reward_model, build_reward_model
+from conftest import (TINY, build_causal_reward_model, build_reward_model, comparable, read_metrics, run_dar,
+                      start_dar)
 from judge import (LLMJudge, RuleJudge, make_judge, parse_preference, parse_reward, parse_score,
                    preference_from_choices, toy_score_to_scale)
 from tasks import toy_gold_score, toy_proxy_score
@@ -75,7 +81,7 @@ def last_request(url):
 
 def client(url, family="toy", **kw):
     """A client with test-sized timeouts and backoff (the defaults are for real annotators)."""
-    kw = {"timeout": 2.0, "retries": 2, "backoff": 0.01, "max_backoff": 0.5, "concurrency": 4, **kw}
+    kw = {"timeout": 2.0, "patience": 5.0, "backoff": 0.01, "max_backoff": 0.5, "concurrency": 4, **kw}
     return LLMJudge(url, family, **kw)
 
 
@@ -289,7 +295,7 @@ def test_family_resolution():
 # ---------------------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_llm_rewards_match_the_toy_scorer(gold_url):
-    cfg = config.Config(judge="llm", judge_url=gold_url, judge_timeout=5.0, judge_retries=1)
+    cfg = config.Config(judge="llm", judge_url=gold_url, judge_timeout=5.0, judge_patience=1.0)
     j = make_judge("llm", SimpleNamespace(name="toy", reward_prompt="toy"), cfg)
     assert j.model == "toy-gold" and j.family == "toy"  # the only model served, picked by the probe
     out = j(PROMPTS, RESPONSES, [True, True, True, True, False, True])
@@ -362,8 +368,7 @@ def test_dropped_connections_are_retried(start_server):
 
 @pytest.mark.slow
 def test_503_and_429_are_retried(start_server):
-    # one request at a time: each 503 (every 2nd request) is followed by a success on the first retry; with
-    # concurrent requests a retry could land on the next even count again and exhaust its retries
+    # one request at a time: each 503 (every 2nd request) is followed by a success on the first retry
     out = client(start_server("--status-every", "2:503"), concurrency=1)(PROMPTS, RESPONSES, [True] * 6)
     assert out.rewards == expected(toy_gold_score) and out.invalid == 0
     url = start_server("--status-every", "2:429", "--retry-after", "0.6")
@@ -376,10 +381,9 @@ def test_503_and_429_are_retried(start_server):
 @pytest.mark.slow
 def test_slow_server_times_out_then_works_within_the_timeout(start_server):
     url = start_server("--delay", "0.6", "--record")
-    out = client(url, timeout=0.2, retries=1)(PROMPTS[:2], RESPONSES[:2], [True] * 2)
-    assert all(math.isnan(x) for x in out.rewards) and out.invalid == 2
-    assert last_request(url)["requests"] == 4  # 2 samples x (1 try + 1 retry)
-    assert list(out.reasons) == ["ReadTimeout after 2 attempts"]
+    with pytest.raises(judge.AnnotatorUnavailable, match="ReadTimeout"):
+        client(url, timeout=0.2, patience=0.3)(PROMPTS[:2], RESPONSES[:2], [True] * 2)
+    assert last_request(url)["requests"] >= 4  # 2 samples x (1 try + at least 1 retry)
     out = client(url, timeout=3.0)(PROMPTS[:2], RESPONSES[:2], [True] * 2)
     assert out.rewards == expected(toy_gold_score, PROMPTS[:2], RESPONSES[:2])
 
@@ -396,19 +400,73 @@ def test_garbage_replies_are_invalid_not_zero_or_ten(start_server):
 
 
 @pytest.mark.slow
-def test_exhausted_retries_are_nan_and_counted(start_server, capsys):
+def test_a_server_failing_past_the_patience_judges_nothing(start_server):
+    """503 to every request: each is retried for the whole --judge-patience (many tries, backoff capped), then
+    the call raises, naming the URL, the flag and the last failure; no partial batch of judgments comes back."""
     url = start_server("--status-every", "1:503", "--record")
-    out = client(url, retries=2)(PROMPTS[:3], RESPONSES[:3], [True] * 3)
-    assert all(math.isnan(x) for x in out.rewards) and out.invalid == 3
-    assert out.reasons == {"HTTP 503 after 3 attempts": 3}
-    assert last_request(url)["requests"] == 9
-    assert "HTTP 503 after 3 attempts" in capsys.readouterr().err  # reported, once
+    t = time.monotonic()
+    with pytest.raises(judge.AnnotatorUnavailable) as e:
+        client(url, patience=1.0, max_backoff=0.2)(PROMPTS[:3], RESPONSES[:3], [True] * 3)
+    took = time.monotonic() - t
+    assert 1.0 <= took < 2.5, took  # the patience, then the other requests stop at once
+    assert url in str(e.value) and "--judge-patience 1 s" in str(e.value) and "HTTP 503" in str(e.value)
+    assert last_request(url)["requests"] > 3 * 4  # retried often: a time budget, not a count
+    before = last_request(url)["requests"]
+    with pytest.raises(judge.AnnotatorUnavailable, match="--judge-patience 0 s \\(last: HTTP 503\\)"):
+        client(url, patience=0.0, concurrency=1)(PROMPTS[:1], RESPONSES[:1], [True])
+    assert last_request(url)["requests"] == before + 1  # --judge-patience 0: one try, no retry
+
+
+def test_retries_back_off_exponentially_with_jitter_up_to_the_cap():
+    """The waits between tries of a request the stand-in server keeps refusing (HTTP 503 with no Retry-After):
+    backoff x 2^attempt x a jitter factor in [0.5, 1] from the judge's RNG, never above max_backoff; the last try
+    is at the end of the patience."""
+    tries = []
+
+    class Refusing(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.reply(200, {"data": [{"id": "m"}]})
+
+        def do_POST(self):
+            tries.append(time.monotonic())
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self.reply(503, {"error": {"message": "restarting"}})
+
+        def reply(self, code, body):
+            data = json.dumps(body).encode()
+            self.send_response(code)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *a):
+            pass
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Refusing)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        j = client(f"http://127.0.0.1:{server.server_address[1]}/v1", patience=2.0, backoff=0.1, max_backoff=0.5,
+                   concurrency=1)
+        j._rng = random.Random(3)  # the jitter's draws, known to the test (the judge's own RNG, unseeded)
+        with pytest.raises(judge.AnnotatorUnavailable):
+            j(PROMPTS[:1], RESPONSES[:1], [True])
+    finally:
+        server.shutdown()
+        server.server_close()
+    waits = [b - a for a, b in zip(tries, tries[1:])]
+    draws = random.Random(3)
+    jittered = [min(0.5, 0.1 * 2 ** n * (0.5 + 0.5 * draws.random())) for n in range(len(waits))]
+    assert len(waits) >= 5 and jittered[3:] == [0.5] * (len(waits) - 3)  # 0.8 and up: capped
+    assert len({round(w / min(0.5, 0.1 * 2 ** n), 2) for n, w in enumerate(jittered[:3])}) == 3  # jitter varies
+    for w, expect in zip(waits[:-1], jittered):  # the last wait is what was left of the patience
+        assert expect - 0.01 <= w <= expect + 0.25, (waits, jittered)
+    # the last try at the end of the patience, counted from just before the first one reached the server
+    assert 1.9 <= tries[-1] - tries[0] <= 2.6, waits
 
 
 @pytest.mark.slow
 def test_client_errors_are_not_retried(start_server):
     url = start_server("--status-every", "1:400", "--record")
-    out = client(url, retries=3)(PROMPTS[:2], RESPONSES[:2], [True] * 2)
+    out = client(url, patience=30.0)(PROMPTS[:2], RESPONSES[:2], [True] * 2)
     assert out.invalid == 2 and last_request(url)["requests"] == 2
 
 
@@ -417,6 +475,123 @@ def test_unreachable_url_at_start_exits_naming_the_url():
     with pytest.raises(SystemExit, match=re.escape(url)) as e:
         make_judge("llm", None, config.Config(judge="llm", judge_url=url, judge_timeout=2.0))
     assert "judge.py --serve" in str(e.value) and "--judge-url" in str(e.value)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The judge flags, checked before anything loads
+# ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("flags, message", [
+    (["--judge-timeout", "0"], "--judge-timeout is the seconds allowed per annotator request, > 0, got 0.0"),
+    (["--judge-timeout", "nan"], "--judge-timeout is the seconds allowed per annotator request, > 0, got nan"),
+    (["--judge-patience", "-1"], "--judge-patience is the seconds a failing annotator request is retried, >= 0"),
+    (["--judge-concurrency", "0"], "--judge-concurrency is the annotator requests in flight at once, >= 1, got 0"),
+    (["--max-invalid-frac", "-1"], "--max-invalid-frac is a share of an online batch's judgments, in [0, 1], got -1"),
+    (["--max-invalid-frac", "1.5"], "--max-invalid-frac is a share of an online batch's judgments, in [0, 1]"),
+    (["--judge-url", "not-a-url"], "--judge-url 'not-a-url' is not an http(s) URL with a host"),
+    (["--judge-url", "http:///v1"], "--judge-url 'http:///v1' is not an http(s) URL with a host"),
+    (["--judge-url", "ftp://annotator/v1"], "--judge-url 'ftp://annotator/v1' is not an http(s) URL"),
+    (["--judge-url", "http://annotator:port/v1"], "--judge-url 'http://annotator:port/v1' is not a valid URL"),
+    (["--eval-judge-url", "localhost:8000/v1"], "--eval-judge-url 'localhost:8000/v1' is not an http(s) URL"),
+])
+def test_a_bad_judge_flag_is_refused_naming_it_and_its_range(flags, message):
+    with pytest.raises(SystemExit) as e:
+        config.check_config(config.parse_config(["--judge", "llm", "--judge-url", "http://127.0.0.1:8000/v1", *flags]),
+                            1)
+    assert message in str(e.value) and str(e.value).startswith("error: ")
+
+
+def test_good_judge_flags_pass():
+    for flags in (["--judge-patience", "0", "--max-invalid-frac", "0"], ["--max-invalid-frac", "1"],
+                  ["--judge-url", "https://api.example.com/v1", "--eval-judge-url", "http://[::1]:8000/v1"]):
+        config.check_config(config.parse_config(["--judge", "llm", "--judge-url", "http://127.0.0.1:8000/v1",
+                                                 *flags]), 1)
+    assert config.Config().judge_patience == 600  # long enough for a served annotator to restart
+
+
+def test_a_bad_judge_url_is_refused_before_the_toy_model_is_built(tmp_path):
+    """With an empty cache, dar.py would first build the toy model and run pi_0's SFT (minutes)."""
+    cache = tmp_path / "cache"
+    t = time.monotonic()
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "dar.py"), "--judge", "llm", "--judge-url", "not-a-url",
+                        "--cache-dir", str(cache), "--out-dir", str(tmp_path / "run")], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 1 and p.stderr.strip().splitlines() == [
+        "error: --judge-url 'not-a-url' is not an http(s) URL with a host; give the endpoint's base URL, e.g. "
+        "http://127.0.0.1:8000/v1"], p.stderr[-2000:]
+    assert not cache.exists() and not (tmp_path / "run").exists() and time.monotonic() - t < 60
+
+
+def test_eval_py_refuses_a_bad_eval_judge_url_before_loading(tmp_path):
+    run = tmp_path / "run"
+    (run / "final").mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps(config.dataclasses.asdict(config.Config())))
+    (run / "final" / "config.json").write_text("{}")  # no model: nothing may be loaded before the refusal
+    with pytest.raises(SystemExit, match="--eval-judge-url 'not-a-url' is not an http\\(s\\) URL"):
+        eval_py.main([str(run), "--out", str(tmp_path / "eval"), "--eval-judge", "llm", "--eval-judge-url",
+                      "not-a-url"])
+    assert not (tmp_path / "eval").exists()
+
+
+def serve_on(port):
+    """`judge.py --serve --task toy` on a given port (a restarted annotator comes back where it was): the process."""
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "judge.py"), "--serve", "--task", "toy", "--port",
+                             str(port)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    ready, _, _ = select.select([proc.stdout], [], [], 60)
+    assert ready and f":{port}/v1" in proc.stdout.readline(), "the annotator server did not start"
+    return proc
+
+
+@pytest.mark.slow
+def test_an_annotator_restart_mid_run_ends_the_run_exactly(toy_cache, tmp_path):
+    """The stand-in annotator stops for 22 s mid-run (longer than 5 retries with backoff, 15-31 s, would wait) and
+    comes back on the same port: the requests of the batch it missed are retried within --judge-patience, the
+    batch is judged whole, and the run's metrics equal an uninterrupted run's."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/v1"
+    flags = TINY + ["--cache-dir", toy_cache, "--steps", "5", "--save-every", "1000", "--print-every", "1000",
+                    "--judge", "llm", "--judge-url", url, "--judge-patience", "60", "--judge-timeout", "5",
+                    "--eval-judge", "none"]
+    server = serve_on(port)
+    try:
+        whole = run_dar(flags + ["--out-dir", str(tmp_path / "whole")], cwd=tmp_path)
+        assert whole.returncode == 0, whole.stderr[-2000:]
+        out = tmp_path / "restarted"
+        run = start_dar(flags + ["--out-dir", str(out)], tmp_path)
+        metrics = out / "metrics.jsonl"
+        deadline = time.monotonic() + 300
+        while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        server.kill()
+        server.wait(10)
+        time.sleep(22)
+        server = serve_on(port)
+        _, err = run.communicate(timeout=300)
+    finally:
+        server.terminate()
+        server.wait(10)
+    assert run.returncode == 0 and "Traceback" not in err, err[-2000:]
+    rows = read_metrics(out)
+    assert max(r["perf/seconds_per_batch"] for r in rows) > 20  # a batch waited out the restart
+    assert comparable(rows) == comparable(read_metrics(tmp_path / "whole"))
+    assert all(r["train/invalid_judgments"] == 0 for r in rows)
+
+
+@pytest.mark.slow
+def test_an_evaluator_failing_past_the_patience_loses_the_evaluation_not_the_run(toy_cache, start_server, tmp_path,
+                                                                                 capsys):
+    """--eval-judge llm answering 503 to every request: the evaluation during training is invalid (a warning; no
+    best checkpoint), training goes on, and the final evaluation stops with the way to evaluate the saved model."""
+    url = start_server("--status-every", "1:503")
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as e:
+        dar.main(TINY + ["--cache-dir", toy_cache, "--out-dir", str(out), "--steps", "2", "--print-every", "1000",
+                         "--eval-every", "2", "--eval-every-prompts", "4", "--eval-judge", "llm",
+                         "--eval-judge-url", url, "--judge-patience", "0.5"])
+    assert str(e.value).startswith(f"error: the final evaluation: the annotator at {url} failed every try")
+    assert f"python eval.py {out}" in str(e.value) and (out / "final" / "config.json").is_file()
+    rows = read_metrics(out)
+    assert len(rows) == 2 and math.isnan(rows[-1]["eval/win_rate"]) and rows[-1]["eval/invalid_judgments"] == 4
+    assert not (out / "best").exists() and "warning: evaluation on rank 0" in capsys.readouterr().err
 
 
 def test_llm_without_url_exits():
@@ -436,9 +611,13 @@ def test_api_key_is_sent_but_never_shown(gold_url, monkeypatch, capsys):
     out = j(PROMPTS[:1], RESPONSES[:1], [True])
     assert out.invalid == 0 and last_request(gold_url)["authorization"] == f"Bearer {SECRET}"
     shown = [repr(j), str(j), repr(vars(j)), repr(cfg), repr(out)]
-    # a failing endpoint's messages: client errors, exhausted retries, unreachable at start
+    # a failing endpoint's messages: client errors, an endpoint gone for the whole patience, unreachable at start
     j.url = gold_url + "/nowhere"
     shown += list(j(PROMPTS[:1], RESPONSES[:1], [True]).reasons)
+    j.url, j.patience = f"http://127.0.0.1:{free_port()}/v1", 0.2
+    with pytest.raises(judge.AnnotatorUnavailable) as gone:
+        j(PROMPTS[:1], RESPONSES[:1], [True])
+    shown.append(str(gone.value))
     with pytest.raises(SystemExit) as e:
         make_judge("llm", None, config.Config(judge="llm", judge_url=f"http://127.0.0.1:{free_port()}/v1",
                                               judge_api_key_env="DAR_TEST_JUDGE_KEY", task="toy"))

@@ -182,7 +182,7 @@ def test_a_reply_cut_at_max_tokens_is_read_only_where_its_score_is_whole(annotat
     cut named in the reason); with 6 tokens " 10\\n\\nThis response" is cut after its score, which counts."""
     judge_log = str(tmp_path / "judge.jsonl")
     for max_tokens in (2, 6):
-        j = LLMJudge(annotator, "helpful", max_tokens=max_tokens, retries=0, log_path=judge_log)
+        j = LLMJudge(annotator, "helpful", max_tokens=max_tokens, patience=0, log_path=judge_log)
         try:
             out = j([CONV] * len(RESPONSES), RESPONSES, [True] * len(RESPONSES))
         finally:
@@ -212,7 +212,7 @@ def test_a_prompt_over_the_context_window_is_an_invalid_judgment_not_a_retry_or_
     reason and the server's message shown once, after one request (400 is not retried); the others count."""
     long_conv = [{"role": "user", "content": "Tell me about bread. " * 400}]
     assert len(render_reward_prompt("helpful", long_conv, "Sure.")) > 4 * MAX_MODEL_LEN
-    j = LLMJudge(annotator, "helpful", retries=5, backoff=30.0)   # a retry would take 15+ s: the test would see it
+    j = LLMJudge(annotator, "helpful", patience=600, backoff=30.0)  # a retry would take 15+ s: the test would see it
     try:
         t0 = time.time()
         out = j([long_conv, CONV], ["Sure.", RESPONSES[0]], [True, True])
