@@ -40,7 +40,8 @@ import rollout
 import data
 from config import NO_EVALUATION, check_config, parse_config, settings_line, trainer_state
 from eval import compare_with_reference, evaluator_note, print_report
-from infra import barrier, end_distributed, export_hf, fetch_from_hub, gather, load_model, setup_distributed, timed
+from infra import (barrier, ctrl_c_line, end_distributed, exit_on_ctrl_c, export_hf, fetch_from_hub, gather, load_model,
+                   setup_distributed, timed)
 from loop import (advantage_stats, group_advantages, judge_async, judge_batch, minibatch_updates, online_metrics,
                   pi_t_logps, sample, score, sft_step, skip_unusable, train)
 
@@ -205,4 +206,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt as e:  # Ctrl-C outside the loop's batches (loading, the final save, the evaluation)
+        exit_on_ctrl_c(e, ctrl_c_line(parse_config()))

@@ -52,7 +52,7 @@ import data
 import rollout
 import tasks
 from config import USED_BY, VALUE_BEFORE_FIELD, Config, config_from_dict, trainer_state
-from infra import Dist, fetch_from_hub, load_model, load_tokenizer
+from infra import Dist, exit_on_ctrl_c, fetch_from_hub, load_model, load_tokenizer
 from judge import JUDGES
 from loop import (distinct_n, ensure_toy_models, eval_judge, evaluator_config, fitting_task, golden_win_rate, k3,
                   mean_ci, score, t975, training_reward, win_rate)
@@ -857,4 +857,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt as e:
+        exit_on_ctrl_c(e, "Ctrl-C: evaluation stopped; run eval.py again to evaluate")
