@@ -724,7 +724,8 @@ class TermSignal:
     """Remembers a SIGTERM (a scheduler pre-empting the job) or a first SIGINT (Ctrl-C) instead of dying in the
     middle of an update; torchrun passes either on to every rank. The loop asks after each online batch, all ranks
     together so they stop at the same batch, checkpoints it and exits with the shell's code for the signal (128 +
-    its number: 143, 130). A second Ctrl-C stops at once (Interrupted), naming last(), the newest checkpoint.
+    its number: 143, 130). A second Ctrl-C stops at once (Interrupted), naming last(), the newest checkpoint;
+    torchrun passes it on as SIGTERM, so a SIGTERM after a Ctrl-C does the same. A repeated SIGTERM changes nothing.
 
     Only the main thread runs a handler (the judge's HTTP threads never do) and only it can install one; elsewhere
     (tests calling train() from a thread) nothing changes. loud: this rank prints the first Ctrl-C's notice."""
@@ -737,9 +738,10 @@ class TermSignal:
             self.previous = {sig: signal.signal(sig, self._handle) for sig in self.NAMES}
 
     def _handle(self, signum, frame):
-        if signum == signal.SIGINT and self.seen:
-            say(f"second Ctrl-C: stopping now, without a checkpoint of this batch; the last checkpoint is "
-                f"{self.last() or 'none yet'}")
+        if self.seen and signal.SIGINT in (signum, self.seen):
+            if self.loud:
+                say(f"second Ctrl-C: stopping now, without a checkpoint of this batch; the last checkpoint is "
+                    f"{self.last() or 'none yet'}")
             raise Interrupted()
         if signum == signal.SIGINT and self.loud:
             say("Ctrl-C: the current online batch finishes and is checkpointed, then the run stops "

@@ -102,6 +102,31 @@ def test_ctrl_c_while_the_models_load_stops_with_one_line(toy_cache, tmp_path):
     assert "Traceback" not in err
 
 
+@pytest.mark.slow
+def test_ctrl_c_under_torchrun_checkpoints_on_both_ranks_and_resume_matches(toy_cache, tmp_path):
+    """Ctrl-C in a terminal signals its whole foreground process group: here torchrun, which starts each rank in
+    a session of its own and passes the SIGINT on to them. Both ranks finish the batch they agree on, one
+    checkpoint is written, and --resume on 2 ranks ends with an uninterrupted 2-rank run's final metrics."""
+    flags = TINY + ["--cache-dir", toy_cache, "--steps", "8", "--save-every", "1000", "--print-every", "1000"]
+    whole = tmp_path / "whole"
+    p = run_dar(flags + ["--out-dir", str(whole)], cwd=tmp_path, launcher=TORCHRUN)
+    assert p.returncode == 0, p.stderr[-2000:]
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(TORCHRUN + [os.path.join(ROOT, "dar.py"), *flags, "--out-dir", str(out)], cwd=tmp_path,
+                            env=dar_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # a process group of its own, as a terminal's job has
+    metrics = wait_for_batches(out, 3)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    done = len(metrics.read_text().splitlines())
+    assert 3 <= done < 8 and f"SIGINT after online batch {done}" in err, err[-3000:]
+    assert err.count("Ctrl-C again stops at once") == 1 and "KeyboardInterrupt" not in err  # rank 0 speaks
+    assert open(out / "latest").read().strip() == f"ckpt-{done:06d}"
+    p = run_dar(flags + ["--out-dir", str(out), "--resume"], cwd=tmp_path, launcher=TORCHRUN)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert final_metrics(out) == final_metrics(whole)
+
+
 class FailingAfter:
     """The toy gold judge for `good` calls, then a judge whose every answer is invalid (a server gone away)."""
 
@@ -333,8 +358,8 @@ def test_a_dead_rank_brings_the_job_down_and_resume_matches(toy_cache, tmp_path)
 
 @pytest.mark.slow
 def test_a_hung_rank_ends_the_job_after_the_dist_timeout(toy_cache, tmp_path):
-    """SIGSTOP one of two ranks (a hang, not a death): the other gives up after --dist-timeout (15 s here) and
-    torchrun ends the job; without the timeout it would wait 30 minutes."""
+    """SIGSTOP one of two ranks (a hang, not a death): the other gives up after --dist-timeout (15 s here), names
+    the rank that stopped answering, and torchrun ends the job; without the timeout it would wait 30 minutes."""
     out = tmp_path / "run"
     proc = start_dar(TINY + ["--cache-dir", toy_cache, "--steps", "40", "--save-every", "2", "--print-every",
                              "1000", "--dist-timeout", "0.25", "--out-dir", str(out)], tmp_path, launcher=TORCHRUN)
@@ -351,6 +376,7 @@ def test_a_hung_rank_ends_the_job_after_the_dist_timeout(toy_cache, tmp_path):
             pass
     assert proc.returncode != 0 and 15 <= time.time() - t0 < 150, err[-2000:]
     assert "error: rank 0 failed in online batch" in err and "Timed out" in err, err[-2000:]
+    assert "rank 1 stopped answering (hung)" in err, err[-2000:]  # named through torchrun's store
 
 
 # ---------------------------------------------------------------------------------------------------
