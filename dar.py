@@ -206,7 +206,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except KeyboardInterrupt as e:  # Ctrl-C outside the loop's batches (loading, the final save, the evaluation)
-        exit_on_ctrl_c(e, ctrl_c_line(parse_config()))
+    exit_on_ctrl_c(lambda: ctrl_c_line(parse_config()))  # where the run stands when Ctrl-C comes
+    main()

@@ -857,7 +857,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except KeyboardInterrupt as e:
-        exit_on_ctrl_c(e, "Ctrl-C: evaluation stopped; run eval.py again to evaluate")
+    exit_on_ctrl_c(lambda: "Ctrl-C: evaluation stopped; run eval.py again to evaluate")
+    main()

@@ -710,21 +710,34 @@ def optimizer_step(cfg, models, opt, sched):
     return norms[0].item()
 
 
-class Interrupted(KeyboardInterrupt):
-    """A second Ctrl-C: the run stops at once, without a checkpoint; the line saying so is already printed."""
-
-
 def say(line):
     """One line on stderr straight to the file descriptor: safe inside a signal handler, which may interrupt
     a print (tqdm's bar included) halfway, where a second buffered write would raise."""
     os.write(2, (line + "\n").encode())
 
 
+def stop_at_once(line):
+    """From a SIGINT handler: `line` on the first rank, and the process ends now with the shell's code for SIGINT.
+    Not a KeyboardInterrupt: one raised in a destructor is ignored (seen while pi_0's SFT loaded), and a normal exit
+    would first wait for the judge's HTTP threads to give up."""
+    if os.environ.get("RANK", "0") == "0":
+        say(line)
+    with contextlib.suppress(Exception):  # a print this handler interrupted may hold stdout's buffer
+        sys.stdout.flush()
+    os._exit(130)
+
+
+def exit_on_ctrl_c(line):
+    """A script's Ctrl-C, outside the online batches (models loading, pi_0's SFT starting, the final save, an
+    evaluation): one line, line(), instead of a traceback. loop.train's TermSignal takes over during the batches."""
+    signal.signal(signal.SIGINT, lambda signum, frame: stop_at_once(line()))
+
+
 class TermSignal:
     """Remembers a SIGTERM (a scheduler pre-empting the job) or a first SIGINT (Ctrl-C) instead of dying in the
     middle of an update; torchrun passes either on to every rank. The loop asks after each online batch, all ranks
     together so they stop at the same batch, checkpoints it and exits with the shell's code for the signal (128 +
-    its number: 143, 130). A second Ctrl-C stops at once (Interrupted), naming last(), the newest checkpoint;
+    its number: 143, 130). A second Ctrl-C stops at once (stop_at_once), naming last(), the newest checkpoint;
     torchrun passes it on as SIGTERM, so a SIGTERM after a Ctrl-C does the same. A repeated SIGTERM changes nothing.
 
     Only the main thread runs a handler (the judge's HTTP threads never do) and only it can install one; elsewhere
@@ -739,10 +752,8 @@ class TermSignal:
 
     def _handle(self, signum, frame):
         if self.seen and signal.SIGINT in (signum, self.seen):
-            if self.loud:
-                say(f"second Ctrl-C: stopping now, without a checkpoint of this batch; the last checkpoint is "
-                    f"{self.last() or 'none yet'}")
-            raise Interrupted()
+            stop_at_once(f"second Ctrl-C: stopped now, without a checkpoint of this batch; the last checkpoint is "
+                         f"{self.last() or 'none yet'}")
         if signum == signal.SIGINT and self.loud:
             say("Ctrl-C: the current online batch finishes and is checkpointed, then the run stops "
                 "(Ctrl-C again stops at once, without that checkpoint)")
@@ -759,17 +770,6 @@ class TermSignal:
         for sig, previous in self.previous.items():
             signal.signal(sig, previous)
         self.previous = {}
-
-
-def exit_on_ctrl_c(interrupted, line):
-    """A Ctrl-C outside the training loop (models loading, pi_0's SFT, the final save, an evaluation), or a
-    second one inside it: `line` on the first rank instead of a traceback (a second Ctrl-C has said its own), and
-    the shell's code for SIGINT. os._exit: a normal exit would first wait for the judge's HTTP threads to give up."""
-    if not isinstance(interrupted, Interrupted) and os.environ.get("RANK", "0") == "0":
-        say(line)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(130)
 
 
 def ctrl_c_line(cfg):

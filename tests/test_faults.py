@@ -83,7 +83,7 @@ def test_a_second_ctrl_c_stops_at_once_naming_the_last_checkpoint(toy_cache, tmp
     err = first + err
     assert proc.returncode == 130 and "Traceback" not in err, err[-2000:]
     last = out / (out / "latest").read_text().strip()
-    assert f"second Ctrl-C: stopping now, without a checkpoint of this batch; the last checkpoint is {last}" in err
+    assert f"second Ctrl-C: stopped now, without a checkpoint of this batch; the last checkpoint is {last}" in err
     assert "after online batch" not in err  # no checkpoint of the interrupted batch was announced
     assert all(int(d[len("ckpt-"):]) % 2 == 0 for d in os.listdir(out) if d.startswith("ckpt-"))  # none extra
 
