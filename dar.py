@@ -31,6 +31,10 @@ Where this code departs from the paper (README: "Where this code departs from th
 import json
 import math
 import os
+import signal
+
+if __name__ == "__main__":  # Ctrl-C while torch and transformers import (seconds): the default action, no traceback
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 import torch
 import transformers

@@ -43,6 +43,10 @@ import json
 import math
 import os
 import re
+import signal
+
+if __name__ == "__main__":  # Ctrl-C while torch and transformers import (seconds): the default action, no traceback
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 import numpy as np
 import torch

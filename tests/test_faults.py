@@ -103,6 +103,18 @@ def test_ctrl_c_while_the_models_load_stops_with_one_line(toy_cache, tmp_path):
 
 
 @pytest.mark.slow
+def test_ctrl_c_while_torch_imports_ends_without_a_traceback(tmp_path):
+    """In the first seconds (torch and transformers importing) SIGINT takes its default action, as in a C program:
+    the process ends by the signal (the shell's code 130) with nothing printed."""
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "dar.py"), "--out-dir", str(tmp_path / "run")],
+                            cwd=tmp_path, env=dar_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(0.3)  # importing torch alone takes longer
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGINT and err == "", err[-2000:]
+
+
+@pytest.mark.slow
 def test_ctrl_c_under_torchrun_checkpoints_on_both_ranks_and_resume_matches(toy_cache, tmp_path):
     """Ctrl-C in a terminal signals its whole foreground process group: here torchrun, which starts each rank in
     a session of its own and passes the SIGINT on to them. Both ranks finish the batch they agree on, one
