@@ -31,6 +31,10 @@ Where this code departs from the paper (README: "Where this code departs from th
 import json
 import math
 import os
+import signal
+
+if __name__ == "__main__":  # Ctrl-C while torch and transformers import (seconds): the default action, no traceback
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 import torch
 import transformers
@@ -40,7 +44,8 @@ import rollout
 import data
 from config import NO_EVALUATION, check_config, parse_config, settings_line, trainer_state
 from eval import compare_with_reference, evaluator_note, print_report
-from infra import barrier, end_distributed, export_hf, fetch_from_hub, gather, load_model, setup_distributed, timed
+from infra import (barrier, ctrl_c_line, end_distributed, exit_on_ctrl_c, export_hf, fetch_from_hub, gather, load_model,
+                   setup_distributed, timed)
 from judge import AnnotatorUnavailable
 from loop import (advantage_stats, group_advantages, judge_async, judge_batch, minibatch_updates, online_metrics,
                   pi_t_logps, sample, score, sft_step, skip_unusable, train)
@@ -211,4 +216,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    exit_on_ctrl_c(lambda: ctrl_c_line(parse_config()))  # where the run stands when Ctrl-C comes
     main()

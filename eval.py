@@ -43,6 +43,10 @@ import json
 import math
 import os
 import re
+import signal
+
+if __name__ == "__main__":  # Ctrl-C while torch and transformers import (seconds): the default action, no traceback
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 import numpy as np
 import torch
@@ -52,7 +56,7 @@ import data
 import rollout
 import tasks
 from config import USED_BY, VALUE_BEFORE_FIELD, Config, check_judge_flags, config_from_dict, trainer_state
-from infra import Dist, check_checkpoint, fetch_from_hub, load_model, load_tokenizer
+from infra import Dist, check_checkpoint, exit_on_ctrl_c, fetch_from_hub, load_model, load_tokenizer
 from judge import JUDGES, AnnotatorUnavailable
 from loop import (distinct_n, ensure_toy_models, eval_judge, evaluator_config, fitting_task, golden_win_rate, k3,
                   mean_ci, score, t975, training_reward, win_rate)
@@ -866,4 +870,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    exit_on_ctrl_c(lambda: "Ctrl-C: evaluation stopped; run eval.py again to evaluate")
     main()

@@ -867,29 +867,96 @@ def optimizer_step(cfg, models, opt, sched):
     return norms[0].item()
 
 
-class TermSignal:
-    """Remembers a SIGTERM (a scheduler pre-empting the job, torchrun passing it on) instead of dying in the
-    middle of an update; the loop asks after each online batch, all ranks together so they stop at the same
-    batch. Only the main thread can install a handler; elsewhere (tests calling train()) nothing changes."""
+def say(line):
+    """One line on stderr straight to the file descriptor: safe inside a signal handler, which may interrupt
+    a print (tqdm's bar included) halfway, where a second buffered write would raise."""
+    os.write(2, (line + "\n").encode())
 
-    def __init__(self):
-        self.seen, self.previous = False, None
+
+def stop_at_once(line):
+    """From a SIGINT handler: `line` on the first rank, and the process ends now with the shell's code for SIGINT.
+    Not a KeyboardInterrupt: one raised in a destructor is ignored (seen while pi_0's SFT loaded), and a normal exit
+    would first wait for the judge's HTTP threads to give up."""
+    if os.environ.get("RANK", "0") == "0":
+        say(line)
+    with contextlib.suppress(Exception):  # a print this handler interrupted may hold stdout's buffer
+        sys.stdout.flush()
+    os._exit(130)
+
+
+def exit_on_ctrl_c(line):
+    """A script's Ctrl-C, outside the online batches (models loading, pi_0's SFT starting, the final save, an
+    evaluation): one line, line(), instead of a traceback. loop.train's TermSignal takes over during the batches."""
+    signal.signal(signal.SIGINT, lambda signum, frame: stop_at_once(line()))
+
+
+class TermSignal:
+    """Remembers a SIGTERM (a scheduler pre-empting the job) or a first SIGINT (Ctrl-C) instead of dying in the
+    middle of an update; torchrun passes either on to every rank. The loop asks after each online batch, all ranks
+    together so they stop at the same batch, checkpoints it and exits with the shell's code for the signal (128 +
+    its number: 143, 130). A second Ctrl-C stops at once (stop_at_once), naming last(), the newest checkpoint;
+    torchrun passes it on as SIGTERM, so a SIGTERM after a Ctrl-C does the same. A repeated SIGTERM changes nothing.
+
+    Only the main thread runs a handler (the judge's HTTP threads never do) and only it can install one; elsewhere
+    (tests calling train() from a thread) nothing changes. loud: this rank prints the first Ctrl-C's notice."""
+
+    NAMES = {signal.SIGTERM: "SIGTERM", signal.SIGINT: "SIGINT"}
+
+    def __init__(self, loud, last):
+        self.seen, self.loud, self.last, self.previous = 0, loud, last, {}
         if threading.current_thread() is threading.main_thread():
-            self.previous = signal.signal(signal.SIGTERM, self._handle)
+            self.previous = {sig: signal.signal(sig, self._handle) for sig in self.NAMES}
 
     def _handle(self, signum, frame):
-        self.seen = True
+        if self.seen and signal.SIGINT in (signum, self.seen):
+            stop_at_once(f"second Ctrl-C: stopped now, without a checkpoint of this batch; the last checkpoint is "
+                         f"{self.last() or 'none yet'}")
+        if signum == signal.SIGINT and self.loud:
+            say("Ctrl-C: the current online batch finishes and is checkpointed, then the run stops "
+                "(Ctrl-C again stops at once, without that checkpoint)")
+        self.seen = self.seen or signum  # the first signal names the stop; a repeated SIGTERM changes nothing
 
     def received(self, ctx):
+        """The number of the signal this run stops for (0: none), the same on every rank."""
         flag = torch.tensor([float(self.seen)], device=ctx.device)
         if ctx.world > 1:
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        return bool(flag.item())
+        return int(flag.item())
 
     def restore(self):
-        if self.previous is not None:
-            signal.signal(signal.SIGTERM, self.previous)
-            self.previous = None
+        for sig, previous in self.previous.items():
+            signal.signal(sig, previous)
+        self.previous = {}
+
+
+def ctrl_c_line(cfg):
+    """What a run stopped by Ctrl-C says: the checkpoint --resume continues from."""
+    last = latest_checkpoint(cfg)
+    return (f"Ctrl-C: stopped; the last checkpoint is {last}: continue with --resume" if last else
+            "Ctrl-C: stopped before the first checkpoint; nothing to resume")
+
+
+def silent_ranks(ctx, step, wait=10.0):
+    """After a collective failed on this rank: the ranks that do not report a failure of online batch `step` within
+    `wait` seconds, i.e. that hang (SIGSTOP, a deadlock) or died, sorted; None when that cannot be known.
+
+    The process group is broken by then (gloo closes a pair that timed out: even monitored_barrier fails at once),
+    so the reports go through torchrun's key-value store, which its agent process holds and every rank reaches at
+    MASTER_ADDR:MASTER_PORT. Only a failing rank writes, and only here: a healthy run never touches the store."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":  # the store would live in rank 0, maybe the hung one
+        return None
+    key = lambda rank: f"dar/failed/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/{step}/{rank}"
+    try:
+        store = tdist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                               timeout=datetime.timedelta(seconds=wait))
+        store.set(key(ctx.rank), "1")
+        deadline, silent = time.time() + wait, list(range(ctx.world))
+        while silent and time.time() < deadline:
+            silent = [r for r in silent if not store.check([key(r)])]
+            time.sleep(0.2)
+        return silent
+    except (RuntimeError, ValueError, KeyError, OSError):  # no store to reach: say nothing rather than guess
+        return None
 
 
 def check_ranks_agree(ctx, model):

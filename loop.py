@@ -37,7 +37,8 @@ from infra import (SAMPLES, Dist, Logger, TermSignal, barrier, checkpoint_name, 
                    latest_checkpoint, load_model, load_sharded_checkpoint, load_state, load_tokenizer, load_value_model,
                    local_gradients, model_dtype, no_dropout, optimizer_and_schedule, optimizer_step, pooled_means,
                    print_samples, prune_checkpoints, rank_means, resume_checkpoint, rng_state, sample_rows,
-                   save_checkpoint, save_final, seed_everything, set_rng_state, trained_modules, write_atomic)
+                   save_checkpoint, save_final, seed_everything, set_rng_state, silent_ranks, trained_modules,
+                   write_atomic)
 from judge import AnnotatorUnavailable, make_judge
 from rewards import (NO_JUDGE, TRAINING_REWARD, CombinedReward, RewardFunctionError, describe_reward, judge_rollout,
                      with_functions)
@@ -198,8 +199,8 @@ def train(cfg, ctx, step_fn):
     The fault policy: a batch whose judgments are mostly invalid stops the run before training on it (with a
     checkpoint of the batches before); a batch with nothing to learn from (with --max-invalid-frac 1.0, every
     judgment invalid) is logged and skipped without an update (SkippedBatch); a non-finite loss skips that
-    batch's updates and its checkpoint, and MAX_NONFINITE_BATCHES in a row stop the run; SIGTERM finishes the
-    batch, checkpoints and exits 143."""
+    batch's updates and its checkpoint, and MAX_NONFINITE_BATCHES in a row stop the run; SIGTERM or Ctrl-C
+    (SIGINT) finishes the batch, checkpoints and exits 143 or 130 (a second Ctrl-C stops at once)."""
     run, start = start_run(cfg, ctx)
     log = Logger(cfg, ctx, start)
     ev = start_training_eval(cfg, ctx, run, start)
@@ -207,7 +208,7 @@ def train(cfg, ctx, step_fn):
         print("config: " + json.dumps(dataclasses.asdict(cfg)), flush=True)
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not ctx.master,
                desc=cfg.algo, dynamic_ncols=True)
-    term, nonfinite_run, finished = TermSignal(), 0, False
+    term, nonfinite_run, finished = TermSignal(ctx.master, lambda: latest_checkpoint(cfg)), 0, False
     try:
         for step in bar:
             t0, rng_before, run.batches = time.time(), rng_state(), step
@@ -260,18 +261,23 @@ def train(cfg, ctx, step_fn):
                 save_checkpoint(cfg, ctx, step + 1, run)
             if evaluated and finite:  # the best evaluation so far gets a checkpoint, named in out_dir/best
                 saved = keep_best(cfg, ctx, step + 1, run, ev, metrics, saved) or saved
-            if term.received(ctx) and step + 1 < cfg.steps:  # pre-emption: keep this batch's work, then stop
+            stop = term.received(ctx)
+            if stop:  # pre-emption or Ctrl-C: keep this batch's work, then stop (the last one's too: no final eval)
                 if not saved:
                     save_checkpoint(cfg, ctx, step + 1, run)
-                print(f"SIGTERM after online batch {step + 1}: checkpoint {latest_checkpoint(cfg)} written; "
-                      f"continue with --resume", file=sys.stderr, flush=True)
-                raise SystemExit(143)
+                if ctx.master:
+                    print(f"{TermSignal.NAMES[stop]} after online batch {step + 1}: checkpoint "
+                          f"{latest_checkpoint(cfg)} written; continue with --resume", file=sys.stderr, flush=True)
+                raise SystemExit(128 + stop)
         finished = True
     except Exception as e:
         if ctx.world > 1:  # a dead or hung peer surfaces here as a collective's error (or its --dist-timeout)
-            print(f"error: rank {ctx.rank} failed in online batch {step + 1} ({type(e).__name__}); torchrun stops "
-                  f"the other ranks. The last checkpoint is {latest_checkpoint(cfg) or 'none yet'}: once the cause "
-                  f"is fixed, continue with --resume", file=sys.stderr, flush=True)
+            silent = silent_ranks(ctx, step) if "Timed out" in str(e) else None  # gloo's --dist-timeout
+            culprit = (f"; rank{'s' * (len(silent) > 1)} {', '.join(map(str, silent))} stopped answering (hung)"
+                       if silent else "")
+            print(f"error: rank {ctx.rank} failed in online batch {step + 1} ({type(e).__name__}){culprit}; torchrun "
+                  f"stops the other ranks. The last checkpoint is {latest_checkpoint(cfg) or 'none yet'}: once the "
+                  f"cause is fixed, continue with --resume", file=sys.stderr, flush=True)
         raise
     finally:
         term.restore()

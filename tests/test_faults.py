@@ -18,7 +18,7 @@ import dar
 import infra
 import judge
 import loop
-from conftest import ROOT, TINY, TORCHRUN, comparable, read_metrics, run_dar, start_dar, train
+from conftest import ROOT, TINY, TORCHRUN, comparable, dar_env, read_metrics, run_dar, start_dar, train
 
 
 def final_metrics(out):
@@ -37,20 +37,104 @@ def wait_for_batches(out, n, timeout=300):
 
 
 @pytest.mark.slow
-def test_sigterm_checkpoints_after_the_batch_and_resume_matches(toy_cache, tmp_path):
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_checkpoints_after_the_batch_and_resume_matches(toy_cache, tmp_path, sig, code):
+    """SIGTERM (pre-emption) and a first Ctrl-C (SIGINT) alike: the batch finishes, is checkpointed, the run
+    names the signal and exits with the shell's code for it; --resume ends with the uninterrupted run's metrics."""
     flags = TINY + ["--cache-dir", toy_cache, "--steps", "25", "--save-every", "1000", "--print-every", "1000"]
     whole = tmp_path / "whole"
     assert run_dar(flags + ["--out-dir", str(whole)], cwd=tmp_path).returncode == 0
     out = tmp_path / "killed"
     proc = start_dar(flags + ["--out-dir", str(out)], tmp_path)
     metrics = wait_for_batches(out, 3)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 143, err[-2000:]
+    assert proc.returncode == code, err[-2000:]
     done = len(metrics.read_text().splitlines())
-    assert 3 <= done < 25 and f"SIGTERM after online batch {done}" in err and "Traceback" not in err
+    assert 3 <= done < 25 and f"{sig.name} after online batch {done}" in err and "Traceback" not in err
+    assert ("Ctrl-C again stops at once" in err) == (sig == signal.SIGINT)  # the first Ctrl-C says what comes
     assert open(out / "latest").read().strip() == f"ckpt-{done:06d}"  # the batch's work was kept
     p = run_dar(flags + ["--out-dir", str(out), "--resume"], cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert final_metrics(out) == final_metrics(whole)
+
+
+def read_until(stream, text, timeout=300):
+    """Read lines of `stream` until one holds `text`; returns what was read."""
+    seen, deadline = "", time.time() + timeout
+    while text not in seen and time.time() < deadline:
+        line = stream.readline()
+        if not line:
+            break
+        seen += line
+    return seen
+
+
+@pytest.mark.slow
+def test_a_second_ctrl_c_stops_at_once_naming_the_last_checkpoint(toy_cache, tmp_path):
+    out = tmp_path / "run"
+    proc = start_dar(TINY + ["--cache-dir", toy_cache, "--steps", "40", "--save-every", "2", "--print-every", "1000",
+                             "--max-new-tokens", "48", "--out-dir", str(out)], tmp_path)
+    wait_for_batches(out, 3)
+    proc.send_signal(signal.SIGINT)
+    first = read_until(proc.stderr, "Ctrl-C again stops at once")  # printed at once, from the handler
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    err = first + err
+    assert proc.returncode == 130 and "Traceback" not in err, err[-2000:]
+    last = out / (out / "latest").read_text().strip()
+    assert f"second Ctrl-C: stopped now, without a checkpoint of this batch; the last checkpoint is {last}" in err
+    assert "after online batch" not in err  # no checkpoint of the interrupted batch was announced
+    assert all(int(d[len("ckpt-"):]) % 2 == 0 for d in os.listdir(out) if d.startswith("ckpt-"))  # none extra
+
+
+@pytest.mark.slow
+def test_ctrl_c_while_the_models_load_stops_with_one_line(toy_cache, tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "dar.py"), *TINY, "--cache-dir", toy_cache,
+                             "--out-dir", str(out), "--steps", "2"], cwd=tmp_path, env=dar_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    read_until(proc.stdout, "settings:")  # the settings line: the flags are checked, the models not yet loaded
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err[-2000:]
+    assert err.strip().splitlines()[-1] == "Ctrl-C: stopped before the first checkpoint; nothing to resume", err
+    assert "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_ctrl_c_while_torch_imports_ends_without_a_traceback(tmp_path):
+    """In the first seconds (torch and transformers importing) SIGINT takes its default action, as in a C program:
+    the process ends by the signal (the shell's code 130) with nothing printed."""
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "dar.py"), "--out-dir", str(tmp_path / "run")],
+                            cwd=tmp_path, env=dar_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(0.3)  # importing torch alone takes longer
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGINT and err == "", err[-2000:]
+
+
+@pytest.mark.slow
+def test_ctrl_c_under_torchrun_checkpoints_on_both_ranks_and_resume_matches(toy_cache, tmp_path):
+    """Ctrl-C in a terminal signals its whole foreground process group: here torchrun, which starts each rank in
+    a session of its own and passes the SIGINT on to them. Both ranks finish the batch they agree on, one
+    checkpoint is written, and --resume on 2 ranks ends with an uninterrupted 2-rank run's final metrics."""
+    flags = TINY + ["--cache-dir", toy_cache, "--steps", "8", "--save-every", "1000", "--print-every", "1000"]
+    whole = tmp_path / "whole"
+    p = run_dar(flags + ["--out-dir", str(whole)], cwd=tmp_path, launcher=TORCHRUN)
+    assert p.returncode == 0, p.stderr[-2000:]
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(TORCHRUN + [os.path.join(ROOT, "dar.py"), *flags, "--out-dir", str(out)], cwd=tmp_path,
+                            env=dar_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # a process group of its own, as a terminal's job has
+    metrics = wait_for_batches(out, 3)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    done = len(metrics.read_text().splitlines())
+    assert 3 <= done < 8 and f"SIGINT after online batch {done}" in err, err[-3000:]
+    assert err.count("Ctrl-C again stops at once") == 1 and "KeyboardInterrupt" not in err  # rank 0 speaks
+    assert open(out / "latest").read().strip() == f"ckpt-{done:06d}"
+    p = run_dar(flags + ["--out-dir", str(out), "--resume"], cwd=tmp_path, launcher=TORCHRUN)
     assert p.returncode == 0, p.stderr[-2000:]
     assert final_metrics(out) == final_metrics(whole)
 
@@ -287,8 +371,8 @@ def test_a_dead_rank_brings_the_job_down_and_resume_matches(toy_cache, tmp_path)
 
 @pytest.mark.slow
 def test_a_hung_rank_ends_the_job_after_the_dist_timeout(toy_cache, tmp_path):
-    """SIGSTOP one of two ranks (a hang, not a death): the other gives up after --dist-timeout (15 s here) and
-    torchrun ends the job; without the timeout it would wait 30 minutes."""
+    """SIGSTOP one of two ranks (a hang, not a death): the other gives up after --dist-timeout (15 s here), names
+    the rank that stopped answering, and torchrun ends the job; without the timeout it would wait 30 minutes."""
     out = tmp_path / "run"
     proc = start_dar(TINY + ["--cache-dir", toy_cache, "--steps", "40", "--save-every", "2", "--print-every",
                              "1000", "--dist-timeout", "0.25", "--out-dir", str(out)], tmp_path, launcher=TORCHRUN)
@@ -305,6 +389,7 @@ def test_a_hung_rank_ends_the_job_after_the_dist_timeout(toy_cache, tmp_path):
             pass
     assert proc.returncode != 0 and 15 <= time.time() - t0 < 150, err[-2000:]
     assert "error: rank 0 failed in online batch" in err and "Timed out" in err, err[-2000:]
+    assert "rank 1 stopped answering (hung)" in err, err[-2000:]  # named through torchrun's store
 
 
 # ---------------------------------------------------------------------------------------------------
