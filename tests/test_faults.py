@@ -1,4 +1,4 @@
-"""Faults injected into real runs (issue 8): signals, a failing disk, a judge that goes away, NaN losses, a dead
+"""Faults injected into real runs: signals, a failing disk, a judge that goes away, NaN losses, a dead
 or hung rank under torchrun, prompts too long for the context window, and untrusted artefacts (a model's own
 code, a checkpoint holding pickled code). Each shows that the run keeps working or stops cleanly, naming what
 to do, and that --resume ends where an uninterrupted run ends."""
