@@ -303,15 +303,15 @@ def test_a_local_directory_named_like_an_id_is_a_directory(toy_pi0, tmp_path, mo
 
 
 def test_a_local_directory_with_pickled_weights_only_is_refused(tmp_path):
-    """config.json and pytorch_model.bin, no safetensors: fetch_from_hub stops with the message, and the second
-    guard (use_safetensors=True) keeps infra.load_model from unpickling it too. The pickle never runs."""
+    """config.json and pytorch_model.bin, no safetensors: fetch_from_hub stops with the message, and so does
+    infra.load_model (which also passes use_safetensors=True). The pickle never runs."""
     marker = tmp_path / "unpickled"
     path = pickled_model_dir(str(tmp_path / "pickled"), str(marker))
     cfg = config.parse_config(["--model", path] + TINY)
     config.check_config(cfg, 1)
     with pytest.raises(SystemExit, match=re.escape(f"--model {path}: this project loads safetensors weights only")):
         infra.fetch_from_hub(cfg, infra.Dist())
-    with pytest.raises(OSError, match="safetensors"):
+    with pytest.raises(SystemExit, match=re.escape(f"model directory {path}: this project loads safetensors")):
         infra.load_model(path, cfg, torch.device("cpu"))
     assert not marker.exists()
 
