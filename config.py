@@ -230,6 +230,9 @@ class Config:
     seed: int = arg(0, "seed for python, numpy and torch; rank r uses seed + 1000 r")
     out_dir: str = arg("", "run directory (metrics.jsonl, checkpoints, final/); '' = runs/TASK-ALGO-sSEED")
     resume: bool = arg(False, "continue from the last checkpoint in --out-dir")
+    overwrite: bool = arg(False, "start a new run in an --out-dir that holds a previous one (without it the run is "
+                                 "refused) by first moving that directory, whole, to OUT_DIR.old-N; nothing is "
+                                 "deleted")
     save_every: int = arg(20, "checkpoint every N online batches (and at the end); 0 = 10 checkpoints a run")
     keep_checkpoints: int = arg(2, "how many recent checkpoints to keep")
     print_every: int = arg(1, "print a one-line summary every N steps (the toy pi_0's SFT prints every 100)")
@@ -284,9 +287,9 @@ class Config:
 
 
 # Fields a resumed run may change; any other difference from the checkpoint's config is an error.
-RESUMABLE_CHANGES = {"resume", "steps", "prompt_epochs", "pref_epochs", "save_every", "keep_checkpoints",
-                     "sample_every", "eval_prompts", "eval_seed", "eval_every", "eval_every_prompts",
-                     "eval_judge_url", "eval_judge_model",
+RESUMABLE_CHANGES = {"resume", "overwrite", "steps", "prompt_epochs", "pref_epochs", "save_every",
+                     "keep_checkpoints", "sample_every", "eval_prompts", "eval_seed", "eval_every",
+                     "eval_every_prompts", "eval_judge_url", "eval_judge_model",
                      "eval_judge_api_key_env", "gradient_checkpointing", "max_invalid_frac", "judge_url",
                      "judge_concurrency", "judge_timeout", "judge_patience", "judge_log", "judge_overlap",
                      "dist_timeout", "trust_remote_code", "fsdp_offload", "export_hf", "out_dir",
@@ -467,6 +470,7 @@ def check_config(cfg, world):
     for name in ("save_every", "prompt_epochs", "pref_epochs", "max_prompt_tokens", "warmup_steps"):
         if getattr(cfg, name) < 0:
             bad(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
+    check_ranges(cfg, world, bad)
     if cfg.pref_epochs > 0 and cfg.algo not in OFFLINE_PAIRS:
         bad(f"--pref-epochs counts passes over the preference pairs of {', '.join(OFFLINE_PAIRS)}; for --algo "
             f"{cfg.algo} give the length with --steps" + ("" if cfg.algo in OFFLINE else " or --prompt-epochs"))
@@ -565,6 +569,7 @@ def check_config(cfg, world):
     check_optimizer(cfg, bad)
     check_trl_options(cfg, bad)
     check_options_used(cfg, bad)
+    check_context_window(cfg, cfg.model)
     if cfg.judge_overlap not in ("auto", "on", "off"):
         bad(f"--judge-overlap must be auto, on or off, got {cfg.judge_overlap!r}")
     if not 0 < cfg.vllm_gpu_memory <= 1:
@@ -577,6 +582,84 @@ def check_config(cfg, world):
         if importlib.util.find_spec(TRACKERS[name]) is None:
             bad(f"--report-to {name} needs the {TRACKERS[name]} package, which is not installed: pip install "
                 f"{TRACKERS[name]} (or leave {name} out of --report-to)")
+
+
+SEED_RANGE = 2**32  # numpy's seeds lie in [0, 2**32)
+RANK_SEED_STRIDE = 1000  # rank r seeds python, numpy and torch with --seed + 1000 r (loop.start_run)
+
+
+def check_ranges(cfg, world, bad):
+    """The numeric flags whose nonsense values (negative counts, zero step sizes, seeds numpy refuses) the checks
+    above leave open, each refused with its valid range."""
+    if cfg.resume and cfg.overwrite:
+        bad("--resume continues the run in --out-dir, --overwrite moves it aside to start a new one: give one of them")
+    if cfg.keep_checkpoints < 1:
+        bad(f"--keep-checkpoints must be >= 1 (the newest checkpoint is the one --resume continues from), got "
+            f"{cfg.keep_checkpoints}")
+    top = SEED_RANGE - 1 - RANK_SEED_STRIDE * (world - 1)
+    for name in ("seed", "eval_seed"):
+        if not 0 <= getattr(cfg, name) <= top:
+            bad(f"--{name.replace('_', '-')} must lie in [0, {top}] (rank r seeds with it + {RANK_SEED_STRIDE} r, "
+                f"and numpy takes seeds below 2**32; {world} rank{'s' * (world > 1)} here), got {getattr(cfg, name)}")
+    for name in ("lr", "sft_lr", "vf_coef", "value_clip"):
+        if not getattr(cfg, name) > 0:
+            bad(f"--{name.replace('_', '-')} must be > 0, got {getattr(cfg, name)}")
+    for name in ("sft_steps", "print_every", "sample_every"):
+        if getattr(cfg, name) < 1:
+            bad(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
+    for name, what in (("max_grad_norm", "0 = no clipping"), ("missing_eos_penalty", "0 = none"),
+                       ("simpo_gamma", "SimPO's target reward margin")):
+        if not getattr(cfg, name) >= 0:
+            bad(f"--{name.replace('_', '-')} must be >= 0 ({what}), got {getattr(cfg, name)}")
+    for name in ("gae_lambda", "gamma"):
+        if not 0 <= getattr(cfg, name) <= 1:
+            bad(f"--{name.replace('_', '-')} must lie in [0, 1], got {getattr(cfg, name)}")
+
+
+VLLM_MAX_WINDOW = 8192  # vLLM's engine caps its KV cache per sequence at this (rollout.VllmSampler)
+
+
+def usable_window(cfg, positions):
+    """Tokens a prompt and its response may fill together, for a model of `positions` positions."""
+    return min(positions, VLLM_MAX_WINDOW) if cfg.rollout == "vllm" else positions
+
+
+def model_positions(path):
+    """The positions a model directory's config.json declares (max_position_embeddings; a multimodal model's in
+    its text_config; GPT-2's n_positions), or None where it names none."""
+    with open(os.path.join(path, "config.json")) as f:
+        c = json.load(f)
+    for d in (c, c.get("text_config") or {}):
+        for key in ("max_position_embeddings", "n_positions"):
+            if isinstance(d.get(key), int):
+                return d[key]
+    return None
+
+
+def check_context_window(cfg, model):
+    """--max-new-tokens (and --max-prompt-tokens) against the policy's context window, read from the config.json
+    of `model` alone ('' = the toy model, whose config is fixed in tasks.TOY_MODEL), before any model loads. A Hub
+    id is checked once its snapshot is here (infra.fetch_from_hub). Returns the prompt limit, or None unchecked."""
+    if not model:
+        positions = tasks.TOY_MODEL["max_position_embeddings"]
+    elif os.path.isfile(os.path.join(model, "config.json")):
+        positions = model_positions(model)
+    else:
+        return None
+    return positions and prompt_limit(cfg, usable_window(cfg, positions))
+
+
+def prompt_limit(cfg, window):
+    """The longest prompt: --max-prompt-tokens, or what a context window of `window` tokens leaves after
+    --max-new-tokens; stops when that leaves no room."""
+    limit = cfg.max_prompt_tokens or window - cfg.max_new_tokens
+    if limit < 1 or limit + cfg.max_new_tokens > window:
+        given = f"--max-prompt-tokens {limit} plus " if cfg.max_prompt_tokens else ""
+        verb = "leave" if given else "leaves"
+        raise SystemExit(f"error: {given}--max-new-tokens {cfg.max_new_tokens} {verb} no room in the model's "
+                         f"context window of {window} tokens; lower {'one of them' if given else 'it'} (" +
+                         ("together at most" if given else "at most") + f" {window if given else window - 1})")
+    return limit
 
 
 def check_options_used(cfg, bad):

@@ -44,8 +44,8 @@ import rollout
 import data
 from config import NO_EVALUATION, check_config, parse_config, settings_line, trainer_state
 from eval import compare_with_reference, evaluator_note, print_report
-from infra import (barrier, ctrl_c_line, end_distributed, exit_on_ctrl_c, export_hf, fetch_from_hub, gather, load_model,
-                   setup_distributed, timed)
+from infra import (barrier, claim_run_dir, ctrl_c_line, end_distributed, exit_on_ctrl_c, export_hf, fetch_from_hub,
+                   gather, load_model, setup_distributed, timed)
 from judge import AnnotatorUnavailable
 from loop import (advantage_stats, group_advantages, judge_async, judge_batch, minibatch_updates, online_metrics,
                   pi_t_logps, sample, score, sft_step, skip_unusable, train)
@@ -182,6 +182,7 @@ def main(argv=None):
         return
     ctx = setup_distributed(cfg)
     check_config(cfg, ctx.world)
+    claim_run_dir(cfg, ctx)  # a previous run in --out-dir: refused, or moved aside by --overwrite
     if ctx.master:
         print(settings_line(cfg), flush=True)
     fetch_from_hub(cfg, ctx)  # a Hub id becomes its snapshot directory; rank 0 downloads, before anything loads

@@ -64,11 +64,11 @@ from rewards import TRAINING_REWARD, describe_reward, judge_rollout
 
 ABLATION_PARAMS = ("alpha", "beta", "k", "w_clip")  # Fig. 5(c)-(f)
 # Config fields that never make two runs different experiments (bookkeeping, endpoints, the seed itself)
-NOT_HYPERPARAMETERS = {"seed", "out_dir", "resume", "cache_dir", "print_every", "sample_every", "save_every",
-                       "keep_checkpoints", "eval_prompts", "eval_seed", "eval_judge_url", "eval_judge_model",
-                       "eval_judge_api_key_env", "judge_url", "judge_api_key_env", "judge_concurrency",
-                       "judge_timeout", "judge_patience", "rollout", "vllm_gpu_memory", "backend", "dtype",
-                       "logp_source", "steps", "prompt_epochs", "pref_epochs", "gradient_checkpointing",
+NOT_HYPERPARAMETERS = {"seed", "out_dir", "resume", "overwrite", "cache_dir", "print_every", "sample_every",
+                       "save_every", "keep_checkpoints", "eval_prompts", "eval_seed", "eval_judge_url",
+                       "eval_judge_model", "eval_judge_api_key_env", "judge_url", "judge_api_key_env",
+                       "judge_concurrency", "judge_timeout", "judge_patience", "rollout", "vllm_gpu_memory", "backend",
+                       "dtype", "logp_source", "steps", "prompt_epochs", "pref_epochs", "gradient_checkpointing",
                        "max_invalid_frac", "judge_log", "eval_every", "eval_every_prompts"}
 
 

@@ -39,7 +39,7 @@ from transformers.utils import logging as hf_logging
 
 import rollout
 import tasks
-from config import config_from_dict, optimizer_steps, parse_template_kwargs, trackers
+from config import check_context_window, config_from_dict, optimizer_steps, parse_template_kwargs, trackers
 
 # ---------------------------------------------------------------------------------------------------
 # Processes, seeds, models
@@ -138,6 +138,7 @@ def load_model(path, cfg, device, sharded=False, frozen=False):
     def read():
         if is_sharded_checkpoint(path):  # one process reading a sharded checkpoint: eval.py, --export-hf
             return load_sharded_weights(path, build())
+        tasks.check_safetensors("model directory", path, path, from_hub=False)  # a checkpoint, eval.py's too
         return tasks.load_pretrained(AutoModelForCausalLM, path, cfg.trust_remote_code, use_safetensors=True,
                                      **kwargs)
 
@@ -191,6 +192,7 @@ def load_value_model(path, cfg, device, sharded=False):
     dtype = model_dtype(cfg, device)
 
     def read():
+        tasks.check_safetensors("value model directory", path, path, from_hub=False)
         verbosity = hf_logging.get_verbosity()
         hf_logging.set_verbosity_error()  # the new head's "newly initialized" report is expected, not news
         try:
@@ -234,9 +236,11 @@ def fetch_from_hub(cfg, ctx):
     def on_rank_0():
         if not cfg.data and cfg.task in tasks.HUB_TASKS:
             tasks.hub_task_files(cfg.task)  # loop.start_run reads them on every rank: from the cache
-        return {name: tasks.model_dir(flag, getattr(cfg, name), cfg.model_revision if name == "model" else "",
-                                      cfg.trust_remote_code)
-                for name, flag in MODEL_FLAGS.items() if getattr(cfg, name)}
+        paths = {name: tasks.model_dir(flag, getattr(cfg, name), cfg.model_revision if name == "model" else "",
+                                       cfg.trust_remote_code)
+                 for name, flag in MODEL_FLAGS.items() if getattr(cfg, name)}
+        check_context_window(cfg, paths.get("model", ""))  # a Hub id's config.json is here now
+        return paths
 
     def on_the_others(paths):  # rank 0's directories, whose snapshot paths pin the commits
         return {name: tasks.model_dir(MODEL_FLAGS[name], path, "", cfg.trust_remote_code)
@@ -957,6 +961,72 @@ def silent_ranks(ctx, step, wait=10.0):
         return silent
     except (RuntimeError, ValueError, KeyError, OSError):  # no store to reach: say nothing rather than guess
         return None
+
+
+# ---------------------------------------------------------------------------------------------------
+# The run directory: a new run never writes over a previous one
+# ---------------------------------------------------------------------------------------------------
+# What in a run directory is a run's own work (metrics.jsonl, config.json and the trackers' files from its first
+# batch; checkpoints, latest, best, final/ and eval.json later); besides these, checkpoint directories ckpt-N.
+# data.json is not: every start rewrites it (loop.report_long_prompts) before any batch.
+RUN_FILES = ("metrics.jsonl", "final", "eval.json", "best", "best.json", "latest", "config.json", "tensorboard",
+             "wandb", "wandb_id")
+
+
+def previous_run(out_dir):
+    """What out_dir holds of a previous run, as one phrase ("metrics.jsonl with 7 rows, checkpoints
+    ckpt-000004..ckpt-000008, final/"); '' when it holds none (absent, empty, or other files only)."""
+    if not os.path.isdir(out_dir):
+        return ""
+    names = set(os.listdir(out_dir))
+    ckpts = sorted(n for n in names if re.fullmatch(r"ckpt-\d+", n))
+    held = []
+    if "metrics.jsonl" in names:
+        with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+            rows = sum(1 for line in f if line.strip())
+        held.append(f"metrics.jsonl with {rows} row{'s' * (rows != 1)}")
+    if ckpts:
+        held.append(f"checkpoints {ckpts[0]}..{ckpts[-1]}" if len(ckpts) > 1 else f"checkpoint {ckpts[0]}")
+    held += [n + "/" * os.path.isdir(os.path.join(out_dir, n)) for n in RUN_FILES[1:] if n in names]
+    return ", ".join(held)
+
+
+def aside_path(out_dir):
+    """OUT_DIR.old-N, the first N from 1 that names nothing yet: where --overwrite moves a previous run."""
+    base = os.path.abspath(out_dir)
+    n = 1
+    while os.path.lexists(f"{base}.old-{n}"):
+        n += 1
+    return f"{base}.old-{n}"
+
+
+def claim_run_dir(cfg, ctx):
+    """Before anything loads: a new run (no --resume) in a directory that holds a previous run stops with one line
+    naming it, what it holds and the two ways on; with --overwrite, the directory is first moved, whole, to
+    OUT_DIR.old-N (nothing is deleted). Rank 0 looks and moves; the others wait for its word and stop with it."""
+    error = attempt(lambda: set_aside_previous_run(cfg))[1] if ctx.master and not cfg.resume else ""
+    error = from_rank_0(ctx, error)
+    if error:
+        raise SystemExit(error if ctx.master else 1)
+
+
+def set_aside_previous_run(cfg):
+    held = previous_run(cfg.out_dir)
+    if not held:
+        return
+    aside, here = aside_path(cfg.out_dir), os.path.abspath(cfg.out_dir)
+    if not cfg.overwrite:
+        raise SystemExit(f"error: --out-dir {cfg.out_dir} holds a previous run ({held}); continue it with --resume, "
+                         f"or start a new one there with --overwrite, which first moves it to {aside}")
+    if os.getcwd() == here or os.getcwd().startswith(here + os.sep):
+        raise SystemExit(f"error: --overwrite would move {here}, the current directory, with this run inside it; "
+                         "give --out-dir a directory below it, or run from elsewhere")
+    try:
+        os.rename(here, aside)
+    except OSError as e:
+        raise SystemExit(f"error: --overwrite could not move {here} to {aside} ({e.strerror}); move it yourself, or "
+                         "give another --out-dir") from None
+    print(f"--overwrite: moved the previous run in {cfg.out_dir} ({held}) to {aside}", flush=True)
 
 
 def check_ranks_agree(ctx, model):

@@ -32,7 +32,8 @@ from tqdm import tqdm
 import data
 import rollout
 import tasks
-from config import NO_EVALUATION, OFFLINE, VALUE_MODEL, Config, check_resumable, resolve_schedule, trainer_state
+from config import (NO_EVALUATION, OFFLINE, VALUE_MODEL, Config, check_resumable, prompt_limit, resolve_schedule,
+                    trainer_state, usable_window)
 from infra import (SAMPLES, Dist, Logger, TermSignal, barrier, checkpoint_name, gather, is_sharded_checkpoint,
                    latest_checkpoint, load_model, load_sharded_checkpoint, load_state, load_tokenizer, load_value_model,
                    local_gradients, model_dtype, no_dropout, optimizer_and_schedule, optimizer_step, pooled_means,
@@ -172,8 +173,10 @@ def start_run(cfg, ctx):
             opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         start = state["step"]
-        if len(state["rng"]) == ctx.world:
+        if ctx.rank < len(state["rng"]):  # the random streams of the ranks the checkpoint had go on
             set_rng_state(state["rng"][ctx.rank])
+        if len(state["rng"]) != ctx.world and ctx.master:
+            print(ranks_changed(ckpt, len(state["rng"]), ctx.world), flush=True)
     wrapped = models  # a sharded model is called as it is: FSDP2 has no wrapper
     if ctx.world > 1 and not cfg.fsdp:
         ids = [ctx.device.index] if ctx.device.type == "cuda" else None
@@ -190,6 +193,18 @@ def start_run(cfg, ctx):
         if sharded_ckpt:
             run.sampler.push_weights(policy)
     return run, start
+
+
+def ranks_changed(ckpt, saved, world):
+    """The line a resume on another number of ranks prints: the run goes on (DDP as FSDP2), not bit-exact."""
+    kept = "rank 0 continues its random stream" if min(saved, world) == 1 else \
+        f"ranks 0..{min(saved, world) - 1} continue their random streams"
+    fresh = f", rank{'s' * (world - saved > 1)} {saved}..{world - 1} start from --seed + 1000 r" \
+        if world - saved > 1 else f", rank {saved} starts from --seed + 1000 r" if world > saved else ""
+    return (f"--resume: {os.path.basename(ckpt)} was written by {saved} rank{'s' * (saved > 1)} and this run has "
+            f"{world}: it goes on, but not bit for bit as {saved} rank{'s' * (saved > 1)} would have: each online "
+            f"batch has the same prompts, split over {world} rank{'s' * (world > 1)}, and their responses are "
+            f"sampled from other random streams ({kept}{fresh})")
 
 
 def train(cfg, ctx, step_fn):
@@ -670,21 +685,15 @@ def ensure_toy_models(cfg, ctx):
 
 
 def context_window(cfg, model_config):
-    """Tokens a prompt and its response may fill together: the model's positions (vLLM's engine caps its
-    KV cache at 8192 per sequence, VllmSampler)."""
-    window = model_config.max_position_embeddings
-    return min(window, 8192) if cfg.rollout == "vllm" else window
+    """Tokens a prompt and its response may fill together: the model's positions, capped for vLLM's engine
+    (config.usable_window)."""
+    return usable_window(cfg, model_config.max_position_embeddings)
 
 
 def fitting_task(cfg, task, tok, model_config):
     """(task, skipped): the task without the prompts longer than --max-prompt-tokens (default: what the context
     window leaves after --max-new-tokens), counted per list (tasks.without_long_prompts)."""
-    window = context_window(cfg, model_config)
-    limit = cfg.max_prompt_tokens or window - cfg.max_new_tokens
-    if limit < 1 or limit + cfg.max_new_tokens > window:
-        given = f"--max-prompt-tokens {limit} plus " if cfg.max_prompt_tokens else ""
-        raise SystemExit(f"error: {given}--max-new-tokens {cfg.max_new_tokens} leave no room in the model's context "
-                         f"window of {window} tokens; lower {'one of them' if given else 'it'}")
+    limit = prompt_limit(cfg, context_window(cfg, model_config))  # as config.check_config found it
     return tasks.without_long_prompts(task, tok, limit)
 
 

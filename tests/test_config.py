@@ -230,3 +230,71 @@ def test_the_paper_grids_flags_pass_for_every_algorithm_they_run():
     for algo in ("dpo", "simpo", "online_dpo", "ipo", "slic", "ppo", "rloo", "grpo", "dar", "iter_sft"):
         checked("--task", "helpful", "--model", PI0, "--judge-url", "http://annotator/v1", "--algo", algo,
                 "--seed", "1", "--rollout", "vllm", "--out-dir", "runs/table2/x", "--resume")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Numbers out of range: refused before anything loads, naming the flag and the valid range
+# ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("argv, message", [
+    (["--keep-checkpoints", "-100"], "--keep-checkpoints must be >= 1 (the newest checkpoint is the one --resume "
+                                     "continues from), got -100"),
+    (["--keep-checkpoints", "0"], "--keep-checkpoints must be >= 1"),
+    (["--seed", "-5"], "--seed must lie in [0, 4294967295] (rank r seeds with it + 1000 r, and numpy takes seeds "
+                       "below 2**32; 1 rank here), got -5"),
+    (["--seed", str(2**32)], "--seed must lie in [0, 4294967295]"),
+    (["--eval-seed", "-1"], "--eval-seed must lie in [0, 4294967295]"),
+    (["--lr", "0"], "--lr must be > 0, got 0.0"),
+    (["--lr=-1e-5"], "--lr must be > 0, got -1e-05"),
+    (["--sft-lr", "0"], "--sft-lr must be > 0, got 0.0"),
+    (["--sft-steps", "0"], "--sft-steps must be >= 1, got 0"),
+    (["--print-every", "0"], "--print-every must be >= 1, got 0"),
+    (["--sample-every", "-1"], "--sample-every must be >= 1, got -1"),
+    (["--max-grad-norm", "-1"], "--max-grad-norm must be >= 0 (0 = no clipping), got -1.0"),
+    (["--algo", "ppo", "--vf-coef", "0"], "--vf-coef must be > 0, got 0.0"),
+    (["--algo", "ppo", "--value-clip", "-0.2"], "--value-clip must be > 0, got -0.2"),
+    (["--algo", "ppo", "--gae-lambda", "1.5"], "--gae-lambda must lie in [0, 1], got 1.5"),
+    (["--algo", "ppo", "--gamma", "-0.1"], "--gamma must lie in [0, 1], got -0.1"),
+    (["--algo", "ppo", "--missing-eos-penalty", "-1"], "--missing-eos-penalty must be >= 0 (0 = none), got -1.0"),
+    (["--algo", "simpo", "--simpo-gamma", "-1"], "--simpo-gamma must be >= 0 (SimPO's target reward margin)"),
+    (["--resume", "--overwrite"], "--resume continues the run in --out-dir, --overwrite moves it aside to start a new "
+                                  "one: give one of them"),
+    (["--max-new-tokens", "100000"], "--max-new-tokens 100000 leaves no room in the model's context window of 512 "
+                                     "tokens; lower it (at most 511)"),
+    (["--max-new-tokens", "400", "--max-prompt-tokens", "200"], "--max-prompt-tokens 200 plus --max-new-tokens 400 "
+                                                                "leave no room in the model's context window of 512 "
+                                                                "tokens; lower one of them (together at most 512)"),
+])
+def test_a_number_out_of_range_is_refused_naming_the_flag_and_its_range(argv, message):
+    assert message in refusal(*argv)
+
+
+def test_the_ranges_edges_pass_and_the_seeds_range_shrinks_with_the_ranks():
+    cfg = checked("--keep-checkpoints", "1", "--seed", str(2**32 - 1), "--max-new-tokens", "511", "--lr", "1e-9",
+                  "--max-grad-norm", "0")
+    assert cfg.seed == 2**32 - 1 and cfg.keep_checkpoints == 1
+    cfg = config.parse_config(["--seed", str(2**32 - 1000)])  # rank 1 would seed numpy with 2**32
+    with pytest.raises(SystemExit, match=r"--seed must lie in \[0, 4294966295\] .*2 ranks here"):
+        config.check_config(cfg, 2)
+    config.check_config(config.parse_config(["--seed", str(2**32 - 1001)]), 2)
+
+
+def model_config_only(path, **fields):
+    """A model directory holding a config.json and nothing else: no weights, no tokenizer, nothing to load."""
+    os.makedirs(path)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump({"model_type": "qwen2", **fields}, f)
+    return str(path)
+
+
+def test_max_new_tokens_is_checked_against_the_window_of_the_models_config_json_alone(tmp_path):
+    """The window comes from config.json (the directory has nothing else to load): max_position_embeddings, a
+    multimodal model's in text_config, capped at vLLM's 8192 with --rollout vllm."""
+    small = model_config_only(tmp_path / "small", max_position_embeddings=64)
+    assert refusal("--model", small, "--max-new-tokens", "64") == (
+        "error: --max-new-tokens 64 leaves no room in the model's context window of 64 tokens; lower it (at most 63)")
+    assert checked("--model", small, "--max-new-tokens", "63").max_new_tokens == 63
+    nested = model_config_only(tmp_path / "nested", text_config={"max_position_embeddings": 128})
+    assert "context window of 128 tokens" in refusal("--model", nested, "--max-new-tokens", "200")
+    long = model_config_only(tmp_path / "long", max_position_embeddings=32768)
+    checked("--model", long, "--max-new-tokens", "9000")
+    assert "context window of 8192 tokens" in refusal("--model", long, "--max-new-tokens", "9000", "--rollout", "vllm")

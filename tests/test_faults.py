@@ -467,3 +467,158 @@ def test_prompts_longer_than_the_limit_are_skipped_and_counted(toy_cache, tmp_pa
                         "--max-prompt-tokens", "510"], cwd=tmp_path)
     assert p.returncode == 1 and "--max-prompt-tokens 510 plus --max-new-tokens 12 leave no room in the model's " \
                                  "context window of 512 tokens" in p.stderr, p.stderr[-2000:]
+
+
+def test_every_loader_refuses_a_directory_with_pickled_weights_only(tmp_path):
+    """--model, --value-model and --reward-model are refused by fetch_from_hub before anything loads; a model
+    directory loaded later (a checkpoint on --resume, eval.py's, --export-hf's) by infra.load_model and
+    load_value_model, with the same message. The pickle never runs."""
+    import pickle
+    import tasks
+    marker = tmp_path / "unpickled"
+
+    class Boom:  # what a malicious pytorch_model.bin can do when unpickled
+        def __reduce__(self):
+            return open, (str(marker), "w")
+    path = str(tmp_path / "pickled")
+    tasks.build_toy_model(path, seed=0)
+    os.remove(os.path.join(path, "model.safetensors"))
+    with open(os.path.join(path, "pytorch_model.bin"), "wb") as f:
+        pickle.dump(Boom(), f)
+    only_pickles = f"{path}: this project loads safetensors weights only"
+    for argv in (["--model", path], ["--algo", "ppo", "--value-model", path],
+                 ["--judge", "reward_model", "--reward-model", path]):
+        cfg = config.parse_config(argv + TINY)
+        config.check_config(cfg, 1)
+        with pytest.raises(SystemExit, match=f"error: {argv[-2]} {only_pickles}"):
+            infra.fetch_from_hub(cfg, infra.Dist())
+    with pytest.raises(SystemExit, match=f"error: model directory {only_pickles}.*convert"):
+        infra.load_model(path, config.Config(), torch.device("cpu"))
+    with pytest.raises(SystemExit, match=f"error: value model directory {only_pickles}"):
+        infra.load_value_model(path, config.Config(), torch.device("cpu"))
+    assert not marker.exists()
+
+
+# ---------------------------------------------------------------------------------------------------
+# The run directory: a new run never writes over a previous one; a resume on another number of ranks
+# ---------------------------------------------------------------------------------------------------
+def previous_run_dir(out, rows=7, first=4, last=8):
+    """A run directory as a killed run leaves it: `rows` metrics rows, checkpoints first..last, final/, latest."""
+    os.makedirs(out / "final")
+    (out / "metrics.jsonl").write_text("".join(json.dumps({"step": i + 1}) + "\n" for i in range(rows)))
+    for step in range(first, last + 1):
+        os.makedirs(out / infra.checkpoint_name(step))
+    (out / "latest").write_text(infra.checkpoint_name(last))
+    (out / "config.json").write_text("{}")
+    return out
+
+
+def test_what_counts_as_a_previous_run(tmp_path):
+    out = previous_run_dir(tmp_path / "run")
+    assert infra.previous_run(str(out)) == ("metrics.jsonl with 7 rows, checkpoints ckpt-000004..ckpt-000008, "
+                                            "final/, latest, config.json")
+    assert infra.previous_run(str(tmp_path / "absent")) == ""
+    os.makedirs(tmp_path / "empty")
+    assert infra.previous_run(str(tmp_path / "empty")) == ""
+    started = tmp_path / "started"  # data.json (a start's prompt counts, rewritten by every start) and other files
+    os.makedirs(started / "ckpt-000001.tmp")  # a first checkpoint cut short: no run's work yet
+    (started / "data.json").write_text("{}")
+    (started / "notes.txt").write_text("mine")
+    assert infra.previous_run(str(started)) == ""
+    (started / "eval.json").write_text("{}")
+    assert infra.previous_run(str(started)) == "eval.json"
+
+
+def test_a_new_run_into_a_previous_run_is_refused_before_anything_loads(tmp_path, capsys):
+    """One line naming the directory, what it holds and the ways on; nothing in it changes, and nothing loads:
+    the toy model is not even built in the (empty) cache."""
+    out, cache = previous_run_dir(tmp_path / "run"), tmp_path / "cache"
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(SystemExit) as e:
+        dar.main(TINY + ["--cache-dir", str(cache), "--out-dir", str(out)])
+    assert str(e.value) == (f"error: --out-dir {out} holds a previous run (metrics.jsonl with 7 rows, checkpoints "
+                            "ckpt-000004..ckpt-000008, final/, latest, config.json); continue it with --resume, or "
+                            f"start a new one there with --overwrite, which first moves it to {out}.old-1")
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert not cache.exists() and capsys.readouterr().out == ""
+
+
+def test_overwrite_moves_the_previous_run_aside_to_a_free_name(tmp_path, capsys):
+    """--overwrite moves the whole directory to OUT_DIR.old-N, the first free N, and says so; the new run then
+    starts in an absent directory. An absent or empty one starts as it is, with or without --overwrite."""
+    out = str(previous_run_dir(tmp_path / "run"))
+    os.makedirs(out + ".old-1")
+    cfg = config.parse_config(["--out-dir", out, "--overwrite"])
+    infra.claim_run_dir(cfg, infra.Dist())
+    assert not os.path.exists(out) and not os.listdir(out + ".old-1")
+    assert infra.previous_run(out + ".old-2").startswith("metrics.jsonl with 7 rows")
+    assert capsys.readouterr().out == (f"--overwrite: moved the previous run in {out} (metrics.jsonl with 7 rows, "
+                                       f"checkpoints ckpt-000004..ckpt-000008, final/, latest, config.json) to "
+                                       f"{out}.old-2\n")
+    infra.claim_run_dir(cfg, infra.Dist())  # absent now: nothing to move
+    os.makedirs(out)
+    infra.claim_run_dir(config.parse_config(["--out-dir", out]), infra.Dist())  # empty: starts as it is
+    assert os.path.isdir(out) and not os.path.exists(out + ".old-3")
+
+
+@pytest.mark.slow
+def test_a_second_run_into_a_run_directory_keeps_the_first(toy_cache, tmp_path):
+    """The mistake after a Ctrl-C: the same command again. Refused in one line; --overwrite then keeps the first
+    run whole in OUT_DIR.old-1 (its metrics, checkpoint and final/), and the new run writes a fresh directory."""
+    out = tmp_path / "run"
+    flags = TINY + ["--cache-dir", toy_cache, "--out-dir", str(out), "--steps", "1", "--save-every", "1",
+                    "--print-every", "1000", "--eval-prompts", "0"]
+    assert run_dar(flags, cwd=tmp_path).returncode == 0
+    first = (out / "metrics.jsonl").read_text()
+    p = run_dar(flags, cwd=tmp_path)
+    assert p.returncode == 1 and p.stderr.strip() == (
+        f"error: --out-dir {out} holds a previous run (metrics.jsonl with 1 row, checkpoint ckpt-000001, final/, "
+        f"latest, config.json); continue it with --resume, or start a new one there with --overwrite, which first "
+        f"moves it to {out}.old-1"), p.stderr[-2000:]
+    assert (out / "metrics.jsonl").read_text() == first
+    p = run_dar(flags + ["--steps", "2", "--overwrite"], cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert f"--overwrite: moved the previous run in {out} (" in p.stdout
+    old = tmp_path / "run.old-1"
+    assert (old / "metrics.jsonl").read_text() == first and (old / "ckpt-000001" / "state.pt").is_file()
+    assert (old / "final" / "config.json").is_file()
+    assert [r["step"] for r in read_metrics(out)] == [1, 2]  # the new run's alone
+    assert json.loads((out / "config.json").read_text())["steps"] == 2
+
+
+@pytest.mark.slow
+def test_under_torchrun_rank_0_alone_refuses_or_moves_the_previous_run(toy_cache, tmp_path):
+    """Two ranks: the refusal is printed once; --overwrite moves the directory once (rank 1 waits for rank 0's
+    word, and neither moves it a second time to .old-2), and the two ranks train in the fresh directory."""
+    out = previous_run_dir(tmp_path / "run")
+    flags = TINY + ["--cache-dir", toy_cache, "--out-dir", str(out), "--steps", "1", "--print-every", "1000",
+                    "--eval-prompts", "0"]
+    p = run_dar(flags, cwd=tmp_path, launcher=TORCHRUN)
+    assert p.returncode != 0 and p.stderr.count(f"error: --out-dir {out} holds a previous run") == 1, p.stderr[-2000:]
+    p = run_dar(flags + ["--overwrite"], cwd=tmp_path, launcher=TORCHRUN)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stdout.count("--overwrite: moved the previous run") == 1
+    assert infra.previous_run(str(out) + ".old-1").startswith("metrics.jsonl with 7 rows")
+    assert not os.path.exists(str(out) + ".old-2") and [r["step"] for r in read_metrics(out)] == [1]
+
+
+@pytest.mark.slow
+def test_a_resume_on_another_number_of_ranks_says_what_changes_and_goes_on(toy_cache, tmp_path):
+    """DDP, 1 -> 2 -> 1 ranks: each resume prints the line (not bit-exact: the prompts are split over other
+    ranks, sampled from other random streams) and the run goes on, every batch logged once."""
+    out = tmp_path / "run"
+    flags = TINY + ["--cache-dir", toy_cache, "--out-dir", str(out), "--save-every", "1", "--print-every", "1000",
+                    "--eval-prompts", "0"]
+    assert run_dar(flags + ["--steps", "1"], cwd=tmp_path).returncode == 0
+    p = run_dar(flags + ["--steps", "2", "--resume"], cwd=tmp_path, launcher=TORCHRUN)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stdout.count("--resume: ckpt-000001 was written by 1 rank and this run has 2: it goes on, but not bit "
+                          "for bit as 1 rank would have: each online batch has the same prompts, split over 2 ranks, "
+                          "and their responses are sampled from other random streams (rank 0 continues its random "
+                          "stream, rank 1 starts from --seed + 1000 r)") == 1, p.stdout[-2000:]
+    p = run_dar(flags + ["--steps", "3", "--resume"], cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "--resume: ckpt-000002 was written by 2 ranks and this run has 1: it goes on" in p.stdout
+    p = run_dar(flags + ["--steps", "4", "--resume"], cwd=tmp_path)  # the same number again: nothing to say
+    assert p.returncode == 0 and "was written by" not in p.stdout, p.stderr[-2000:]
+    assert [r["step"] for r in read_metrics(out)] == [1, 2, 3, 4]

@@ -208,6 +208,15 @@ def test_a_revision_that_is_not_cached_stops_with_one_line(hub_home, tmp_path):
 
 
 @pytest.mark.slow
+def test_max_new_tokens_is_checked_against_a_hub_models_config_json_before_it_loads(hub_home, tmp_path):
+    """A Hub id's config.json is read once its snapshot is here (fetch_from_hub), before the model loads."""
+    p = run_dar(["--model", TOY_ID, "--out-dir", str(tmp_path / "run")] + TINY + ["--max-new-tokens", "600"],
+                cwd=tmp_path, env_extra=dict(OFFLINE, HF_HOME=hub_home))
+    assert one_error_line(p) == ("error: --max-new-tokens 600 leaves no room in the model's context window of 512 "
+                                 "tokens; lower it (at most 511)")
+
+
+@pytest.mark.slow
 def test_a_hub_repository_with_pickled_weights_only_is_refused(hub_home, tmp_path):
     """Its snapshot has a config and a pytorch_model.bin: refused with one line before anything loads, and the
     pickle never runs."""
@@ -303,15 +312,15 @@ def test_a_local_directory_named_like_an_id_is_a_directory(toy_pi0, tmp_path, mo
 
 
 def test_a_local_directory_with_pickled_weights_only_is_refused(tmp_path):
-    """config.json and pytorch_model.bin, no safetensors: fetch_from_hub stops with the message, and the second
-    guard (use_safetensors=True) keeps infra.load_model from unpickling it too. The pickle never runs."""
+    """config.json and pytorch_model.bin, no safetensors: fetch_from_hub stops with the message, and so does
+    infra.load_model (which also passes use_safetensors=True). The pickle never runs."""
     marker = tmp_path / "unpickled"
     path = pickled_model_dir(str(tmp_path / "pickled"), str(marker))
     cfg = config.parse_config(["--model", path] + TINY)
     config.check_config(cfg, 1)
     with pytest.raises(SystemExit, match=re.escape(f"--model {path}: this project loads safetensors weights only")):
         infra.fetch_from_hub(cfg, infra.Dist())
-    with pytest.raises(OSError, match="safetensors"):
+    with pytest.raises(SystemExit, match=re.escape(f"model directory {path}: this project loads safetensors")):
         infra.load_model(path, cfg, torch.device("cpu"))
     assert not marker.exists()
 
