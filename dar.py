@@ -40,7 +40,8 @@ import rollout
 import data
 from config import NO_EVALUATION, check_config, parse_config, settings_line, trainer_state
 from eval import compare_with_reference, evaluator_note, print_report
-from infra import barrier, end_distributed, export_hf, fetch_from_hub, gather, load_model, setup_distributed, timed
+from infra import (barrier, end_distributed, export_hf, fetch_from_hub, gather, kill_point, load_model,
+                   setup_distributed, timed, write_atomic)
 from loop import (advantage_stats, group_advantages, judge_async, judge_batch, minibatch_updates, online_metrics,
                   pi_t_logps, sample, score, sft_step, skip_unusable, train)
 
@@ -194,8 +195,8 @@ def main(argv=None):
             state = trainer_state(cfg, cfg.steps, len(run.task.train_prompts), run.sched.last_epoch)
             report = compare_with_reference(policy, ref, run.tok, prompts, cfg, task=run.task, seed=cfg.eval_seed,
                                             state=state)
-            with open(os.path.join(cfg.out_dir, "eval.json"), "w") as f:
-                json.dump(report, f, indent=1)
+            kill_point("eval.json")  # test only (infra.kill_point)
+            write_atomic(os.path.join(cfg.out_dir, "eval.json"), json.dumps(report, indent=1))
             print_report(report)
         barrier(ctx)
     finally:
