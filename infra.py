@@ -495,7 +495,9 @@ def write_error(e):
     if isinstance(e, OSError) and e.strerror:
         return f"{e.strerror}: {e.filename}" if e.filename else e.strerror
     text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0] if text else ''}"
+    short = " (torch.save wrote less than it was given: a full disk, a quota or a file-size limit)" \
+        if "inline_container" in str(e) else ""
+    return f"{type(e).__name__}: {text[0] if text else ''}{short}"
 
 
 def write_atomic(path, data):
@@ -628,19 +630,21 @@ class Logger:
         as it was before the row and stops the run."""
         if not self.ctx.master:
             return
-        line = json.dumps(metrics) + "\n"
-        with open(self.path, "a") as f:
-            size = f.tell()
-            try:
-                f.write(line)
-                f.flush()
-                os.fsync(f.fileno())
-            except OSError as e:
-                with contextlib.suppress(OSError):
-                    f.truncate(size)  # no half row
-                raise SystemExit(f"error: could not append online batch {metrics['step']}'s row to {self.path} "
-                                 f"({write_error(e)}); its rows before are intact. Free space or fix the cause, then "
-                                 "continue with --resume") from None
+        line = memoryview((json.dumps(metrics) + "\n").encode())
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)  # unbuffered: nothing left to flush
+        try:
+            size = os.fstat(fd).st_size
+            while line:
+                line = line[os.write(fd, line):]
+            os.fsync(fd)
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, size)  # no half row
+            raise SystemExit(f"error: could not append online batch {metrics['step']}'s row to {self.path} "
+                             f"({write_error(e)}); its rows before are intact. Free space or fix the cause, then "
+                             "continue with --resume") from None
+        finally:
+            os.close(fd)
         kill_point("metrics")
         step, table = metrics["step"], metrics.get(SAMPLES)
         for t in self.trackers:
