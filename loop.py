@@ -202,7 +202,7 @@ def train(cfg, ctx, step_fn):
     batch, checkpoints and exits 143."""
     run, start = start_run(cfg, ctx)
     log = Logger(cfg, ctx, start)
-    ev = start_training_eval(cfg, ctx, run, start)
+    ev = start_training_eval(cfg, ctx, run)
     if ctx.master and start == 0:
         print("config: " + json.dumps(dataclasses.asdict(cfg)), flush=True)
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not ctx.master,
@@ -753,7 +753,7 @@ def evaluator_config(cfg):
                                judge_api_key_env=cfg.eval_judge_api_key_env)
 
 
-def start_training_eval(cfg, ctx, run, start):
+def start_training_eval(cfg, ctx, run):
     """The TrainingEval of a run with --eval-every (else None): --eval-every-prompts of the task's validation
     prompts (disjoint from training and test prompts; the test prompts when a task has none), drawn with
     --eval-seed. best.json and `best` are written again from the best so far that the resumed checkpoint holds
@@ -768,14 +768,12 @@ def start_training_eval(cfg, ctx, run, start):
                       "which the end-of-run report uses too", flush=True)
         prompts, _ = data.random_subset(pool, cfg.eval_every_prompts, cfg.eval_seed)
         ev = TrainingEval(prompts, source, eval_judge(cfg, run.task, run.tok))
-    best = run.best
+    best, why = run.best, ""
     if best is not None and not os.path.isdir(os.path.join(cfg.out_dir, best["checkpoint"])):
         why = f"its checkpoint {best['checkpoint']} is gone"
-    elif best is not None and ev is not None and (best["eval_seed"], best["prompts"]) != (cfg.eval_seed,
-                                                                                          len(ev.prompts)):
+    elif best is not None and ev is not None and \
+            (best["eval_seed"], best["prompts"]) != (cfg.eval_seed, len(ev.prompts)):
         why = "it was evaluated on other prompts (--eval-seed, --eval-every-prompts)"
-    else:
-        why = ""
     if why:
         run.best = None
         if ctx.master:
