@@ -411,8 +411,8 @@ def save_checkpoint(cfg, ctx, step, run):
                            dict(state, optimizer=run.opt.state_dict()), value=run.value)
     except WRITE_ERRORS as e:  # a full disk, a quota, a read-only disk: `latest` still names the previous checkpoint
         raise SystemExit(f"error: could not write checkpoint {name} in {cfg.out_dir} ({write_error(e)}); "
-                         f"the previous checkpoint {latest_checkpoint(cfg) or '(none)'} and metrics.jsonl are "
-                         "intact. Free space or fix the cause, then continue with --resume.") from None
+                         f"the previous checkpoint {latest_checkpoint(cfg) or '(none)'} is intact, as is "
+                         "metrics.jsonl. Free space or fix the cause, then continue with --resume.") from None
     kill_point("checkpoint")
     if ctx.master:
         write_atomic(os.path.join(cfg.out_dir, "latest"), name)

@@ -215,7 +215,10 @@ def train(cfg, ctx, step_fn):
                 metrics = step_fn(step, cfg, ctx, run)
             except JudgeFailure as e:  # nothing of this batch was trained on: keep the work before it, stop
                 set_rng_state(rng_before)  # --resume then draws this batch again, as an uninterrupted run would
-                if step > start and step % cfg.save_every:
+                # unless written already (a save step, or the best evaluation's): rewritten, `latest` would name a
+                # directory that is gone for a moment
+                if step > start and latest_checkpoint(cfg) != os.path.join(cfg.out_dir, checkpoint_name(step)) \
+                        and step % cfg.save_every:
                     save_checkpoint(cfg, ctx, step, run)
                 last = latest_checkpoint(cfg) or "none yet (no batch was trained)"
                 raise SystemExit(f"error: online batch {step + 1}: {e}. Stopped before training on it; the "
