@@ -45,7 +45,7 @@ import data
 from config import NO_EVALUATION, check_config, parse_config, settings_line, trainer_state
 from eval import compare_with_reference, evaluator_note, print_report
 from infra import (barrier, claim_run_dir, ctrl_c_line, end_distributed, exit_on_ctrl_c, export_hf, fetch_from_hub,
-                   gather, load_model, setup_distributed, timed)
+                   gather, kill_point, load_model, setup_distributed, timed, write_atomic)
 from judge import AnnotatorUnavailable
 from loop import (advantage_stats, group_advantages, judge_async, judge_batch, minibatch_updates, online_metrics,
                   pi_t_logps, sample, score, sft_step, skip_unusable, train)
@@ -206,8 +206,8 @@ def main(argv=None):
                 raise SystemExit(f"error: the final evaluation: {e}. The trained model is in "
                                  f"{os.path.join(cfg.out_dir, 'final')}; evaluate it with `python eval.py "
                                  f"{cfg.out_dir}` once the annotator answers") from None
-            with open(os.path.join(cfg.out_dir, "eval.json"), "w") as f:
-                json.dump(report, f, indent=1)
+            kill_point("eval.json")  # test only (infra.kill_point)
+            write_atomic(os.path.join(cfg.out_dir, "eval.json"), json.dumps(report, indent=1))
             print_report(report)
         barrier(ctx)
     finally:

@@ -35,6 +35,7 @@ from tqdm import tqdm
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForTokenClassification, AutoTokenizer,
                           GenerationConfig)
 from transformers.optimization import Adafactor
+from safetensors import SafetensorError
 from transformers.utils import logging as hf_logging
 
 import rollout
@@ -351,7 +352,7 @@ def save_sharded_checkpoint(ctx, path, run, state):
         error = None
         try:
             stage()
-        except (OSError, dcp.api.CheckpointException) as e:
+        except WRITE_ERRORS as e:
             error = e
         failed = torch.tensor([float(error is not None)], device=ctx.device)
         torch.distributed.all_reduce(failed, op=torch.distributed.ReduceOp.MAX)
@@ -360,8 +361,7 @@ def save_sharded_checkpoint(ctx, path, run, state):
                 shutil.rmtree(tmp, ignore_errors=True)
             raise OSError(f"{type(error).__name__}: {error}" if error else "another rank could not write its shards")
     if ctx.master:
-        shutil.rmtree(path, ignore_errors=True)
-        os.replace(tmp, path)
+        publish_dir(tmp, path)
 
 
 def load_sharded_checkpoint(path, modules, opt):
@@ -404,25 +404,30 @@ def set_rng_state(s):
 
 
 def save_checkpoint(cfg, ctx, step, run):
+    """Checkpoint ckpt-step, with the best evaluation so far (run.best) in its state.pt, then `latest` names it: a
+    run killed between any two of these writes resumes from a checkpoint whose files all agree with each other."""
     states = [None] * ctx.world
     if ctx.world > 1:
         torch.distributed.all_gather_object(states, rng_state())
     else:
         states = [rng_state()]
     name = checkpoint_name(step)
-    state = dict(step=step, scheduler=run.sched.state_dict(), rng=states, config=dataclasses.asdict(cfg))
+    state = dict(step=step, scheduler=run.sched.state_dict(), rng=states, config=dataclasses.asdict(cfg),
+                 best=run.best)
     try:
         if cfg.fsdp:
             save_sharded_checkpoint(ctx, os.path.join(cfg.out_dir, name), run, state)
         elif ctx.master:
             save_model_dir(os.path.join(cfg.out_dir, name), run.policy, run.tok,
                            dict(state, optimizer=run.opt.state_dict()), value=run.value)
-    except OSError as e:  # a full disk, a quota: `latest` still names the previous, complete checkpoint
-        raise SystemExit(f"error: could not write checkpoint {name} ({e}); the previous checkpoint "
-                         f"{latest_checkpoint(cfg) or '(none)'} is intact. Free space or fix the cause, then "
-                         f"continue with --resume.") from e
+    except WRITE_ERRORS as e:  # a full disk, a quota, a read-only disk: `latest` still names the previous checkpoint
+        raise SystemExit(f"error: could not write checkpoint {name} in {cfg.out_dir} ({write_error(e)}); "
+                         f"the previous checkpoint {latest_checkpoint(cfg) or '(none)'} is intact, as is "
+                         "metrics.jsonl. Free space or fix the cause, then continue with --resume.") from None
+    kill_point("checkpoint")
     if ctx.master:
         write_atomic(os.path.join(cfg.out_dir, "latest"), name)
+        kill_point("latest")
         prune_checkpoints(cfg)
     barrier(ctx)
 
@@ -433,7 +438,7 @@ def checkpoint_name(step):
 
 def prune_checkpoints(cfg):
     """Delete all but the newest --keep-checkpoints checkpoints up to the one `latest` names, except the one that
-    out_dir/best names (the best evaluation of --eval-every, loop.keep_best): that one is kept beside them. Neither
+    out_dir/best names (the best evaluation of --eval-every, loop.publish_best): that one is kept beside them. Neither
     the one `latest` names nor `best` is ever deleted, whatever the number says (0 or less keeps `latest` alone).
     Checkpoints past `latest` are left over from an earlier run in this directory (a fresh run over it): they are
     deleted, since names sort by step and they would otherwise count as the newest and outlive this run's own."""
@@ -476,8 +481,7 @@ def save_model_dir(path, model, tok, state=None, value=None, weights=None):
     except BaseException:  # a half-written directory is removed; what `path` held is untouched
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    shutil.rmtree(path, ignore_errors=True)
-    os.replace(tmp, path)
+    publish_dir(tmp, path)
 
 
 def export_hf(ckpt, out):
@@ -494,13 +498,83 @@ def export_hf(ckpt, out):
     save_model_dir(out, load_model(ckpt, cfg, torch.device("cpu")), load_tokenizer(ckpt, cfg.trust_remote_code))
 
 
-def write_atomic(path, text):
+# What a failed write raises: OSError (a full disk, a read-only file system, a file-size limit), torch.save's
+# writer a RuntimeError ("[enforce fail at inline_container.cc...] unexpected pos"), safetensors a SafetensorError,
+# torch.distributed.checkpoint a CheckpointException
+WRITE_ERRORS = (OSError, RuntimeError, SafetensorError, dcp.api.CheckpointException)
+
+
+def write_error(e):
+    """A write failure's cause in a few words, for a one-line message."""
+    if isinstance(e, OSError) and e.strerror:
+        return f"{e.strerror}: {e.filename}" if e.filename else e.strerror
+    text = str(e).strip().splitlines()
+    short = " (torch.save wrote less than it was given: a full disk, a quota or a file-size limit)" \
+        if "inline_container" in str(e) else ""
+    return f"{type(e).__name__}: {text[0] if text else ''}{short}"
+
+
+def write_atomic(path, data):
+    """Replace the file `path` by `data` (text or bytes) so that a kill at any moment leaves either the old file or
+    the new one, whole: written beside it, flushed to the disk, renamed over it, and the rename flushed (the
+    directory). A failed write stops the run in one line naming the file; the old file stays as it was."""
     tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "wb" if isinstance(data, bytes) else "w") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        fsync_dir(os.path.dirname(path))
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise SystemExit(f"error: could not write {path} ({write_error(e)}); it is as it was before. Free space "
+                         "or fix the cause, then continue with --resume") from None
+
+
+def fsync_dir(path):
+    """Flush a directory's entries (a rename or a new file in it) to the disk."""
+    fd = os.open(path or ".", os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def publish_dir(tmp, path):
+    """Put the complete directory `tmp` in the place of `path`: every file flushed to the disk first, so that the
+    renamed directory is whole after a crash of the machine too, then the rename, then the parent's entry."""
+    for d, _, files in os.walk(tmp):
+        for name in files:
+            fd = os.open(os.path.join(d, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(d)
+    shutil.rmtree(path, ignore_errors=True)
     os.replace(tmp, path)
+    fsync_dir(os.path.dirname(path))
+
+
+# TEST ONLY (docs/faults.md): DAR_TEST_KILL_AT=POINT[:N] makes the process SIGKILL itself the N-th time (default
+# the first) it passes the write boundary POINT, so that tests can stop a run between any two of its writes and
+# check that --resume ends where an uninterrupted run ends. Never set it outside tests.
+KILL_POINTS = ("metrics", "checkpoint", "latest", "best.json", "best", "final", "eval.json")
+_passes = {}
+
+
+def kill_point(name):
+    spec = os.environ.get("DAR_TEST_KILL_AT")
+    if not spec:
+        return
+    point, _, nth = spec.partition(":")
+    if point not in KILL_POINTS:
+        raise SystemExit(f"error: DAR_TEST_KILL_AT={spec}: no such point; the points are {', '.join(KILL_POINTS)}")
+    _passes[name] = _passes.get(name, 0) + 1
+    if name == point and _passes[name] == int(nth or 1):
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def latest_checkpoint(cfg):
@@ -707,21 +781,33 @@ class Logger:
         self.ctx, self.path, self.trackers = ctx, os.path.join(cfg.out_dir, "metrics.jsonl"), []
         if ctx.master:
             os.makedirs(cfg.out_dir, exist_ok=True)
-            kept = []
-            if start_step > 0 and os.path.exists(self.path):  # drop lines past the resumed checkpoint
-                kept = [l for l in open(self.path) if l.strip() and json.loads(l)["step"] <= start_step]
-            with open(self.path, "w") as f:
-                f.writelines(kept)
-            with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
-                json.dump(dataclasses.asdict(cfg), f, indent=1)
+            # replaced whole, never truncated and rewritten: a kill in between would erase the run's history
+            write_atomic(self.path, "".join(rows_up_to(self.path, start_step)))
+            write_atomic(os.path.join(cfg.out_dir, "config.json"), json.dumps(dataclasses.asdict(cfg), indent=1))
             self.trackers = [TRACKER_CLASSES[name](cfg, start_step) for name in trackers(cfg.report_to)]
 
     def log(self, metrics):
-        """One online batch's row (its "step" the x-axis of every tracker)."""
+        """One online batch's row (its "step" the x-axis of every tracker), flushed to the disk before the batch's
+        checkpoint is written: a checkpoint never holds a batch whose row is lost. A failed write leaves the file
+        as it was before the row and stops the run."""
         if not self.ctx.master:
             return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(metrics) + "\n")
+        line = memoryview((json.dumps(metrics) + "\n").encode())
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)  # unbuffered: nothing left to flush
+        try:
+            size = os.fstat(fd).st_size
+            while line:
+                line = line[os.write(fd, line):]
+            os.fsync(fd)
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, size)  # no half row
+            raise SystemExit(f"error: could not append online batch {metrics['step']}'s row to {self.path} "
+                             f"({write_error(e)}); its rows before are intact. Free space or fix the cause, then "
+                             "continue with --resume") from None
+        finally:
+            os.close(fd)
+        kill_point("metrics")
         step, table = metrics["step"], metrics.get(SAMPLES)
         for t in self.trackers:
             t.log({k: v for k, v in metrics.items() if k not in ("step", SAMPLES)}, step)
@@ -734,13 +820,33 @@ class Logger:
         self.trackers = []
 
 
+def rows_up_to(path, step):
+    """The lines of metrics.jsonl for the online batches up to `step` (a resumed run's checkpoint; none for a new
+    run): the rows a killed run logged after its checkpoint are logged again by the resumed run."""
+    if step == 0 or not os.path.exists(path):
+        return []
+    rows = []
+    with open(path) as f:
+        for line in f:
+            try:
+                if json.loads(line)["step"] <= step:
+                    rows.append(line if line.endswith("\n") else line + "\n")
+            except (ValueError, KeyError):  # a row cut short: the machine crashed while it was written
+                continue
+    return rows
+
+
 class TensorBoardTracker:
     """--report-to tensorboard: event files in OUT_DIR/tensorboard (`tensorboard --logdir OUT_DIR/tensorboard`)."""
 
     def __init__(self, cfg, start_step):
         from torch.utils.tensorboard import SummaryWriter  # optional: needs the tensorboard package
         # purge_step: readers drop the events at steps after the checkpoint this run starts from (a killed run's
-        # batches, logged again by this one), as Logger drops their lines from metrics.jsonl
+        # batches, logged again by this one), as Logger drops their lines from metrics.jsonl. Nothing is deleted or
+        # rewritten for it: SummaryWriter opens a new event file that starts with a marker at that step, and
+        # TensorBoard hides the earlier files' events from that step on. Event files are only ever appended to, so
+        # a kill at any moment loses at most the unflushed events of the batch being logged, which the resumed run
+        # logs again.
         self.writer = SummaryWriter(os.path.join(cfg.out_dir, "tensorboard"), purge_step=start_step + 1)
 
     def log(self, metrics, step):
@@ -1051,13 +1157,17 @@ def save_final(cfg, ctx, models, tok):
         if getattr(policy.config, "tie_word_embeddings", False):  # the head is the embedding: saved once
             for name in getattr(policy, "_tied_weights_keys", None) or ():
                 whole.pop(name, None)
-        if ctx.master:
-            save_model_dir(final, policy, tok, weights=whole)
     else:
         for m in models:
             check_ranks_agree(ctx, m)
-        if ctx.master:
-            save_model_dir(final, policy, tok)
+        whole = None
+    if ctx.master:
+        try:
+            save_model_dir(final, policy, tok, weights=whole)
+        except WRITE_ERRORS as e:
+            raise SystemExit(f"error: could not write {final} ({write_error(e)}); the checkpoints and metrics.jsonl "
+                             "are intact. Free space or fix the cause, then --resume writes it again") from None
+        kill_point("final")
     barrier(ctx)
 
 

@@ -7,7 +7,7 @@
     pi_t_logps, score          step 4: log pi_t and log pi_0 of the sampled tokens, once per batch
     minibatch_updates          step 6's optimizer steps, with gradient accumulation under DDP / FSDP2
     online_metrics             what every online algorithm logs
-    evaluate_during_training   --eval-every: the policy against pi_0 on held-out prompts (eval/*), and keep_best
+    evaluate_during_training   --eval-every: the policy against pi_0 on held-out prompts (eval/*), and the best
     sft_step                   supervised fine-tuning (the toy task's pi_0 is made with it)
 
 A reader of dar.py can take these by their names; infra.py below holds what a learner can skip entirely.
@@ -35,11 +35,11 @@ import tasks
 from config import (NO_EVALUATION, OFFLINE, VALUE_MODEL, Config, check_resumable, prompt_limit, resolve_schedule,
                     trainer_state, usable_window)
 from infra import (SAMPLES, Dist, Logger, TermSignal, barrier, checkpoint_name, gather, is_sharded_checkpoint,
-                   latest_checkpoint, load_model, load_sharded_checkpoint, load_state, load_tokenizer, load_value_model,
-                   local_gradients, model_dtype, no_dropout, optimizer_and_schedule, optimizer_step, pooled_means,
-                   print_samples, prune_checkpoints, rank_means, resume_checkpoint, rng_state, sample_rows,
-                   save_checkpoint, save_final, seed_everything, set_rng_state, silent_ranks, trained_modules,
-                   write_atomic)
+                   kill_point, latest_checkpoint, load_model, load_sharded_checkpoint, load_state, load_tokenizer,
+                   load_value_model, local_gradients, model_dtype, no_dropout, optimizer_and_schedule, optimizer_step,
+                   pooled_means, print_samples, prune_checkpoints, rank_means, resume_checkpoint, rng_state,
+                   sample_rows, save_checkpoint, save_final, seed_everything, set_rng_state, silent_ranks,
+                   trained_modules, write_atomic)
 from judge import AnnotatorUnavailable, make_judge
 from rewards import (NO_JUDGE, TRAINING_REWARD, CombinedReward, RewardFunctionError, describe_reward, judge_rollout,
                      with_functions)
@@ -107,6 +107,7 @@ class Run:
     sampler: object = None   # a rollout.VllmSampler with --rollout vllm; None = transformers generate on the policy
     init: str = ""           # pi_0's model directory
     batches: int = 0         # online batches done before the one being trained (the reward functions' trainer_state)
+    best: dict = None        # the best evaluation so far (--eval-every): what best.json holds; each checkpoint keeps it
 
     @property
     def trained(self):
@@ -141,7 +142,7 @@ def start_run(cfg, ctx):
     seed_everything(cfg.seed + 1000 * ctx.rank)  # after the (maybe) in-process SFT that made pi_0
     task = tasks.load_task(cfg.task, cfg.data, cfg.eval_fraction, cfg.valid_fraction)  # bad data stops here
     tok = load_tokenizer(init, cfg.trust_remote_code, cfg.chat_template_kwargs)
-    start, ckpt = 0, resume_checkpoint(cfg, ctx) if cfg.resume else None  # the newest intact checkpoint
+    start, run_best, ckpt = 0, None, resume_checkpoint(cfg, ctx) if cfg.resume else None  # the newest intact one
     if cfg.resume and ckpt is None and ctx.master:
         print(f"--resume: no checkpoint in {cfg.out_dir}, starting from scratch", flush=True)
     sharded_ckpt = ckpt is not None and is_sharded_checkpoint(ckpt)  # its weights are read in after sharding
@@ -172,7 +173,7 @@ def start_run(cfg, ctx):
         else:
             opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
-        start = state["step"]
+        start, run_best = state["step"], state.get("best")
         if ctx.rank < len(state["rng"]):  # the random streams of the ranks the checkpoint had go on
             set_rng_state(state["rng"][ctx.rank])
         if len(state["rng"]) != ctx.world and ctx.master:
@@ -185,7 +186,7 @@ def start_run(cfg, ctx):
     if cfg.algo != "sft":  # pi_0: a frozen copy of the initial policy
         ref = load_model(init, cfg, ctx.device, sharded=cfg.fsdp, frozen=True)
     run = Run(task, tok, training_reward(cfg, task, tok) if cfg.algo not in OFFLINE else None, policy, wrapped[0], ref,
-              opt, sched, value, wrapped[1] if value is not None else None, init=init)
+              opt, sched, value, wrapped[1] if value is not None else None, init=init, best=run_best)
     if cfg.rollout == "vllm" and cfg.algo not in OFFLINE:
         run.sampler = rollout.VllmSampler(weights, model_dtype(cfg, ctx.device), cfg.seed + 1000 * ctx.rank,
                                           context_window(cfg, policy.config), cfg.vllm_gpu_memory, ctx.world,
@@ -218,7 +219,7 @@ def train(cfg, ctx, step_fn):
     (SIGINT) finishes the batch, checkpoints and exits 143 or 130 (a second Ctrl-C stops at once)."""
     run, start = start_run(cfg, ctx)
     log = Logger(cfg, ctx, start)
-    ev = start_training_eval(cfg, ctx, run, start)
+    ev = start_training_eval(cfg, ctx, run)
     if ctx.master and start == 0:
         print("config: " + json.dumps(dataclasses.asdict(cfg)), flush=True)
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not ctx.master,
@@ -231,7 +232,10 @@ def train(cfg, ctx, step_fn):
                 metrics = step_fn(step, cfg, ctx, run)
             except JudgeFailure as e:  # nothing of this batch was trained on: keep the work before it, stop
                 set_rng_state(rng_before)  # --resume then draws this batch again, as an uninterrupted run would
-                if step > start and step % cfg.save_every:
+                # unless written already (a save step, or the best evaluation's): rewritten, `latest` would name a
+                # directory that is gone for a moment
+                if step > start and latest_checkpoint(cfg) != os.path.join(cfg.out_dir, checkpoint_name(step)) \
+                        and step % cfg.save_every:
                     save_checkpoint(cfg, ctx, step, run)
                 last = latest_checkpoint(cfg) or "none yet (no batch was trained)"
                 raise SystemExit(f"error: online batch {step + 1}: {e}. Stopped before training on it; the "
@@ -258,7 +262,7 @@ def train(cfg, ctx, step_fn):
             evaluated = ev is not None and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps)
             if evaluated:
                 metrics.update(evaluate_during_training(step, cfg, ctx, run, ev))
-            log.log(metrics)
+            log.log(metrics)  # before the checkpoint: a checkpoint never holds a batch whose row is lost
             if not finite:  # optimizer_step skipped every update whose gradient was not finite
                 last = latest_checkpoint(cfg) or "none yet"
                 if nonfinite_run >= MAX_NONFINITE_BATCHES:
@@ -271,11 +275,17 @@ def train(cfg, ctx, step_fn):
                                f"{MAX_NONFINITE_BATCHES} stop the run)")
             if ctx.master and ((step + 1) % cfg.print_every == 0 or step + 1 == cfg.steps):
                 bar.write(summary_line(metrics))
-            saved = finite and ((step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps)
+            # The best evaluation so far gets a checkpoint, named in out_dir/best. It is decided before that
+            # checkpoint is written, which carries it (state.pt's "best"): a run killed between the checkpoint and
+            # best.json resumes with the best that the uninterrupted run has.
+            new_best = evaluated and finite and better_eval(metrics, run.best)
+            if new_best:
+                run.best = best_record(cfg, step + 1, ev, metrics)
+            saved = finite and ((step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps or new_best)
             if saved:
                 save_checkpoint(cfg, ctx, step + 1, run)
-            if evaluated and finite:  # the best evaluation so far gets a checkpoint, named in out_dir/best
-                saved = keep_best(cfg, ctx, step + 1, run, ev, metrics, saved) or saved
+            if new_best:
+                publish_best(cfg, ctx, run.best)
             stop = term.received(ctx)
             if stop:  # pre-emption or Ctrl-C: keep this batch's work, then stop (the last one's too: no final eval)
                 if not saved:
@@ -700,8 +710,7 @@ def fitting_task(cfg, task, tok, model_config):
 def report_long_prompts(cfg, skipped):
     """A note for the skipped prompts, and data.json in the run directory with the counts."""
     os.makedirs(cfg.out_dir, exist_ok=True)
-    with open(os.path.join(cfg.out_dir, "data.json"), "w") as f:
-        json.dump({"long_prompts_skipped": skipped}, f, indent=1)
+    write_atomic(os.path.join(cfg.out_dir, "data.json"), json.dumps({"long_prompts_skipped": skipped}, indent=1))
     if any(skipped.values()):
         what = {"train_prompts": "training prompts", "eval_prompts": "evaluation prompts",
                 "sft_data": "SFT demonstrations", "pref_data": "preference pairs",
@@ -752,7 +761,6 @@ class TrainingEval:
     source: str              # which of the task's prompt lists they come from, for the summary line
     judge: object
     pi_0: dict = None        # {"rewards", "lengths", "ended"}: [n] each, every rank's responses together
-    best: dict = None        # what best.json holds: step, checkpoint, eval_seed, prompts and the eval/* figures
 
 
 def evaluator_config(cfg):
@@ -765,36 +773,33 @@ def evaluator_config(cfg):
                                judge_api_key_env=cfg.eval_judge_api_key_env)
 
 
-def start_training_eval(cfg, ctx, run, start):
+def start_training_eval(cfg, ctx, run):
     """The TrainingEval of a run with --eval-every (else None): --eval-every-prompts of the task's validation
     prompts (disjoint from training and test prompts; the test prompts when a task has none), drawn with
-    --eval-seed. A resumed run reads the best so far from best.json; a new one (with --eval-every or without)
-    removes an old run's best.json and `best`, so neither names a checkpoint of another run."""
-    best_json, pointer = os.path.join(cfg.out_dir, "best.json"), os.path.join(cfg.out_dir, "best")
-    if start == 0 and ctx.master:  # a new run in a used --out-dir: an old run's best is none of this one's
-        for path in (best_json, pointer):
-            if os.path.exists(path):
-                os.remove(path)
-    if not cfg.eval_every:
-        return None
-    pool, source = run.task.valid_prompts, "validation"
-    if not pool:
-        pool, source = run.task.eval_prompts, "test"
+    --eval-seed. best.json and `best` are written again from the best so far that the resumed checkpoint holds
+    (run.best), so they agree with it whatever a killed run wrote after it; a new run removes an old run's."""
+    ev = None
+    if cfg.eval_every:
+        pool, source = run.task.valid_prompts, "validation"
+        if not pool:
+            pool, source = run.task.eval_prompts, "test"
+            if ctx.master:
+                print(f"note: task {cfg.task} has no validation prompts; --eval-every evaluates on test prompts, "
+                      "which the end-of-run report uses too", flush=True)
+        prompts, _ = data.random_subset(pool, cfg.eval_every_prompts, cfg.eval_seed)
+        ev = TrainingEval(prompts, source, eval_judge(cfg, run.task, run.tok))
+    best, why = run.best, ""
+    if best is not None and not os.path.isdir(os.path.join(cfg.out_dir, best["checkpoint"])):
+        why = f"its checkpoint {best['checkpoint']} is gone"
+    elif best is not None and ev is not None and \
+            (best["eval_seed"], best["prompts"]) != (cfg.eval_seed, len(ev.prompts)):
+        why = "it was evaluated on other prompts (--eval-seed, --eval-every-prompts)"
+    if why:
+        run.best = None
         if ctx.master:
-            print(f"note: task {cfg.task} has no validation prompts; --eval-every evaluates on test prompts, which "
-                  "the end-of-run report uses too", flush=True)
-    prompts, _ = data.random_subset(pool, cfg.eval_every_prompts, cfg.eval_seed)
-    ev = TrainingEval(prompts, source, eval_judge(cfg, run.task, run.tok))
-    if start > 0 and os.path.isfile(best_json):
-        best = json.load(open(best_json))
-        same = (best["eval_seed"], best["prompts"]) == (cfg.eval_seed, len(prompts))
-        if best["step"] <= start and same and os.path.isdir(os.path.join(cfg.out_dir, best["checkpoint"])):
-            ev.best = best
-            if ctx.master:  # best.json is written first: a run killed between the two writes left `best` behind
-                write_atomic(pointer, best["checkpoint"])
-        elif ctx.master:
-            print(f"note: {best_json} is of other evaluation prompts (--eval-seed, --eval-every-prompts) or of a "
-                  "later checkpoint; this run's best starts afresh", flush=True)
+            print(f"note: the best evaluation so far of {cfg.out_dir} ({best['checkpoint']}) is dropped: {why}; this "
+                  "run's best starts afresh", flush=True)
+    publish_best(cfg, ctx, run.best, prune=False)
     return ev
 
 
@@ -846,7 +851,7 @@ def evaluate_during_training(step, cfg, ctx, run, ev):
         tqdm.write(f"eval after batch {step + 1} on {len(ev.prompts)} {ev.source} prompts: win rate over pi_0 "
                    f"{figures['eval/win_rate']:.3f}, reward {figures['eval/reward']:.3f} (pi_0 "
                    f"{figures['eval/pi0_reward']:.3f}), len {figures['eval/length']:.1f}, no-EOS "
-                   f"{figures['eval/no_eos']:.2f}" + (", best so far" if better_eval(figures, ev.best) else ""))
+                   f"{figures['eval/no_eos']:.2f}" + (", best so far" if better_eval(figures, run.best) else ""))
     return {**figures, "perf/eval_s": time.time() - t0}
 
 
@@ -857,22 +862,32 @@ def better_eval(figures, best):
     return not any(map(math.isnan, key)) and (best is None or key > (best["eval/win_rate"], best["eval/reward"]))
 
 
-def keep_best(cfg, ctx, step, run, ev, figures, saved):
-    """After an evaluation at `step` online batches: when it is the best so far, make sure checkpoint ckpt-step
-    exists (written here when `saved` says this step wrote none) and name it in out_dir/best, with its figures in
-    best.json; infra.prune_checkpoints never deletes it. Returns whether it wrote a checkpoint."""
-    if not better_eval(figures, ev.best):
-        return False
-    if not saved:
-        save_checkpoint(cfg, ctx, step, run)
-    ev.best = {"step": step, "checkpoint": checkpoint_name(step), "eval_seed": cfg.eval_seed,
-               "prompts": len(ev.prompts), **{k: v for k, v in figures.items() if k.startswith("eval/")}}
-    if ctx.master:  # best.json first: it is what a resumed run trusts
-        write_atomic(os.path.join(cfg.out_dir, "best.json"), json.dumps(ev.best, indent=1))
-        write_atomic(os.path.join(cfg.out_dir, "best"), ev.best["checkpoint"])
-        prune_checkpoints(cfg)  # the previous best, no longer protected, if it is past --keep-checkpoints
+def best_record(cfg, step, ev, figures):
+    """What best.json holds for an evaluation after `step` online batches: its step, checkpoint, eval_seed, number
+    of prompts and eval/* figures."""
+    return {"step": step, "checkpoint": checkpoint_name(step), "eval_seed": cfg.eval_seed, "prompts": len(ev.prompts),
+            **{k: v for k, v in figures.items() if k.startswith("eval/")}}
+
+
+def publish_best(cfg, ctx, best, prune=True):
+    """best.json and out_dir/best as `best` says (None: neither file), each replaced atomically, on rank 0; then,
+    with prune, the previous best checkpoint goes when it is past --keep-checkpoints (infra.prune_checkpoints never
+    deletes the one `best` names). The checkpoint is written before: a kill between these writes resumes from one
+    whose state.pt holds `best`, and start_training_eval writes both files again."""
+    if ctx.master:
+        best_json, pointer = os.path.join(cfg.out_dir, "best.json"), os.path.join(cfg.out_dir, "best")
+        if best is None:
+            for path in (pointer, best_json):
+                if os.path.exists(path):
+                    os.remove(path)
+        else:
+            write_atomic(best_json, json.dumps(best, indent=1))
+            kill_point("best.json")
+            write_atomic(pointer, best["checkpoint"])
+            kill_point("best")
+            if prune:
+                prune_checkpoints(cfg)
     barrier(ctx)
-    return not saved
 
 
 # ---------------------------------------------------------------------------------------------------

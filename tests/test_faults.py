@@ -5,6 +5,7 @@ to do, and that --resume ends where an uninterrupted run ends."""
 import json
 import math
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -241,6 +242,85 @@ def test_a_checkpoint_write_that_fails_leaves_the_previous_one_loadable(toy_cach
                         "--print-every", "1000", "--resume"], cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-2000:]
     assert final_metrics(str(out))["step"] == 4
+
+
+def run_with_file_size_limit(args, cwd, limit):
+    """dar.py in a subprocess whose files cannot grow past `limit` bytes (RLIMIT_FSIZE): a write past it fails with
+    EFBIG, as on a full disk, for root too (chmod stops no write of root's). Python ignores the SIGXFSZ that comes
+    with it, so the writer sees the error: OSError in Python, a RuntimeError in torch.save's writer, a
+    SafetensorError in safetensors. Returns the CompletedProcess."""
+    def limit_files():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return subprocess.run([sys.executable, os.path.join(ROOT, "dar.py"), *args], cwd=cwd, env=dar_env(),
+                          capture_output=True, text=True, timeout=600, preexec_fn=limit_files)
+
+
+def one_error_line(p):
+    """The run's one line of error (its last on stderr), after checking it stopped with no traceback."""
+    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr[-3000:]
+    lines = [line for line in p.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and p.stderr.strip().splitlines()[-1] == lines[0], p.stderr[-3000:]
+    return lines[0]
+
+
+@pytest.mark.slow
+def test_a_write_that_fails_stops_in_one_line_and_keeps_the_previous_files(toy_cache, tmp_path):
+    """Real write failures (a file-size limit: EFBIG) in each of a run's writers: final/ (safetensors), a checkpoint's
+    state.pt (torch.save's own writer: "[enforce fail at inline_container.cc...]"), a metrics.jsonl row. Each stops
+    the run in one line naming the path and the cause; the previous checkpoint, final/ and the metrics rows stay
+    intact, and --resume finishes the run."""
+    out = tmp_path / "run"
+    flags = TINY + ["--cache-dir", toy_cache, "--out-dir", str(out), "--optimizer", "adamw", "--save-every", "1",
+                    "--eval-prompts", "0", "--print-every", "1000"]
+    assert run_dar(flags + ["--steps", "2"], cwd=tmp_path).returncode == 0
+    weights = (out / "final" / "model.safetensors").read_bytes()
+    state_size = (out / "ckpt-000002" / "state.pt").stat().st_size  # AdamW's moments: twice the weights
+    assert 1_000_000 < len(weights) < 2_000_000 < state_size
+
+    # final/ again (a resume of a finished run writes it), its weights past the limit: the old final/ stays
+    line = one_error_line(run_with_file_size_limit(flags + ["--steps", "2", "--resume"], tmp_path, 1_000_000))
+    assert line.startswith(f"error: could not write {out / 'final'} (SafetensorError: ") and "File too large" in line
+    assert (out / "final" / "model.safetensors").read_bytes() == weights and not (out / "final.tmp").exists()
+
+    # checkpoint 3: its weights fit, its state.pt does not
+    line = one_error_line(run_with_file_size_limit(flags + ["--steps", "3", "--resume"], tmp_path, 2_000_000))
+    assert line.startswith(f"error: could not write checkpoint ckpt-000003 in {out} (RuntimeError: [enforce fail "
+                           "at inline_container.cc"), line
+    assert "ckpt-000002" in line and "--resume" in line
+    assert (out / "latest").read_text() == "ckpt-000002" and not list(out.glob("ckpt-000003*"))
+    assert [r["step"] for r in read_metrics(out)] == [1, 2, 3]  # batch 3's row, logged before its checkpoint
+
+    # a metrics row: the file may not grow past what this run starts with, plus half a row
+    rows = (out / "metrics.jsonl").read_text().splitlines()[:2]  # what --resume from ckpt-000002 keeps
+    limit = max(len("\n".join(rows)) + 1, (out / "config.json").stat().st_size) + len(rows[-1]) // 2
+    line = one_error_line(run_with_file_size_limit(flags + ["--steps", "3", "--resume"], tmp_path, limit))
+    assert line.startswith(f"error: could not append online batch 3's row to {out / 'metrics.jsonl'} (File too large")
+    assert (out / "metrics.jsonl").read_text().splitlines() == rows  # no half row
+    assert (out / "latest").read_text() == "ckpt-000002"
+
+    p = run_dar(flags + ["--steps", "3", "--resume"], cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert final_metrics(str(out))["step"] == 3 and (out / "latest").read_text() == "ckpt-000003"
+
+
+def test_write_atomic_keeps_the_old_file_when_the_write_fails(tmp_path):
+    path = tmp_path / "best.json"
+    infra.write_atomic(str(path), "old")
+    os.mkdir(tmp_path / "best.json.tmp")  # where the new file would be written: a failure for root too
+    with pytest.raises(SystemExit, match=f"error: could not write {path} \\(Is a directory"):
+        infra.write_atomic(str(path), b"new")
+    assert path.read_text() == "old"
+    os.rmdir(tmp_path / "best.json.tmp")
+    infra.write_atomic(str(path), b"new")
+    assert path.read_bytes() == b"new" and os.listdir(tmp_path) == ["best.json"]
+
+
+def test_a_resumed_run_keeps_the_rows_up_to_its_checkpoint(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps({"step": i}) + "\n" for i in (1, 2, 3)) + '{"step": 4, "train/lo')
+    assert infra.rows_up_to(str(path), 2) == ['{"step": 1}\n', '{"step": 2}\n']
+    assert infra.rows_up_to(str(path), 9) == ['{"step": 1}\n', '{"step": 2}\n', '{"step": 3}\n']  # a cut row: gone
+    assert infra.rows_up_to(str(path), 0) == []
 
 
 @pytest.mark.slow
