@@ -36,7 +36,7 @@ $(VENV)/.installed-test: $(VENV)/.installed Makefile
 	touch $@
 
 demo: $(VENV)/.installed
-	$(PY) dar.py
+	$(PY) dar.py $(ARGS)
 
 test: $(VENV)/.installed-test
 	$(PY) -m pytest -q tests
