@@ -525,7 +525,7 @@ def write_atomic(path, data):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        fsync_dir(os.path.dirname(path))
+        fsync_path(os.path.dirname(path))
     except OSError as e:
         with contextlib.suppress(OSError):
             os.remove(tmp)
@@ -533,8 +533,8 @@ def write_atomic(path, data):
                          "or fix the cause, then continue with --resume") from None
 
 
-def fsync_dir(path):
-    """Flush a directory's entries (a rename or a new file in it) to the disk."""
+def fsync_path(path):
+    """Flush a file, or a directory's entries (a rename or a new file in it), to the disk."""
     fd = os.open(path or ".", os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -547,15 +547,11 @@ def publish_dir(tmp, path):
     renamed directory is whole after a crash of the machine too, then the rename, then the parent's entry."""
     for d, _, files in os.walk(tmp):
         for name in files:
-            fd = os.open(os.path.join(d, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        fsync_dir(d)
+            fsync_path(os.path.join(d, name))
+        fsync_path(d)
     shutil.rmtree(path, ignore_errors=True)
     os.replace(tmp, path)
-    fsync_dir(os.path.dirname(path))
+    fsync_path(os.path.dirname(path))
 
 
 # TEST ONLY (docs/faults.md): DAR_TEST_KILL_AT=POINT[:N] makes the process SIGKILL itself the N-th time (default
