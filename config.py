@@ -725,8 +725,9 @@ def check_judge_flags(cfg):
         raise SystemExit(f"error: {msg}")
     for name in ("judge_url", "eval_judge_url"):
         url = getattr(cfg, name)
-        if url and url_problem(url):
-            bad(f"--{name.replace('_', '-')} {url!r} {url_problem(url)}")
+        problem = url and url_problem(url)
+        if problem:
+            bad(f"--{name.replace('_', '-')} {url!r} {problem}")
     if not cfg.judge_timeout > 0:
         bad(f"--judge-timeout is the seconds allowed per annotator request, > 0, got {cfg.judge_timeout}")
     if not 0 <= cfg.judge_patience < math.inf:
